@@ -1,0 +1,3 @@
+fn main() {
+    println!("tuneloop {}", env!("CARGO_PKG_VERSION"));
+}

@@ -1,0 +1,280 @@
+//! The Llama / Qwen2 decoder, forward and manual backward, written once against
+//! [`Ops`]. Reads top to bottom like HF's `LlamaDecoderLayer`:
+//!
+//! ```text
+//! h   = x + o_proj(attn(rope(q_proj(n1)), rope(k_proj(n1)), v_proj(n1)))   n1 = rmsnorm(x)
+//! out = h + down_proj(silu(gate_proj(n2)) * up_proj(n2))                     n2 = rmsnorm(h)
+//! ```
+//!
+//! The forward keeps what the backward needs ([`LayerActs`]); the backward walks the
+//! layers in reverse and accumulates LoRA gradients. Base weights get no gradient.
+
+use anyhow::{ensure, Context, Result};
+
+use super::generate::KvCache;
+use super::lora::{Adapter, Proj};
+use super::rope::Rope;
+use super::weights::Model;
+use crate::ops::{AttnLayout, AttnShape, Ops};
+
+/// What one forward runs on: token ids with their positions and the attention layout.
+pub struct StepInputs<O: Ops> {
+    pub ids: O::Ids,
+    pub n_tokens: usize,
+    pub cos: O::Tensor,
+    pub sin: O::Tensor,
+    pub layout: AttnLayout,
+    /// With a KV cache: `(first row of this step, cache row, rows)` runs to append.
+    pub cache_writes: Vec<(usize, usize, usize)>,
+}
+
+impl<O: Ops> StepInputs<O> {
+    pub fn new(ops: &O, rope: &Rope, ids: &[u32], positions: &[u32], layout: AttnLayout) -> Result<Self> {
+        ensure!(ids.len() == positions.len(), "{} ids but {} positions", ids.len(), positions.len());
+        let (cos, sin) = rope.tables(positions);
+        let half = cos.len() / ids.len().max(1);
+        Ok(Self {
+            ids: ops.upload_ids(ids)?,
+            n_tokens: ids.len(),
+            cos: ops.upload(&cos, &[ids.len(), half])?,
+            sin: ops.upload(&sin, &[ids.len(), half])?,
+            layout,
+            cache_writes: Vec::new(),
+        })
+    }
+}
+
+/// What a decoder layer's backward needs from its forward.
+pub struct LayerActs<T> {
+    /// The layer's input (the residual stream).
+    pub x_in: T,
+    pub n1: T,
+    pub rstd1: T,
+    /// After RoPE.
+    pub q: T,
+    pub k: T,
+    pub v: T,
+    pub attn: T,
+    pub lse: T,
+    /// The residual stream after attention.
+    pub h: T,
+    pub n2: T,
+    pub rstd2: T,
+    pub gate: T,
+    pub up: T,
+    pub act: T,
+    /// `x·Aᵀ` of each LoRA projection, by `Proj as usize`.
+    pub xa: [Option<T>; 7],
+}
+
+pub struct ForwardState<T> {
+    pub layers: Vec<LayerActs<T>>,
+    /// The last layer's output.
+    pub x_out: T,
+    pub final_norm: T,
+    pub final_rstd: T,
+}
+
+impl<T> ForwardState<T> {
+    /// The output of decoder layer `i` (the input of layer `i + 1`).
+    pub fn layer_out(&self, i: usize) -> &T {
+        self.layers.get(i + 1).map(|l| &l.x_in).unwrap_or(&self.x_out)
+    }
+}
+
+pub struct Decoder<'a, O: Ops> {
+    pub ops: &'a O,
+    pub model: &'a Model<O::Tensor>,
+    pub adapter: Option<&'a Adapter<O::Tensor>>,
+    pub rope: Rope,
+}
+
+impl<'a, O: Ops> Decoder<'a, O> {
+    pub fn new(ops: &'a O, model: &'a Model<O::Tensor>, adapter: Option<&'a Adapter<O::Tensor>>) -> Self {
+        Self { ops, model, adapter, rope: Rope::new(&model.cfg) }
+    }
+
+    pub fn attn_shape(&self) -> AttnShape {
+        let c = &self.model.cfg;
+        AttnShape { n_heads: c.num_attention_heads, n_kv_heads: c.num_key_value_heads, head_dim: c.head_dim }
+    }
+
+    fn linear_fwd(&self, l: usize, p: Proj, x: &O::Tensor) -> Result<(O::Tensor, Option<O::Tensor>)> {
+        let lin = &self.model.layers[l].proj[p as usize];
+        let lora = self.adapter.and_then(|a| a.lora_ref(l, p));
+        self.ops.linear_fwd(x, &lin.w, lin.b.as_ref(), lora)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn linear_bwd(
+        &self,
+        l: usize,
+        p: Proj,
+        dy: &O::Tensor,
+        x: &O::Tensor,
+        acts: &LayerActs<O::Tensor>,
+        grads: Option<&mut Adapter<O::Tensor>>,
+        need_dx: bool,
+    ) -> Result<Option<O::Tensor>> {
+        let lin = &self.model.layers[l].proj[p as usize];
+        let lora = self.adapter.and_then(|a| a.lora_ref(l, p));
+        let g = grads.and_then(|g| g.grad_ref(l, p));
+        self.ops.linear_bwd(dy, x, &lin.w, lora, acts.xa[p as usize].as_ref(), g, need_dx)
+    }
+
+    /// Forward over all layers. With a cache, this step's K/V rows are appended to it
+    /// and attention reads the cache (the layout's key spans index cache rows).
+    /// `keep` keeps every layer's activations for a backward; without it only the
+    /// final norm's output is meaningful.
+    pub fn forward(
+        &self,
+        inp: &StepInputs<O>,
+        mut cache: Option<&mut KvCache<O::Tensor>>,
+        keep: bool,
+    ) -> Result<ForwardState<O::Tensor>> {
+        let ops = self.ops;
+        let c = &self.model.cfg;
+        let shape = self.attn_shape();
+        let mut x = ops.embedding_fwd(&self.model.embed_tokens, &inp.ids)?;
+        let mut layers = Vec::with_capacity(if keep { c.num_hidden_layers } else { 0 });
+        for (l, layer) in self.model.layers.iter().enumerate() {
+            let _span = tracing::trace_span!("layer_fwd", l).entered();
+            let mut xa: [Option<O::Tensor>; 7] = Default::default();
+            let (n1, rstd1) = ops.rmsnorm_fwd(&x, &layer.input_layernorm, c.rms_norm_eps)?;
+            let (mut q, xa_q) = self.linear_fwd(l, Proj::Q, &n1)?;
+            let (mut k, xa_k) = self.linear_fwd(l, Proj::K, &n1)?;
+            let (v, xa_v) = self.linear_fwd(l, Proj::V, &n1)?;
+            (xa[Proj::Q as usize], xa[Proj::K as usize], xa[Proj::V as usize]) = (xa_q, xa_k, xa_v);
+            ops.rope_fwd(&mut q, &inp.cos, &inp.sin, c.head_dim)?;
+            ops.rope_fwd(&mut k, &inp.cos, &inp.sin, c.head_dim)?;
+            let (attn, lse) = match cache.as_deref_mut() {
+                None => ops.attention_fwd(&q, &k, &v, shape, &inp.layout)?,
+                Some(cache) => {
+                    for &(src, dst, n) in &inp.cache_writes {
+                        ops.copy_rows(&mut cache.k[l], dst, &k, src, n)?;
+                        ops.copy_rows(&mut cache.v[l], dst, &v, src, n)?;
+                    }
+                    ops.attention_fwd(&q, &cache.k[l], &cache.v[l], shape, &inp.layout)?
+                }
+            };
+            let (o, xa_o) = self.linear_fwd(l, Proj::O, &attn)?;
+            xa[Proj::O as usize] = xa_o;
+            let mut h = o;
+            ops.add_assign(&mut h, &x)?;
+            let (n2, rstd2) = ops.rmsnorm_fwd(&h, &layer.post_attention_layernorm, c.rms_norm_eps)?;
+            let (gate, xa_g) = self.linear_fwd(l, Proj::Gate, &n2)?;
+            let (up, xa_u) = self.linear_fwd(l, Proj::Up, &n2)?;
+            let act = ops.swiglu_fwd(&gate, &up)?;
+            let (down, xa_d) = self.linear_fwd(l, Proj::Down, &act)?;
+            (xa[Proj::Gate as usize], xa[Proj::Up as usize], xa[Proj::Down as usize]) = (xa_g, xa_u, xa_d);
+            let mut out = down;
+            ops.add_assign(&mut out, &h)?;
+            let x_in = std::mem::replace(&mut x, out);
+            if keep {
+                layers.push(LayerActs {
+                    x_in,
+                    n1,
+                    rstd1,
+                    q,
+                    k,
+                    v,
+                    attn,
+                    lse,
+                    h,
+                    n2,
+                    rstd2,
+                    gate,
+                    up,
+                    act,
+                    xa,
+                });
+            }
+        }
+        let (final_norm, final_rstd) = ops.rmsnorm_fwd(&x, &self.model.norm, c.rms_norm_eps)?;
+        Ok(ForwardState { layers, x_out: x, final_norm, final_rstd })
+    }
+
+    /// `[rows, vocab]` logits of the given rows of the final norm's output (all rows
+    /// when `rows` is None).
+    pub fn logits(&self, state: &ForwardState<O::Tensor>, rows: Option<&[usize]>) -> Result<O::Tensor> {
+        let gathered;
+        let x = match rows {
+            None => &state.final_norm,
+            Some(r) => {
+                gathered = self.ops.gather_rows(&state.final_norm, r)?;
+                &gathered
+            }
+        };
+        Ok(self.ops.linear_fwd(x, self.model.lm_head(), None, None)?.0)
+    }
+
+    /// Backward from `dlogits [N, V]` through every layer; LoRA gradients are
+    /// accumulated (`+=`) into `grads`.
+    pub fn backward(
+        &self,
+        inp: &StepInputs<O>,
+        state: &ForwardState<O::Tensor>,
+        dlogits: &O::Tensor,
+        grads: &mut Adapter<O::Tensor>,
+    ) -> Result<()> {
+        let ops = self.ops;
+        let c = &self.model.cfg;
+        let shape = self.attn_shape();
+        ensure!(
+            state.layers.len() == c.num_hidden_layers,
+            "backward needs a forward that kept its activations"
+        );
+        let dnorm = ops
+            .linear_bwd(dlogits, &state.final_norm, self.model.lm_head(), None, None, None, true)?
+            .context("lm_head backward gave no input gradient")?;
+        let mut dx = ops.rmsnorm_bwd(&dnorm, &state.x_out, &self.model.norm, &state.final_rstd, None)?;
+        for l in (0..c.num_hidden_layers).rev() {
+            let _span = tracing::trace_span!("layer_bwd", l).entered();
+            let a = &state.layers[l];
+            let layer = &self.model.layers[l];
+            let need = |o: Option<O::Tensor>| o.context("linear backward gave no input gradient");
+            // MLP: out = h + down(swiglu(gate(n2), up(n2)))
+            let dact = need(self.linear_bwd(l, Proj::Down, &dx, &a.act, a, Some(grads), true)?)?;
+            let (dgate, dup) = ops.swiglu_bwd(&dact, &a.gate, &a.up)?;
+            let mut dn2 = need(self.linear_bwd(l, Proj::Gate, &dgate, &a.n2, a, Some(grads), true)?)?;
+            ops.add_assign(
+                &mut dn2,
+                &need(self.linear_bwd(l, Proj::Up, &dup, &a.n2, a, Some(grads), true)?)?,
+            )?;
+            let mut dh = ops.rmsnorm_bwd(&dn2, &a.h, &layer.post_attention_layernorm, &a.rstd2, None)?;
+            ops.add_assign(&mut dh, &dx)?;
+            // attention: h = x + o(attn(q, k, v))
+            let dattn = need(self.linear_bwd(l, Proj::O, &dh, &a.attn, a, Some(grads), true)?)?;
+            let (mut dq, mut dk, dv) =
+                ops.attention_bwd(&dattn, &a.q, &a.k, &a.v, &a.attn, &a.lse, shape, &inp.layout)?;
+            ops.rope_bwd(&mut dq, &inp.cos, &inp.sin, c.head_dim)?;
+            ops.rope_bwd(&mut dk, &inp.cos, &inp.sin, c.head_dim)?;
+            // The first layer's input gradient would only feed the frozen embedding.
+            let need_dx = l > 0;
+            let dn1_q = self.linear_bwd(l, Proj::Q, &dq, &a.n1, a, Some(grads), need_dx)?;
+            let dn1_k = self.linear_bwd(l, Proj::K, &dk, &a.n1, a, Some(grads), need_dx)?;
+            let dn1_v = self.linear_bwd(l, Proj::V, &dv, &a.n1, a, Some(grads), need_dx)?;
+            if need_dx {
+                let mut dn1 = need(dn1_q)?;
+                ops.add_assign(&mut dn1, &need(dn1_k)?)?;
+                ops.add_assign(&mut dn1, &need(dn1_v)?)?;
+                let mut dx_in = ops.rmsnorm_bwd(&dn1, &a.x_in, &layer.input_layernorm, &a.rstd1, None)?;
+                ops.add_assign(&mut dx_in, &dh)?;
+                dx = dx_in;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// HF's causal-LM shift inside each sequence: the target of token t is the label of
+/// token t + 1; a sequence's last token has none (-100).
+pub fn shift_labels(labels: &[i64], layout: &AttnLayout) -> Vec<i64> {
+    let mut targets = vec![-100; labels.len()];
+    for s in &layout.seqs {
+        for t in 0..s.q_len.saturating_sub(1) {
+            targets[s.q_start + t] = labels[s.q_start + t + 1];
+        }
+    }
+    targets
+}

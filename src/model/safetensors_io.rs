@@ -1,0 +1,190 @@
+//! safetensors files over `memmap2`: one file or a sharded
+//! `model.safetensors.index.json`, read without copying the file.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::{tensor::Metadata, Dtype, SafeTensors};
+
+use crate::ops::HostWeight;
+
+struct MappedFile {
+    path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+    meta: Metadata,
+}
+
+/// Every tensor of a checkpoint, by name, each a view into its file's map.
+pub struct TensorStore {
+    files: Vec<MappedFile>,
+    index: HashMap<String, usize>,
+    /// What a missing-tensor error names (the model directory or the file).
+    origin: String,
+}
+
+impl TensorStore {
+    /// A model directory: `model.safetensors`, or the shards that
+    /// `model.safetensors.index.json` lists.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        if single.exists() {
+            let mut s = Self::open_files(&[single])?;
+            s.origin = dir.display().to_string();
+            return Ok(s);
+        }
+        if !index.exists() {
+            bail!("{}: no model.safetensors nor model.safetensors.index.json", dir.display());
+        }
+        let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", index.display()))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .with_context(|| format!("{}: no `weight_map` object", index.display()))?;
+        let mut shards: Vec<String> = Vec::new();
+        for (name, file) in map {
+            let file = file
+                .as_str()
+                .with_context(|| format!("{}: weight_map[{name}] is not a file name", index.display()))?;
+            if !shards.iter().any(|s| s == file) {
+                shards.push(file.to_string());
+            }
+        }
+        shards.sort();
+        let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
+        let mut s = Self::open_files(&paths)?;
+        for (name, file) in map {
+            let file = file.as_str().unwrap_or_default();
+            let Some(&fi) = s.index.get(name) else {
+                bail!("{}: lists tensor `{name}` in {file}, which does not hold it", index.display());
+            };
+            ensure!(
+                s.files[fi].path.file_name().and_then(|f| f.to_str()) == Some(file),
+                "{}: tensor `{name}` is listed in {file} but stored in {}",
+                index.display(),
+                s.files[fi].path.display()
+            );
+        }
+        s.origin = dir.display().to_string();
+        Ok(s)
+    }
+
+    pub fn open_file(path: &Path) -> Result<Self> {
+        Self::open_files(&[path.to_path_buf()])
+    }
+
+    fn open_files(paths: &[PathBuf]) -> Result<Self> {
+        let mut files = Vec::new();
+        let mut index = HashMap::new();
+        for path in paths {
+            let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            // SAFETY: checkpoints are read-only inputs; a file changed under a running
+            // process is outside what tuneloop can guard against, as for any mmap reader.
+            let mmap = unsafe { Mmap::map(&f) }.with_context(|| format!("mapping {}", path.display()))?;
+            let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: not a valid safetensors file ({e}); is it truncated or corrupt?",
+                    path.display()
+                )
+            })?;
+            for name in meta.tensors().keys() {
+                if index.insert(name.clone(), files.len()).is_some() {
+                    bail!("tensor `{name}` appears in more than one shard (second: {})", path.display());
+                }
+            }
+            files.push(MappedFile { path: path.clone(), mmap, data_start: 8 + n, meta });
+        }
+        let origin = paths.first().map(|p| p.display().to_string()).unwrap_or_default();
+        Ok(Self { files, index, origin })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.index.keys().map(String::as_str).collect();
+        v.sort();
+        v
+    }
+
+    pub fn get<'a>(&'a self, name: &'a str) -> Result<HostWeight<'a>> {
+        let Some(&fi) = self.index.get(name) else {
+            bail!("{}: missing tensor `{name}`", self.origin);
+        };
+        let f = &self.files[fi];
+        let info =
+            f.meta.info(name).with_context(|| format!("{}: tensor `{name}` vanished", f.path.display()))?;
+        let (a, b) = info.data_offsets;
+        Ok(HostWeight {
+            name,
+            shape: info.shape.clone(),
+            dtype: info.dtype,
+            bytes: &f.mmap[f.data_start + a..f.data_start + b],
+        })
+    }
+
+    /// A tensor whose shape must be `shape`.
+    pub fn get_shaped<'a>(&'a self, name: &'a str, shape: &[usize]) -> Result<HostWeight<'a>> {
+        let w = self.get(name)?;
+        ensure!(
+            w.shape == shape,
+            "{}: tensor `{name}` has shape {:?}, expected {:?} from the config",
+            self.origin,
+            w.shape,
+            shape
+        );
+        Ok(w)
+    }
+}
+
+/// A floating-point tensor as f32 values (F32, BF16 and F16 are accepted).
+pub fn decode_f32(w: &HostWeight) -> Result<Vec<f32>> {
+    let b = w.bytes;
+    Ok(match w.dtype {
+        Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::BF16 => b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::F16 => b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        other => bail!("tensor `{}` has dtype {other:?}; expected F32, BF16 or F16", w.name),
+    })
+}
+
+/// An integer tensor (I64 or I32) as i64 values.
+pub fn decode_i64(w: &HostWeight) -> Result<Vec<i64>> {
+    let b = w.bytes;
+    Ok(match w.dtype {
+        Dtype::I64 => b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect(),
+        Dtype::I32 => {
+            b.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect()
+        }
+        other => bail!("tensor `{}` has dtype {other:?}; expected I64 or I32", w.name),
+    })
+}
+
+/// Serialises f32 tensors (sorted by name, as safetensors stores them) with optional
+/// metadata, and writes them atomically.
+pub fn write_f32(
+    path: &Path,
+    tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(name, (shape, data))| {
+            let bytes: &[u8] = bytemuck::cast_slice(data);
+            safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| anyhow::anyhow!("tensor `{name}`: {e}"))
+        })
+        .collect::<Result<_>>()?;
+    let bytes =
+        safetensors::serialize(views, metadata).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    crate::util::atomic_write(path, &bytes)
+}

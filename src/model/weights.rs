@@ -1,0 +1,93 @@
+//! The frozen base model: HF weight names, shapes checked against `config.json`.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use super::config::ModelConfig;
+use super::lora::Proj;
+use super::safetensors_io::TensorStore;
+use crate::ops::Ops;
+
+pub struct Linear<T> {
+    /// `[out, in]`
+    pub w: T,
+    pub b: Option<T>,
+}
+
+pub struct Layer<T> {
+    pub input_layernorm: T,
+    pub post_attention_layernorm: T,
+    /// Indexed by `Proj as usize`.
+    pub proj: [Linear<T>; 7],
+}
+
+pub struct Model<T> {
+    pub cfg: ModelConfig,
+    pub embed_tokens: T,
+    pub layers: Vec<Layer<T>>,
+    pub norm: T,
+    /// `None` when the lm_head is tied to `embed_tokens`.
+    pub lm_head: Option<T>,
+}
+
+impl<T> Model<T> {
+    pub fn lm_head(&self) -> &T {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    pub fn has_bias(cfg: &ModelConfig, p: Proj) -> bool {
+        match p {
+            Proj::Q | Proj::K | Proj::V => cfg.qkv_bias,
+            Proj::O => cfg.o_bias,
+            _ => cfg.mlp_bias,
+        }
+    }
+
+    /// Loads `config.json` and the safetensors weights of an HF model directory.
+    pub fn load<O: Ops<Tensor = T>>(ops: &O, dir: &Path) -> Result<Self> {
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let store = TensorStore::open_dir(dir)?;
+        Self::from_store(ops, cfg, &store).with_context(|| format!("loading model {}", dir.display()))
+    }
+
+    pub fn from_store<O: Ops<Tensor = T>>(ops: &O, cfg: ModelConfig, store: &TensorStore) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let load = |name: &str, shape: &[usize]| ops.upload_weight(&store.get_shaped(name, shape)?);
+        let embed_tokens = load("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let linear = |p: Proj| -> Result<Linear<T>> {
+                let (inp, out) = p.dims(&cfg);
+                let prefix = p.hf_prefix(l);
+                let w = load(&format!("{prefix}.weight"), &[out, inp])?;
+                let b = if Self::has_bias(&cfg, p) {
+                    Some(load(&format!("{prefix}.bias"), &[out])?)
+                } else {
+                    None
+                };
+                Ok(Linear { w, b })
+            };
+            layers.push(Layer {
+                input_layernorm: load(&format!("model.layers.{l}.input_layernorm.weight"), &[d])?,
+                post_attention_layernorm: load(
+                    &format!("model.layers.{l}.post_attention_layernorm.weight"),
+                    &[d],
+                )?,
+                proj: [
+                    linear(Proj::Q)?,
+                    linear(Proj::K)?,
+                    linear(Proj::V)?,
+                    linear(Proj::O)?,
+                    linear(Proj::Gate)?,
+                    linear(Proj::Up)?,
+                    linear(Proj::Down)?,
+                ],
+            });
+        }
+        let norm = load("model.norm.weight", &[d])?;
+        let lm_head =
+            if cfg.tie_word_embeddings { None } else { Some(load("lm_head.weight", &[cfg.vocab_size, d])?) };
+        Ok(Self { cfg, embed_tokens, layers, norm, lm_head })
+    }
+}

@@ -1,0 +1,260 @@
+//! The one seam between the model and the hardware.
+//!
+//! The decoder (`model::decoder`) is written once as a sequence of calls on [`Ops`].
+//! Every op has a forward that returns what its backward needs and a backward that
+//! consumes it, as in llm.c. Activations are rows of a `[tokens, width]` matrix: a
+//! batch is flattened into one token axis and sequences are described by an
+//! [`AttnLayout`], so packed and padded batches go through the same code.
+
+pub mod cpu;
+
+use anyhow::Result;
+
+/// One sequence as attention sees it: its queries are rows `q_start..q_start+q_len` of
+/// Q, its keys/values rows `k_start..k_start+k_len` of K/V. Queries are the *last*
+/// `q_len` positions of the sequence, so query `i` sees keys `0..=i + k_len - q_len`
+/// (bottom-right causal alignment: training has `q_len == k_len`, a decode step with a
+/// KV cache has `q_len == 1`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeqSpan {
+    pub q_start: usize,
+    pub q_len: usize,
+    pub k_start: usize,
+    pub k_len: usize,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AttnLayout {
+    pub seqs: Vec<SeqSpan>,
+}
+
+impl AttnLayout {
+    /// Self-attention over consecutive sequences of the given lengths (a packed or a
+    /// plain `[batch, seq]` batch), queries and keys on the same rows.
+    pub fn packed(lens: &[usize]) -> Self {
+        let mut start = 0;
+        let seqs = lens
+            .iter()
+            .map(|&len| {
+                let s = SeqSpan { q_start: start, q_len: len, k_start: start, k_len: len };
+                start += len;
+                s
+            })
+            .collect();
+        Self { seqs }
+    }
+
+    pub fn q_rows(&self) -> usize {
+        self.seqs.iter().map(|s| s.q_start + s.q_len).max().unwrap_or(0)
+    }
+}
+
+/// Attention geometry: query heads, key/value heads (GQA when fewer), head width.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// The low-rank path of a LoRA linear: `y += scale · (x·Aᵀ)·Bᵀ`, A `[r, in]`, B `[out, r]`.
+pub struct LoraRef<'a, T> {
+    pub a: &'a T,
+    pub b: &'a T,
+    pub scale: f32,
+}
+
+/// Gradient buffers of one LoRA pair, accumulated into (`+=`), so micro-batches sum.
+pub struct LoraGradRef<'a, T> {
+    pub da: &'a mut T,
+    pub db: &'a mut T,
+}
+
+/// `torch.optim.AdamW` hyper-parameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWParams {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+}
+
+/// A frozen tensor as stored in a checkpoint, before it goes to a backend.
+pub struct HostWeight<'a> {
+    pub name: &'a str,
+    pub shape: Vec<usize>,
+    pub dtype: safetensors::Dtype,
+    /// Little-endian element bytes; need not be aligned (they come from an mmap).
+    pub bytes: &'a [u8],
+}
+
+/// Every op the decoder needs, with its backward. Shapes are row-major; `[N, d]`
+/// means N token rows of width d.
+pub trait Ops {
+    /// A device tensor of f32 values (the backend decides how it stores them).
+    type Tensor: Send + Sync;
+    /// Token ids / positions on the device.
+    type Ids: Send + Sync;
+
+    fn name(&self) -> &'static str;
+
+    // ---- memory ----
+    fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor>;
+    /// A frozen base weight; the backend converts from the checkpoint dtype.
+    fn upload_weight(&self, w: &HostWeight) -> Result<Self::Tensor>;
+    fn upload_ids(&self, ids: &[u32]) -> Result<Self::Ids>;
+    fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+    fn shape<'a>(&self, t: &'a Self::Tensor) -> &'a [usize];
+    fn zeros(&self, shape: &[usize]) -> Result<Self::Tensor>;
+    fn fill_zero(&self, t: &mut Self::Tensor) -> Result<()>;
+    /// Copy `n` rows of `src` starting at `src_row` into `dst` at `dst_row`.
+    fn copy_rows(
+        &self,
+        dst: &mut Self::Tensor,
+        dst_row: usize,
+        src: &Self::Tensor,
+        src_row: usize,
+        n: usize,
+    ) -> Result<()>;
+    /// `[rows.len(), d]` made of the given rows of `x`.
+    fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
+    /// `a += b`
+    fn add_assign(&self, a: &mut Self::Tensor, b: &Self::Tensor) -> Result<()>;
+
+    // ---- embedding ----
+    /// `table [V, d]`, `ids [N]` -> `[N, d]`. Errors on an id outside the table.
+    fn embedding_fwd(&self, table: &Self::Tensor, ids: &Self::Ids) -> Result<Self::Tensor>;
+    /// `dtable[ids[i]] += dy[i]`
+    fn embedding_bwd(&self, dy: &Self::Tensor, ids: &Self::Ids, dtable: &mut Self::Tensor) -> Result<()>;
+
+    // ---- RMSNorm (HF LlamaRMSNorm: y = w · x / sqrt(mean(x²) + eps)) ----
+    /// Returns `(y, rstd [N])`.
+    fn rmsnorm_fwd(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        eps: f32,
+    ) -> Result<(Self::Tensor, Self::Tensor)>;
+    /// Returns `dx`; accumulates the weight gradient into `dw` when given.
+    fn rmsnorm_bwd(
+        &self,
+        dy: &Self::Tensor,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        rstd: &Self::Tensor,
+        dw: Option<&mut Self::Tensor>,
+    ) -> Result<Self::Tensor>;
+
+    // ---- linear with the LoRA path ----
+    /// `y = x·Wᵀ + b + scale·(x·Aᵀ)·Bᵀ`; W `[out, in]`. Returns `(y, x·Aᵀ)`, the second
+    /// kept for the backward when there is a LoRA path.
+    fn linear_fwd(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+        lora: Option<LoraRef<Self::Tensor>>,
+    ) -> Result<(Self::Tensor, Option<Self::Tensor>)>;
+    /// Returns `dx` (None when `need_dx` is false) and accumulates the LoRA gradients.
+    /// The frozen W and b get no gradient.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_bwd(
+        &self,
+        dy: &Self::Tensor,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        lora: Option<LoraRef<Self::Tensor>>,
+        xa: Option<&Self::Tensor>,
+        grads: Option<LoraGradRef<Self::Tensor>>,
+        need_dx: bool,
+    ) -> Result<Option<Self::Tensor>>;
+
+    // ---- RoPE (rotate-half convention, as HF) ----
+    /// Rotates every head of `x [N, heads·head_dim]` in place by the angles whose cosine
+    /// and sine are `cos, sin [N, head_dim/2]`.
+    fn rope_fwd(
+        &self,
+        x: &mut Self::Tensor,
+        cos: &Self::Tensor,
+        sin: &Self::Tensor,
+        head_dim: usize,
+    ) -> Result<()>;
+    /// The transpose rotation, applied in place to the gradient.
+    fn rope_bwd(
+        &self,
+        dx: &mut Self::Tensor,
+        cos: &Self::Tensor,
+        sin: &Self::Tensor,
+        head_dim: usize,
+    ) -> Result<()>;
+
+    // ---- causal grouped-query attention ----
+    /// `q [Nq, H·hd]`, `k, v [Nk, Hkv·hd]` -> `(out [Nq, H·hd], lse [Nq, H])`;
+    /// softmax scale `1/sqrt(hd)`.
+    fn attention_fwd(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        shape: AttnShape,
+        layout: &AttnLayout,
+    ) -> Result<(Self::Tensor, Self::Tensor)>;
+    /// Returns `(dq, dk, dv)`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd(
+        &self,
+        dout: &Self::Tensor,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        out: &Self::Tensor,
+        lse: &Self::Tensor,
+        shape: AttnShape,
+        layout: &AttnLayout,
+    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)>;
+
+    // ---- SwiGLU: h = silu(gate) · up ----
+    fn swiglu_fwd(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Returns `(dgate, dup)`.
+    fn swiglu_bwd(
+        &self,
+        dh: &Self::Tensor,
+        gate: &Self::Tensor,
+        up: &Self::Tensor,
+    ) -> Result<(Self::Tensor, Self::Tensor)>;
+
+    // ---- loss ----
+    /// Cross-entropy of `logits [N, V]` against `targets [N]` (`-100` = not counted).
+    /// Returns the *sum* of the counted tokens' losses, how many were counted, how many
+    /// of them were predicted right (argmax), and, when `grad_scale` is given,
+    /// `dlogits = (softmax − onehot) · grad_scale` on counted rows (0 elsewhere).
+    fn cross_entropy(
+        &self,
+        logits: &Self::Tensor,
+        targets: &[i64],
+        grad_scale: Option<f32>,
+    ) -> Result<CrossEntropyOut<Self::Tensor>>;
+
+    // ---- optimizer ----
+    /// Σ x² over all tensors, in f64.
+    fn sum_squares(&self, ts: &[&Self::Tensor]) -> Result<f64>;
+    fn scale(&self, t: &mut Self::Tensor, s: f32) -> Result<()>;
+    /// One `torch.optim.AdamW` step over all tensors; `step` counts from 1.
+    fn adamw_step(
+        &self,
+        params: &mut [&mut Self::Tensor],
+        grads: &[&Self::Tensor],
+        m: &mut [&mut Self::Tensor],
+        v: &mut [&mut Self::Tensor],
+        step: u64,
+        hp: AdamWParams,
+    ) -> Result<()>;
+}
+
+pub struct CrossEntropyOut<T> {
+    pub loss_sum: f64,
+    pub n_counted: usize,
+    pub n_correct: usize,
+    pub dlogits: Option<T>,
+}

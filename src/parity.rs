@@ -1,0 +1,220 @@
+//! `tuneloop parity`: replays a golden case made with HF transformers + PEFT
+//! (`model/`, `adapter/`, `case.json`, `expected.safetensors`) and compares every
+//! tensor it holds: activations, logits, loss, LoRA gradients, one AdamW step and a
+//! greedy decode.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+
+use crate::model::lora::peft_name;
+use crate::model::safetensors_io::{decode_f32, decode_i64, TensorStore};
+use crate::model::{Adapter, Decoder, Model, Proj};
+use crate::ops::{AdamWParams, Ops};
+use crate::train::{forward_backward, grad_norm, AdamW, TokenBatch};
+use crate::util::rel_l2;
+
+/// One compared tensor.
+#[derive(Clone, Debug)]
+pub struct Check {
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// Relative L2 error, or for token sequences the number of differing tokens.
+    pub error: f64,
+    pub tol: f64,
+    pub exact: bool,
+}
+
+impl Check {
+    pub fn passed(&self) -> bool {
+        self.error.is_finite() && self.error <= self.tol
+    }
+}
+
+pub struct Report {
+    pub case: String,
+    pub backend: String,
+    pub checks: Vec<Check>,
+    /// Expected tensors this runner does not know how to check.
+    pub unchecked: Vec<String>,
+}
+
+impl Report {
+    pub fn failed(&self) -> usize {
+        self.checks.iter().filter(|c| !c.passed()).count()
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "case {} on backend {}", self.case, self.backend);
+        let _ = writeln!(s, "{:<72} {:>14} {:>11} {:>8}  result", "tensor", "shape", "error", "tol");
+        for c in &self.checks {
+            let shape = format!("{:?}", c.shape);
+            let err = if c.exact { format!("{} diff", c.error) } else { format!("{:.3e}", c.error) };
+            let tol = if c.exact { "exact".to_string() } else { format!("{:.0e}", c.tol) };
+            let res = if c.passed() { "ok" } else { "FAIL" };
+            let _ = writeln!(s, "{:<72} {:>14} {:>11} {:>8}  {res}", c.name, shape, err, tol);
+        }
+        for u in &self.unchecked {
+            let _ = writeln!(s, "{u:<72} (not checked: unknown tensor)");
+        }
+        let _ = write!(s, "parity: {} passed, {} failed", self.checks.len() - self.failed(), self.failed());
+        s
+    }
+}
+
+fn adamw_params(case: &Value) -> Result<AdamWParams> {
+    let a = case.get("adamw").context("case.json: no `adamw` object")?;
+    let f =
+        |k: &str| a.get(k).and_then(Value::as_f64).with_context(|| format!("case.json: adamw.{k} missing"));
+    let betas = a.get("betas").and_then(Value::as_array).context("case.json: adamw.betas missing")?;
+    let beta =
+        |i: usize| betas.get(i).and_then(Value::as_f64).context("case.json: adamw.betas needs two numbers");
+    Ok(AdamWParams {
+        lr: f("lr")? as f32,
+        beta1: beta(0)? as f32,
+        beta2: beta(1)? as f32,
+        eps: f("eps")? as f32,
+        weight_decay: f("weight_decay")? as f32,
+    })
+}
+
+/// PEFT's in-memory name of a LoRA tensor (with the `.default` adapter name).
+fn peft_param_name(layer: usize, p: Proj, which: char) -> String {
+    peft_name(layer, p, which)
+        .replace(&format!("lora_{which}.weight"), &format!("lora_{which}.default.weight"))
+}
+
+/// Runs a golden case on `ops` and compares against it with tolerance `tol`.
+pub fn run_case<O: Ops>(ops: &O, dir: &Path, tol: f64) -> Result<Report> {
+    let case_path = dir.join("case.json");
+    let case: Value = serde_json::from_str(
+        &std::fs::read_to_string(&case_path).with_context(|| format!("reading {}", case_path.display()))?,
+    )
+    .with_context(|| format!("{}: invalid JSON", case_path.display()))?;
+    let hp = adamw_params(&case)?;
+    let model = Model::load(ops, &dir.join("model"))?;
+    let mut adapter = Adapter::load(ops, &dir.join("adapter"), &model.cfg)?;
+    let expected = TensorStore::open_file(&dir.join("expected.safetensors"))?;
+    let exp_f32 = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
+        let w = expected.get(name)?;
+        Ok((w.shape.clone(), decode_f32(&w)?))
+    };
+    let ids_w = expected.get("input_ids")?;
+    ensure!(ids_w.shape.len() == 2, "input_ids must be [batch, seq], is {:?}", ids_w.shape);
+    let (b, s) = (ids_w.shape[0], ids_w.shape[1]);
+    let ids = to_token_ids(&decode_i64(&ids_w)?, model.cfg.vocab_size, "input_ids")?;
+    let labels = decode_i64(&expected.get_shaped("labels", &[b, s])?)?;
+    let mut batch = TokenBatch::default();
+    for r in 0..b {
+        batch.push(&ids[r * s..(r + 1) * s], &labels[r * s..(r + 1) * s]);
+    }
+
+    // forward, loss, backward, one AdamW step
+    let mut grads = adapter.zeros_like(ops, &model.cfg)?;
+    let (mut actual, greedy_out) = {
+        let dec = Decoder::new(ops, &model, Some(&adapter));
+        let step = forward_backward(&dec, &batch, Some(&mut grads), None)?;
+        let mut actual: HashMap<String, Vec<f32>> = HashMap::new();
+        let st = &step.state;
+        actual.insert("embed_out".into(), ops.download(&st.layers[0].x_in)?);
+        for i in 0..model.cfg.num_hidden_layers {
+            actual.insert(format!("layer_out.{i}"), ops.download(st.layer_out(i))?);
+        }
+        actual.insert("final_norm_out".into(), ops.download(&st.final_norm)?);
+        actual.insert("logits".into(), ops.download(&step.logits)?);
+        actual.insert("loss".into(), vec![step.mean_loss() as f32]);
+        actual.insert("grad_norm".into(), vec![grad_norm(ops, &grads)? as f32]);
+        // greedy decode with the pre-step adapter
+        let greedy = if expected.contains("greedy.prompt") && expected.contains("greedy.output") {
+            let pw = expected.get("greedy.prompt")?;
+            let prompt = to_token_ids(&decode_i64(&pw)?, model.cfg.vocab_size, "greedy.prompt")?;
+            let want = decode_i64(&expected.get("greedy.output")?)?;
+            ensure!(want.len() >= prompt.len(), "greedy.output is shorter than greedy.prompt");
+            let got = dec.generate_greedy(std::slice::from_ref(&prompt), want.len() - prompt.len(), &[])?;
+            Some((want, got.into_iter().next().unwrap_or_default()))
+        } else {
+            None
+        };
+        (actual, greedy)
+    };
+    for (l, layer) in grads.layers.iter().enumerate() {
+        for p in Proj::ALL {
+            if let Some(pair) = &layer[p as usize] {
+                actual.insert(format!("grad.{}", peft_param_name(l, p, 'A')), ops.download(&pair.a)?);
+                actual.insert(format!("grad.{}", peft_param_name(l, p, 'B')), ops.download(&pair.b)?);
+            }
+        }
+    }
+    let mut opt = AdamW::new(ops, &adapter, &model.cfg, hp)?;
+    opt.update(ops, &mut adapter, &grads, hp.lr)?;
+    for (l, layer) in adapter.layers.iter().enumerate() {
+        for p in Proj::ALL {
+            if let Some(pair) = &layer[p as usize] {
+                actual.insert(format!("adamw.{}", peft_param_name(l, p, 'A')), ops.download(&pair.a)?);
+                actual.insert(format!("adamw.{}", peft_param_name(l, p, 'B')), ops.download(&pair.b)?);
+            }
+        }
+    }
+
+    let mut checks = Vec::new();
+    let mut unchecked = Vec::new();
+    for name in expected.names() {
+        match name {
+            "input_ids" | "labels" | "greedy.prompt" => continue,
+            "greedy.output" => {
+                if let Some((want, got)) = &greedy_out {
+                    let diff = want.iter().zip(got).filter(|(w, g)| **w != **g as i64).count()
+                        + want.len().abs_diff(got.len());
+                    checks.push(Check {
+                        name: name.into(),
+                        shape: expected.get(name)?.shape,
+                        error: diff as f64,
+                        tol: 0.0,
+                        exact: true,
+                    });
+                }
+            }
+            _ => match actual.get(name) {
+                Some(got) => {
+                    let (shape, want) = exp_f32(name)?;
+                    let error = if got.len() == want.len() { rel_l2(got, &want) } else { f64::INFINITY };
+                    checks.push(Check { name: name.into(), shape, error, tol, exact: false });
+                }
+                None => unchecked.push(name.to_string()),
+            },
+        }
+    }
+    // every LoRA tensor the adapter holds must have been checked
+    for key in actual.keys() {
+        if (key.starts_with("grad.") || key.starts_with("adamw."))
+            && key != "grad_norm"
+            && !expected.contains(key)
+        {
+            bail!("expected.safetensors has no `{key}`, though the adapter trains that tensor");
+        }
+    }
+    let case_name = case
+        .get("case")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .unwrap_or_else(|| dir.display().to_string());
+    Ok(Report { case: case_name, backend: ops.name().into(), checks, unchecked })
+}
+
+/// i64 token ids as u32, each checked against the vocabulary.
+pub fn to_token_ids(v: &[i64], vocab: usize, what: &str) -> Result<Vec<u32>> {
+    v.iter()
+        .enumerate()
+        .map(|(i, &t)| {
+            if (0..vocab as i64).contains(&t) {
+                Ok(t as u32)
+            } else {
+                bail!("{what}[{i}] = {t} is outside the vocabulary (size {vocab})")
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,94 @@
+//! One forward + loss + backward over a batch of token sequences.
+
+use anyhow::{ensure, Context, Result};
+
+use crate::model::decoder::{shift_labels, ForwardState, StepInputs};
+use crate::model::{Adapter, Decoder};
+use crate::ops::{AttnLayout, Ops};
+
+/// Sequences laid end to end on one token axis (a `[batch, seq]` batch, or packed
+/// documents): positions restart at 0 for each sequence and attention never crosses
+/// from one to the next.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TokenBatch {
+    pub ids: Vec<u32>,
+    /// Unshifted labels (`-100` = not trained), as HF takes them.
+    pub labels: Vec<i64>,
+    pub seq_lens: Vec<usize>,
+}
+
+impl TokenBatch {
+    pub fn push(&mut self, ids: &[u32], labels: &[i64]) {
+        debug_assert_eq!(ids.len(), labels.len());
+        self.ids.extend_from_slice(ids);
+        self.labels.extend_from_slice(labels);
+        self.seq_lens.push(ids.len());
+    }
+
+    pub fn positions(&self) -> Vec<u32> {
+        self.seq_lens.iter().flat_map(|&n| 0..n as u32).collect()
+    }
+
+    pub fn layout(&self) -> AttnLayout {
+        AttnLayout::packed(&self.seq_lens)
+    }
+
+    /// Tokens that count in the loss (after the shift).
+    pub fn n_targets(&self) -> usize {
+        shift_labels(&self.labels, &self.layout()).iter().filter(|&&t| t != -100).count()
+    }
+}
+
+pub struct StepResult<O: Ops> {
+    pub inputs: StepInputs<O>,
+    pub state: ForwardState<O::Tensor>,
+    pub logits: O::Tensor,
+    /// Sum of the counted tokens' losses.
+    pub loss_sum: f64,
+    pub n_counted: usize,
+    pub n_correct: usize,
+}
+
+impl<O: Ops> StepResult<O> {
+    pub fn mean_loss(&self) -> f64 {
+        self.loss_sum / self.n_counted.max(1) as f64
+    }
+}
+
+/// Forward, loss and (with `grads`) backward. The gradient is that of
+/// `loss_sum / denominator`; `denominator` defaults to this batch's counted tokens
+/// (HF's mean), and is the whole global batch's count under gradient accumulation.
+pub fn forward_backward<O: Ops>(
+    dec: &Decoder<O>,
+    batch: &TokenBatch,
+    grads: Option<&mut Adapter<O::Tensor>>,
+    denominator: Option<usize>,
+) -> Result<StepResult<O>> {
+    ensure!(
+        batch.ids.len() == batch.labels.len(),
+        "{} ids but {} labels",
+        batch.ids.len(),
+        batch.labels.len()
+    );
+    let layout = batch.layout();
+    let inputs = StepInputs::new(dec.ops, &dec.rope, &batch.ids, &batch.positions(), layout)?;
+    let targets = shift_labels(&batch.labels, &inputs.layout);
+    let want_grad = grads.is_some();
+    let state = dec.forward(&inputs, None, want_grad)?;
+    let logits = dec.logits(&state, None)?;
+    let denom = denominator.unwrap_or_else(|| targets.iter().filter(|&&t| t != -100).count());
+    let scale = want_grad.then(|| 1.0 / denom.max(1) as f32);
+    let ce = dec.ops.cross_entropy(&logits, &targets, scale)?;
+    if let Some(grads) = grads {
+        let dlogits = ce.dlogits.as_ref().context("cross-entropy gave no gradient")?;
+        dec.backward(&inputs, &state, dlogits, grads)?;
+    }
+    Ok(StepResult {
+        inputs,
+        state,
+        logits,
+        loss_sum: ce.loss_sum,
+        n_counted: ce.n_counted,
+        n_correct: ce.n_correct,
+    })
+}

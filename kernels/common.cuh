@@ -1,0 +1,110 @@
+// Helpers shared by every kernel file.
+//
+// build.rs compiles all kernels/*.cu as ONE translation unit (a generated file that
+// #includes each of them), so this header is seen once per build and every file-local
+// helper in a .cu file must have a name no other .cu file uses (or live in its own
+// namespace). Kernel entry points are `extern "C"` so their names are not mangled and
+// the Rust side can look them up by the names in src/kernels.rs::KERNEL_NAMES.
+//
+// Conventions for the kernels built on these helpers:
+//  * outputs first, then inputs, then sizes, then scalars (as in llm.c);
+//  * `T` is the storage type of activations and weights (float or __nv_bfloat16);
+//    arithmetic and every reduction run in f32;
+//  * block sizes are multiples of 32 and at most 1024 (block_reduce_sum relies on it).
+#ifndef TUNELOOP_COMMON_CUH
+#define TUNELOOP_COMMON_CUH
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stddef.h>
+
+namespace tl {
+
+constexpr unsigned FULL_MASK = 0xffffffffu;
+constexpr int WARP_SIZE = 32;
+
+// ---- loads and stores: storage type <-> f32 --------------------------------------
+
+__device__ __forceinline__ float load_f32(const float* p) { return *p; }
+__device__ __forceinline__ float load_f32(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+
+__device__ __forceinline__ void store_f32(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_f32(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+// The value `v` takes after a round trip through storage type T. PyTorch rounds
+// intermediate tensors to the model dtype (e.g. HF's `hidden_states.to(input_dtype)`);
+// kernels call this where they must reproduce such a rounding exactly.
+template <typename T> __device__ __forceinline__ float round_to(float v);
+template <> __device__ __forceinline__ float round_to<float>(float v) { return v; }
+template <> __device__ __forceinline__ float round_to<__nv_bfloat16>(float v) {
+    return __bfloat162float(__float2bfloat16_rn(v));
+}
+
+// ---- reductions -------------------------------------------------------------------
+
+// Sum over the 32 lanes of a warp; every lane gets the total. All 32 lanes must call it.
+__device__ __forceinline__ float warp_reduce_sum(float v) {
+    #pragma unroll
+    for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) {
+        v += __shfl_xor_sync(FULL_MASK, v, offset);
+    }
+    return v;
+}
+
+// Max over the 32 lanes of a warp; every lane gets the result.
+__device__ __forceinline__ float warp_reduce_max(float v) {
+    #pragma unroll
+    for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) {
+        v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, offset));
+    }
+    return v;
+}
+
+// Sum over the whole (1-D) block; every thread gets the total. Every thread of the block
+// must call it (it contains __syncthreads), and blockDim.x must be a multiple of 32.
+// Safe to call repeatedly in a loop: the leading barrier keeps a call from overwriting
+// the scratch while slow threads still read the previous call's result.
+__device__ __forceinline__ float block_reduce_sum(float v) {
+    __shared__ float warp_sums[WARP_SIZE];
+    __shared__ float total;
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int warp = threadIdx.x / WARP_SIZE;
+    const int num_warps = blockDim.x / WARP_SIZE;
+
+    v = warp_reduce_sum(v);
+    __syncthreads();
+    if (lane == 0) warp_sums[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        float s = lane < num_warps ? warp_sums[lane] : 0.0f;
+        s = warp_reduce_sum(s);
+        if (lane == 0) total = s;
+    }
+    __syncthreads();
+    return total;
+}
+
+// Max over the whole (1-D) block; same contract as block_reduce_sum.
+__device__ __forceinline__ float block_reduce_max(float v) {
+    __shared__ float warp_maxes[WARP_SIZE];
+    __shared__ float result;
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int warp = threadIdx.x / WARP_SIZE;
+    const int num_warps = blockDim.x / WARP_SIZE;
+
+    v = warp_reduce_max(v);
+    __syncthreads();
+    if (lane == 0) warp_maxes[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        float m = lane < num_warps ? warp_maxes[lane] : -INFINITY;
+        m = warp_reduce_max(m);
+        if (lane == 0) result = m;
+    }
+    __syncthreads();
+    return result;
+}
+
+}  // namespace tl
+
+#endif  // TUNELOOP_COMMON_CUH

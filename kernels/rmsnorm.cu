@@ -1,0 +1,149 @@
+// RMSNorm as HF's LlamaRMSNorm / Qwen2RMSNorm computes it, forward and backward.
+//
+//   forward:   rstd = 1 / sqrt(mean(x^2) + eps)
+//              y    = w * round_T(x * rstd)        (HF: weight * hidden.to(input_dtype))
+//   backward:  xhat = x * rstd,  g = dy * w
+//              dx   = rstd * (g - xhat * mean(g * xhat))
+//              dw  += sum over rows of dy * round_T(xhat)
+//
+// round_T is the identity for f32 and a round trip through bf16 for bf16, so the bf16
+// forward rounds exactly where HF does. Everything else runs in f32; in the backward
+// that is slightly more precise than PyTorch autograd on a bf16 model (which rounds
+// dy * w to bf16 before the f32 part), well inside the bf16 tolerance.
+//
+// Layout: x, y, dy, dx are [rows, d] row-major; w is [d]; rstd is [rows] f32, written by
+// the forward for the backward (pass nullptr in the forward when no backward follows).
+// Outputs must not alias inputs.
+//
+// Launch: 1-D blocks, blockDim.x a multiple of 32, at most 1024. Each block handles one
+// row at a time and strides over rows, so any grid is correct; the forward is normally
+// launched with one block per row (grid = rows). Threads stride over a row's columns,
+// so d can be any size.
+//
+// dw: base weights are frozen in LoRA training, so dw is usually not wanted; pass
+// dw_partial = nullptr and the backward skips it. When wanted, it takes two launches and
+// no atomics (deterministic, and no contention on d addresses):
+//   1. rmsnorm_bwd_*: block b sums dy * round_T(xhat) over its rows into its own row of
+//      an f32 scratch dw_partial [gridDim.x, d]. The scratch needs no zeroing: each
+//      block overwrites its row on its first row (a block with no rows writes zeros).
+//   2. rmsnorm_dw_reduce: dw[c] += sum_b dw_partial[b, c], with num_partials = the grid
+//      size of step 1. dw is f32 and accumulates, so gradient accumulation over
+//      micro-batches works; zero it at the start of an accumulation window.
+// Launch step 1 with grid = min(rows, a few blocks per SM) to keep the scratch small.
+
+#include "common.cuh"
+
+template <typename T>
+__device__ __forceinline__ void rmsnorm_fwd_impl(T* __restrict__ y, float* __restrict__ rstd_out,
+                                                 const T* __restrict__ x, const T* __restrict__ w,
+                                                 int rows, int d, float eps) {
+    for (int row = blockIdx.x; row < rows; row += gridDim.x) {
+        const T* xr = x + (size_t)row * d;
+        T* yr = y + (size_t)row * d;
+
+        float sum_sq = 0.0f;
+        for (int c = threadIdx.x; c < d; c += blockDim.x) {
+            const float v = tl::load_f32(xr + c);
+            sum_sq += v * v;
+        }
+        sum_sq = tl::block_reduce_sum(sum_sq);
+        const float rstd = rsqrtf(sum_sq / (float)d + eps);
+        if (rstd_out != nullptr && threadIdx.x == 0) rstd_out[row] = rstd;
+
+        for (int c = threadIdx.x; c < d; c += blockDim.x) {
+            const float xhat = tl::round_to<T>(tl::load_f32(xr + c) * rstd);
+            tl::store_f32(yr + c, tl::load_f32(w + c) * xhat);
+        }
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void rmsnorm_bwd_impl(T* __restrict__ dx, float* __restrict__ dw_partial,
+                                                 const T* __restrict__ dy, const T* __restrict__ x,
+                                                 const T* __restrict__ w,
+                                                 const float* __restrict__ rstd, int rows, int d) {
+    float* dw_row = dw_partial == nullptr ? nullptr : dw_partial + (size_t)blockIdx.x * d;
+    if (dw_row != nullptr && (int)blockIdx.x >= rows) {
+        // More blocks than rows: this block's scratch row must still read as zero.
+        for (int c = threadIdx.x; c < d; c += blockDim.x) dw_row[c] = 0.0f;
+    }
+
+    for (int row = blockIdx.x; row < rows; row += gridDim.x) {
+        const T* xr = x + (size_t)row * d;
+        const T* dyr = dy + (size_t)row * d;
+        T* dxr = dx + (size_t)row * d;
+        const float r = rstd[row];
+        const bool first_row = row == (int)blockIdx.x;
+
+        // mean(g * xhat) = rstd * sum(g * x) / d
+        float dot = 0.0f;
+        for (int c = threadIdx.x; c < d; c += blockDim.x) {
+            dot += tl::load_f32(dyr + c) * tl::load_f32(w + c) * tl::load_f32(xr + c);
+        }
+        const float mean_g_xhat = tl::block_reduce_sum(dot) * r / (float)d;
+
+        for (int c = threadIdx.x; c < d; c += blockDim.x) {
+            const float dyv = tl::load_f32(dyr + c);
+            const float xhat = tl::load_f32(xr + c) * r;
+            const float g = dyv * tl::load_f32(w + c);
+            tl::store_f32(dxr + c, r * (g - xhat * mean_g_xhat));
+            if (dw_row != nullptr) {
+                // Thread t always owns the same columns of dw_row: no race.
+                const float contrib = dyv * tl::round_to<T>(xhat);
+                dw_row[c] = first_row ? contrib : dw_row[c] + contrib;
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+rmsnorm_fwd_f32(float* y, float* rstd, const float* x, const float* w, int rows, int d, float eps) {
+    rmsnorm_fwd_impl(y, rstd, x, w, rows, d, eps);
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+rmsnorm_fwd_bf16(__nv_bfloat16* y, float* rstd, const __nv_bfloat16* x, const __nv_bfloat16* w,
+                 int rows, int d, float eps) {
+    rmsnorm_fwd_impl(y, rstd, x, w, rows, d, eps);
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+rmsnorm_bwd_f32(float* dx, float* dw_partial, const float* dy, const float* x, const float* w,
+                const float* rstd, int rows, int d) {
+    rmsnorm_bwd_impl(dx, dw_partial, dy, x, w, rstd, rows, d);
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+rmsnorm_bwd_bf16(__nv_bfloat16* dx, float* dw_partial, const __nv_bfloat16* dy,
+                 const __nv_bfloat16* x, const __nv_bfloat16* w, const float* rstd, int rows,
+                 int d) {
+    rmsnorm_bwd_impl(dx, dw_partial, dy, x, w, rstd, rows, d);
+}
+
+// dw[c] += sum over b < num_partials of dw_partial[b, c]   (both f32; dw_partial [num_partials, d])
+//
+// Launch: grid = ceil(d / 32), 1-D blocks of a multiple of 32 threads (at most 1024).
+// Each block owns 32 adjacent columns; its warps split the partial rows between them
+// (every warp reads 32 consecutive floats per row: coalesced) and then add their sums
+// in a fixed order, so the result is deterministic.
+extern "C" __global__ void __launch_bounds__(1024)
+rmsnorm_dw_reduce(float* __restrict__ dw, const float* __restrict__ dw_partial, int num_partials,
+                  int d) {
+    __shared__ float warp_sums[tl::WARP_SIZE][tl::WARP_SIZE];
+    const int lane = threadIdx.x % tl::WARP_SIZE;
+    const int warp = threadIdx.x / tl::WARP_SIZE;
+    const int num_warps = blockDim.x / tl::WARP_SIZE;
+    const int c = blockIdx.x * tl::WARP_SIZE + lane;
+
+    float s = 0.0f;
+    if (c < d) {
+        for (int b = warp; b < num_partials; b += num_warps) s += dw_partial[(size_t)b * d + c];
+    }
+    warp_sums[warp][lane] = s;
+    __syncthreads();
+    if (warp == 0 && c < d) {
+        float total = 0.0f;
+        for (int k = 0; k < num_warps; ++k) total += warp_sums[k][lane];
+        dw[c] += total;
+    }
+}

@@ -22,10 +22,8 @@ pub const FATBIN: Option<&[u8]> = Some({
     // own embedded fatbins rather than at include_bytes!'s alignment of 1.
     #[repr(C, align(16))]
     struct Aligned<T: ?Sized>(T);
-    const ALIGNED: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(
-        env!("OUT_DIR"),
-        "/tuneloop_kernels.fatbin"
-    )));
+    const ALIGNED: &Aligned<[u8]> =
+        &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/tuneloop_kernels.fatbin")));
     &ALIGNED.0
 });
 
@@ -93,11 +91,7 @@ mod tests {
     #[test]
     fn kernel_names_match_the_sources() {
         let listed: BTreeSet<String> = KERNEL_NAMES.iter().map(|s| s.to_string()).collect();
-        assert_eq!(
-            listed.len(),
-            KERNEL_NAMES.len(),
-            "duplicate in KERNEL_NAMES"
-        );
+        assert_eq!(listed.len(), KERNEL_NAMES.len(), "duplicate in KERNEL_NAMES");
         assert_eq!(listed, entry_points_in_sources());
     }
 

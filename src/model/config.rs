@@ -167,8 +167,9 @@ fn parse_rope(v: &Value) -> Result<(f64, RopeScaling)> {
     let theta =
         params.and_then(|p| get_f64(p, "rope_theta")).or_else(|| get_f64(v, "rope_theta")).unwrap_or(10000.0);
     let rope_type = params
-        .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
-        .and_then(Value::as_str)
+        .and_then(|p| {
+            p.get("rope_type").and_then(Value::as_str).or_else(|| p.get("type").and_then(Value::as_str))
+        })
         .unwrap_or("default");
     let scaling = match rope_type {
         "default" => RopeScaling::Default,

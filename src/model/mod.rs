@@ -4,6 +4,7 @@ pub mod config;
 pub mod decoder;
 pub mod generate;
 pub mod lora;
+pub mod presets;
 pub mod rope;
 pub mod safetensors_io;
 pub mod weights;

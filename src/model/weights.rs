@@ -52,42 +52,56 @@ impl<T> Model<T> {
     }
 
     pub fn from_store<O: Ops<Tensor = T>>(ops: &O, cfg: ModelConfig, store: &TensorStore) -> Result<Self> {
+        Self::build(cfg, |name, shape| ops.upload_weight(&store.get_shaped(name, shape)?))
+    }
+
+    /// Random weights of the config's shapes (benchmarks, tests): N(0, 0.02)-like
+    /// uniform matrices and biases, unit norm weights, as HF initialises.
+    pub fn random<O: Ops<Tensor = T>>(ops: &O, cfg: ModelConfig, seed: u64) -> Result<Self> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let a = 0.02 * 3f32.sqrt();
+        Self::build(cfg, |name, shape| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = if name.contains("norm") {
+                vec![1.0; n]
+            } else {
+                (0..n).map(|_| rng.random_range(-a..a)).collect()
+            };
+            ops.upload(&v, shape)
+        })
+    }
+
+    /// The model's tensors, each made by `load(hf_name, shape)`.
+    fn build(cfg: ModelConfig, mut load: impl FnMut(&str, &[usize]) -> Result<T>) -> Result<Self> {
         let d = cfg.hidden_size;
-        let load = |name: &str, shape: &[usize]| ops.upload_weight(&store.get_shaped(name, shape)?);
         let embed_tokens = load("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
-            let linear = |p: Proj| -> Result<Linear<T>> {
+            let mut linear = |p: Proj| -> Result<Linear<T>> {
                 let (inp, out) = p.dims(&cfg);
                 let prefix = p.hf_prefix(l);
                 let w = load(&format!("{prefix}.weight"), &[out, inp])?;
-                let b = if Self::has_bias(&cfg, p) {
-                    Some(load(&format!("{prefix}.bias"), &[out])?)
-                } else {
-                    None
-                };
+                let b = if Self::has_bias(&cfg, p) { Some(load(&format!("{prefix}.bias"), &[out])?) } else { None };
                 Ok(Linear { w, b })
             };
+            let proj = [
+                linear(Proj::Q)?,
+                linear(Proj::K)?,
+                linear(Proj::V)?,
+                linear(Proj::O)?,
+                linear(Proj::Gate)?,
+                linear(Proj::Up)?,
+                linear(Proj::Down)?,
+            ];
             layers.push(Layer {
                 input_layernorm: load(&format!("model.layers.{l}.input_layernorm.weight"), &[d])?,
-                post_attention_layernorm: load(
-                    &format!("model.layers.{l}.post_attention_layernorm.weight"),
-                    &[d],
-                )?,
-                proj: [
-                    linear(Proj::Q)?,
-                    linear(Proj::K)?,
-                    linear(Proj::V)?,
-                    linear(Proj::O)?,
-                    linear(Proj::Gate)?,
-                    linear(Proj::Up)?,
-                    linear(Proj::Down)?,
-                ],
+                post_attention_layernorm: load(&format!("model.layers.{l}.post_attention_layernorm.weight"), &[d])?,
+                proj,
             });
         }
         let norm = load("model.norm.weight", &[d])?;
-        let lm_head =
-            if cfg.tie_word_embeddings { None } else { Some(load("lm_head.weight", &[cfg.vocab_size, d])?) };
+        let lm_head = if cfg.tie_word_embeddings { None } else { Some(load("lm_head.weight", &[cfg.vocab_size, d])?) };
         Ok(Self { cfg, embed_tokens, layers, norm, lm_head })
     }
 }

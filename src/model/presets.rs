@@ -42,7 +42,8 @@ pub fn preset(name: &str) -> Result<ModelConfig> {
 /// Parameters of the linear layers, lm_head included (what a LoRA step's ~4N FLOPs
 /// per token counts).
 pub fn linear_params(c: &ModelConfig) -> u64 {
-    let (d, i, q, kv) = (c.hidden_size as u64, c.intermediate_size as u64, c.q_dim() as u64, c.kv_dim() as u64);
+    let (d, i, q, kv) =
+        (c.hidden_size as u64, c.intermediate_size as u64, c.q_dim() as u64, c.kv_dim() as u64);
     let per_layer = d * q + 2 * d * kv + q * d + 3 * d * i;
     per_layer * c.num_hidden_layers as u64 + d * c.vocab_size as u64
 }

@@ -82,7 +82,11 @@ impl<T> Model<T> {
                 let (inp, out) = p.dims(&cfg);
                 let prefix = p.hf_prefix(l);
                 let w = load(&format!("{prefix}.weight"), &[out, inp])?;
-                let b = if Self::has_bias(&cfg, p) { Some(load(&format!("{prefix}.bias"), &[out])?) } else { None };
+                let b = if Self::has_bias(&cfg, p) {
+                    Some(load(&format!("{prefix}.bias"), &[out])?)
+                } else {
+                    None
+                };
                 Ok(Linear { w, b })
             };
             let proj = [
@@ -96,12 +100,16 @@ impl<T> Model<T> {
             ];
             layers.push(Layer {
                 input_layernorm: load(&format!("model.layers.{l}.input_layernorm.weight"), &[d])?,
-                post_attention_layernorm: load(&format!("model.layers.{l}.post_attention_layernorm.weight"), &[d])?,
+                post_attention_layernorm: load(
+                    &format!("model.layers.{l}.post_attention_layernorm.weight"),
+                    &[d],
+                )?,
                 proj,
             });
         }
         let norm = load("model.norm.weight", &[d])?;
-        let lm_head = if cfg.tie_word_embeddings { None } else { Some(load("lm_head.weight", &[cfg.vocab_size, d])?) };
+        let lm_head =
+            if cfg.tie_word_embeddings { None } else { Some(load("lm_head.weight", &[cfg.vocab_size, d])?) };
         Ok(Self { cfg, embed_tokens, layers, norm, lm_head })
     }
 }

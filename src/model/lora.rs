@@ -225,7 +225,7 @@ impl<T> Adapter<T> {
 
     pub fn lora_ref(&self, layer: usize, p: Proj) -> Option<LoraRef<'_, T>> {
         let scale = self.cfg.scale();
-        self.pair(layer, p).map(|l| LoraRef { a: &l.a, b: &l.b, scale })
+        self.pair(layer, p).map(|l| LoraRef { a: &l.a, b: &l.b, scale, dropout: None })
     }
 
     pub fn grad_ref(&mut self, layer: usize, p: Proj) -> Option<LoraGradRef<'_, T>> {

@@ -57,11 +57,39 @@ pub struct AttnShape {
     pub head_dim: usize,
 }
 
-/// The low-rank path of a LoRA linear: `y += scale · (x·Aᵀ)·Bᵀ`, A `[r, in]`, B `[out, r]`.
+/// The low-rank path of a LoRA linear: `y += scale · (drop(x)·Aᵀ)·Bᵀ`, A `[r, in]`,
+/// B `[out, r]`.
 pub struct LoraRef<'a, T> {
     pub a: &'a T,
     pub b: &'a T,
     pub scale: f32,
+    /// Dropout on the low-rank path's input (PEFT's `lora_dropout`), training only.
+    pub dropout: Option<Dropout>,
+}
+
+/// Inverted dropout whose mask is a pure function of `(seed, element index)`, so the
+/// backward regenerates it instead of storing it, and every backend draws the same one.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dropout {
+    pub p: f32,
+    pub seed: u64,
+}
+
+impl Dropout {
+    /// The factor element `i` of the input is multiplied by: 0 or `1 / (1 − p)`.
+    pub fn factor(&self, i: u64) -> f32 {
+        // splitmix64 of (seed, i): a counter-based generator, identical on any backend
+        let mut z = self.seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let u = (z >> 40) as f32 / (1u64 << 24) as f32; // uniform in [0, 1)
+        if u < self.p {
+            0.0
+        } else {
+            1.0 / (1.0 - self.p)
+        }
+    }
 }
 
 /// Gradient buffers of one LoRA pair, accumulated into (`+=`), so micro-batches sum.

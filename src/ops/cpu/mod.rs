@@ -10,7 +10,9 @@ mod pointwise;
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
-use super::{AdamWParams, AttnLayout, AttnShape, CrossEntropyOut, HostWeight, LoraGradRef, LoraRef, Ops};
+use super::{
+    AdamWParams, AttnLayout, AttnShape, CrossEntropyOut, Dropout, HostWeight, LoraGradRef, LoraRef, Ops,
+};
 use crate::model::safetensors_io::decode_f32;
 use gemm::{matmul, Mat};
 
@@ -39,6 +41,14 @@ impl CpuTensor {
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuOps;
+
+/// The low-rank path's input: `x`, or `x` with the dropout mask applied.
+fn dropped(x: &[f32], dropout: Option<Dropout>) -> std::borrow::Cow<'_, [f32]> {
+    match dropout {
+        None => std::borrow::Cow::Borrowed(x),
+        Some(d) => x.par_iter().enumerate().map(|(i, &v)| v * d.factor(i as u64)).collect::<Vec<_>>().into(),
+    }
+}
 
 fn same_shape(a: &CpuTensor, b: &CpuTensor, what: &str) -> Result<()> {
     ensure!(a.shape == b.shape, "{what}: shapes {:?} and {:?} differ", a.shape, b.shape);
@@ -191,8 +201,9 @@ impl Ops for CpuOps {
                     l.a.shape,
                     l.b.shape
                 );
+                let xd = dropped(&x.data, l.dropout);
                 let mut xa = vec![0.0; n * r];
-                matmul(&mut xa, Mat::rm(&x.data, n, inp), Mat::rm_t(&l.a.data, inp, r), 1.0, 0.0);
+                matmul(&mut xa, Mat::rm(&xd, n, inp), Mat::rm_t(&l.a.data, inp, r), 1.0, 0.0);
                 matmul(&mut y, Mat::rm(&xa, n, r), Mat::rm_t(&l.b.data, r, out), l.scale, 1.0);
                 Some(CpuTensor::new(xa, &[n, r]))
             }
@@ -233,10 +244,21 @@ impl Ops for CpuOps {
             if let Some(g) = grads {
                 // dB += scale · dyᵀ·xa  [out, r];  dA += dxaᵀ·x  [r, in]
                 matmul(&mut g.db.data, Mat::rm_t(&dy.data, out, n), Mat::rm(&xa.data, n, r), l.scale, 1.0);
-                matmul(&mut g.da.data, Mat::rm_t(&dxa, r, n), Mat::rm(&x.data, n, inp), 1.0, 1.0);
+                let xd = dropped(&x.data, l.dropout);
+                matmul(&mut g.da.data, Mat::rm_t(&dxa, r, n), Mat::rm(&xd, n, inp), 1.0, 1.0);
             }
             if let Some(dx) = dx.as_mut() {
-                matmul(dx, Mat::rm(&dxa, n, r), Mat::rm(&l.a.data, r, inp), 1.0, 1.0);
+                match l.dropout {
+                    None => matmul(dx, Mat::rm(&dxa, n, r), Mat::rm(&l.a.data, r, inp), 1.0, 1.0),
+                    Some(d) => {
+                        let mut dxd = vec![0.0; n * inp];
+                        matmul(&mut dxd, Mat::rm(&dxa, n, r), Mat::rm(&l.a.data, r, inp), 1.0, 0.0);
+                        dx.par_iter_mut()
+                            .zip(&dxd)
+                            .enumerate()
+                            .for_each(|(i, (g, &v))| *g += v * d.factor(i as u64));
+                    }
+                }
             }
         }
         Ok(dx.map(|d| CpuTensor::new(d, &x.shape)))
@@ -311,7 +333,12 @@ impl Ops for CpuOps {
     }
 
     fn sum_squares(&self, ts: &[&CpuTensor]) -> Result<f64> {
-        Ok(ts.iter().map(|t| t.data.par_iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).sum())
+        // Fixed chunks summed in order: the same bits on every run (a resumed run must
+        // clip exactly as an uninterrupted one).
+        let chunk_sums = |t: &CpuTensor| -> Vec<f64> {
+            t.data.par_chunks(4096).map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum()).collect()
+        };
+        Ok(ts.iter().flat_map(|t| chunk_sums(t)).sum())
     }
 
     fn scale(&self, t: &mut CpuTensor, s: f32) -> Result<()> {

@@ -1,3 +1,5 @@
 //! tuneloop: turns an agent's feedback log into LoRA adapters for HF Llama / Qwen2
 //! checkpoints. The decoder is written once against the [`ops::Ops`] trait; the CPU
 //! backend is the exact f32 reference.
+
+pub mod data;

@@ -2,19 +2,23 @@
 //! labels, reproducing what transformers' `apply_chat_template` gives a Python trainer.
 //!
 //! - [`conversation`]: parse and check one JSONL line;
+//! - [`template`]: load an HF tokenizer folder and render its chat template;
+//! - [`labels`]: tokenize the rendering and decide which tokens are trained;
 //! - `jinja`, `pyjson`, `strftime`: the Python/Jinja2 behaviour templates rely on.
-
-#![allow(dead_code)] // the Jinja helpers are used by the template loader, which comes next
 
 pub mod conversation;
 mod jinja;
+pub mod labels;
 mod pyjson;
 mod strftime;
+pub mod template;
 
 pub use conversation::{parse_line, Conversation, Message, Role, ToolCall};
+pub use labels::{tokenize_conversation, Tokenized, IGNORE_INDEX};
+pub use template::{ChatModel, ChatTemplate, Rendered};
 
 use anyhow::Result;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 /// An error about one line of a data file, shown as `file:line: what is wrong`.
@@ -91,4 +95,32 @@ impl<R: BufRead> Iterator for JsonlReader<R> {
             return Some(parsed.map(|c| (self.line, c)).map_err(|m| self.error(m)));
         }
     }
+}
+
+#[derive(serde::Serialize)]
+struct InspectRecord<'a> {
+    input_ids: &'a [u32],
+    labels: &'a [i64],
+}
+
+/// `tuneloop data inspect --json`: for each conversation of `data_file`, in order, one
+/// line `{"input_ids": [...], "labels": [...]}` as the model in `model_dir` will be
+/// trained on it (no truncation, no packing).
+pub fn inspect(model_dir: &Path, data_file: &Path, out: &mut dyn Write) -> Result<()> {
+    let model = ChatModel::load(model_dir)?;
+    for record in JsonlReader::open(data_file)? {
+        let (line, conv) = record?;
+        let tokenized = tokenize_conversation(&model, &conv).map_err(|e| LineError {
+            file: data_file.to_path_buf(),
+            line,
+            message: format!("{e:#}"),
+        })?;
+        let record = InspectRecord {
+            input_ids: &tokenized.input_ids,
+            labels: &tokenized.labels,
+        };
+        serde_json::to_writer(&mut *out, &record)?;
+        out.write_all(b"\n")?;
+    }
+    Ok(())
 }

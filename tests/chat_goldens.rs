@@ -21,8 +21,7 @@ struct Golden {
 }
 
 fn goldens() -> Vec<Golden> {
-    let text =
-        std::fs::read_to_string(fixtures().join("expected.jsonl")).expect("read expected.jsonl");
+    let text = std::fs::read_to_string(fixtures().join("expected.jsonl")).expect("read expected.jsonl");
     text.lines()
         .enumerate()
         .map(|(i, line)| {
@@ -53,9 +52,7 @@ fn first_difference(
         None if want.len() == got.len() => return None,
         None => want.len().min(got.len()),
     };
-    let token = got_ids
-        .get(at)
-        .and_then(|&id| model.tokenizer.id_to_token(id));
+    let token = got_ids.get(at).and_then(|&id| model.tokenizer.id_to_token(id));
     let window = |v: &[i64]| v[at.saturating_sub(3)..(at + 4).min(v.len())].to_vec();
     Some(format!(
         "{what} differ at token {at} (token text {token:?}; lengths want {} got {}): want {:?}, got {:?}; \
@@ -72,18 +69,8 @@ fn first_difference(
 fn check(model: &ChatModel, g: &Golden, got: &Tokenized) -> Vec<String> {
     let mut problems = Vec::new();
     if got.text != g.text {
-        let at = g
-            .text
-            .chars()
-            .zip(got.text.chars())
-            .position(|(a, b)| a != b)
-            .unwrap_or(0);
-        let around = |s: &str| {
-            s.chars()
-                .skip(at.saturating_sub(20))
-                .take(40)
-                .collect::<String>()
-        };
+        let at = g.text.chars().zip(got.text.chars()).position(|(a, b)| a != b).unwrap_or(0);
+        let around = |s: &str| s.chars().skip(at.saturating_sub(20)).take(40).collect::<String>();
         problems.push(format!(
             "text differs at char {at}: want {:?}, got {:?}",
             around(&g.text),
@@ -92,31 +79,18 @@ fn check(model: &ChatModel, g: &Golden, got: &Tokenized) -> Vec<String> {
     }
     let widen = |v: &[u32]| v.iter().map(|&x| i64::from(x)).collect::<Vec<_>>();
     let (want_ids, got_ids) = (widen(&g.input_ids), widen(&got.input_ids));
-    problems.extend(first_difference(
-        model,
-        "input_ids",
-        &want_ids,
-        &got_ids,
-        &got.input_ids,
-    ));
-    problems.extend(first_difference(
-        model,
-        "labels",
-        &g.labels,
-        &got.labels,
-        &got.input_ids,
-    ));
+    problems.extend(first_difference(model, "input_ids", &want_ids, &got_ids, &got.input_ids));
+    problems.extend(first_difference(model, "labels", &g.labels, &got.labels, &got.input_ids));
     problems
 }
 
 #[test]
 fn reproduces_hf_chat_template_goldens() {
-    let conversations: Vec<String> =
-        std::fs::read_to_string(fixtures().join("conversations.jsonl"))
-            .expect("read conversations.jsonl")
-            .lines()
-            .map(str::to_string)
-            .collect();
+    let conversations: Vec<String> = std::fs::read_to_string(fixtures().join("conversations.jsonl"))
+        .expect("read conversations.jsonl")
+        .lines()
+        .map(str::to_string)
+        .collect();
     let mut models: HashMap<String, ChatModel> = HashMap::new();
     let goldens = goldens();
     let mut failures = Vec::new();
@@ -126,10 +100,7 @@ fn reproduces_hf_chat_template_goldens() {
             models.insert(g.model.clone(), model);
         }
         let model = &models[&g.model];
-        let label = format!(
-            "expected.jsonl:{} ({} / conversation {})",
-            g.line, g.model, g.conversation
-        );
+        let label = format!("expected.jsonl:{} ({} / conversation {})", g.line, g.model, g.conversation);
         let conv = match data::parse_line(&conversations[g.conversation]) {
             Ok(c) => c,
             Err(e) => {
@@ -138,25 +109,12 @@ fn reproduces_hf_chat_template_goldens() {
             }
         };
         match data::tokenize_conversation(model, &conv) {
-            Ok(got) => failures.extend(
-                check(model, g, &got)
-                    .into_iter()
-                    .map(|p| format!("{label}: {p}")),
-            ),
+            Ok(got) => failures.extend(check(model, g, &got).into_iter().map(|p| format!("{label}: {p}"))),
             Err(e) => failures.push(format!("{label}: {e:#}")),
         }
     }
-    println!(
-        "{} of {} golden lines matched",
-        goldens.len() - failures.len(),
-        goldens.len()
-    );
-    assert!(
-        failures.is_empty(),
-        "{} mismatches:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    println!("{} of {} golden lines matched", goldens.len() - failures.len(), goldens.len());
+    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
 }
 
 /// `inspect` (the `tuneloop data inspect --json` backend) gives the goldens' ids and
@@ -164,17 +122,10 @@ fn reproduces_hf_chat_template_goldens() {
 #[test]
 fn inspect_prints_golden_ids_and_labels() {
     let mut out = Vec::new();
-    data::inspect(
-        &fixtures().join("chatml-tools"),
-        &fixtures().join("conversations.jsonl"),
-        &mut out,
-    )
-    .expect("inspect");
+    data::inspect(&fixtures().join("chatml-tools"), &fixtures().join("conversations.jsonl"), &mut out)
+        .expect("inspect");
     let out = String::from_utf8(out).expect("utf-8");
-    let want: Vec<Golden> = goldens()
-        .into_iter()
-        .filter(|g| g.model == "chatml-tools")
-        .collect();
+    let want: Vec<Golden> = goldens().into_iter().filter(|g| g.model == "chatml-tools").collect();
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), want.len());
     for (line, g) in lines.iter().zip(&want) {
@@ -192,12 +143,12 @@ fn inspect_error(lines: &[&str]) -> (String, String) {
         writeln!(file, "{line}").expect("write");
     }
     let mut out = Vec::new();
-    let err = data::inspect(&fixtures().join("chatml-tools"), file.path(), &mut out)
-        .expect_err("must fail");
+    let err = data::inspect(&fixtures().join("chatml-tools"), file.path(), &mut out).expect_err("must fail");
     (format!("{err:#}"), file.path().display().to_string())
 }
 
-const GOOD: &str = r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}"#;
+const GOOD: &str =
+    r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}"#;
 
 #[test]
 fn malformed_json_line_is_named() {
@@ -210,10 +161,7 @@ fn invalid_tool_call_arguments_are_named() {
     let bad = r#"{"messages": [{"role": "user", "content": "refund"}, {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "refund", "arguments": "{\"order_id\": "}}]}]}"#;
     let (err, path) = inspect_error(&[GOOD, GOOD, bad]);
     assert!(err.starts_with(&format!("{path}:3: ")), "{err}");
-    assert!(
-        err.contains("arguments") && err.contains("not valid JSON"),
-        "{err}"
-    );
+    assert!(err.contains("arguments") && err.contains("not valid JSON"), "{err}");
 }
 
 #[test]
@@ -228,13 +176,12 @@ fn weight_other_than_0_or_1_is_rejected() {
 fn weight_zero_and_prompt_completion_train_only_what_they_should() {
     let model = ChatModel::load(&fixtures().join("llama3")).expect("load");
     let untrained = r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello", "weight": 0}]}"#;
-    let t = data::tokenize_conversation(&model, &data::parse_line(untrained).expect("parse"))
-        .expect("tokenize");
+    let t =
+        data::tokenize_conversation(&model, &data::parse_line(untrained).expect("parse")).expect("tokenize");
     assert!(t.labels.iter().all(|&l| l == data::IGNORE_INDEX));
 
     let pc = r#"{"prompt": "What is 2+2?", "completion": "4"}"#;
-    let t = data::tokenize_conversation(&model, &data::parse_line(pc).expect("parse"))
-        .expect("tokenize");
+    let t = data::tokenize_conversation(&model, &data::parse_line(pc).expect("parse")).expect("tokenize");
     let trained: Vec<u32> = t
         .input_ids
         .iter()
@@ -244,7 +191,5 @@ fn weight_zero_and_prompt_completion_train_only_what_they_should() {
         .collect();
     let text = model.tokenizer.decode(&trained, false).expect("decode");
     assert_eq!(text, "4<|eot_id|>");
-    assert!(t
-        .text
-        .starts_with("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?"));
+    assert!(t.text.starts_with("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?"));
 }

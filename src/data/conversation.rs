@@ -77,10 +77,7 @@ pub fn parse_line(line: &str) -> Result<Conversation> {
     match (messages, prompt, completion) {
         (Some(messages), None, None) => {
             let tools = parse_tools(field(&root, "tools"))?;
-            Ok(Conversation {
-                messages: parse_messages(&messages)?,
-                tools,
-            })
+            Ok(Conversation { messages: parse_messages(&messages)?, tools })
         }
         (None, Some(prompt), Some(completion)) => prompt_completion(&prompt, &completion),
         (Some(_), _, _) => bail!("a line has either `messages` or `prompt`/`completion`, not both"),
@@ -123,10 +120,7 @@ fn prompt_completion(prompt: &Value, completion: &Value) -> Result<Conversation>
         template_value: Value::from_pairs([("role", name), ("content", text)]),
     };
     Ok(Conversation {
-        messages: vec![
-            message(Role::User, "user", p),
-            message(Role::Assistant, "assistant", c),
-        ],
+        messages: vec![message(Role::User, "user", p), message(Role::Assistant, "assistant", c)],
         tools: None,
     })
 }
@@ -168,9 +162,7 @@ fn parse_message(msg: &Value) -> Result<Message> {
     let role_value = field(msg, "role").ok_or_else(|| anyhow!("missing `role`"))?;
     let role_name = role_value.as_str().unwrap_or_default();
     let role = Role::parse(role_name).ok_or_else(|| {
-        anyhow!(
-            "unknown role {role_value:?}; expected \"system\", \"user\", \"assistant\" or \"tool\""
-        )
+        anyhow!("unknown role {role_value:?}; expected \"system\", \"user\", \"assistant\" or \"tool\"")
     })?;
 
     let content_value = field(msg, "content");
@@ -188,11 +180,7 @@ fn parse_message(msg: &Value) -> Result<Message> {
     }
     let tool_call_id = match field(msg, "tool_call_id").filter(|v| !v.is_none()) {
         None => None,
-        Some(v) => Some(
-            v.as_str()
-                .ok_or_else(|| anyhow!("`tool_call_id` must be a string"))?
-                .to_string(),
-        ),
+        Some(v) => Some(v.as_str().ok_or_else(|| anyhow!("`tool_call_id` must be a string"))?.to_string()),
     };
     let trained = match field(msg, "weight") {
         None => true,
@@ -270,11 +258,7 @@ fn parse_tool_call(call: &Value) -> Result<ToolCall> {
     }
     let id = match field(call, "id").filter(|v| !v.is_none()) {
         None => None,
-        Some(v) => Some(
-            v.as_str()
-                .ok_or_else(|| anyhow!("`id` must be a string"))?
-                .to_string(),
-        ),
+        Some(v) => Some(v.as_str().ok_or_else(|| anyhow!("`id` must be a string"))?.to_string()),
     };
     let function = field(call, "function")
         .filter(|f| f.kind() == ValueKind::Map)
@@ -292,11 +276,7 @@ fn parse_tool_call(call: &Value) -> Result<ToolCall> {
             kind => bail!("`function.arguments` must be a JSON string, found {kind}"),
         },
     };
-    Ok(ToolCall {
-        id,
-        name,
-        arguments,
-    })
+    Ok(ToolCall { id, name, arguments })
 }
 
 /// The message object for the template: every input key in order, minus `weight`, with
@@ -306,9 +286,7 @@ fn template_message(msg: &Value, content: Option<&str>, tool_calls: &[ToolCall])
     for (key, value) in entries(msg)? {
         let value = match key.as_str() {
             Some("weight") => continue,
-            Some("content") if value.kind() == ValueKind::Seq => {
-                Value::from(content.unwrap_or_default())
-            }
+            Some("content") if value.kind() == ValueKind::Seq => Value::from(content.unwrap_or_default()),
             Some("tool_calls") if !tool_calls.is_empty() => {
                 let calls = items(&value)?
                     .iter()
@@ -330,11 +308,7 @@ fn template_tool_call(raw: &Value, arguments: &Value) -> Result<Value> {
         let value = if key.as_str() == Some("function") {
             let mut function = Vec::new();
             for (k, v) in entries(&value)? {
-                let v = if k.as_str() == Some("arguments") {
-                    arguments.clone()
-                } else {
-                    v
-                };
+                let v = if k.as_str() == Some("arguments") { arguments.clone() } else { v };
                 function.push((k, v));
             }
             Value::from_pairs(function)
@@ -361,31 +335,14 @@ mod tests {
         assert_eq!(conv.messages.len(), 4);
         let call = &conv.messages[1].tool_calls[0];
         assert_eq!(call.name, "f");
-        let keys: Vec<String> = call
-            .arguments
-            .try_iter()
-            .unwrap()
-            .map(|k| k.to_string())
-            .collect();
+        let keys: Vec<String> = call.arguments.try_iter().unwrap().map(|k| k.to_string()).collect();
         assert_eq!(keys, ["z", "a"]);
         let tv = &conv.messages[1].template_value;
-        let args = tv
-            .get_attr("tool_calls")
-            .unwrap()
-            .get_item_by_index(0)
-            .unwrap();
-        let args = args
-            .get_attr("function")
-            .unwrap()
-            .get_attr("arguments")
-            .unwrap();
+        let args = tv.get_attr("tool_calls").unwrap().get_item_by_index(0).unwrap();
+        let args = args.get_attr("function").unwrap().get_attr("arguments").unwrap();
         assert_eq!(args.kind(), ValueKind::Map);
         assert!(!conv.messages[3].trained);
-        assert!(conv.messages[3]
-            .template_value
-            .get_attr("weight")
-            .unwrap()
-            .is_undefined());
+        assert!(conv.messages[3].template_value.get_attr("weight").unwrap().is_undefined());
         assert_eq!(conv.messages[2].tool_call_id.as_deref(), Some("c1"));
     }
 
@@ -396,14 +353,7 @@ mod tests {
         assert!(conv.messages[1].trained && conv.messages[1].role == Role::Assistant);
         let conv = parse_line(r#"{"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}"#).unwrap();
         assert_eq!(conv.messages[0].content.as_deref(), Some("ab"));
-        assert_eq!(
-            conv.messages[0]
-                .template_value
-                .get_attr("content")
-                .unwrap()
-                .as_str(),
-            Some("ab")
-        );
+        assert_eq!(conv.messages[0].template_value.get_attr("content").unwrap().as_str(), Some("ab"));
     }
 
     #[test]
@@ -412,21 +362,16 @@ mod tests {
         assert!(err("[1]").contains("expected a JSON object"));
         assert!(err(r#"{"messages": []}"#).contains("empty"));
         assert!(err(r#"{"messages": [{"role": "bot", "content": "x"}]}"#).contains("unknown role"));
+        assert!(err(r#"{"messages": [{"role": "assistant", "content": "x", "weight": 2}]}"#)
+            .contains("`weight` must be 0 or 1, got 2"));
         assert!(
-            err(r#"{"messages": [{"role": "assistant", "content": "x", "weight": 2}]}"#)
-                .contains("`weight` must be 0 or 1, got 2")
-        );
-        assert!(
-            err(r#"{"messages": [{"role": "assistant", "content": "x", "weight": 0.5}]}"#)
-                .contains("weight")
+            err(r#"{"messages": [{"role": "assistant", "content": "x", "weight": 0.5}]}"#).contains("weight")
         );
         assert!(err(r#"{"messages": [{"role": "user", "content": null}]}"#).contains("content"));
         let bad_args = r#"{"messages": [{"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}"#;
         let e = err(bad_args);
         assert!(
-            e.contains("messages[0]")
-                && e.contains("tool_calls[0]")
-                && e.contains("not valid JSON"),
+            e.contains("messages[0]") && e.contains("tool_calls[0]") && e.contains("not valid JSON"),
             "{e}"
         );
         assert!(err(r#"{"prompt": "x"}"#).contains("without `completion`"));

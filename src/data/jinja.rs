@@ -19,11 +19,7 @@ pub const GENERATION_FILTER: &str = "__tuneloop_generation__";
 pub fn environment() -> Result<Environment<'static>, Error> {
     let mut env = Environment::new();
     env.set_syntax(
-        SyntaxConfig::builder()
-            .trim_blocks(true)
-            .lstrip_blocks(true)
-            .keep_trailing_newline(false)
-            .build()?,
+        SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).keep_trailing_newline(false).build()?,
     );
     env.set_unknown_method_callback(unknown_method);
     env.set_formatter(|out, state, value| match pyjson::python_str(value) {
@@ -37,19 +33,11 @@ pub fn environment() -> Result<Environment<'static>, Error> {
         None => Value::from(v.to_string()),
     });
     env.add_filter(GENERATION_FILTER, |body: Value| body);
-    env.add_function(
-        "raise_exception",
-        |message: Value| -> Result<Value, Error> {
-            let message = message
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| message.to_string());
-            Err(Error::new(ErrorKind::InvalidOperation, message))
-        },
-    );
-    env.add_function("strftime_now", |format: &str| {
-        DateTime::now_utc().format(format)
+    env.add_function("raise_exception", |message: Value| -> Result<Value, Error> {
+        let message = message.as_str().map(str::to_string).unwrap_or_else(|| message.to_string());
+        Err(Error::new(ErrorKind::InvalidOperation, message))
     });
+    env.add_function("strftime_now", |format: &str| DateTime::now_utc().format(format));
     Ok(env)
 }
 
@@ -58,13 +46,7 @@ pub fn environment() -> Result<Environment<'static>, Error> {
 /// (and MiniJinja's) HTML-escape `<>&'`, which would change what the model sees.
 fn tojson(value: &Value, args: Rest<ValueOrKwargs>) -> Result<Value, Error> {
     let args: Vec<Value> = args.0.into_iter().map(ValueOrKwargs::into_value).collect();
-    type Args = (
-        Option<Value>,
-        Option<Value>,
-        Option<Value>,
-        Option<Value>,
-        Kwargs,
-    );
+    type Args = (Option<Value>, Option<Value>, Option<Value>, Option<Value>, Kwargs);
     let (ensure_ascii, indent, separators, sort_keys, kwargs): Args = from_args(&args)?;
     let arg = |positional: Option<Value>, name: &str| -> Result<Option<Value>, Error> {
         let by_name: Option<Value> = kwargs.get(name)?;
@@ -84,9 +66,7 @@ fn tojson(value: &Value, args: Rest<ValueOrKwargs>) -> Result<Value, Error> {
 
     let indent = match indent {
         None => None,
-        Some(v) if v.kind() == ValueKind::String => {
-            Some(v.as_str().unwrap_or_default().to_string())
-        }
+        Some(v) if v.kind() == ValueKind::String => Some(v.as_str().unwrap_or_default().to_string()),
         // Python: `' ' * indent`, so True is one space and negatives are none.
         Some(v) => Some(" ".repeat(i64::try_from(v)?.max(0) as usize)),
     };
@@ -126,12 +106,7 @@ fn trim(value: &Value, chars: Option<&str>) -> String {
 
 /// Python's string and dict methods (`.strip()`, `.items()`, `.startswith()` ...)
 /// through minijinja-contrib, with the argument-less strips using Python whitespace.
-fn unknown_method(
-    state: &mut State,
-    value: &Value,
-    method: &str,
-    args: &[Value],
-) -> Result<Value, Error> {
+fn unknown_method(state: &mut State, value: &Value, method: &str, args: &[Value]) -> Result<Value, Error> {
     if let (Some(s), true) = (value.as_str(), args.is_empty()) {
         match method {
             "strip" => return Ok(Value::from(s.trim_matches(is_python_space))),
@@ -226,9 +201,7 @@ fn tag_word(tag: &str) -> (&str, usize) {
     let skip_sign = inner.strip_prefix(['-', '+']).unwrap_or(inner);
     let trimmed = skip_sign.trim_start();
     let start = tag.len() - trimmed.len();
-    let len = trimmed
-        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .unwrap_or(trimmed.len());
+    let len = trimmed.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(trimmed.len());
     (&trimmed[..len], start)
 }
 
@@ -273,20 +246,13 @@ mod tests {
     fn tojson_is_python_json_dumps() {
         let v: Value = serde_json::from_str(r#"{"a": "<é>", "b": [1.0, 2]}"#).unwrap();
         let ctx = context! { v };
-        assert_eq!(
-            render("{{ v|tojson }}", ctx.clone()).unwrap(),
-            r#"{"a": "<é>", "b": [1.0, 2]}"#
-        );
+        assert_eq!(render("{{ v|tojson }}", ctx.clone()).unwrap(), r#"{"a": "<é>", "b": [1.0, 2]}"#);
         assert_eq!(
             render("{{ v|tojson(indent=2) }}", ctx.clone()).unwrap(),
             "{\n  \"a\": \"<é>\",\n  \"b\": [\n    1.0,\n    2\n  ]\n}"
         );
         assert_eq!(
-            render(
-                "{{ v|tojson(separators=(',', ':'), ensure_ascii=true) }}",
-                ctx
-            )
-            .unwrap(),
+            render("{{ v|tojson(separators=(',', ':'), ensure_ascii=true) }}", ctx).unwrap(),
             r#"{"a":"<\u00e9>","b":[1.0,2]}"#
         );
     }
@@ -295,16 +261,9 @@ mod tests {
     fn python_semantics_for_printing_and_strings() {
         let ctx = context! { n => Value::from(()), t => true, s => " x\u{1f}", f => 2.0 };
         assert_eq!(render("[{{ n|trim }}]", ctx.clone()).unwrap(), "[None]");
+        assert_eq!(render("{{ n }} {{ t }} {{ f }}", ctx.clone()).unwrap(), "None True 2.0");
         assert_eq!(
-            render("{{ n }} {{ t }} {{ f }}", ctx.clone()).unwrap(),
-            "None True 2.0"
-        );
-        assert_eq!(
-            render(
-                "[{{ s|trim }}][{{ s.strip() }}][{{ 'ab'.startswith('a') }}]",
-                ctx
-            )
-            .unwrap(),
+            render("[{{ s|trim }}][{{ s.strip() }}][{{ 'ab'.startswith('a') }}]", ctx).unwrap(),
             "[x][x][True]"
         );
         let err = render("{{ raise_exception('bad role') }}", context! {}).unwrap_err();

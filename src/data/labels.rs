@@ -35,11 +35,7 @@ pub struct Tokenized {
 }
 
 pub fn tokenize_conversation(model: &ChatModel, conv: &Conversation) -> Result<Tokenized> {
-    let messages: Vec<Value> = conv
-        .messages
-        .iter()
-        .map(|m| m.template_value.clone())
-        .collect();
+    let messages: Vec<Value> = conv.messages.iter().map(|m| m.template_value.clone()).collect();
     let tools = conv.tools.as_ref();
     let rendered = model.template.render(&messages, tools, false)?;
     let text = rendered.text;
@@ -51,10 +47,7 @@ pub fn tokenize_conversation(model: &ChatModel, conv: &Conversation) -> Result<T
     let mut trained = vec![false; encoding.len()];
 
     let has_markers = model.template.has_generation_markers();
-    let any_untrained = conv
-        .messages
-        .iter()
-        .any(|m| m.role == Role::Assistant && !m.trained);
+    let any_untrained = conv.messages.iter().any(|m| m.role == Role::Assistant && !m.trained);
     let spans = if !has_markers || any_untrained {
         assistant_spans(model, &messages, tools, &text, conv)?
     } else {
@@ -78,11 +71,7 @@ pub fn tokenize_conversation(model: &ChatModel, conv: &Conversation) -> Result<T
         .zip(&trained)
         .map(|(&id, &t)| if t { i64::from(id) } else { IGNORE_INDEX })
         .collect();
-    Ok(Tokenized {
-        text,
-        input_ids,
-        labels,
-    })
+    Ok(Tokenized { text, input_ids, labels })
 }
 
 /// Each assistant message's character span in `text` and whether it is trained, found by
@@ -102,15 +91,11 @@ fn assistant_spans(
         let before = model
             .template
             .render(&messages[..i], tools, true)
-            .with_context(|| {
-                format!("rendering the messages before messages[{i}] to find its span")
-            })?;
+            .with_context(|| format!("rendering the messages before messages[{i}] to find its span"))?;
         let through = model
             .template
             .render(&messages[..=i], tools, false)
-            .with_context(|| {
-                format!("rendering the messages through messages[{i}] to find its span")
-            })?;
+            .with_context(|| format!("rendering the messages through messages[{i}] to find its span"))?;
         // The span is only meaningful if rendering more messages appends to the text;
         // templates that rewrite earlier turns need `{% generation %}` markers instead.
         if !text.starts_with(&through.text) {
@@ -149,9 +134,7 @@ fn mark_generation_spans(encoding: &Encoding, spans: &[Range<usize>], trained: &
         let Some(first) = encoding.char_to_token(span.start, 0) else {
             break;
         };
-        let last = encoding
-            .char_to_token(span.end - 1, 0)
-            .unwrap_or(trained.len().saturating_sub(1));
+        let last = encoding.char_to_token(span.end - 1, 0).unwrap_or(trained.len().saturating_sub(1));
         for flag in trained.iter_mut().take(last + 1).skip(first) {
             *flag = true;
         }

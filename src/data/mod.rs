@@ -42,28 +42,19 @@ pub struct JsonlReader<R> {
 
 impl JsonlReader<BufReader<std::fs::File>> {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path)
-            .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+        let file =
+            std::fs::File::open(path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
         Ok(Self::new(BufReader::new(file), path))
     }
 }
 
 impl<R: BufRead> JsonlReader<R> {
     pub fn new(reader: R, file: &Path) -> Self {
-        JsonlReader {
-            reader,
-            file: file.to_path_buf(),
-            line: 0,
-            buf: Vec::new(),
-        }
+        JsonlReader { reader, file: file.to_path_buf(), line: 0, buf: Vec::new() }
     }
 
     fn error(&self, message: String) -> LineError {
-        LineError {
-            file: self.file.clone(),
-            line: self.line,
-            message,
-        }
+        LineError { file: self.file.clone(), line: self.line, message }
     }
 }
 
@@ -83,11 +74,7 @@ impl<R: BufRead> Iterator for JsonlReader<R> {
                 Ok(t) => t,
                 Err(e) => return Some(Err(self.error(format!("not valid UTF-8: {e}")))),
             };
-            let text = if self.line == 1 {
-                text.trim_start_matches('\u{feff}')
-            } else {
-                text
-            };
+            let text = if self.line == 1 { text.trim_start_matches('\u{feff}') } else { text };
             if text.trim().is_empty() {
                 continue;
             }
@@ -115,10 +102,7 @@ pub fn inspect(model_dir: &Path, data_file: &Path, out: &mut dyn Write) -> Resul
             line,
             message: format!("{e:#}"),
         })?;
-        let record = InspectRecord {
-            input_ids: &tokenized.input_ids,
-            labels: &tokenized.labels,
-        };
+        let record = InspectRecord { input_ids: &tokenized.input_ids, labels: &tokenized.labels };
         serde_json::to_writer(&mut *out, &record)?;
         out.write_all(b"\n")?;
     }

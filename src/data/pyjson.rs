@@ -42,19 +42,12 @@ pub fn dumps(value: &Value, opts: &JsonOptions) -> Result<String, Error> {
     Ok(out)
 }
 
-fn write_json(
-    out: &mut String,
-    value: &Value,
-    opts: &JsonOptions,
-    depth: usize,
-) -> Result<(), Error> {
+fn write_json(out: &mut String, value: &Value, opts: &JsonOptions, depth: usize) -> Result<(), Error> {
     match value.kind() {
         ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
         ValueKind::Number => out.push_str(&number_json(value)?),
-        ValueKind::String => {
-            write_json_str(out, value.as_str().unwrap_or_default(), opts.ensure_ascii)
-        }
+        ValueKind::String => write_json_str(out, value.as_str().unwrap_or_default(), opts.ensure_ascii),
         ValueKind::Seq | ValueKind::Iterable => {
             let items: Vec<Value> = value.try_iter()?.collect();
             write_container(out, '[', ']', &items, opts, depth, |out, item, depth| {
@@ -71,19 +64,11 @@ fn write_json(
                 // Rust orders `str` by UTF-8 bytes, which is Python's code-point order.
                 entries.sort_by(|a, b| a.0.cmp(&b.0));
             }
-            write_container(
-                out,
-                '{',
-                '}',
-                &entries,
-                opts,
-                depth,
-                |out, (key, item), depth| {
-                    write_json_str(out, key, opts.ensure_ascii);
-                    out.push_str(&opts.key_sep);
-                    write_json(out, item, opts, depth)
-                },
-            )?;
+            write_container(out, '{', '}', &entries, opts, depth, |out, (key, item), depth| {
+                write_json_str(out, key, opts.ensure_ascii);
+                out.push_str(&opts.key_sep);
+                write_json(out, item, opts, depth)
+            })?;
         }
         kind => {
             return Err(Error::new(
@@ -229,11 +214,7 @@ pub fn float_repr(f: f64) -> String {
             let (a, b) = digits.split_at(point as usize);
             (a.to_string(), b.to_string())
         };
-        let frac_part = if frac_part.is_empty() {
-            "0".to_string()
-        } else {
-            frac_part
-        };
+        let frac_part = if frac_part.is_empty() { "0".to_string() } else { frac_part };
         format!("{sign}{int_part}.{frac_part}")
     } else {
         let exp_sign = if exp < 0 { '-' } else { '+' };
@@ -260,9 +241,7 @@ pub fn python_repr(value: &Value) -> String {
         ValueKind::None => "None".to_string(),
         ValueKind::Bool => if value.is_true() { "True" } else { "False" }.to_string(),
         ValueKind::Number if value.is_integer() => integer_str(value),
-        ValueKind::Number => f64::try_from(value.clone())
-            .map(float_repr)
-            .unwrap_or_default(),
+        ValueKind::Number => f64::try_from(value.clone()).map(float_repr).unwrap_or_default(),
         ValueKind::String => str_repr(value.as_str().unwrap_or_default()),
         ValueKind::Seq => {
             let items: Vec<String> = match value.try_iter() {
@@ -292,11 +271,7 @@ pub fn python_repr(value: &Value) -> String {
 /// non-printable code points (format characters, separators); only the common ones are
 /// covered here.
 fn str_repr(s: &str) -> String {
-    let quote = if s.contains('\'') && !s.contains('"') {
-        '"'
-    } else {
-        '\''
-    };
+    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
     let mut out = String::with_capacity(s.len() + 2);
     out.push(quote);
     for c in s.chars() {
@@ -340,10 +315,7 @@ mod tests {
     fn dumps_matches_python_defaults() {
         let v = json(r#"{"b": [1, 2.5, "é\"\n\u0001"], "a": {"x": null, "y": true}, "e": []}"#);
         let got = dumps(&v, &JsonOptions::new(None)).unwrap();
-        assert_eq!(
-            got,
-            r#"{"b": [1, 2.5, "é\"\n\u0001"], "a": {"x": null, "y": true}, "e": []}"#
-        );
+        assert_eq!(got, r#"{"b": [1, 2.5, "é\"\n\u0001"], "a": {"x": null, "y": true}, "e": []}"#);
     }
 
     #[test]
@@ -353,10 +325,7 @@ mod tests {
         opts.sort_keys = true;
         opts.ensure_ascii = true;
         let got = dumps(&v, &opts).unwrap();
-        assert_eq!(
-            got,
-            "{\n  \"a\": \"\\u6771\",\n  \"b\": [\n    1,\n    {}\n  ]\n}"
-        );
+        assert_eq!(got, "{\n  \"a\": \"\\u6771\",\n  \"b\": [\n    1,\n    {}\n  ]\n}");
     }
 
     #[test]
@@ -382,9 +351,6 @@ mod tests {
     #[test]
     fn repr_of_containers() {
         let v = json(r#"{"a": [1, null, true, "it's"], "b": 2.0}"#);
-        assert_eq!(
-            python_repr(&v),
-            r#"{'a': [1, None, True, "it's"], 'b': 2.0}"#
-        );
+        assert_eq!(python_repr(&v), r#"{'a': [1, None, True, "it's"], 'b': 2.0}"#);
     }
 }

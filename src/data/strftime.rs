@@ -5,15 +5,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-const DAYS: [&str; 7] = [
-    "Monday",
-    "Tuesday",
-    "Wednesday",
-    "Thursday",
-    "Friday",
-    "Saturday",
-    "Sunday",
-];
+const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
 const MONTHS: [&str; 12] = [
     "January",
     "February",
@@ -48,10 +40,7 @@ pub struct DateTime {
 
 impl DateTime {
     pub fn now_utc() -> Self {
-        let secs = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
+        let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
         Self::from_unix(secs)
     }
 
@@ -98,11 +87,7 @@ impl DateTime {
                     format!("{n:0width$}")
                 }
             };
-            let hour12 = if self.hour % 12 == 0 {
-                12
-            } else {
-                self.hour % 12
-            };
+            let hour12 = if self.hour % 12 == 0 { 12 } else { self.hour % 12 };
             let day_name = DAYS[self.weekday as usize % 7];
             let month_name = MONTHS[(self.month as usize + 11) % 12];
             match d {
@@ -124,10 +109,7 @@ impl DateTime {
                 'u' => out.push_str(&(self.weekday + 1).to_string()),
                 'w' => out.push_str(&((self.weekday + 1) % 7).to_string()),
                 'F' => out.push_str(&format!("{}-{:02}-{:02}", self.year, self.month, self.day)),
-                'T' => out.push_str(&format!(
-                    "{:02}:{:02}:{:02}",
-                    self.hour, self.minute, self.second
-                )),
+                'T' => out.push_str(&format!("{:02}:{:02}:{:02}", self.hour, self.minute, self.second)),
                 'D' => out.push_str(&format!(
                     "{:02}/{:02}/{:02}",
                     self.month,

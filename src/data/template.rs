@@ -14,15 +14,8 @@ const TEMPLATE_NAME: &str = "chat_template";
 
 /// The special-token names transformers puts in the template's scope
 /// (`tokenizer.special_tokens_map`).
-const SPECIAL_TOKEN_KEYS: [&str; 7] = [
-    "bos_token",
-    "eos_token",
-    "unk_token",
-    "sep_token",
-    "pad_token",
-    "cls_token",
-    "mask_token",
-];
+const SPECIAL_TOKEN_KEYS: [&str; 7] =
+    ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"];
 
 /// A tokenizer and its chat template, loaded from one HF model folder.
 pub struct ChatModel {
@@ -37,9 +30,7 @@ impl ChatModel {
             .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", tok_path.display()))?;
         // transformers turns off any truncation/padding saved in tokenizer.json unless a
         // call asks for it; an example is always tokenized whole here.
-        tokenizer
-            .with_truncation(None)
-            .map_err(|e| anyhow!("{}: {e}", tok_path.display()))?;
+        tokenizer.with_truncation(None).map_err(|e| anyhow!("{}: {e}", tok_path.display()))?;
         tokenizer.with_padding(None);
         let config = read_json_if_exists(&dir.join("tokenizer_config.json"))?.unwrap_or(Json::Null);
         let source = find_template_source(dir, &config)?;
@@ -54,10 +45,7 @@ impl ChatModel {
         }
         let template = ChatTemplate::new(&source, specials)
             .with_context(|| format!("{}: cannot compile the chat template", dir.display()))?;
-        Ok(ChatModel {
-            tokenizer,
-            template,
-        })
+        Ok(ChatModel { tokenizer, template })
     }
 }
 
@@ -65,10 +53,8 @@ fn read_json_if_exists(path: &Path) -> Result<Option<Json>> {
     if !path.exists() {
         return Ok(None);
     }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let json =
-        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let json = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
     Ok(Some(json))
 }
 
@@ -85,30 +71,19 @@ fn find_template_source(dir: &Path, config: &Json) -> Result<String> {
     match config.get("chat_template") {
         Some(Json::String(s)) => return Ok(s.clone()),
         Some(Json::Array(list)) => {
-            let named = |name: &str| {
-                list.iter()
-                    .find(|t| t.get("name").and_then(Json::as_str) == Some(name))
-            };
-            return match named("default")
-                .and_then(|t| t.get("template"))
-                .and_then(Json::as_str)
-            {
+            let named = |name: &str| list.iter().find(|t| t.get("name").and_then(Json::as_str) == Some(name));
+            return match named("default").and_then(|t| t.get("template")).and_then(Json::as_str) {
                 Some(s) => Ok(s.to_string()),
-                None => bail!(
-                    "{}: `chat_template` lists no template named \"default\"",
-                    config_path.display()
-                ),
+                None => {
+                    bail!("{}: `chat_template` lists no template named \"default\"", config_path.display())
+                }
             };
         }
         Some(Json::Null) | None => {}
-        Some(_) => bail!(
-            "{}: `chat_template` must be a string or a list",
-            config_path.display()
-        ),
+        Some(_) => bail!("{}: `chat_template` must be a string or a list", config_path.display()),
     }
-    if let Some(Json::String(s)) = read_json_if_exists(&dir.join("chat_template.json"))?
-        .as_ref()
-        .and_then(|j| j.get("chat_template"))
+    if let Some(Json::String(s)) =
+        read_json_if_exists(&dir.join("chat_template.json"))?.as_ref().and_then(|j| j.get("chat_template"))
     {
         return Ok(s.clone());
     }
@@ -135,11 +110,7 @@ fn special_tokens(config: &Json) -> Vec<(String, Value)> {
         }
     }
     if let Some(Json::Array(list)) = config.get("additional_special_tokens") {
-        let texts: Vec<Value> = list
-            .iter()
-            .filter_map(token_text)
-            .map(Value::from)
-            .collect();
+        let texts: Vec<Value> = list.iter().filter_map(token_text).map(Value::from).collect();
         out.push(("additional_special_tokens".to_string(), Value::from(texts)));
     }
     out
@@ -164,13 +135,8 @@ impl ChatTemplate {
     pub fn new(source: &str, special_tokens: Vec<(String, Value)>) -> Result<Self> {
         let (source, has_generation) = jinja::rewrite_generation_tags(source);
         let mut env = jinja::environment()?;
-        env.add_template_owned(TEMPLATE_NAME, source)
-            .map_err(|e| anyhow!("{e:#}"))?;
-        Ok(ChatTemplate {
-            env,
-            has_generation,
-            special_tokens,
-        })
+        env.add_template_owned(TEMPLATE_NAME, source).map_err(|e| anyhow!("{e:#}"))?;
+        Ok(ChatTemplate { env, has_generation, special_tokens })
     }
 
     /// Whether the template marks assistant output with `{% generation %}`.
@@ -191,19 +157,13 @@ impl ChatTemplate {
         vars.push(("messages".into(), Value::from(messages.to_vec())));
         vars.push(("tools".into(), tools.cloned().unwrap_or(Value::from(()))));
         vars.push(("documents".into(), Value::from(())));
-        vars.push((
-            "add_generation_prompt".into(),
-            Value::from(add_generation_prompt),
-        ));
+        vars.push(("add_generation_prompt".into(), Value::from(add_generation_prompt)));
         let ctx = Value::from_pairs(vars);
         let template = self.env.get_template(TEMPLATE_NAME)?;
         let render_err = |e: minijinja::Error| anyhow!("chat template: {}", describe(&e));
         if !self.has_generation {
             let text = template.render(ctx).map_err(render_err)?;
-            return Ok(Rendered {
-                text,
-                generation_spans: Vec::new(),
-            });
+            return Ok(Rendered { text, generation_spans: Vec::new() });
         }
         let (text, spans) = template.render_with_spans(ctx).map_err(render_err)?;
         let source = template.source();
@@ -218,10 +178,7 @@ impl ChatTemplate {
             .map(|s| s.output_range())
             .collect();
         let generation_spans = byte_to_char_ranges(&text, &byte_spans);
-        Ok(Rendered {
-            text,
-            generation_spans,
-        })
+        Ok(Rendered { text, generation_spans })
     }
 }
 
@@ -277,8 +234,7 @@ mod tests {
 
     #[test]
     fn scope_has_tools_none_and_special_tokens() {
-        let src =
-            "{{ bos_token }}{{ tools is none }}{{ tools is defined }}{{ add_generation_prompt }}";
+        let src = "{{ bos_token }}{{ tools is none }}{{ tools is defined }}{{ add_generation_prompt }}";
         let t = ChatTemplate::new(src, vec![("bos_token".into(), Value::from("<s>"))]).unwrap();
         assert_eq!(t.render(&[], None, true).unwrap().text, "<s>TrueTrueTrue");
     }

@@ -15,7 +15,7 @@ use super::generate::KvCache;
 use super::lora::{Adapter, Proj};
 use super::rope::Rope;
 use super::weights::Model;
-use crate::ops::{AttnLayout, AttnShape, Ops};
+use crate::ops::{AttnLayout, AttnShape, Dropout, LoraRef, Ops};
 
 /// What one forward runs on: token ids with their positions and the attention layout.
 pub struct StepInputs<O: Ops> {
@@ -87,11 +87,14 @@ pub struct Decoder<'a, O: Ops> {
     pub model: &'a Model<O::Tensor>,
     pub adapter: Option<&'a Adapter<O::Tensor>>,
     pub rope: Rope,
+    /// LoRA dropout for a training step: probability and the step's seed (each
+    /// layer and projection draws its own mask from it).
+    pub lora_dropout: Option<Dropout>,
 }
 
 impl<'a, O: Ops> Decoder<'a, O> {
     pub fn new(ops: &'a O, model: &'a Model<O::Tensor>, adapter: Option<&'a Adapter<O::Tensor>>) -> Self {
-        Self { ops, model, adapter, rope: Rope::new(&model.cfg) }
+        Self { ops, model, adapter, rope: Rope::new(&model.cfg), lora_dropout: None }
     }
 
     pub fn attn_shape(&self) -> AttnShape {
@@ -99,9 +102,19 @@ impl<'a, O: Ops> Decoder<'a, O> {
         AttnShape { n_heads: c.num_attention_heads, n_kv_heads: c.num_key_value_heads, head_dim: c.head_dim }
     }
 
+    /// The LoRA path of projection `p` in layer `l`, with this step's dropout mask.
+    fn lora(&self, l: usize, p: Proj) -> Option<LoraRef<'a, O::Tensor>> {
+        let mut lora = self.adapter.and_then(|a| a.lora_ref(l, p))?;
+        lora.dropout = self.lora_dropout.filter(|d| d.p > 0.0).map(|d| Dropout {
+            p: d.p,
+            seed: d.seed ^ ((l as u64) << 8 | p as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93),
+        });
+        Some(lora)
+    }
+
     fn linear_fwd(&self, l: usize, p: Proj, x: &O::Tensor) -> Result<(O::Tensor, Option<O::Tensor>)> {
         let lin = &self.model.layers[l].proj[p as usize];
-        let lora = self.adapter.and_then(|a| a.lora_ref(l, p));
+        let lora = self.lora(l, p);
         self.ops.linear_fwd(x, &lin.w, lin.b.as_ref(), lora)
     }
 
@@ -117,7 +130,7 @@ impl<'a, O: Ops> Decoder<'a, O> {
         need_dx: bool,
     ) -> Result<Option<O::Tensor>> {
         let lin = &self.model.layers[l].proj[p as usize];
-        let lora = self.adapter.and_then(|a| a.lora_ref(l, p));
+        let lora = self.lora(l, p);
         let g = grads.and_then(|g| g.grad_ref(l, p));
         self.ops.linear_bwd(dy, x, &lin.w, lora, acts.xa[p as usize].as_ref(), g, need_dx)
     }

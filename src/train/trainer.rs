@@ -1,0 +1,314 @@
+//! The fine-tune loop: epochs of shuffled, packed rows; micro-batches accumulated to
+//! the global batch; AdamW with warm-up and decay; gradient clipping; validation every
+//! N steps; `metrics.jsonl`; checkpoints every N steps; bit-exact resume.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::Serialize;
+
+use super::checkpoint::{self, TrainerState};
+use super::optim::{clip_grad_norm, AdamW};
+use super::pack::{batch_of, rows, Example};
+use super::schedule::Schedule;
+use super::step::forward_backward;
+use crate::model::{Adapter, Decoder, Model};
+use crate::ops::{AdamWParams, Dropout, Ops};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainConfig {
+    pub seq_len: usize,
+    pub packing: bool,
+    /// Rows per optimizer step and per forward/backward.
+    pub global_batch: usize,
+    pub local_batch: usize,
+    pub max_steps: Option<usize>,
+    pub epochs: usize,
+    pub val_every: Option<usize>,
+    pub ckpt_every: Option<usize>,
+    pub keep_last: usize,
+    pub adamw: AdamWParams,
+    pub warmup_steps: usize,
+    pub decay: super::schedule::Decay,
+    pub min_lr_ratio: f64,
+    pub clip_grad_norm: Option<f64>,
+    pub lora_dropout: f32,
+    pub seed: u64,
+    pub output_dir: PathBuf,
+    /// Stop (after checkpointing) once this many steps are done, leaving the schedule
+    /// as if the run went on: a time-boxed run that a later `--resume` continues.
+    pub stop_after: Option<usize>,
+    pub progress: bool,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct Metrics {
+    pub step: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_norm: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_token_accuracy: Option<f64>,
+}
+
+pub struct TrainOutcome {
+    pub steps: usize,
+    pub history: Vec<Metrics>,
+}
+
+impl TrainOutcome {
+    pub fn val_points(&self) -> Vec<(usize, f64, f64)> {
+        self.history
+            .iter()
+            .filter_map(|m| Some((m.step, m.val_loss?, m.val_token_accuracy.unwrap_or(0.0))))
+            .collect()
+    }
+}
+
+/// The rows of one epoch: examples shuffled by `(seed, epoch)`, packed, rows shuffled.
+fn epoch_rows(train: &[Example], cfg: &TrainConfig, epoch: usize) -> Vec<Vec<usize>> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9));
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    order.shuffle(&mut rng);
+    let shuffled: Vec<Example> = order.iter().map(|&i| train[i].clone()).collect();
+    let mut r: Vec<Vec<usize>> = rows(&shuffled, cfg.seq_len, cfg.packing)
+        .into_iter()
+        .map(|row| row.iter().map(|&i| order[i]).collect())
+        .collect();
+    r.shuffle(&mut rng);
+    r
+}
+
+pub fn steps_per_epoch(n_rows: usize, global: usize) -> usize {
+    n_rows.div_ceil(global.max(1))
+}
+
+/// Mean loss and token accuracy over `val`, by rows of `local_batch`.
+pub fn evaluate<O: Ops>(
+    dec: &Decoder<O>,
+    val: &[Example],
+    seq_len: usize,
+    local_batch: usize,
+) -> Result<(f64, f64)> {
+    let all = rows(val, seq_len, true);
+    let (mut loss, mut counted, mut correct) = (0.0, 0usize, 0usize);
+    for chunk in all.chunks(local_batch.max(1)) {
+        let b = batch_of(val, chunk, seq_len);
+        let r = forward_backward(dec, &b, None, None)?;
+        loss += r.loss_sum;
+        counted += r.n_counted;
+        correct += r.n_correct;
+    }
+    ensure!(counted > 0, "the validation set has no trained tokens");
+    Ok((loss / counted as f64, correct as f64 / counted as f64))
+}
+
+struct MetricsLog {
+    path: PathBuf,
+    history: Vec<Metrics>,
+}
+
+impl MetricsLog {
+    /// Opens `metrics.jsonl`, keeping only lines up to `upto` steps (a resumed run
+    /// redoes what came after its checkpoint).
+    fn open(dir: &Path, upto: usize) -> Result<Self> {
+        let path = dir.join("metrics.jsonl");
+        let mut history = Vec::new();
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                let m: Metrics = serde_json::from_str(line)
+                    .with_context(|| format!("{}: bad line {line}", path.display()))?;
+                if m.step <= upto {
+                    history.push(m);
+                }
+            }
+        }
+        let log = Self { path, history };
+        log.rewrite()?;
+        Ok(log)
+    }
+
+    fn rewrite(&self) -> Result<()> {
+        let mut buf = Vec::new();
+        for m in &self.history {
+            serde_json::to_writer(&mut buf, m)?;
+            buf.push(b'\n');
+        }
+        crate::util::atomic_write(&self.path, &buf)
+    }
+
+    fn push(&mut self, m: Metrics) -> Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&self.path)
+            .with_context(|| format!("opening {}", self.path.display()))?;
+        let mut line = serde_json::to_vec(&m)?;
+        line.push(b'\n');
+        f.write_all(&line).with_context(|| format!("writing {}", self.path.display()))?;
+        self.history.push(m);
+        Ok(())
+    }
+}
+
+/// Trains `adapter` on `train`, validating on `val`. With `resume`, continues from the
+/// newest checkpoint in `output_dir/checkpoints` (an error if there is none).
+pub fn train<O: Ops>(
+    ops: &O,
+    model: &Model<O::Tensor>,
+    adapter: Adapter<O::Tensor>,
+    train: &[Example],
+    val: &[Example],
+    cfg: &TrainConfig,
+    resume: bool,
+) -> Result<(Adapter<O::Tensor>, TrainOutcome)> {
+    ensure!(!train.is_empty(), "no training examples");
+    ensure!(
+        cfg.global_batch % cfg.local_batch.max(1) == 0,
+        "global batch must be a multiple of the local batch"
+    );
+    let ckpt_root = cfg.output_dir.join("checkpoints");
+    let per_epoch = steps_per_epoch(epoch_rows(train, cfg, 0).len(), cfg.global_batch);
+    let total_steps = cfg.max_steps.unwrap_or(cfg.epochs * per_epoch).max(1);
+
+    let (mut state, mut adapter, mut opt) = if resume {
+        let Some((_, dir)) = checkpoint::list(&ckpt_root)?.pop() else {
+            bail!("--resume: no checkpoint in {}", ckpt_root.display());
+        };
+        let (state, adapter, opt) = checkpoint::load(ops, &dir, &model.cfg)?;
+        ensure!(
+            state.total_steps == total_steps && state.seed == cfg.seed,
+            "{}: saved by a run of {} steps with seed {}, this recipe makes {} steps with seed {}",
+            dir.display(),
+            state.total_steps,
+            state.seed,
+            total_steps,
+            cfg.seed
+        );
+        tracing::info!("resuming from {} (step {})", dir.display(), state.step);
+        (state, adapter, opt)
+    } else {
+        if !checkpoint::list(&ckpt_root)?.is_empty() {
+            bail!(
+                "{} holds checkpoints of an earlier run: pass --resume to continue it, or choose another output_dir",
+                ckpt_root.display()
+            );
+        }
+        let opt = AdamW::new(ops, &adapter, &model.cfg, cfg.adamw)?;
+        let state =
+            TrainerState { step: 0, epoch: 0, cursor: 0, total_steps, seed: cfg.seed, tokens_seen: 0 };
+        (state, adapter, opt)
+    };
+    std::fs::create_dir_all(&cfg.output_dir)
+        .with_context(|| format!("creating {}", cfg.output_dir.display()))?;
+    let mut log = MetricsLog::open(&cfg.output_dir, state.step)?;
+    let sched = Schedule {
+        lr: cfg.adamw.lr as f64,
+        warmup_steps: cfg.warmup_steps,
+        total_steps,
+        decay: cfg.decay,
+        min_lr_ratio: cfg.min_lr_ratio,
+    };
+    let bar = if cfg.progress {
+        indicatif::ProgressBar::new(total_steps as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} ETA {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_position(state.step as u64);
+    let say = |s: String| if bar.is_hidden() { eprintln!("{s}") } else { bar.println(s) };
+
+    let validate = |adapter: &Adapter<O::Tensor>| -> Result<(f64, f64)> {
+        evaluate(&Decoder::new(ops, model, Some(adapter)), val, cfg.seq_len, cfg.local_batch)
+    };
+    if state.step == 0 && !val.is_empty() && !log.history.iter().any(|m| m.val_loss.is_some()) {
+        let (l, a) = validate(&adapter)?;
+        say(format!("step 0: val_loss {l:.4}, val_token_accuracy {a:.3}"));
+        log.push(Metrics { step: 0, val_loss: Some(l), val_token_accuracy: Some(a), ..Default::default() })?;
+    }
+
+    let mut plan = epoch_rows(train, cfg, state.epoch);
+    let stop = cfg.stop_after.unwrap_or(total_steps).min(total_steps);
+    while state.step < stop {
+        let t0 = Instant::now();
+        // this step's rows, continuing into the next epoch when this one runs out
+        let mut step_rows = Vec::with_capacity(cfg.global_batch);
+        while step_rows.len() < cfg.global_batch {
+            if state.cursor >= plan.len() {
+                state.epoch += 1;
+                state.cursor = 0;
+                plan = epoch_rows(train, cfg, state.epoch);
+            }
+            step_rows.push(plan[state.cursor].clone());
+            state.cursor += 1;
+        }
+        let micro: Vec<_> =
+            step_rows.chunks(cfg.local_batch).map(|c| batch_of(train, c, cfg.seq_len)).collect();
+        let denom: usize = micro.iter().map(|b| b.n_targets()).sum();
+        let mut grads = adapter.zeros_like(ops, &model.cfg)?;
+        let (mut loss_sum, mut tokens) = (0.0, 0usize);
+        for (i, b) in micro.iter().enumerate() {
+            let mut dec = Decoder::new(ops, model, Some(&adapter));
+            dec.lora_dropout = (cfg.lora_dropout > 0.0).then(|| Dropout {
+                p: cfg.lora_dropout,
+                seed: cfg.seed ^ ((state.step as u64) << 20 | i as u64).wrapping_mul(0xA076_1D64_78BD_642F),
+            });
+            let r = forward_backward(&dec, b, Some(&mut grads), Some(denom))?;
+            loss_sum += r.loss_sum;
+            tokens += b.ids.len();
+        }
+        let loss = loss_sum / denom.max(1) as f64;
+        if !loss.is_finite() {
+            bail!("loss is {loss} at step {}: stopping before the adapter is damaged", state.step + 1);
+        }
+        let gnorm = match cfg.clip_grad_norm {
+            Some(max) => clip_grad_norm(ops, &mut grads, max)?,
+            None => super::optim::grad_norm(ops, &grads)?,
+        };
+        let lr = sched.lr_at(state.step);
+        opt.update(ops, &mut adapter, &grads, lr as f32)?;
+        state.step += 1;
+        state.tokens_seen += tokens as u64;
+        let tps = tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+        bar.set_position(state.step as u64);
+        bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tps:.0} tok/s"));
+        let mut m = Metrics {
+            step: state.step,
+            loss: Some(loss),
+            lr: Some(lr),
+            grad_norm: Some(gnorm),
+            tokens_per_s: Some(tps),
+            ..Default::default()
+        };
+        let last = state.step == total_steps;
+        if !val.is_empty() && (last || cfg.val_every.is_some_and(|n| n > 0 && state.step % n == 0)) {
+            let (l, a) = validate(&adapter)?;
+            say(format!("step {}: loss {loss:.4}, val_loss {l:.4}, val_token_accuracy {a:.3}", state.step));
+            (m.val_loss, m.val_token_accuracy) = (Some(l), Some(a));
+        }
+        log.push(m)?;
+        let stopping = state.step == stop;
+        if last || stopping || cfg.ckpt_every.is_some_and(|n| n > 0 && state.step % n == 0) {
+            let dir = checkpoint::save(ops, &ckpt_root, &state, &adapter, &opt)?;
+            checkpoint::prune(&ckpt_root, cfg.keep_last)?;
+            tracing::info!("checkpoint {}", dir.display());
+        }
+    }
+    bar.finish_and_clear();
+    Ok((adapter, TrainOutcome { steps: state.step, history: log.history }))
+}

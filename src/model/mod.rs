@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod decoder;
+pub mod export;
 pub mod generate;
 pub mod lora;
 pub mod presets;

@@ -6,12 +6,18 @@ use serde_json::json;
 
 use super::config::ModelConfig;
 
-pub const NAMES: &[&str] = &["smollm2-135m", "qwen2.5-0.5b", "llama3.2-1b", "llama3.1-8b", "qwen2.5-7b"];
+pub const NAMES: &[&str] =
+    &["tiny", "smollm2-135m", "qwen2.5-0.5b", "llama3.2-1b", "llama3.1-8b", "qwen2.5-7b"];
 
 pub fn preset(name: &str) -> Result<ModelConfig> {
     let llama3_rope = json!({"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
         "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
     let v = match name {
+        // the bundled quickstart's base: small enough to train on two CPU cores
+        "tiny" => json!({"model_type": "llama", "vocab_size": 1024, "hidden_size": 128,
+            "intermediate_size": 352, "num_hidden_layers": 4, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "tie_word_embeddings": true, "max_position_embeddings": 2048}),
         "smollm2-135m" => json!({"model_type": "llama", "vocab_size": 49152, "hidden_size": 576,
             "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
             "num_key_value_heads": 3, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,

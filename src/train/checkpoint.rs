@@ -110,11 +110,7 @@ pub fn prune(root: &Path, keep: usize) -> Result<()> {
 pub type Resumed<T> = (TrainerState, Adapter<T>, AdamW<T>);
 
 /// Reads a checkpoint back.
-pub fn load<O: Ops>(
-    ops: &O,
-    dir: &Path,
-    model: &ModelConfig,
-) -> Result<Resumed<O::Tensor>> {
+pub fn load<O: Ops>(ops: &O, dir: &Path, model: &ModelConfig) -> Result<Resumed<O::Tensor>> {
     let state_path = dir.join(STATE);
     let v: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(&state_path).with_context(|| format!("reading {}", state_path.display()))?,

@@ -6,6 +6,9 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 
+use std::io::Write;
+
+use tuneloop::model::{Adapter, Model};
 use tuneloop::ops::cpu::CpuOps;
 
 #[derive(Parser)]
@@ -40,6 +43,55 @@ enum Command {
         #[arg(long, default_value_t = 1e-4)]
         tol: f64,
     },
+    /// Look at training data as the model will see it.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
+    /// Write a new HF model directory with random weights of a preset's shapes and the
+    /// given tokenizer (a base for trying the pipeline without downloading a checkpoint).
+    InitModel {
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+        /// HF tokenizer folder (`tokenizer.json`, `tokenizer_config.json`).
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Export a model with an adapter: `--merge` folds the LoRA weights into the base
+    /// and writes a plain HF model directory (safetensors, config, tokenizer).
+    Export {
+        /// Base model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// PEFT adapter directory.
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Merge the adapter into the base weights (the only export so far).
+        #[arg(long, required = true)]
+        merge: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Print each conversation's `{"input_ids": [...], "labels": [...]}`, one JSON line
+    /// per input line, rendered with the model's chat template (no truncation, no packing).
+    Inspect {
+        /// Model (or tokenizer) directory with `tokenizer.json` and the chat template.
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        /// JSON lines output (the only format so far).
+        #[arg(long, required = true)]
+        json: bool,
+    },
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -60,6 +112,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             println!("parity: {passed} passed, {failed} failed");
             Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Data { command: DataCommand::Inspect { model, data, json: _ } } => {
+            // Buffered: on an error nothing is printed, so no partial output.
+            let mut buf = Vec::new();
+            tuneloop::data::inspect(&model, &data, &mut buf)?;
+            std::io::stdout().write_all(&buf)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::InitModel { preset, tokenizer, out, seed } => {
+            tuneloop::model::export::init_random_model(&CpuOps, &preset, &tokenizer, &out, seed)?;
+            println!("wrote {} (preset {preset}, seed {seed})", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Export { model, adapter, out, merge: _ } => {
+            let ops = CpuOps;
+            let mut base = Model::load(&ops, &model)?;
+            let lora = Adapter::load(&ops, &adapter, &base.cfg)?;
+            base.merge(&ops, &lora)?;
+            base.save(&ops, &out)?;
+            tuneloop::model::export::copy_tokenizer_files(&model, &out)?;
+            tuneloop::model::export::copy_tokenizer_files(&adapter, &out)?;
+            println!("wrote merged model {}", out.display());
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

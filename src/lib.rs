@@ -7,5 +7,6 @@ pub mod kernels;
 pub mod model;
 pub mod ops;
 pub mod parity;
+pub mod recipe;
 pub mod train;
 pub mod util;

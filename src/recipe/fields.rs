@@ -1,0 +1,62 @@
+//! Fields that accept more than one YAML shape. Written as visitors rather than untagged
+//! enums so that a wrong shape gets a precise message, located by the YAML deserializer.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::de::{self, Deserializer, SeqAccess, Unexpected, Visitor};
+
+/// `train: data.jsonl` or `train: [a.jsonl, b.jsonl]`; `null` is the empty list.
+pub(super) fn one_or_many_paths<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+    struct Paths;
+    impl<'de> Visitor<'de> for Paths {
+        type Value = Vec<PathBuf>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a path or a list of paths")
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+            Ok(vec![PathBuf::from(s)])
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(p) = seq.next_element::<PathBuf>()? {
+                out.push(p);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_any(Paths)
+}
+
+/// A list of module names, or PEFT's `"all-linear"` for all seven projections. Names are
+/// checked by validation, so a recipe built in code is checked the same way.
+pub(super) fn target_modules<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    struct Modules;
+    impl<'de> Visitor<'de> for Modules {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a list of module names or \"all-linear\"")
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+            if s == "all-linear" {
+                Ok(super::all_linear())
+            } else {
+                Err(E::invalid_value(Unexpected::Str(s), &self))
+            }
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(m) = seq.next_element::<String>()? {
+                out.push(m);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_any(Modules)
+}

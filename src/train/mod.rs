@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod optim;
 pub mod pack;
+pub mod plot;
 pub mod schedule;
 pub mod step;
 pub mod trainer;

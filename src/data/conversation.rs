@@ -7,6 +7,10 @@
 //! - `{"prompt": "...", "completion": "..."}`: a user turn and the assistant turn that is
 //!   the only trained text.
 //!
+//! Other top-level keys (ids, timestamps, feedback: see [`super::feedback`]) are ignored.
+//! Each `tool` message must answer an earlier assistant tool call: the one its
+//! `tool_call_id` names or, without one, the oldest call not yet answered.
+//!
 //! Besides the typed view, each message keeps the exact object a chat template sees:
 //! HF's convention, which the goldens follow, is the input dict with its keys in their
 //! original order, `weight` removed and tool-call `arguments` parsed into JSON objects.
@@ -65,18 +69,36 @@ pub struct Conversation {
     pub tools: Option<Value>,
 }
 
+impl Conversation {
+    /// Whether some assistant message is trained (present and not `"weight": 0`): a
+    /// conversation without one renders fine but has nothing to learn from.
+    pub fn has_trained_output(&self) -> bool {
+        self.messages.iter().any(|m| m.role == Role::Assistant && m.trained)
+    }
+}
+
 /// Parses one JSONL line. The error says what is wrong; the caller adds `file:line`.
 pub fn parse_line(line: &str) -> Result<Conversation> {
-    let root: Value = serde_json::from_str(line).map_err(|e| anyhow!("invalid JSON: {e}"))?;
+    parse_object(&decode_line(line)?)
+}
+
+/// Decodes one JSONL line into a JSON value whose maps keep the line's key order.
+pub fn decode_line(line: &str) -> Result<Value> {
+    serde_json::from_str(line).map_err(|e| anyhow!("invalid JSON: {e}"))
+}
+
+/// Parses a decoded line (see [`decode_line`]). Keys other than `messages`, `tools`,
+/// `prompt` and `completion` (ids, timestamps, feedback...) are ignored here.
+pub fn parse_object(root: &Value) -> Result<Conversation> {
     if root.kind() != ValueKind::Map {
         bail!("expected a JSON object, found {}", root.kind());
     }
-    let messages = field(&root, "messages");
-    let prompt = field(&root, "prompt");
-    let completion = field(&root, "completion");
+    let messages = field(root, "messages");
+    let prompt = field(root, "prompt");
+    let completion = field(root, "completion");
     match (messages, prompt, completion) {
         (Some(messages), None, None) => {
-            let tools = parse_tools(field(&root, "tools"))?;
+            let tools = parse_tools(field(root, "tools"))?;
             Ok(Conversation { messages: parse_messages(&messages)?, tools })
         }
         (None, Some(prompt), Some(completion)) => prompt_completion(&prompt, &completion),
@@ -90,7 +112,7 @@ pub fn parse_line(line: &str) -> Result<Conversation> {
 }
 
 /// A present key's value (a JSON `null` counts as present); `None` when absent.
-fn field(obj: &Value, key: &str) -> Option<Value> {
+pub(crate) fn field(obj: &Value, key: &str) -> Option<Value> {
     obj.get_attr(key).ok().filter(|v| !v.is_undefined())
 }
 
@@ -148,11 +170,46 @@ fn parse_messages(messages: &Value) -> Result<Vec<Message>> {
     if messages.is_empty() {
         bail!("`messages` is empty");
     }
-    messages
+    let messages = messages
         .iter()
         .enumerate()
         .map(|(i, m)| parse_message(m).with_context(|| format!("messages[{i}]")))
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    check_tool_answers(&messages)?;
+    Ok(messages)
+}
+
+/// Every `tool` message answers an earlier assistant tool call: the one whose `id` its
+/// `tool_call_id` names, or, without a `tool_call_id`, the oldest one not yet answered.
+fn check_tool_answers(messages: &[Message]) -> Result<()> {
+    // (call id, answered) for each tool call seen so far, in order.
+    let mut calls: Vec<(Option<&str>, bool)> = Vec::new();
+    for (i, msg) in messages.iter().enumerate() {
+        match msg.role {
+            Role::Assistant => calls.extend(msg.tool_calls.iter().map(|c| (c.id.as_deref(), false))),
+            Role::Tool => {
+                let none_yet = calls.is_empty();
+                let call = match msg.tool_call_id.as_deref() {
+                    Some(id) => calls.iter_mut().find(|(c, _)| *c == Some(id)).ok_or_else(|| {
+                        anyhow!(
+                            "messages[{i}]: `tool_call_id` {id:?} matches no tool call of an earlier \
+                             assistant message"
+                        )
+                    })?,
+                    None => calls.iter_mut().find(|(_, answered)| !answered).ok_or_else(|| {
+                        anyhow!(
+                            "messages[{i}]: a `tool` message without `tool_call_id` must answer an \
+                             earlier assistant tool call, but {}",
+                            if none_yet { "there is none" } else { "all of them are answered" }
+                        )
+                    })?,
+                };
+                call.1 = true;
+            }
+            Role::System | Role::User => {}
+        }
+    }
+    Ok(())
 }
 
 fn parse_message(msg: &Value) -> Result<Message> {
@@ -375,5 +432,41 @@ mod tests {
             "{e}"
         );
         assert!(err(r#"{"prompt": "x"}"#).contains("without `completion`"));
+    }
+
+    const CALL: &str = r#"{"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}"#;
+    const CALL_NO_ID: &str = r#"{"role": "assistant", "content": null, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]}"#;
+
+    fn with_messages(messages: &[&str]) -> String {
+        format!(r#"{{"messages": [{{"role": "user", "content": "hi"}}, {}]}}"#, messages.join(", "))
+    }
+
+    #[test]
+    fn tool_messages_answer_earlier_tool_calls() {
+        let tool = |id: &str| format!(r#"{{"role": "tool", "tool_call_id": "{id}", "content": "ok"}}"#);
+        let anon = r#"{"role": "tool", "content": "ok"}"#;
+        assert!(parse_line(&with_messages(&[CALL, &tool("c1")])).is_ok());
+        assert!(parse_line(&with_messages(&[CALL_NO_ID, anon])).is_ok());
+        assert!(parse_line(&with_messages(&[CALL, anon])).is_ok());
+
+        let e = err(&with_messages(&[CALL, &tool("c2")]));
+        assert!(e.contains("messages[2]") && e.contains(r#""c2" matches no tool call"#), "{e}");
+        // The call must come before its answer.
+        let e = err(&with_messages(&[&tool("c1"), CALL]));
+        assert!(e.contains("messages[1]") && e.contains("matches no tool call"), "{e}");
+        let e = err(&with_messages(&[anon]));
+        assert!(e.contains("messages[1]") && e.contains("there is none"), "{e}");
+        let e = err(&with_messages(&[CALL_NO_ID, anon, anon]));
+        assert!(e.contains("messages[3]") && e.contains("all of them are answered"), "{e}");
+    }
+
+    #[test]
+    fn trained_output() {
+        let conv = parse_line(r#"{"prompt": "a", "completion": "b"}"#).unwrap();
+        assert!(conv.has_trained_output());
+        let conv = parse_line(r#"{"messages": [{"role": "user", "content": "a"}]}"#).unwrap();
+        assert!(!conv.has_trained_output());
+        let line = r#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0}]}"#;
+        assert!(!parse_line(line).unwrap().has_trained_output());
     }
 }

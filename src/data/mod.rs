@@ -53,15 +53,14 @@ impl<R: BufRead> JsonlReader<R> {
         JsonlReader { reader, file: file.to_path_buf(), line: 0, buf: Vec::new() }
     }
 
-    fn error(&self, message: String) -> LineError {
+    /// An error about the line read last.
+    pub fn error(&self, message: String) -> LineError {
         LineError { file: self.file.clone(), line: self.line, message }
     }
-}
 
-impl<R: BufRead> Iterator for JsonlReader<R> {
-    type Item = Result<(usize, Conversation), LineError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
+    /// The next non-blank line's number and text (a UTF-8 byte-order mark at the start
+    /// of the file removed), without parsing it.
+    pub fn next_text(&mut self) -> Option<Result<(usize, &str), LineError>> {
         loop {
             self.buf.clear();
             self.line += 1;
@@ -70,17 +69,32 @@ impl<R: BufRead> Iterator for JsonlReader<R> {
                 Ok(_) => {}
                 Err(e) => return Some(Err(self.error(format!("cannot read: {e}")))),
             }
-            let text = match std::str::from_utf8(&self.buf) {
-                Ok(t) => t,
+            let (start, blank) = match std::str::from_utf8(&self.buf) {
+                Ok(text) => {
+                    let body = if self.line == 1 { text.trim_start_matches('\u{feff}') } else { text };
+                    (text.len() - body.len(), body.trim().is_empty())
+                }
                 Err(e) => return Some(Err(self.error(format!("not valid UTF-8: {e}")))),
             };
-            let text = if self.line == 1 { text.trim_start_matches('\u{feff}') } else { text };
-            if text.trim().is_empty() {
+            if blank {
                 continue;
             }
-            let parsed = parse_line(text).map_err(|e| format!("{e:#}"));
-            return Some(parsed.map(|c| (self.line, c)).map_err(|m| self.error(m)));
+            // Checked above: valid UTF-8, and `start` is a character boundary.
+            let text = std::str::from_utf8(&self.buf[start..]).unwrap_or_default();
+            return Some(Ok((self.line, text)));
         }
+    }
+}
+
+impl<R: BufRead> Iterator for JsonlReader<R> {
+    type Item = Result<(usize, Conversation), LineError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let (line, parsed) = match self.next_text()? {
+            Ok((line, text)) => (line, parse_line(text).map_err(|e| format!("{e:#}"))),
+            Err(e) => return Some(Err(e)),
+        };
+        Some(parsed.map(|c| (line, c)).map_err(|m| self.error(m)))
     }
 }
 

@@ -3,10 +3,12 @@
 //!
 //! - [`conversation`]: parse and check one JSONL line;
 //! - [`template`]: load an HF tokenizer folder and render its chat template;
+//! - [`feedback`]: load agent logs with user feedback, filter, deduplicate and split;
 //! - [`labels`]: tokenize the rendering and decide which tokens are trained;
 //! - `jinja`, `pyjson`, `strftime`: the Python/Jinja2 behaviour templates rely on.
 
 pub mod conversation;
+pub mod feedback;
 mod jinja;
 pub mod labels;
 mod pyjson;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 
 use tuneloop::model::{Adapter, Model};
 use tuneloop::ops::cpu::CpuOps;
@@ -42,6 +42,26 @@ enum Command {
         /// Relative L2 tolerance for every float tensor.
         #[arg(long, default_value_t = 1e-4)]
         tol: f64,
+    },
+    /// Fine-tune a LoRA adapter as a YAML recipe says. Any recipe key can be overridden
+    /// after the options: `--section.key=value` or `--section.key value`.
+    Finetune {
+        /// The recipe (see configs/quickstart.yaml).
+        #[arg(short = 'c', long = "config")]
+        config: PathBuf,
+        /// Continue from the newest checkpoint in the recipe's output_dir.
+        #[arg(long)]
+        resume: bool,
+        /// Print the resolved recipe (defaults and overrides applied) and exit.
+        #[arg(long)]
+        print_config: bool,
+        /// Stop after this many steps (checkpointing), as if the run went on: `--resume`
+        /// continues it exactly.
+        #[arg(long)]
+        stop_after_steps: Option<usize>,
+        /// Recipe overrides, `--a.b=value` or `--a.b value`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0.., value_name = "--KEY=VALUE")]
+        overrides: Vec<String>,
     },
     /// Look at training data as the model will see it.
     Data {
@@ -112,6 +132,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             println!("parity: {passed} passed, {failed} failed");
             Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Finetune { config, resume, print_config, stop_after_steps, overrides } => {
+            let overrides = tuneloop::recipe::split_overrides(&overrides)?;
+            let recipe = tuneloop::recipe::Recipe::load(&config, &overrides)?;
+            if print_config {
+                print!("{}", recipe.to_yaml());
+                return Ok(ExitCode::SUCCESS);
+            }
+            let progress = std::io::stderr().is_terminal();
+            let r = tuneloop::train::finetune::finetune(&recipe, resume, stop_after_steps, progress)?;
+            let vals = r.outcome.val_points();
+            println!("trained {} steps on {} examples ({} held out)", r.outcome.steps, r.n_train, r.n_val);
+            if let (Some(first), Some(last)) = (vals.first(), vals.last()) {
+                println!("| held-out | step {} | step {} |", first.0, last.0);
+                println!("| --- | --- | --- |");
+                println!("| loss | {:.4} | {:.4} |", first.1, last.1);
+                println!("| token accuracy | {:.3} | {:.3} |", first.2, last.2);
+            }
+            println!("adapter: {}", r.adapter_dir.display());
+            println!("metrics: {}", r.output_dir.join("metrics.jsonl").display());
+            println!("loss curve: {}", r.output_dir.join("loss.png").display());
+            Ok(ExitCode::SUCCESS)
         }
         Command::Data { command: DataCommand::Inspect { model, data, json: _ } } => {
             // Buffered: on an error nothing is printed, so no partial output.

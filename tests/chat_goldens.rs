@@ -193,3 +193,49 @@ fn weight_zero_and_prompt_completion_train_only_what_they_should() {
     assert_eq!(text, "4<|eot_id|>");
     assert!(t.text.starts_with("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?"));
 }
+
+/// The CLI, `tuneloop data inspect --json`, on every conversation each golden model
+/// covers: its lines equal expected.jsonl's ids and labels.
+#[test]
+fn cli_data_inspect_reproduces_expected_jsonl() {
+    let dir = fixtures();
+    let convs: Vec<String> = std::fs::read_to_string(dir.join("conversations.jsonl"))
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let expected: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("expected.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut checked = 0;
+    for model in ["chatml-tools", "chatml-generation", "llama3"] {
+        let rows: Vec<&serde_json::Value> = expected.iter().filter(|e| e["model"] == model).collect();
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("in.jsonl");
+        let picked: Vec<&str> =
+            rows.iter().map(|e| convs[e["conversation"].as_u64().unwrap() as usize].as_str()).collect();
+        std::fs::write(&data, picked.join("\n")).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tuneloop"))
+            .args(["data", "inspect", "--json", "--model"])
+            .arg(dir.join(model))
+            .arg("--data")
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), rows.len(), "{model}");
+        for (got, want) in lines.iter().zip(&rows) {
+            assert_eq!(got["input_ids"], want["input_ids"], "{model} conversation {}", want["conversation"]);
+            assert_eq!(got["labels"], want["labels"], "{model} conversation {}", want["conversation"]);
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, expected.len());
+}

@@ -33,7 +33,7 @@ fn config(out: &Path) -> TrainConfig {
         global_batch: 4,
         local_batch: 2,
         max_steps: Some(6),
-        epochs: 1,
+        epochs: None,
         val_every: Some(3),
         ckpt_every: Some(2),
         keep_last: 2,

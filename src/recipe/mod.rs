@@ -239,13 +239,7 @@ impl StepScheduler {
     /// Optimizer steps the run takes when an epoch is `steps_per_epoch` steps: it stops at
     /// whichever of `max_steps` and `num_epochs` comes first.
     pub fn total_steps(&self, steps_per_epoch: usize) -> usize {
-        let by_epochs = self.num_epochs.map(|e| e.saturating_mul(steps_per_epoch));
-        match (self.max_steps, by_epochs) {
-            (Some(m), Some(e)) => m.min(e),
-            (Some(m), None) => m,
-            (None, Some(e)) => e,
-            (None, None) => 0,
-        }
+        crate::train::schedule::total_steps(self.max_steps, self.num_epochs, steps_per_epoch)
     }
 }
 

@@ -1,6 +1,7 @@
 //! Training: the step (forward, loss, backward), AdamW and gradient clipping.
 
 pub mod checkpoint;
+pub mod finetune;
 pub mod optim;
 pub mod pack;
 pub mod plot;

@@ -1,12 +1,18 @@
 //! Learning-rate schedules as HF transformers defines them (`get_*_schedule_with_warmup`):
 //! linear warm-up from 0, then cosine, linear or constant, down to `min_lr_ratio · lr`.
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Decay {
-    Cosine,
-    Linear,
-    Constant,
+pub use crate::recipe::Decay;
+
+/// Optimizer steps of a run whose epoch is `steps_per_epoch` steps: whichever of
+/// `max_steps` and `epochs` ends first.
+pub fn total_steps(max_steps: Option<usize>, epochs: Option<usize>, steps_per_epoch: usize) -> usize {
+    let by_epochs = epochs.map(|e| e.saturating_mul(steps_per_epoch));
+    match (max_steps, by_epochs) {
+        (Some(m), Some(e)) => m.min(e),
+        (Some(m), None) => m,
+        (None, Some(e)) => e,
+        (None, None) => 0,
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -27,7 +27,7 @@ pub struct TrainConfig {
     pub global_batch: usize,
     pub local_batch: usize,
     pub max_steps: Option<usize>,
-    pub epochs: usize,
+    pub epochs: Option<usize>,
     pub val_every: Option<usize>,
     pub ckpt_every: Option<usize>,
     pub keep_last: usize,
@@ -181,7 +181,7 @@ pub fn train<O: Ops>(
     );
     let ckpt_root = cfg.output_dir.join("checkpoints");
     let per_epoch = steps_per_epoch(epoch_rows(train, cfg, 0).len(), cfg.global_batch);
-    let total_steps = cfg.max_steps.unwrap_or(cfg.epochs * per_epoch).max(1);
+    let total_steps = super::schedule::total_steps(cfg.max_steps, cfg.epochs, per_epoch).max(1);
 
     let (mut state, mut adapter, mut opt) = if resume {
         let Some((_, dir)) = checkpoint::list(&ckpt_root)?.pop() else {

@@ -1,0 +1,215 @@
+//! `tuneloop finetune -c recipe.yaml`: feedback log -> filtered, deduplicated
+//! conversations -> chat-template tokens and labels -> packed rows -> the training loop
+//! -> a PEFT adapter directory with the tokenizer, metrics, a loss curve and a data
+//! manifest.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use super::pack::Example;
+use super::trainer::{train, TrainConfig, TrainOutcome};
+use crate::data::feedback::{self, FeedbackFilter, Summary};
+use crate::data::{tokenize_conversation, ChatModel, LineError};
+use crate::model::{Adapter, Model};
+use crate::ops::{cpu::CpuOps, AdamWParams, Ops};
+use crate::recipe::{Backend, Recipe};
+
+/// What a run made and measured.
+pub struct FinetuneReport {
+    pub output_dir: PathBuf,
+    pub adapter_dir: PathBuf,
+    pub train_summary: Summary,
+    pub n_train: usize,
+    pub n_val: usize,
+    pub outcome: TrainOutcome,
+}
+
+/// One tokenized example with where it came from.
+struct Tokenized {
+    example: Example,
+    hash: String,
+}
+
+#[derive(Serialize)]
+struct Manifest<'a> {
+    train_files: &'a [PathBuf],
+    validation_files: &'a [PathBuf],
+    filters: &'a FeedbackFilter,
+    val_fraction: f64,
+    summary: &'a Summary,
+    /// Content hashes (SHA-256 of the canonical conversation) of every example used.
+    train: Vec<&'a str>,
+    validation: Vec<&'a str>,
+}
+
+fn tokenize(
+    chat: &ChatModel,
+    examples: &[feedback::Example],
+    max_tokens: Option<usize>,
+) -> Result<(Vec<Tokenized>, usize)> {
+    let mut out = Vec::with_capacity(examples.len());
+    let mut too_long = 0;
+    for ex in examples {
+        let t = tokenize_conversation(chat, &ex.conv).map_err(|e| LineError {
+            file: ex.source.0.clone(),
+            line: ex.source.1,
+            message: format!("{e:#}"),
+        })?;
+        if max_tokens.is_some_and(|m| t.input_ids.len() > m) {
+            too_long += 1;
+            continue;
+        }
+        out.push(Tokenized { example: Example { ids: t.input_ids, labels: t.labels }, hash: ex.hash_hex() });
+    }
+    Ok((out, too_long))
+}
+
+/// The backend a recipe asks for, as this build can give it.
+pub fn backend(b: Backend) -> Result<CpuOps> {
+    match b {
+        Backend::Cpu | Backend::Auto => Ok(CpuOps),
+        Backend::Cuda => bail!(
+            "backend: cuda is not available in this build yet (the CUDA backend is in progress); \
+             use backend: cpu or auto"
+        ),
+    }
+}
+
+pub fn finetune(
+    recipe: &Recipe,
+    resume: bool,
+    stop_after: Option<usize>,
+    progress: bool,
+) -> Result<FinetuneReport> {
+    let ops = backend(recipe.backend)?;
+    if recipe.peft.full {
+        bail!("peft.full: full fine-tuning is not supported yet; train a LoRA adapter (peft.full: false)");
+    }
+    let model_dir = &recipe.model.path;
+    if !model_dir.join("config.json").exists() {
+        bail!(
+            "model.path {}: no config.json there (for the bundled quickstart, run scripts/quickstart.sh, \
+             which creates the tiny base model first)",
+            model_dir.display()
+        );
+    }
+    let model = Model::load(&ops, model_dir)?;
+    let chat = ChatModel::load(model_dir)
+        .with_context(|| format!("loading the tokenizer of {}", model_dir.display()))?;
+
+    // data
+    let d = &recipe.data;
+    let filter = FeedbackFilter::from(&d.filters);
+    let loaded = feedback::load(&d.train, d.format.into(), &filter, d.dedup)?;
+    let mut summary = loaded.summary;
+    let (train_raw, val_raw) = if d.validation.is_empty() {
+        feedback::split(loaded.examples, d.val_fraction)
+    } else {
+        (loaded.examples, feedback::load(&d.validation, d.format.into(), &filter, d.dedup)?.examples)
+    };
+    let (train_tok, too_long) = tokenize(&chat, &train_raw, d.filters.max_tokens)?;
+    summary.record_too_long(too_long);
+    let (val_tok, _) = tokenize(&chat, &val_raw, d.filters.max_tokens)?;
+    if train_tok.is_empty() {
+        bail!("no training examples left after filtering:\n{summary}");
+    }
+    eprintln!("data: {} train / {} validation examples\n{summary}", train_tok.len(), val_tok.len());
+
+    // adapter: continue from one, or fresh
+    let mut lora_cfg = recipe.peft.lora_config()?;
+    lora_cfg.base_model_name_or_path = Some(model_dir.display().to_string());
+    let adapter = match &recipe.peft.init_from {
+        Some(dir) => {
+            let mut a = Adapter::load(&ops, dir, &model.cfg)?;
+            if a.cfg.r != lora_cfg.r || a.cfg.target_modules != lora_cfg.target_modules {
+                bail!(
+                    "peft.init_from {}: adapter has r={} on {:?}, the recipe asks for r={} on {:?}",
+                    dir.display(),
+                    a.cfg.r,
+                    a.cfg.target_modules,
+                    lora_cfg.r,
+                    lora_cfg.target_modules
+                );
+            }
+            a.cfg = lora_cfg;
+            a
+        }
+        None => Adapter::init(&ops, &lora_cfg, &model.cfg, recipe.seed)?,
+    };
+
+    let out = &recipe.output_dir;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    crate::util::atomic_write(&out.join("recipe.yaml"), recipe.to_yaml().as_bytes())?;
+    let manifest = Manifest {
+        train_files: &d.train,
+        validation_files: &d.validation,
+        filters: &filter,
+        val_fraction: d.val_fraction,
+        summary: &summary,
+        train: train_tok.iter().map(|t| t.hash.as_str()).collect(),
+        validation: val_tok.iter().map(|t| t.hash.as_str()).collect(),
+    };
+    crate::util::atomic_write(&out.join("data_manifest.json"), &serde_json::to_vec_pretty(&manifest)?)?;
+
+    let s = &recipe.step_scheduler;
+    let o = &recipe.optimizer;
+    let cfg = TrainConfig {
+        seq_len: d.seq_len,
+        packing: d.packing,
+        global_batch: s.global_batch_size,
+        local_batch: s.local_batch_size,
+        max_steps: s.max_steps,
+        epochs: s.num_epochs,
+        val_every: s.val_every_steps,
+        ckpt_every: s.ckpt_every_steps,
+        keep_last: recipe.checkpoint.keep_last,
+        adamw: AdamWParams {
+            lr: o.lr as f32,
+            beta1: o.betas[0] as f32,
+            beta2: o.betas[1] as f32,
+            eps: o.eps as f32,
+            weight_decay: o.weight_decay as f32,
+        },
+        warmup_steps: recipe.lr_scheduler.warmup_steps,
+        decay: recipe.lr_scheduler.decay,
+        min_lr_ratio: recipe.lr_scheduler.min_lr_ratio,
+        clip_grad_norm: recipe.clip_grad_norm,
+        lora_dropout: recipe.peft.dropout,
+        seed: recipe.seed,
+        output_dir: out.clone(),
+        stop_after,
+        progress,
+    };
+    let train_ex: Vec<Example> = train_tok.into_iter().map(|t| t.example).collect();
+    let val_ex: Vec<Example> = val_tok.into_iter().map(|t| t.example).collect();
+    let (adapter, outcome) = train(&ops, &model, adapter, &train_ex, &val_ex, &cfg, resume)?;
+
+    let adapter_dir = out.join("adapter");
+    if outcome.steps > 0 {
+        save_adapter(&ops, &adapter, &adapter_dir, model_dir)?;
+    }
+    super::plot::loss_curve_png(&outcome.history, &out.join("loss.png"))?;
+    Ok(FinetuneReport {
+        output_dir: out.clone(),
+        adapter_dir,
+        train_summary: summary,
+        n_train: train_ex.len(),
+        n_val: val_ex.len(),
+        outcome,
+    })
+}
+
+/// The deliverable: a PEFT adapter directory with the base model's tokenizer files,
+/// loadable by HF PEFT and vLLM.
+pub fn save_adapter<O: Ops>(
+    ops: &O,
+    adapter: &Adapter<O::Tensor>,
+    dir: &Path,
+    model_dir: &Path,
+) -> Result<()> {
+    adapter.save(ops, dir)?;
+    crate::model::export::copy_tokenizer_files(model_dir, dir)?;
+    Ok(())
+}

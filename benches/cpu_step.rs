@@ -27,7 +27,7 @@ fn main() -> anyhow::Result<()> {
     let steps: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(3);
     let ops = CpuOps;
     let cfg = preset(name)?;
-    let model = Model::random(&ops, cfg.clone(), 0)?;
+    let model = Model::random(&ops, cfg.clone(), 0, 0.02)?;
     let mut adapter = Adapter::init(&ops, &LoraConfig::new(16, 32.0, Proj::ALL.to_vec()), &cfg, 0)?;
     let hp = AdamWParams { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
     let mut opt = AdamW::new(&ops, &adapter, &cfg, hp)?;

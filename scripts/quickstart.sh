@@ -11,7 +11,7 @@ cargo build --release --quiet
 bin=target/release/tuneloop
 base=target/quickstart/base-model
 if [[ ! -f "$base/config.json" ]]; then
-    "$bin" init-model --preset tiny --tokenizer configs/quickstart/tokenizer --out "$base" --seed 0
+    "$bin" init-model --preset tiny --tokenizer configs/quickstart/tokenizer --out "$base" --seed 0 --embed-std 0.08
 fi
 # A fresh run each time unless resuming: the previous run's outputs make way.
 if [[ " $* " != *" --resume "* ]]; then

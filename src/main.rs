@@ -63,6 +63,51 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0.., value_name = "--KEY=VALUE")]
         overrides: Vec<String>,
     },
+    /// Evaluate a model (+ adapter) on conversation files: held-out loss, perplexity,
+    /// token accuracy, and generation scored by exact match and tool-call accuracy.
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// JSONL conversation files.
+        #[arg(long, num_args = 1.., required = true)]
+        data: Vec<PathBuf>,
+        #[command(flatten)]
+        gen: GenArgs,
+        /// Also write the report (with every generated sample) as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Decide whether a candidate adapter may replace the version in service: its task
+    /// metric must beat the current version's by the margin, and its regression metric
+    /// stay within the tolerance of the base model's. Exit status 0 = pass, 1 = fail.
+    Gate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        candidate: PathBuf,
+        /// The adapter in service (default: the base model alone).
+        #[arg(long)]
+        current: Option<PathBuf>,
+        #[arg(long, num_args = 1.., required = true)]
+        task: Vec<PathBuf>,
+        #[arg(long, num_args = 1.., required = true)]
+        regression: Vec<PathBuf>,
+        #[arg(long, default_value = "token_accuracy")]
+        task_metric: String,
+        #[arg(long, default_value_t = 0.0)]
+        margin: f64,
+        #[arg(long, default_value = "loss")]
+        regression_metric: String,
+        #[arg(long, default_value_t = 0.05)]
+        tolerance: f64,
+        #[command(flatten)]
+        gen: GenArgs,
+        /// Where gate.json and gate.md go.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Look at training data as the model will see it.
     Data {
         #[command(subcommand)]
@@ -80,6 +125,10 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Standard deviation of the random embeddings (HF initialises at 0.02; larger
+        /// lets an adapter on the frozen base make confident predictions).
+        #[arg(long, default_value_t = 0.02)]
+        embed_std: f32,
     },
     /// Export a model with an adapter: `--merge` folds the LoRA weights into the base
     /// and writes a plain HF model directory (safetensors, config, tokenizer).
@@ -96,6 +145,47 @@ enum Command {
         #[arg(long, required = true)]
         merge: bool,
     },
+}
+
+/// Generation settings shared by `eval` and `gate`.
+#[derive(clap::Args, Clone, Debug)]
+struct GenArgs {
+    #[arg(long, default_value_t = 96)]
+    max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// 0 = no top-k cut.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Conversations generated together through one KV cache.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Score the last assistant turn of each conversation, or every assistant turn.
+    #[arg(long, value_enum, default_value = "last")]
+    turns: tuneloop::eval::Turns,
+}
+
+impl GenArgs {
+    fn options(&self, generate: bool) -> tuneloop::eval::EvalOptions {
+        tuneloop::eval::EvalOptions {
+            max_new_tokens: self.max_new_tokens,
+            sampling: tuneloop::model::generate::Sampling {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                seed: self.seed,
+            },
+            batch_size: self.batch_size,
+            turns: self.turns,
+            generate,
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -155,6 +245,48 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("loss curve: {}", r.output_dir.join("loss.png").display());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Eval { model, adapter, data, gen, json } => {
+            let ops = CpuOps;
+            let base = Model::load(&ops, &model)?;
+            let lora = adapter.map(|a| Adapter::load(&ops, &a, &base.cfg)).transpose()?;
+            let chat = tuneloop::data::ChatModel::load(&model)?;
+            let set = tuneloop::eval::load_set(&data)?;
+            let report =
+                tuneloop::eval::evaluate(&ops, &base, lora.as_ref(), &chat, &set, &gen.options(true))?;
+            println!("{}", report.table());
+            if let Some(path) = json {
+                tuneloop::util::atomic_write(&path, &serde_json::to_vec_pretty(&report)?)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Gate {
+            model,
+            candidate,
+            current,
+            task,
+            regression,
+            task_metric,
+            margin,
+            regression_metric,
+            tolerance,
+            gen,
+            out,
+        } => {
+            let cfg = tuneloop::eval::gate::GateConfig { task_metric, margin, regression_metric, tolerance };
+            let report = tuneloop::eval::gate::run(
+                &CpuOps,
+                &model,
+                &candidate,
+                current.as_deref(),
+                &task,
+                &regression,
+                &cfg,
+                &gen.options(true),
+            )?;
+            report.write(&out)?;
+            print!("{}", report.markdown());
+            Ok(if report.passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
         Command::Data { command: DataCommand::Inspect { model, data, json: _ } } => {
             // Buffered: on an error nothing is printed, so no partial output.
             let mut buf = Vec::new();
@@ -162,8 +294,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             std::io::stdout().write_all(&buf)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::InitModel { preset, tokenizer, out, seed } => {
-            tuneloop::model::export::init_random_model(&CpuOps, &preset, &tokenizer, &out, seed)?;
+        Command::InitModel { preset, tokenizer, out, seed, embed_std } => {
+            tuneloop::model::export::init_random_model(&CpuOps, &preset, &tokenizer, &out, seed, embed_std)?;
             println!("wrote {} (preset {preset}, seed {seed})", out.display());
             Ok(ExitCode::SUCCESS)
         }

@@ -46,7 +46,7 @@ fn init_model_writes_a_loadable_model_with_its_tokenizer() {
     let tok =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat-goldens/chatml-tools");
     let out = tempfile::tempdir().unwrap();
-    tuneloop::model::export::init_random_model(&CpuOps, "tiny", &tok, out.path(), 0).unwrap();
+    tuneloop::model::export::init_random_model(&CpuOps, "tiny", &tok, out.path(), 0, 0.02).unwrap();
     let m = Model::load(&CpuOps, out.path()).unwrap();
     assert_eq!(m.cfg.vocab_size % 64, 0);
     assert!(m.cfg.eos_token_ids.len() == 1, "eos from tokenizer_config.json");

@@ -52,9 +52,9 @@ fn quickstart_parses() {
     assert!(r.data.packing);
     let s = &r.step_scheduler;
     assert_eq!((s.global_batch_size, s.local_batch_size, s.grad_accum_steps()), (8, 4, 2));
-    assert_eq!((s.max_steps, s.num_epochs), (Some(60), None));
+    assert_eq!((s.max_steps, s.num_epochs), (Some(100), None));
     assert_eq!((s.val_every_steps, s.ckpt_every_steps), (Some(10), Some(20)));
-    assert_eq!(r.optimizer.lr, 3e-3);
+    assert_eq!(r.optimizer.lr, 8e-3);
     assert_eq!(r.lr_scheduler.warmup_steps, 5);
     assert_eq!(r.lr_scheduler.decay, Decay::Cosine);
     assert_eq!((r.peft.r, r.peft.alpha), (8, 16.0));

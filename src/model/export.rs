@@ -162,6 +162,7 @@ pub fn init_random_model<O: Ops>(
     tokenizer_dir: &Path,
     out: &Path,
     seed: u64,
+    embed_std: f32,
 ) -> Result<()> {
     let mut cfg = super::presets::preset(preset)?;
     let tok_path = tokenizer_dir.join("tokenizer.json");
@@ -177,7 +178,7 @@ pub fn init_random_model<O: Ops>(
     };
     cfg.bos_token_id = special("bos_token");
     cfg.eos_token_ids = special("eos_token").into_iter().collect();
-    let model = Model::random(ops, cfg, seed)?;
+    let model = Model::random(ops, cfg, seed, embed_std)?;
     model.save(ops, out)?;
     copy_tokenizer_files(tokenizer_dir, out)?;
     Ok(())

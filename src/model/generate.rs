@@ -2,6 +2,8 @@
 //! sequence per step, each step attending to the cached keys and values.
 
 use anyhow::{ensure, Result};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 use super::decoder::{Decoder, StepInputs};
 use crate::ops::{AttnLayout, Ops, SeqSpan};
@@ -83,24 +85,44 @@ impl<'a, O: Ops> Decoder<'a, O> {
         max_new: usize,
         eos: &[u32],
     ) -> Result<Vec<Vec<u32>>> {
+        self.generate(prompts, max_new, eos, &Sampling::greedy())
+    }
+
+    /// Decodes up to `max_new` tokens after each prompt (greedy, or sampled as
+    /// `sampling` says), all prompts together through one KV cache; a sequence stops at
+    /// any of `eos` (which is kept). Returns prompt + generated tokens per sequence.
+    pub fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        max_new: usize,
+        eos: &[u32],
+        sampling: &Sampling,
+    ) -> Result<Vec<Vec<u32>>> {
         ensure!(prompts.iter().all(|p| !p.is_empty()), "every prompt needs at least one token");
         let cap = prompts.iter().map(Vec::len).max().unwrap_or(0) + max_new;
         let mut cache = KvCache::new(self, prompts.len(), cap)?;
         let mut out: Vec<Vec<u32>> = prompts.to_vec();
         let mut done = vec![false; prompts.len()];
         let mut feed: Vec<Vec<u32>> = prompts.to_vec();
+        // one generator per sequence: a sequence's samples do not depend on its batch
+        let mut rngs: Vec<ChaCha8Rng> = (0..prompts.len())
+            .map(|b| {
+                ChaCha8Rng::seed_from_u64(sampling.seed ^ (b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            })
+            .collect();
         for _ in 0..max_new {
             let logits = self.extend(&mut cache, &feed, true)?;
             let v = self.model.cfg.vocab_size;
             let host = self.ops.download(&logits)?;
             let mut rows = host.chunks(v);
             for b in 0..prompts.len() {
+                let was_fed = !feed[b].is_empty();
                 feed[b].clear();
-                if done[b] {
+                if done[b] || !was_fed {
                     continue;
                 }
                 let Some(row) = rows.next() else { break };
-                let next = argmax(row) as u32;
+                let next = sampling.pick(row, &mut rngs[b]) as u32;
                 out[b].push(next);
                 if eos.contains(&next) {
                     done[b] = true;
@@ -116,6 +138,60 @@ impl<'a, O: Ops> Decoder<'a, O> {
     }
 }
 
+/// How the next token is chosen: greedy when `temperature` is 0, else sampled from
+/// the softmax at that temperature, cut to the `top_k` most likely tokens (0 = all) and
+/// to the smallest set whose probability reaches `top_p`, as HF's samplers do.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sampling {
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub seed: u64,
+}
+
+impl Sampling {
+    pub fn greedy() -> Self {
+        Self { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
+    }
+
+    pub fn pick(&self, logits: &[f32], rng: &mut ChaCha8Rng) -> usize {
+        if self.temperature <= 0.0 {
+            return argmax(logits);
+        }
+        let mut idx: Vec<usize> = (0..logits.len()).collect();
+        idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        if self.top_k > 0 {
+            idx.truncate(self.top_k);
+        }
+        let m = logits[idx[0]];
+        let mut p: Vec<f64> =
+            idx.iter().map(|&i| (((logits[i] - m) / self.temperature) as f64).exp()).collect();
+        let z: f64 = p.iter().sum();
+        p.iter_mut().for_each(|x| *x /= z);
+        if self.top_p < 1.0 {
+            let mut cum = 0.0;
+            let keep = p
+                .iter()
+                .position(|&x| {
+                    cum += x;
+                    cum >= self.top_p as f64
+                })
+                .map_or(p.len(), |i| i + 1);
+            idx.truncate(keep);
+            p.truncate(keep);
+        }
+        let total: f64 = p.iter().sum();
+        let mut u = rng.random::<f64>() * total;
+        for (&i, &pi) in idx.iter().zip(&p) {
+            if u < pi {
+                return i;
+            }
+            u -= pi;
+        }
+        idx[idx.len() - 1]
+    }
+}
+
 /// Index of the largest value; the first one on ties, as `torch.argmax`.
 pub fn argmax(row: &[f32]) -> usize {
     let mut best = 0;
@@ -125,4 +201,34 @@ pub fn argmax(row: &[f32]) -> usize {
         }
     }
     best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampling_respects_top_k_top_p_and_seed() {
+        let logits = [1.0f32, 3.0, 2.0, 0.5, 2.9];
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        assert_eq!(Sampling::greedy().pick(&logits, &mut rng), 1);
+        let top2 = Sampling { temperature: 1.0, top_k: 2, top_p: 1.0, seed: 0 };
+        for _ in 0..200 {
+            assert!(matches!(top2.pick(&logits, &mut rng), 1 | 4));
+        }
+        // top_p small enough that only the best token is left
+        let nucleus = Sampling { temperature: 1.0, top_k: 0, top_p: 0.3, seed: 0 };
+        for _ in 0..50 {
+            assert_eq!(nucleus.pick(&logits, &mut rng), 1);
+        }
+        // a hot sampler reaches every token; the same seed gives the same draws
+        let hot = Sampling { temperature: 5.0, top_k: 0, top_p: 1.0, seed: 0 };
+        let draw = |seed| {
+            let mut r = ChaCha8Rng::seed_from_u64(seed);
+            (0..300).map(|_| hot.pick(&logits, &mut r)).collect::<Vec<_>>()
+        };
+        let a = draw(9);
+        assert_eq!(a, draw(9));
+        assert!((0..5).all(|t| a.contains(&t)));
+    }
 }

@@ -55,14 +55,19 @@ impl<T> Model<T> {
         Self::build(cfg, |name, shape| ops.upload_weight(&store.get_shaped(name, shape)?))
     }
 
-    /// Random weights of the config's shapes (benchmarks, tests): N(0, 0.02)-like
-    /// uniform matrices and biases, unit norm weights, as HF initialises.
-    pub fn random<O: Ops<Tensor = T>>(ops: &O, cfg: ModelConfig, seed: u64) -> Result<Self> {
+    /// Random weights of the config's shapes (benchmarks, tests, a base to try the
+    /// pipeline on): uniform matrices and biases of std 0.02 as HF initialises, unit norm
+    /// weights, and embeddings of std `embed_std`. (At 0.02 a tied lm_head bounds the
+    /// logits to a few units, so nothing trained on top of the frozen base can become
+    /// confident; a larger value gives an adapter room to learn.)
+    pub fn random<O: Ops<Tensor = T>>(ops: &O, cfg: ModelConfig, seed: u64, embed_std: f32) -> Result<Self> {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let a = 0.02 * 3f32.sqrt();
         Self::build(cfg, |name, shape| {
             let n: usize = shape.iter().product();
+            let std =
+                if name.contains("embed_tokens") || name.contains("lm_head") { embed_std } else { 0.02 };
+            let a = std * 3f32.sqrt();
             let v: Vec<f32> = if name.contains("norm") {
                 vec![1.0; n]
             } else {

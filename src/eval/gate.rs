@@ -194,6 +194,37 @@ impl GateReport {
     }
 }
 
+/// Loads the base, the candidate and the current adapter, runs the four evaluations
+/// the gate needs (generating only when a metric needs it) and decides.
+#[allow(clippy::too_many_arguments)]
+pub fn run<O: crate::ops::Ops>(
+    ops: &O,
+    model_dir: &Path,
+    candidate: &Path,
+    current: Option<&Path>,
+    task: &[std::path::PathBuf],
+    regression: &[std::path::PathBuf],
+    cfg: &GateConfig,
+    opts: &super::EvalOptions,
+) -> Result<GateReport> {
+    use crate::model::{Adapter, Model};
+    let model = Model::load(ops, model_dir)?;
+    let chat = crate::data::ChatModel::load(model_dir)?;
+    let cand = Adapter::load(ops, candidate, &model.cfg)?;
+    let cur = current.map(|c| Adapter::load(ops, c, &model.cfg)).transpose()?;
+    let task_set = super::load_set(task)?;
+    let reg_set = super::load_set(regression)?;
+    let task_opts = super::EvalOptions { generate: needs_generation(&cfg.task_metric), ..opts.clone() };
+    let reg_opts = super::EvalOptions { generate: needs_generation(&cfg.regression_metric), ..opts.clone() };
+    let eval = |a: Option<&Adapter<O::Tensor>>, set, o| super::evaluate(ops, &model, a, &chat, set, o);
+    let cand_task = eval(Some(&cand), &task_set, &task_opts)?;
+    let cur_task = eval(cur.as_ref(), &task_set, &task_opts)?;
+    let cand_reg = eval(Some(&cand), &reg_set, &reg_opts)?;
+    let base_reg = eval(None, &reg_set, &reg_opts)?;
+    let label = current.map_or("base".to_string(), |c| c.display().to_string());
+    Ok(decide(cfg, &candidate.display().to_string(), &label, &cand_task, &cur_task, &cand_reg, &base_reg))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,35 +311,4 @@ mod tests {
         );
         assert!(!r.passed);
     }
-}
-
-/// Loads the base, the candidate and the current adapter, runs the four evaluations
-/// the gate needs (generating only when a metric needs it) and decides.
-#[allow(clippy::too_many_arguments)]
-pub fn run<O: crate::ops::Ops>(
-    ops: &O,
-    model_dir: &Path,
-    candidate: &Path,
-    current: Option<&Path>,
-    task: &[std::path::PathBuf],
-    regression: &[std::path::PathBuf],
-    cfg: &GateConfig,
-    opts: &super::EvalOptions,
-) -> Result<GateReport> {
-    use crate::model::{Adapter, Model};
-    let model = Model::load(ops, model_dir)?;
-    let chat = crate::data::ChatModel::load(model_dir)?;
-    let cand = Adapter::load(ops, candidate, &model.cfg)?;
-    let cur = current.map(|c| Adapter::load(ops, c, &model.cfg)).transpose()?;
-    let task_set = super::load_set(task)?;
-    let reg_set = super::load_set(regression)?;
-    let task_opts = super::EvalOptions { generate: needs_generation(&cfg.task_metric), ..opts.clone() };
-    let reg_opts = super::EvalOptions { generate: needs_generation(&cfg.regression_metric), ..opts.clone() };
-    let eval = |a: Option<&Adapter<O::Tensor>>, set, o| super::evaluate(ops, &model, a, &chat, set, o);
-    let cand_task = eval(Some(&cand), &task_set, &task_opts)?;
-    let cur_task = eval(cur.as_ref(), &task_set, &task_opts)?;
-    let cand_reg = eval(Some(&cand), &reg_set, &reg_opts)?;
-    let base_reg = eval(None, &reg_set, &reg_opts)?;
-    let label = current.map_or("base".to_string(), |c| c.display().to_string());
-    Ok(decide(cfg, &candidate.display().to_string(), &label, &cand_task, &cur_task, &cand_reg, &base_reg))
 }

@@ -64,6 +64,9 @@ fn finetune_writes_a_peft_adapter_with_its_tokenizer() {
     let metrics = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().filter(|l| l.contains("\"loss\"")).count(), 4);
     assert!(out_dir.join("loss.png").exists() && out_dir.join("data_manifest.json").exists());
+    // the held-out split, as logged lines, loads as an eval set
+    let held_out = tuneloop::eval::load_set(&[out_dir.join("validation.jsonl")]).unwrap();
+    assert!(!held_out.is_empty());
 }
 
 #[test]

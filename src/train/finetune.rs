@@ -152,6 +152,8 @@ pub fn finetune(
         validation: val_tok.iter().map(|t| t.hash.as_str()).collect(),
     };
     crate::util::atomic_write(&out.join("data_manifest.json"), &serde_json::to_vec_pretty(&manifest)?)?;
+    // the held-out conversations as they were logged, for an eval or gate on them later
+    crate::util::atomic_write(&out.join("validation.jsonl"), source_lines(&val_raw)?.as_bytes())?;
 
     let s = &recipe.step_scheduler;
     let o = &recipe.optimizer;
@@ -199,6 +201,26 @@ pub fn finetune(
         n_val: val_ex.len(),
         outcome,
     })
+}
+
+/// The JSONL lines the examples came from, in order.
+fn source_lines(examples: &[feedback::Example]) -> Result<String> {
+    let mut files: std::collections::HashMap<&Path, Vec<String>> = std::collections::HashMap::new();
+    let mut out = String::new();
+    for ex in examples {
+        let (path, line) = (&ex.source.0, ex.source.1);
+        if !files.contains_key(path.as_path()) {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            files.insert(path, text.lines().map(str::to_string).collect());
+        }
+        let lines = &files[path.as_path()];
+        let text =
+            lines.get(line.wrapping_sub(1)).with_context(|| format!("{}:{line}: gone", path.display()))?;
+        out.push_str(text.trim_start_matches('\u{feff}'));
+        out.push('\n');
+    }
+    Ok(out)
 }
 
 /// The deliverable: a PEFT adapter directory with the base model's tokenizer files,

@@ -1,12 +1,15 @@
 //! The training step beyond the goldens: packed documents give the same loss and
-//! gradients as the same documents run separately, gradients agree with finite
-//! differences, and a few AdamW steps lower the loss.
+//! gradients as the same documents run separately, LoRA and full-model gradients agree
+//! with finite differences, and a few AdamW steps lower the loss.
 
 mod common;
 
+use tuneloop::model::decoder::Grads;
 use tuneloop::model::{Adapter, Decoder, LoraConfig, Model, Proj};
-use tuneloop::ops::{cpu::CpuOps, AdamWParams, Ops};
-use tuneloop::train::{clip_grad_norm, forward_backward, grad_norm, AdamW, TokenBatch};
+use tuneloop::ops::{cpu::CpuOps, cpu::CpuTensor, AdamWParams, Ops};
+use tuneloop::train::{
+    clip_grad_norm, forward_backward, forward_backward_into, grad_norm, AdamW, TokenBatch,
+};
 use tuneloop::util::rel_l2;
 
 fn docs() -> Vec<(Vec<u32>, Vec<i64>)> {
@@ -119,4 +122,96 @@ fn adamw_steps_from_a_fresh_adapter_lower_the_loss() {
         opt.update(&ops, &mut adapter, &grads, hp.lr).unwrap();
     }
     assert!(losses[7] < losses[0] - 0.05, "loss should fall: {losses:?}");
+}
+
+#[test]
+fn full_model_gradients_match_finite_differences() {
+    let ops = CpuOps;
+    let mut batch = TokenBatch::default();
+    for (ids, labels) in docs() {
+        batch.push(&ids, &labels);
+    }
+    for case in common::CASES {
+        let mut model = Model::load(&ops, &common::golden(case).join("model")).unwrap();
+        let mut grads = model.zeros_like(&ops).unwrap();
+        let dec = Decoder::new(&ops, &model, None);
+        forward_backward_into(&dec, &batch, Some(Grads::model(&mut grads)), None).unwrap();
+        let loss_at = |m: &Model<CpuTensor>| {
+            forward_backward(&Decoder::new(&ops, m, None), &batch, None, None).unwrap().mean_loss()
+        };
+        let d = model.cfg.hidden_size;
+        // every kind of tensor: the embedding (a row the input uses, where a tied model's
+        // two gradients meet, and one it does not), norm weights, projections, a bias,
+        // the final norm and an untied lm_head
+        let mut probes: Vec<(String, Option<usize>)> = vec![
+            ("model.embed_tokens.weight".into(), Some(5 * d + 3)),
+            ("model.embed_tokens.weight".into(), Some(250 * d + 7)),
+            ("model.embed_tokens.weight".into(), None),
+            ("model.layers.0.input_layernorm.weight".into(), None),
+            ("model.layers.1.post_attention_layernorm.weight".into(), Some(11)),
+            ("model.layers.0.self_attn.q_proj.weight".into(), None),
+            ("model.layers.0.self_attn.v_proj.weight".into(), Some(100)),
+            ("model.layers.1.self_attn.o_proj.weight".into(), None),
+            ("model.layers.1.mlp.gate_proj.weight".into(), None),
+            ("model.layers.0.mlp.down_proj.weight".into(), Some(333)),
+            ("model.norm.weight".into(), None),
+        ];
+        if model.cfg.qkv_bias {
+            probes.push(("model.layers.0.self_attn.k_proj.bias".into(), None));
+            probes.push(("model.layers.1.self_attn.q_proj.bias".into(), Some(9)));
+        }
+        if !model.cfg.tie_word_embeddings {
+            probes.push(("lm_head.weight".into(), None));
+        }
+        let g_named = grads.named();
+        for (name, idx) in probes {
+            let pos =
+                g_named.iter().position(|(n, _)| *n == name).unwrap_or_else(|| panic!("{case}: {name}"));
+            let g = &g_named[pos].1.data;
+            // None: the entry with the largest gradient, where a missing term shows most
+            let idx = idx
+                .unwrap_or_else(|| (0..g.len()).max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs())).unwrap());
+            let analytic = g[idx] as f64;
+            let mut central = |h: f32| {
+                let w0 = model.tensors_mut()[pos].data[idx];
+                model.tensors_mut()[pos].data[idx] = w0 + h;
+                let up = loss_at(&model);
+                model.tensors_mut()[pos].data[idx] = w0 - h;
+                let down = loss_at(&model);
+                model.tensors_mut()[pos].data[idx] = w0;
+                (up - down) / (2.0 * h as f64)
+            };
+            // Richardson's extrapolation of two central differences cancels their h² error,
+            // which is large where a weight enters through RMSNorm (the embedding)
+            let numeric = (4.0 * central(5e-3) - central(1e-2)) / 3.0;
+            assert!(
+                (numeric - analytic).abs() <= 2e-3 * analytic.abs().max(1e-2),
+                "{case} {name}[{idx}]: numeric {numeric} analytic {analytic}"
+            );
+        }
+    }
+}
+
+#[test]
+fn model_gradients_leave_the_lora_gradients_as_they_are() {
+    let ops = CpuOps;
+    let dir = common::golden("qwen2-bias");
+    let model = Model::load(&ops, &dir.join("model")).unwrap();
+    let adapter = Adapter::load(&ops, &dir.join("adapter"), &model.cfg).unwrap();
+    let mut batch = TokenBatch::default();
+    for (ids, labels) in docs() {
+        batch.push(&ids, &labels);
+    }
+    let dec = Decoder::new(&ops, &model, Some(&adapter));
+    let mut lora_only = adapter.zeros_like(&ops, &model.cfg).unwrap();
+    forward_backward(&dec, &batch, Some(&mut lora_only), None).unwrap();
+    let (mut lora, mut full) =
+        (adapter.zeros_like(&ops, &model.cfg).unwrap(), model.zeros_like(&ops).unwrap());
+    let both = Grads { adapter: Some(&mut lora), model: Some(&mut full) };
+    forward_backward_into(&dec, &batch, Some(both), None).unwrap();
+    assert_eq!(grads_of(&ops, &lora), grads_of(&ops, &lora_only));
+    assert!(
+        full.named().iter().all(|(_, t)| t.data.iter().any(|&g| g != 0.0)),
+        "every tensor gets a gradient"
+    );
 }

@@ -7,7 +7,9 @@
 //! ```
 //!
 //! The forward keeps what the backward needs ([`LayerActs`]); the backward walks the
-//! layers in reverse and accumulates LoRA gradients. Base weights get no gradient.
+//! layers in reverse and accumulates gradients into [`Grads`]: the LoRA tensors' in a
+//! LoRA run, where the base weights get none, and every model tensor's in a full
+//! fine-tuning run.
 
 use anyhow::{ensure, Context, Result};
 
@@ -15,7 +17,26 @@ use super::generate::KvCache;
 use super::lora::{Adapter, Proj};
 use super::rope::Rope;
 use super::weights::Model;
-use crate::ops::{AttnLayout, AttnShape, Dropout, LoraRef, Ops};
+use crate::ops::{AttnLayout, AttnShape, Dropout, LinearGradRef, LoraRef, Ops};
+
+/// Where a backward accumulates (`+=`) its gradients, each buffer shaped like the
+/// tensor it is the gradient of: the adapter's LoRA tensors, the model's own tensors
+/// (full fine-tuning), or both. A part left `None` costs nothing: without `model` the
+/// backward does no weight-gradient products and stops before the embedding.
+pub struct Grads<'a, T> {
+    pub adapter: Option<&'a mut Adapter<T>>,
+    pub model: Option<&'a mut Model<T>>,
+}
+
+impl<'a, T> Grads<'a, T> {
+    pub fn adapter(g: &'a mut Adapter<T>) -> Self {
+        Self { adapter: Some(g), model: None }
+    }
+
+    pub fn model(g: &'a mut Model<T>) -> Self {
+        Self { adapter: None, model: Some(g) }
+    }
+}
 
 /// What one forward runs on: token ids with their positions and the attention layout.
 pub struct StepInputs<O: Ops> {
@@ -126,13 +147,14 @@ impl<'a, O: Ops> Decoder<'a, O> {
         dy: &O::Tensor,
         x: &O::Tensor,
         acts: &LayerActs<O::Tensor>,
-        grads: Option<&mut Adapter<O::Tensor>>,
+        grads: &mut Grads<O::Tensor>,
         need_dx: bool,
     ) -> Result<Option<O::Tensor>> {
         let lin = &self.model.layers[l].proj[p as usize];
         let lora = self.lora(l, p);
-        let g = grads.and_then(|g| g.grad_ref(l, p));
-        self.ops.linear_bwd(dy, x, &lin.w, lora, acts.xa[p as usize].as_ref(), g, need_dx)
+        let g = grads.adapter.as_deref_mut().and_then(|g| g.grad_ref(l, p));
+        let wg = grads.model.as_deref_mut().map(|m| m.layers[l].proj[p as usize].grad_ref());
+        self.ops.linear_bwd(dy, x, &lin.w, lora, acts.xa[p as usize].as_ref(), g, wg, need_dx)
     }
 
     /// Forward over all layers. With a cache, this step's K/V rows are appended to it
@@ -221,14 +243,14 @@ impl<'a, O: Ops> Decoder<'a, O> {
         Ok(self.ops.linear_fwd(x, self.model.lm_head(), None, None)?.0)
     }
 
-    /// Backward from `dlogits [N, V]` through every layer; LoRA gradients are
-    /// accumulated (`+=`) into `grads`.
+    /// Backward from `dlogits [N, V]` through every layer; gradients are accumulated
+    /// (`+=`) into `grads`.
     pub fn backward(
         &self,
         inp: &StepInputs<O>,
         state: &ForwardState<O::Tensor>,
         dlogits: &O::Tensor,
-        grads: &mut Adapter<O::Tensor>,
+        mut grads: Grads<O::Tensor>,
     ) -> Result<()> {
         let ops = self.ops;
         let c = &self.model.cfg;
@@ -237,44 +259,63 @@ impl<'a, O: Ops> Decoder<'a, O> {
             state.layers.len() == c.num_hidden_layers,
             "backward needs a forward that kept its activations"
         );
+        if let Some(g) = grads.model.as_deref() {
+            // a tied model's lm_head gradient goes into the embedding's: the buffers
+            // must be tied the same way
+            ensure!(
+                g.layers.len() == self.model.layers.len()
+                    && g.lm_head.is_some() == self.model.lm_head.is_some(),
+                "model gradients are not shaped like the model"
+            );
+        }
+        let full = grads.model.is_some();
+        let head_grad = grads.model.as_deref_mut().map(|g| LinearGradRef { dw: g.lm_head_mut(), db: None });
         let dnorm = ops
-            .linear_bwd(dlogits, &state.final_norm, self.model.lm_head(), None, None, None, true)?
+            .linear_bwd(dlogits, &state.final_norm, self.model.lm_head(), None, None, None, head_grad, true)?
             .context("lm_head backward gave no input gradient")?;
-        let mut dx = ops.rmsnorm_bwd(&dnorm, &state.x_out, &self.model.norm, &state.final_rstd, None)?;
+        let dw = grads.model.as_deref_mut().map(|g| &mut g.norm);
+        let mut dx = ops.rmsnorm_bwd(&dnorm, &state.x_out, &self.model.norm, &state.final_rstd, dw)?;
         for l in (0..c.num_hidden_layers).rev() {
             let _span = tracing::trace_span!("layer_bwd", l).entered();
             let a = &state.layers[l];
             let layer = &self.model.layers[l];
             let need = |o: Option<O::Tensor>| o.context("linear backward gave no input gradient");
             // MLP: out = h + down(swiglu(gate(n2), up(n2)))
-            let dact = need(self.linear_bwd(l, Proj::Down, &dx, &a.act, a, Some(grads), true)?)?;
+            let dact = need(self.linear_bwd(l, Proj::Down, &dx, &a.act, a, &mut grads, true)?)?;
             let (dgate, dup) = ops.swiglu_bwd(&dact, &a.gate, &a.up)?;
-            let mut dn2 = need(self.linear_bwd(l, Proj::Gate, &dgate, &a.n2, a, Some(grads), true)?)?;
+            let mut dn2 = need(self.linear_bwd(l, Proj::Gate, &dgate, &a.n2, a, &mut grads, true)?)?;
             ops.add_assign(
                 &mut dn2,
-                &need(self.linear_bwd(l, Proj::Up, &dup, &a.n2, a, Some(grads), true)?)?,
+                &need(self.linear_bwd(l, Proj::Up, &dup, &a.n2, a, &mut grads, true)?)?,
             )?;
-            let mut dh = ops.rmsnorm_bwd(&dn2, &a.h, &layer.post_attention_layernorm, &a.rstd2, None)?;
+            let dw = grads.model.as_deref_mut().map(|g| &mut g.layers[l].post_attention_layernorm);
+            let mut dh = ops.rmsnorm_bwd(&dn2, &a.h, &layer.post_attention_layernorm, &a.rstd2, dw)?;
             ops.add_assign(&mut dh, &dx)?;
             // attention: h = x + o(attn(q, k, v))
-            let dattn = need(self.linear_bwd(l, Proj::O, &dh, &a.attn, a, Some(grads), true)?)?;
+            let dattn = need(self.linear_bwd(l, Proj::O, &dh, &a.attn, a, &mut grads, true)?)?;
             let (mut dq, mut dk, dv) =
                 ops.attention_bwd(&dattn, &a.q, &a.k, &a.v, &a.attn, &a.lse, shape, &inp.layout)?;
             ops.rope_bwd(&mut dq, &inp.cos, &inp.sin, c.head_dim)?;
             ops.rope_bwd(&mut dk, &inp.cos, &inp.sin, c.head_dim)?;
-            // The first layer's input gradient would only feed the frozen embedding.
-            let need_dx = l > 0;
-            let dn1_q = self.linear_bwd(l, Proj::Q, &dq, &a.n1, a, Some(grads), need_dx)?;
-            let dn1_k = self.linear_bwd(l, Proj::K, &dk, &a.n1, a, Some(grads), need_dx)?;
-            let dn1_v = self.linear_bwd(l, Proj::V, &dv, &a.n1, a, Some(grads), need_dx)?;
+            // The first layer's input gradient only feeds the embedding, which a LoRA
+            // run does not train.
+            let need_dx = l > 0 || full;
+            let dn1_q = self.linear_bwd(l, Proj::Q, &dq, &a.n1, a, &mut grads, need_dx)?;
+            let dn1_k = self.linear_bwd(l, Proj::K, &dk, &a.n1, a, &mut grads, need_dx)?;
+            let dn1_v = self.linear_bwd(l, Proj::V, &dv, &a.n1, a, &mut grads, need_dx)?;
             if need_dx {
                 let mut dn1 = need(dn1_q)?;
                 ops.add_assign(&mut dn1, &need(dn1_k)?)?;
                 ops.add_assign(&mut dn1, &need(dn1_v)?)?;
-                let mut dx_in = ops.rmsnorm_bwd(&dn1, &a.x_in, &layer.input_layernorm, &a.rstd1, None)?;
+                let dw = grads.model.as_deref_mut().map(|g| &mut g.layers[l].input_layernorm);
+                let mut dx_in = ops.rmsnorm_bwd(&dn1, &a.x_in, &layer.input_layernorm, &a.rstd1, dw)?;
                 ops.add_assign(&mut dx_in, &dh)?;
                 dx = dx_in;
             }
+        }
+        if let Some(g) = grads.model.as_deref_mut() {
+            // dx is now the gradient of the embedding's output
+            ops.embedding_bwd(&dx, &inp.ids, &mut g.embed_tokens)?;
         }
         Ok(())
     }

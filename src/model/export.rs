@@ -109,6 +109,26 @@ impl<T> Model<T> {
         out
     }
 
+    /// The tensors of [`Model::named`], in its order, for updating in place.
+    pub fn tensors_mut(&mut self) -> Vec<&mut T> {
+        let mut out = vec![&mut self.embed_tokens];
+        for layer in self.layers.iter_mut() {
+            out.push(&mut layer.input_layernorm);
+            out.push(&mut layer.post_attention_layernorm);
+            for lin in layer.proj.iter_mut() {
+                out.push(&mut lin.w);
+                if let Some(b) = &mut lin.b {
+                    out.push(b);
+                }
+            }
+        }
+        out.push(&mut self.norm);
+        if let Some(h) = &mut self.lm_head {
+            out.push(h);
+        }
+        out
+    }
+
     /// Writes `config.json` and `model.safetensors` (f32) into `dir`.
     pub fn save<O: Ops<Tensor = T>>(&self, ops: &O, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

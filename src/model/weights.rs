@@ -1,4 +1,5 @@
-//! The frozen base model: HF weight names, shapes checked against `config.json`.
+//! The base model: HF weight names, shapes checked against `config.json`. Frozen in a
+//! LoRA run; in a full fine-tuning run its tensors are the trained (master) weights.
 
 use std::path::Path;
 
@@ -7,12 +8,19 @@ use anyhow::{Context, Result};
 use super::config::ModelConfig;
 use super::lora::Proj;
 use super::safetensors_io::TensorStore;
-use crate::ops::Ops;
+use crate::ops::{LinearGradRef, Ops};
 
 pub struct Linear<T> {
     /// `[out, in]`
     pub w: T,
     pub b: Option<T>,
+}
+
+impl<T> Linear<T> {
+    /// This layer as the target of its own weight gradients (a gradient-shaped model).
+    pub fn grad_ref(&mut self) -> LinearGradRef<'_, T> {
+        LinearGradRef { dw: &mut self.w, db: self.b.as_mut() }
+    }
 }
 
 pub struct Layer<T> {
@@ -34,6 +42,14 @@ pub struct Model<T> {
 impl<T> Model<T> {
     pub fn lm_head(&self) -> &T {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// The lm_head, which is the embedding when the two are tied.
+    pub fn lm_head_mut(&mut self) -> &mut T {
+        match &mut self.lm_head {
+            Some(h) => h,
+            None => &mut self.embed_tokens,
+        }
     }
 
     pub fn has_bias(cfg: &ModelConfig, p: Proj) -> bool {
@@ -75,6 +91,11 @@ impl<T> Model<T> {
             };
             ops.upload(&v, shape)
         })
+    }
+
+    /// Zeros of the same shapes, tied the same way (gradients, optimizer moments).
+    pub fn zeros_like<O: Ops<Tensor = T>>(&self, ops: &O) -> Result<Self> {
+        Self::build(self.cfg.clone(), |_, shape| ops.zeros(shape))
     }
 
     /// The model's tensors, each made by `load(hf_name, shape)`.

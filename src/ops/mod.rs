@@ -98,6 +98,13 @@ pub struct LoraGradRef<'a, T> {
     pub db: &'a mut T,
 }
 
+/// Gradient buffers of a linear layer's own weight `[out, in]` and bias `[out]`, for
+/// full fine-tuning; accumulated into (`+=`) like [`LoraGradRef`].
+pub struct LinearGradRef<'a, T> {
+    pub dw: &'a mut T,
+    pub db: Option<&'a mut T>,
+}
+
 /// `torch.optim.AdamW` hyper-parameters.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWParams {
@@ -108,7 +115,7 @@ pub struct AdamWParams {
     pub weight_decay: f32,
 }
 
-/// A frozen tensor as stored in a checkpoint, before it goes to a backend.
+/// A model tensor as stored in a checkpoint, before it goes to a backend.
 pub struct HostWeight<'a> {
     pub name: &'a str,
     pub shape: Vec<usize>,
@@ -129,7 +136,8 @@ pub trait Ops {
 
     // ---- memory ----
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor>;
-    /// A frozen base weight; the backend converts from the checkpoint dtype.
+    /// A model weight as a checkpoint stores it; the backend converts from the
+    /// checkpoint dtype. It is frozen in a LoRA run and trained in a full one.
     fn upload_weight(&self, w: &HostWeight) -> Result<Self::Tensor>;
     fn upload_ids(&self, ids: &[u32]) -> Result<Self::Ids>;
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
@@ -184,8 +192,10 @@ pub trait Ops {
         bias: Option<&Self::Tensor>,
         lora: Option<LoraRef<Self::Tensor>>,
     ) -> Result<(Self::Tensor, Option<Self::Tensor>)>;
-    /// Returns `dx` (None when `need_dx` is false) and accumulates the LoRA gradients.
-    /// The frozen W and b get no gradient.
+    /// Returns `dx` (None when `need_dx` is false) and accumulates the LoRA gradients
+    /// into `grads`. W and b get a gradient only when `weight_grads` is given
+    /// (`dW += dyᵀ·x`, `db += Σ_rows dy`); a LoRA step leaves it out and pays nothing
+    /// for it.
     #[allow(clippy::too_many_arguments)]
     fn linear_bwd(
         &self,
@@ -195,6 +205,7 @@ pub trait Ops {
         lora: Option<LoraRef<Self::Tensor>>,
         xa: Option<&Self::Tensor>,
         grads: Option<LoraGradRef<Self::Tensor>>,
+        weight_grads: Option<LinearGradRef<Self::Tensor>>,
         need_dx: bool,
     ) -> Result<Option<Self::Tensor>>;
 

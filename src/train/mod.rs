@@ -10,4 +10,4 @@ pub mod step;
 pub mod trainer;
 
 pub use optim::{clip_grad_norm, grad_norm, AdamW};
-pub use step::{forward_backward, TokenBatch};
+pub use step::{forward_backward, forward_backward_into, TokenBatch};

@@ -2,7 +2,7 @@
 
 use anyhow::{ensure, Context, Result};
 
-use crate::model::decoder::{shift_labels, ForwardState, StepInputs};
+use crate::model::decoder::{shift_labels, ForwardState, Grads, StepInputs};
 use crate::model::{Adapter, Decoder};
 use crate::ops::{AttnLayout, Ops};
 
@@ -55,13 +55,25 @@ impl<O: Ops> StepResult<O> {
     }
 }
 
-/// Forward, loss and (with `grads`) backward. The gradient is that of
-/// `loss_sum / denominator`; `denominator` defaults to this batch's counted tokens
-/// (HF's mean), and is the whole global batch's count under gradient accumulation.
+/// Forward, loss and (with `grads`) backward into the adapter's gradients. The
+/// gradient is that of `loss_sum / denominator`; `denominator` defaults to this batch's
+/// counted tokens (HF's mean), and is the whole global batch's count under gradient
+/// accumulation.
 pub fn forward_backward<O: Ops>(
     dec: &Decoder<O>,
     batch: &TokenBatch,
     grads: Option<&mut Adapter<O::Tensor>>,
+    denominator: Option<usize>,
+) -> Result<StepResult<O>> {
+    forward_backward_into(dec, batch, grads.map(Grads::adapter), denominator)
+}
+
+/// [`forward_backward`] with any gradient targets: the adapter's, the model's own
+/// (full fine-tuning), or both.
+pub fn forward_backward_into<O: Ops>(
+    dec: &Decoder<O>,
+    batch: &TokenBatch,
+    grads: Option<Grads<O::Tensor>>,
     denominator: Option<usize>,
 ) -> Result<StepResult<O>> {
     ensure!(

@@ -11,7 +11,8 @@ use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
 use super::{
-    AdamWParams, AttnLayout, AttnShape, CrossEntropyOut, Dropout, HostWeight, LoraGradRef, LoraRef, Ops,
+    AdamWParams, AttnLayout, AttnShape, CrossEntropyOut, Dropout, HostWeight, LinearGradRef, LoraGradRef,
+    LoraRef, Ops,
 };
 use crate::model::safetensors_io::decode_f32;
 use gemm::{matmul, Mat};
@@ -223,11 +224,28 @@ impl Ops for CpuOps {
         lora: Option<LoraRef<CpuTensor>>,
         xa: Option<&CpuTensor>,
         grads: Option<LoraGradRef<CpuTensor>>,
+        weight_grads: Option<LinearGradRef<CpuTensor>>,
         need_dx: bool,
     ) -> Result<Option<CpuTensor>> {
         let (n, inp) = x.rows_cols();
         let (out, _) = w.rows_cols();
         ensure!(dy.data.len() == n * out, "linear_bwd: dy {:?} for weight {:?}", dy.shape, w.shape);
+        if let Some(g) = weight_grads {
+            same_shape(g.dw, w, "linear_bwd weight gradient")?;
+            // dW += dyᵀ·x  [out, in]
+            matmul(&mut g.dw.data, Mat::rm_t(&dy.data, out, n), Mat::rm(&x.data, n, inp), 1.0, 1.0);
+            if let Some(db) = g.db {
+                ensure!(
+                    db.data.len() == out,
+                    "linear_bwd: bias gradient of {} for {out} outputs",
+                    db.data.len()
+                );
+                // rows in order, so the sum has the same bits on every run (bit-exact resume)
+                for row in dy.data.chunks_exact(out) {
+                    db.data.iter_mut().zip(row).for_each(|(b, g)| *b += g);
+                }
+            }
+        }
         let mut dx = if need_dx {
             let mut dx = vec![0.0; n * inp];
             matmul(&mut dx, Mat::rm(&dy.data, n, out), Mat::rm(&w.data, out, inp), 1.0, 0.0);

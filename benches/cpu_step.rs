@@ -30,7 +30,7 @@ fn main() -> anyhow::Result<()> {
     let model = Model::random(&ops, cfg.clone(), 0, 0.02)?;
     let mut adapter = Adapter::init(&ops, &LoraConfig::new(16, 32.0, Proj::ALL.to_vec()), &cfg, 0)?;
     let hp = AdamWParams { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
-    let mut opt = AdamW::new(&ops, &adapter, &cfg, hp)?;
+    let mut opt = AdamW::new(&ops, &adapter, hp)?;
     let mut tb = TokenBatch::default();
     for b in 0..batch {
         let ids: Vec<u32> = (0..seq).map(|t| ((t * 7919 + b * 104729) % cfg.vocab_size) as u32).collect();

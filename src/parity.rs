@@ -149,7 +149,7 @@ pub fn run_case<O: Ops>(ops: &O, dir: &Path, tol: f64) -> Result<Report> {
             }
         }
     }
-    let mut opt = AdamW::new(ops, &adapter, &model.cfg, hp)?;
+    let mut opt = AdamW::new(ops, &adapter, hp)?;
     opt.update(ops, &mut adapter, &grads, hp.lr)?;
     for (l, layer) in adapter.layers.iter().enumerate() {
         for p in Proj::ALL {

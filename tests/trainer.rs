@@ -1,13 +1,13 @@
-//! The fine-tune loop: resuming after a stop gives the uninterrupted run's adapter
-//! byte for byte; half-written checkpoints are never picked; training lowers the
-//! held-out loss.
+//! The fine-tune loop: resuming after a stop gives the uninterrupted run's adapter (or,
+//! training the full model, the model) byte for byte; half-written checkpoints are never
+//! picked; training lowers the held-out loss.
 
 mod common;
 
 use std::path::Path;
 
 use tuneloop::model::{Adapter, LoraConfig, Model, Proj};
-use tuneloop::ops::{cpu::CpuOps, AdamWParams};
+use tuneloop::ops::{cpu::CpuOps, cpu::CpuTensor, AdamWParams};
 use tuneloop::train::checkpoint;
 use tuneloop::train::pack::Example;
 use tuneloop::train::schedule::Decay;
@@ -128,4 +128,44 @@ fn training_lowers_the_held_out_loss() {
     assert_eq!(v.first().unwrap().0, 0);
     assert_eq!(v.last().unwrap().0, 60);
     assert!(v.last().unwrap().1 < v[0].1 - 0.3, "val loss should fall clearly: {v:?}");
+}
+
+fn model_bytes(m: &Model<CpuTensor>) -> Vec<u8> {
+    let d = tempfile::tempdir().unwrap();
+    m.save(&CpuOps, d.path()).unwrap();
+    std::fs::read(d.path().join("model.safetensors")).unwrap()
+}
+
+#[test]
+fn full_fine_tuning_resumes_bit_exactly() {
+    let case = common::golden("llama3-rope-tied").join("model");
+    let load = || Model::load(&CpuOps, &case).unwrap();
+    let (tr, va) = (examples(16, 1), examples(4, 99));
+    let short = |out: &Path| TrainConfig { max_steps: Some(4), val_every: Some(2), ..config(out) };
+
+    let full_dir = tempfile::tempdir().unwrap();
+    let (full, outcome) = train(&CpuOps, &(), load(), &tr, &va, &short(full_dir.path()), false).unwrap();
+    assert_eq!(outcome.steps, 4);
+    assert_ne!(model_bytes(&full), model_bytes(&load()), "training must change the weights");
+    let v = outcome.val_points();
+    assert!(v.last().unwrap().1 < v[0].1, "val loss should fall: {v:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig { stop_after: Some(3), ..short(dir.path()) };
+    let (_, first) = train(&CpuOps, &(), load(), &tr, &va, &cfg, false).unwrap();
+    assert_eq!(first.steps, 3);
+    // the checkpoint is an HF model directory plus both moments of every tensor
+    let ckpt = dir.path().join("checkpoints/step-000003");
+    let saved = Model::load(&CpuOps, &ckpt.join("model")).unwrap();
+    let opt =
+        tuneloop::model::safetensors_io::TensorStore::open_file(&ckpt.join("optimizer.safetensors")).unwrap();
+    assert_eq!(opt.names().len(), 2 * saved.named().len());
+    assert!(opt.contains("m.model.embed_tokens.weight") && opt.contains("v.model.norm.weight"));
+    // a LoRA run cannot pick up a full run's checkpoint
+    let lora = train(&CpuOps, &load(), fresh_adapter(&load()), &tr, &va, &short(dir.path()), true);
+    assert!(format!("{:#}", lora.err().expect("must refuse")).contains("no `adapter` directory"));
+
+    let (resumed, outcome) = train(&CpuOps, &(), load(), &tr, &va, &short(dir.path()), true).unwrap();
+    assert_eq!(outcome.steps, 4);
+    assert_eq!(model_bytes(&resumed), model_bytes(&full), "resumed model differs from the uninterrupted one");
 }

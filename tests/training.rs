@@ -109,7 +109,7 @@ fn adamw_steps_from_a_fresh_adapter_lower_the_loss() {
         batch.push(&ids, &labels);
     }
     let hp = AdamWParams { lr: 5e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
-    let mut opt = AdamW::new(&ops, &adapter, &model.cfg, hp).unwrap();
+    let mut opt = AdamW::new(&ops, &adapter, hp).unwrap();
     let mut losses = vec![];
     for _ in 0..8 {
         let mut grads = adapter.zeros_like(&ops, &model.cfg).unwrap();

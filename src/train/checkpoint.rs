@@ -1,19 +1,20 @@
 //! Checkpoints that lose nothing: each is written whole into a temp directory and
 //! renamed to `step-NNNNNN`, so a run killed at any point leaves either a complete
-//! checkpoint or none that resume would pick. A checkpoint holds the adapter (as a
-//! PEFT directory), AdamW's moments and the trainer's position; data order and
-//! dropout masks are pure functions of the seed and the step, so that is all a
-//! bit-exact resume needs.
+//! checkpoint or none that resume would pick. A checkpoint holds the trained tensors
+//! (the adapter as a PEFT directory `adapter/`, or in a full fine-tuning run the model
+//! as an HF directory `model/`, both f32), AdamW's moments and the trainer's position;
+//! data order and dropout masks are pure functions of the seed and the step, so that is
+//! all a bit-exact resume needs.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::optim::AdamW;
+use super::params::Trainable;
 use crate::model::safetensors_io::{decode_f32, write_f32, TensorStore};
-use crate::model::{Adapter, ModelConfig};
 use crate::ops::{AdamWParams, Ops};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -35,12 +36,12 @@ fn step_dir_name(step: usize) -> String {
 }
 
 /// Writes a checkpoint under `root` and returns its directory.
-pub fn save<O: Ops>(
+pub fn save<O: Ops, P: Trainable<O::Tensor>>(
     ops: &O,
     root: &Path,
     state: &TrainerState,
-    adapter: &Adapter<O::Tensor>,
-    opt: &AdamW<O::Tensor>,
+    params: &P,
+    opt: &AdamW<P>,
 ) -> Result<PathBuf> {
     std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
     let fin = root.join(step_dir_name(state.step));
@@ -51,7 +52,7 @@ pub fn save<O: Ops>(
         .prefix(&format!(".tmp-{}-", step_dir_name(state.step)))
         .tempdir_in(root)
         .with_context(|| format!("creating a temp dir in {}", root.display()))?;
-    adapter.save(ops, &tmp.path().join("adapter"))?;
+    params.save(ops, &tmp.path().join(P::DIR))?;
     let mut moments = BTreeMap::new();
     for (prefix, a) in [("m", &opt.m), ("v", &opt.v)] {
         for (name, t) in a.named() {
@@ -106,11 +107,12 @@ pub fn prune(root: &Path, keep: usize) -> Result<()> {
     Ok(())
 }
 
-/// What a checkpoint restores: the trainer's position, the adapter and the optimizer.
-pub type Resumed<T> = (TrainerState, Adapter<T>, AdamW<T>);
+/// What a checkpoint restores: the trainer's position, the trained tensors and the
+/// optimizer.
+pub type Resumed<P> = (TrainerState, P, AdamW<P>);
 
 /// Reads a checkpoint back.
-pub fn load<O: Ops>(ops: &O, dir: &Path, model: &ModelConfig) -> Result<Resumed<O::Tensor>> {
+pub fn load<O: Ops, P: Trainable<O::Tensor>>(ops: &O, dir: &Path, frozen: &P::Frozen) -> Result<Resumed<P>> {
     let state_path = dir.join(STATE);
     let v: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(&state_path).with_context(|| format!("reading {}", state_path.display()))?,
@@ -132,9 +134,17 @@ pub fn load<O: Ops>(ops: &O, dir: &Path, model: &ModelConfig) -> Result<Resumed<
         })()
         .with_context(|| format!("{}: no valid `adamw` section", state_path.display()))?
     };
-    let adapter = Adapter::load(ops, &dir.join("adapter"), model)?;
+    let params_dir = dir.join(P::DIR);
+    ensure!(
+        params_dir.is_dir(),
+        "{}: no `{}` directory, so not a checkpoint of this kind of run (LoRA and full \
+         fine-tuning checkpoints do not mix)",
+        dir.display(),
+        P::DIR
+    );
+    let params = P::load(ops, &params_dir, frozen)?;
     let store = TensorStore::open_file(&dir.join("optimizer.safetensors"))?;
-    let mut opt = AdamW::new(ops, &adapter, model, hp)?;
+    let mut opt = AdamW::new(ops, &params, hp)?;
     opt.step = v["adamw"]["step"].as_u64().context("trainer_state.json: adamw.step missing")?;
     for (prefix, moments) in [("m", &mut opt.m), ("v", &mut opt.v)] {
         let names: Vec<String> = moments.named().into_iter().map(|(n, _)| n).collect();
@@ -145,5 +155,5 @@ pub fn load<O: Ops>(ops: &O, dir: &Path, model: &ModelConfig) -> Result<Resumed<
             *t = ops.upload(&decode_f32(&w)?, &shape)?;
         }
     }
-    Ok((state, adapter, opt))
+    Ok((state, params, opt))
 }

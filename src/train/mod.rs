@@ -1,13 +1,16 @@
-//! Training: the step (forward, loss, backward), AdamW and gradient clipping.
+//! Training: the step (forward, loss, backward), AdamW and gradient clipping, of a LoRA
+//! adapter or (full fine-tuning) of the whole model.
 
 pub mod checkpoint;
 pub mod finetune;
 pub mod optim;
 pub mod pack;
+pub mod params;
 pub mod plot;
 pub mod schedule;
 pub mod step;
 pub mod trainer;
 
 pub use optim::{clip_grad_norm, grad_norm, AdamW};
+pub use params::Trainable;
 pub use step::{forward_backward, forward_backward_into, TokenBatch};

@@ -1,55 +1,76 @@
-//! AdamW over the adapter's tensors, global gradient norm and clipping.
+//! AdamW over the trained tensors (an adapter's, or the whole model's), global gradient
+//! norm and clipping.
 
 use anyhow::Result;
 
-use crate::model::{Adapter, ModelConfig};
+use super::params::{decays, Trainable};
 use crate::ops::{AdamWParams, Ops};
 
-/// `torch.optim.AdamW` over every LoRA tensor, its moments kept in f32 on the backend.
-pub struct AdamW<T> {
+/// `torch.optim.AdamW` over every trained tensor, its moments kept in f32 on the
+/// backend, shaped like the parameters `P` (an `Adapter` or a `Model`).
+pub struct AdamW<P> {
     pub hp: AdamWParams,
-    pub m: Adapter<T>,
-    pub v: Adapter<T>,
+    pub m: P,
+    pub v: P,
     /// Steps taken so far.
     pub step: u64,
 }
 
-impl<T> AdamW<T> {
-    pub fn new<O: Ops<Tensor = T>>(
-        ops: &O,
-        params: &Adapter<T>,
-        model: &ModelConfig,
-        hp: AdamWParams,
-    ) -> Result<Self> {
-        Ok(Self { hp, m: params.zeros_like(ops, model)?, v: params.zeros_like(ops, model)?, step: 0 })
+impl<P> AdamW<P> {
+    pub fn new<O: Ops>(ops: &O, params: &P, hp: AdamWParams) -> Result<Self>
+    where
+        P: Trainable<O::Tensor>,
+    {
+        Ok(Self { hp, m: params.zeros(ops)?, v: params.zeros(ops)?, step: 0 })
     }
 
-    /// One update of `params` from `grads` at learning rate `lr`.
-    pub fn update<O: Ops<Tensor = T>>(
-        &mut self,
-        ops: &O,
-        params: &mut Adapter<T>,
-        grads: &Adapter<T>,
-        lr: f32,
-    ) -> Result<()> {
+    /// One update of `params` from `grads` at learning rate `lr`. Biases and norm
+    /// weights get no weight decay (see [`decays`]).
+    pub fn update<O: Ops>(&mut self, ops: &O, params: &mut P, grads: &P, lr: f32) -> Result<()>
+    where
+        P: Trainable<O::Tensor>,
+    {
         self.step += 1;
-        let grads: Vec<&T> = grads.named().into_iter().map(|(_, t)| t).collect();
-        let mut p = params.tensors_mut();
-        let mut m = self.m.tensors_mut();
-        let mut v = self.v.tensors_mut();
-        ops.adamw_step(&mut p, &grads, &mut m, &mut v, self.step, AdamWParams { lr, ..self.hp })
+        let decay: Vec<bool> = params.named().into_iter().map(|(n, _)| decays(&n)).collect();
+        // two parameter groups, as HF's Trainer makes: with and without weight decay
+        for with_decay in [true, false] {
+            if !decay.contains(&with_decay) {
+                continue;
+            }
+            let g: Vec<&O::Tensor> =
+                select(grads.named(), &decay, with_decay).into_iter().map(|(_, t)| t).collect();
+            let hp = AdamWParams {
+                lr,
+                weight_decay: if with_decay { self.hp.weight_decay } else { 0.0 },
+                ..self.hp
+            };
+            ops.adamw_step(
+                &mut select(params.tensors_mut(), &decay, with_decay),
+                &g,
+                &mut select(self.m.tensors_mut(), &decay, with_decay),
+                &mut select(self.v.tensors_mut(), &decay, with_decay),
+                self.step,
+                hp,
+            )?;
+        }
+        Ok(())
     }
 }
 
+/// The items of `v` whose flag in `flags` is `want`.
+fn select<X>(v: Vec<X>, flags: &[bool], want: bool) -> Vec<X> {
+    v.into_iter().zip(flags).filter(|(_, &f)| f == want).map(|(x, _)| x).collect()
+}
+
 /// Global L2 norm of all gradients.
-pub fn grad_norm<O: Ops>(ops: &O, grads: &Adapter<O::Tensor>) -> Result<f64> {
+pub fn grad_norm<O: Ops, P: Trainable<O::Tensor>>(ops: &O, grads: &P) -> Result<f64> {
     let ts: Vec<&O::Tensor> = grads.named().into_iter().map(|(_, t)| t).collect();
     Ok(ops.sum_squares(&ts)?.sqrt())
 }
 
 /// `torch.nn.utils.clip_grad_norm_`: scales all gradients by `max / (norm + 1e-6)` when
 /// that is below 1. Returns the norm before clipping.
-pub fn clip_grad_norm<O: Ops>(ops: &O, grads: &mut Adapter<O::Tensor>, max_norm: f64) -> Result<f64> {
+pub fn clip_grad_norm<O: Ops, P: Trainable<O::Tensor>>(ops: &O, grads: &mut P, max_norm: f64) -> Result<f64> {
     let norm = grad_norm(ops, grads)?;
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {

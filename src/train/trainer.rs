@@ -1,6 +1,7 @@
 //! The fine-tune loop: epochs of shuffled, packed rows; micro-batches accumulated to
 //! the global batch; AdamW with warm-up and decay; gradient clipping; validation every
-//! N steps; `metrics.jsonl`; checkpoints every N steps; bit-exact resume.
+//! N steps; `metrics.jsonl`; checkpoints every N steps; bit-exact resume. The same loop
+//! trains a LoRA adapter or, for full fine-tuning, the whole model ([`Trainable`]).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -14,9 +15,10 @@ use serde::Serialize;
 use super::checkpoint::{self, TrainerState};
 use super::optim::{clip_grad_norm, AdamW};
 use super::pack::{batch_of, rows, Example};
+use super::params::Trainable;
 use super::schedule::Schedule;
-use super::step::forward_backward;
-use crate::model::{Adapter, Decoder, Model};
+use super::step::{forward_backward, forward_backward_into};
+use crate::model::Decoder;
 use crate::ops::{AdamWParams, Dropout, Ops};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -163,17 +165,24 @@ impl MetricsLog {
     }
 }
 
-/// Trains `adapter` on `train`, validating on `val`. With `resume`, continues from the
-/// newest checkpoint in `output_dir/checkpoints` (an error if there is none).
-pub fn train<O: Ops>(
+/// Names and shapes of a set of trained tensors.
+fn layout<O: Ops, P: Trainable<O::Tensor>>(ops: &O, params: &P) -> Vec<(String, Vec<usize>)> {
+    params.named().into_iter().map(|(n, t)| (n, ops.shape(t).to_vec())).collect()
+}
+
+/// Trains `params` on `train`, validating on `val`: an `Adapter` on the frozen base
+/// model `frozen`, or a `Model` itself (full fine-tuning, `frozen` is `&()`). With
+/// `resume`, continues from the newest checkpoint in `output_dir/checkpoints` (an error
+/// if there is none) in place of `params`.
+pub fn train<O: Ops, P: Trainable<O::Tensor>>(
     ops: &O,
-    model: &Model<O::Tensor>,
-    adapter: Adapter<O::Tensor>,
+    frozen: &P::Frozen,
+    params: P,
     train: &[Example],
     val: &[Example],
     cfg: &TrainConfig,
     resume: bool,
-) -> Result<(Adapter<O::Tensor>, TrainOutcome)> {
+) -> Result<(P, TrainOutcome)> {
     ensure!(!train.is_empty(), "no training examples");
     ensure!(
         cfg.global_batch % cfg.local_batch.max(1) == 0,
@@ -183,11 +192,27 @@ pub fn train<O: Ops>(
     let per_epoch = steps_per_epoch(epoch_rows(train, cfg, 0).len(), cfg.global_batch);
     let total_steps = super::schedule::total_steps(cfg.max_steps, cfg.epochs, per_epoch).max(1);
 
-    let (mut state, mut adapter, mut opt) = if resume {
+    let (mut state, mut params, mut opt) = if resume {
         let Some((_, dir)) = checkpoint::list(&ckpt_root)?.pop() else {
             bail!("--resume: no checkpoint in {}", ckpt_root.display());
         };
-        let (state, adapter, opt) = checkpoint::load(ops, &dir, &model.cfg)?;
+        let want = layout(ops, &params);
+        // the checkpoint replaces the fresh tensors: free them first (a whole model in a
+        // full run)
+        drop(params);
+        let (state, params, opt) = checkpoint::load::<O, P>(ops, &dir, frozen)?;
+        let got = layout(ops, &params);
+        if got != want {
+            let diff = want.iter().zip(&got).find(|(w, g)| w != g);
+            bail!(
+                "{}: holds {} tensors where this recipe trains {}{}",
+                dir.display(),
+                got.len(),
+                want.len(),
+                diff.map(|(w, g)| format!(" (e.g. `{}` {:?}, recipe `{}` {:?})", g.0, g.1, w.0, w.1))
+                    .unwrap_or_default()
+            );
+        }
         ensure!(
             state.total_steps == total_steps && state.seed == cfg.seed,
             "{}: saved by a run of {} steps with seed {}, this recipe makes {} steps with seed {}",
@@ -198,7 +223,7 @@ pub fn train<O: Ops>(
             cfg.seed
         );
         tracing::info!("resuming from {} (step {})", dir.display(), state.step);
-        (state, adapter, opt)
+        (state, params, opt)
     } else {
         if !checkpoint::list(&ckpt_root)?.is_empty() {
             bail!(
@@ -206,10 +231,10 @@ pub fn train<O: Ops>(
                 ckpt_root.display()
             );
         }
-        let opt = AdamW::new(ops, &adapter, &model.cfg, cfg.adamw)?;
+        let opt = AdamW::new(ops, &params, cfg.adamw)?;
         let state =
             TrainerState { step: 0, epoch: 0, cursor: 0, total_steps, seed: cfg.seed, tokens_seen: 0 };
-        (state, adapter, opt)
+        (state, params, opt)
     };
     std::fs::create_dir_all(&cfg.output_dir)
         .with_context(|| format!("creating {}", cfg.output_dir.display()))?;
@@ -233,16 +258,18 @@ pub fn train<O: Ops>(
     bar.set_position(state.step as u64);
     let say = |s: String| if bar.is_hidden() { eprintln!("{s}") } else { bar.println(s) };
 
-    let validate = |adapter: &Adapter<O::Tensor>| -> Result<(f64, f64)> {
-        evaluate(&Decoder::new(ops, model, Some(adapter)), val, cfg.seq_len, cfg.local_batch)
+    let validate = |params: &P| -> Result<(f64, f64)> {
+        evaluate(&params.decoder(ops, frozen), val, cfg.seq_len, cfg.local_batch)
     };
     if state.step == 0 && !val.is_empty() && !log.history.iter().any(|m| m.val_loss.is_some()) {
-        let (l, a) = validate(&adapter)?;
+        let (l, a) = validate(&params)?;
         say(format!("step 0: val_loss {l:.4}, val_token_accuracy {a:.3}"));
         log.push(Metrics { step: 0, val_loss: Some(l), val_token_accuracy: Some(a), ..Default::default() })?;
     }
 
     let mut plan = epoch_rows(train, cfg, state.epoch);
+    // allocated once: a full run's gradients are as large as the model
+    let mut grads = params.zeros(ops)?;
     let stop = cfg.stop_after.unwrap_or(total_steps).min(total_steps);
     while state.step < stop {
         let t0 = Instant::now();
@@ -260,28 +287,30 @@ pub fn train<O: Ops>(
         let micro: Vec<_> =
             step_rows.chunks(cfg.local_batch).map(|c| batch_of(train, c, cfg.seq_len)).collect();
         let denom: usize = micro.iter().map(|b| b.n_targets()).sum();
-        let mut grads = adapter.zeros_like(ops, &model.cfg)?;
+        for t in grads.tensors_mut() {
+            ops.fill_zero(t)?;
+        }
         let (mut loss_sum, mut tokens) = (0.0, 0usize);
         for (i, b) in micro.iter().enumerate() {
-            let mut dec = Decoder::new(ops, model, Some(&adapter));
+            let mut dec = params.decoder(ops, frozen);
             dec.lora_dropout = (cfg.lora_dropout > 0.0).then(|| Dropout {
                 p: cfg.lora_dropout,
                 seed: cfg.seed ^ ((state.step as u64) << 20 | i as u64).wrapping_mul(0xA076_1D64_78BD_642F),
             });
-            let r = forward_backward(&dec, b, Some(&mut grads), Some(denom))?;
+            let r = forward_backward_into(&dec, b, Some(grads.as_grads()), Some(denom))?;
             loss_sum += r.loss_sum;
             tokens += b.ids.len();
         }
         let loss = loss_sum / denom.max(1) as f64;
         if !loss.is_finite() {
-            bail!("loss is {loss} at step {}: stopping before the adapter is damaged", state.step + 1);
+            bail!("loss is {loss} at step {}: stopping before the weights are damaged", state.step + 1);
         }
         let gnorm = match cfg.clip_grad_norm {
             Some(max) => clip_grad_norm(ops, &mut grads, max)?,
             None => super::optim::grad_norm(ops, &grads)?,
         };
         let lr = sched.lr_at(state.step);
-        opt.update(ops, &mut adapter, &grads, lr as f32)?;
+        opt.update(ops, &mut params, &grads, lr as f32)?;
         state.step += 1;
         state.tokens_seen += tokens as u64;
         let tps = tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
@@ -297,18 +326,18 @@ pub fn train<O: Ops>(
         };
         let last = state.step == total_steps;
         if !val.is_empty() && (last || cfg.val_every.is_some_and(|n| n > 0 && state.step % n == 0)) {
-            let (l, a) = validate(&adapter)?;
+            let (l, a) = validate(&params)?;
             say(format!("step {}: loss {loss:.4}, val_loss {l:.4}, val_token_accuracy {a:.3}", state.step));
             (m.val_loss, m.val_token_accuracy) = (Some(l), Some(a));
         }
         log.push(m)?;
         let stopping = state.step == stop;
         if last || stopping || cfg.ckpt_every.is_some_and(|n| n > 0 && state.step % n == 0) {
-            let dir = checkpoint::save(ops, &ckpt_root, &state, &adapter, &opt)?;
+            let dir = checkpoint::save(ops, &ckpt_root, &state, &params, &opt)?;
             checkpoint::prune(&ckpt_root, cfg.keep_last)?;
             tracing::info!("checkpoint {}", dir.display());
         }
     }
     bar.finish_and_clear();
-    Ok((adapter, TrainOutcome { steps: state.step, history: log.history }))
+    Ok((params, TrainOutcome { steps: state.step, history: log.history }))
 }

@@ -43,8 +43,9 @@ enum Command {
         #[arg(long, default_value_t = 1e-4)]
         tol: f64,
     },
-    /// Fine-tune a LoRA adapter as a YAML recipe says. Any recipe key can be overridden
-    /// after the options: `--section.key=value` or `--section.key value`.
+    /// Fine-tune a LoRA adapter (or, with `peft.full: true`, every weight) as a YAML
+    /// recipe says. Any recipe key can be overridden after the options:
+    /// `--section.key=value` or `--section.key value`.
     Finetune {
         /// The recipe (see configs/quickstart.yaml).
         #[arg(short = 'c', long = "config")]
@@ -240,7 +241,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("| loss | {:.4} | {:.4} |", first.1, last.1);
                 println!("| token accuracy | {:.3} | {:.3} |", first.2, last.2);
             }
-            println!("adapter: {}", r.adapter_dir.display());
+            println!("{}: {}", if r.full { "model" } else { "adapter" }, r.trained_dir.display());
             println!("metrics: {}", r.output_dir.join("metrics.jsonl").display());
             println!("loss curve: {}", r.output_dir.join("loss.png").display());
             Ok(ExitCode::SUCCESS)

@@ -1,6 +1,7 @@
 //! `tuneloop finetune` end to end on the bundled quickstart, shortened by overrides:
-//! the adapter it writes is a PEFT directory with the tokenizer, and bad input fails
-//! with the file and line before anything is written.
+//! the adapter it writes is a PEFT directory with the tokenizer (with `peft.full`, an HF
+//! model directory), and bad input fails with the file and line before anything is
+//! written.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -67,6 +68,39 @@ fn finetune_writes_a_peft_adapter_with_its_tokenizer() {
     // the held-out split, as logged lines, loads as an eval set
     let held_out = tuneloop::eval::load_set(&[out_dir.join("validation.jsonl")]).unwrap();
     assert!(!held_out.is_empty());
+}
+
+#[test]
+fn full_finetune_writes_an_hf_model_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = base_model(tmp.path());
+    let out_dir = tmp.path().join("run");
+    let out = tuneloop(&[
+        "finetune",
+        "-c",
+        "configs/quickstart.yaml",
+        &format!("--model.path={}", base.display()),
+        "--output_dir",
+        out_dir.to_str().unwrap(),
+        "--peft.full=true",
+        "--step_scheduler.max_steps=3",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("trained 3 steps"), "{stdout}");
+    let dir = out_dir.join("model");
+    assert!(stdout.contains(&format!("model: {}", dir.display())), "{stdout}");
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        assert!(dir.join(f).exists(), "{f} missing");
+    }
+    assert!(!out_dir.join("adapter").exists(), "a full run writes no adapter");
+    let (trained, base) = (Model::load(&CpuOps, &dir).unwrap(), Model::load(&CpuOps, &base).unwrap());
+    assert_eq!(trained.cfg, base.cfg);
+    let (t, b) = (trained.named(), base.named());
+    assert_eq!(t.len(), b.len());
+    for ((name, tw), (_, bw)) in t.iter().zip(&b) {
+        assert_ne!(tw.data, bw.data, "{name} was not trained");
+    }
 }
 
 #[test]

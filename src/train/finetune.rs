@@ -1,7 +1,7 @@
 //! `tuneloop finetune -c recipe.yaml`: feedback log -> filtered, deduplicated
 //! conversations -> chat-template tokens and labels -> packed rows -> the training loop
-//! -> a PEFT adapter directory with the tokenizer, metrics, a loss curve and a data
-//! manifest.
+//! -> a PEFT adapter directory (or, with `peft.full`, a fully fine-tuned HF model
+//! directory) with the tokenizer, metrics, a loss curve and a data manifest.
 
 use std::path::{Path, PathBuf};
 
@@ -19,7 +19,11 @@ use crate::recipe::{Backend, Recipe};
 /// What a run made and measured.
 pub struct FinetuneReport {
     pub output_dir: PathBuf,
-    pub adapter_dir: PathBuf,
+    /// Whether the whole model was trained (`peft.full`) rather than an adapter.
+    pub full: bool,
+    /// What the run made: the PEFT adapter `output_dir/adapter`, or with `peft.full` the
+    /// HF model directory `output_dir/model`.
+    pub trained_dir: PathBuf,
     pub train_summary: Summary,
     pub n_train: usize,
     pub n_val: usize,
@@ -84,9 +88,6 @@ pub fn finetune(
     progress: bool,
 ) -> Result<FinetuneReport> {
     let ops = backend(recipe.backend)?;
-    if recipe.peft.full {
-        bail!("peft.full: full fine-tuning is not supported yet; train a LoRA adapter (peft.full: false)");
-    }
     let model_dir = &recipe.model.path;
     if !model_dir.join("config.json").exists() {
         bail!(
@@ -117,26 +118,14 @@ pub fn finetune(
     }
     eprintln!("data: {} train / {} validation examples\n{summary}", train_tok.len(), val_tok.len());
 
-    // adapter: continue from one, or fresh
-    let mut lora_cfg = recipe.peft.lora_config()?;
-    lora_cfg.base_model_name_or_path = Some(model_dir.display().to_string());
-    let adapter = match &recipe.peft.init_from {
-        Some(dir) => {
-            let mut a = Adapter::load(&ops, dir, &model.cfg)?;
-            if a.cfg.r != lora_cfg.r || a.cfg.target_modules != lora_cfg.target_modules {
-                bail!(
-                    "peft.init_from {}: adapter has r={} on {:?}, the recipe asks for r={} on {:?}",
-                    dir.display(),
-                    a.cfg.r,
-                    a.cfg.target_modules,
-                    lora_cfg.r,
-                    lora_cfg.target_modules
-                );
-            }
-            a.cfg = lora_cfg;
-            a
+    // adapter: continue from one, or fresh; none when the whole model is trained
+    let adapter = if recipe.peft.full {
+        if recipe.peft.dropout > 0.0 {
+            eprintln!("peft.dropout applies to LoRA paths only: full fine-tuning ignores it");
         }
-        None => Adapter::init(&ops, &lora_cfg, &model.cfg, recipe.seed)?,
+        None
+    } else {
+        Some(lora_adapter(&ops, recipe, &model, model_dir)?)
     };
 
     let out = &recipe.output_dir;
@@ -186,16 +175,31 @@ pub fn finetune(
     };
     let train_ex: Vec<Example> = train_tok.into_iter().map(|t| t.example).collect();
     let val_ex: Vec<Example> = val_tok.into_iter().map(|t| t.example).collect();
-    let (adapter, outcome) = train(&ops, &model, adapter, &train_ex, &val_ex, &cfg, resume)?;
-
-    let adapter_dir = out.join("adapter");
-    if outcome.steps > 0 {
-        save_adapter(&ops, &adapter, &adapter_dir, model_dir)?;
-    }
+    let (trained_dir, outcome) = match adapter {
+        Some(adapter) => {
+            let (adapter, outcome) = train(&ops, &model, adapter, &train_ex, &val_ex, &cfg, resume)?;
+            let dir = out.join("adapter");
+            if outcome.steps > 0 {
+                save_adapter(&ops, &adapter, &dir, model_dir)?;
+            }
+            (dir, outcome)
+        }
+        None => {
+            // Full fine-tuning: the loaded model's f32 tensors are the master weights
+            // AdamW updates in place; nothing stays frozen.
+            let (model, outcome) = train(&ops, &(), model, &train_ex, &val_ex, &cfg, resume)?;
+            let dir = out.join("model");
+            if outcome.steps > 0 {
+                save_model(&ops, &model, &dir, model_dir)?;
+            }
+            (dir, outcome)
+        }
+    };
     super::plot::loss_curve_png(&outcome.history, &out.join("loss.png"))?;
     Ok(FinetuneReport {
         output_dir: out.clone(),
-        adapter_dir,
+        full: recipe.peft.full,
+        trained_dir,
         train_summary: summary,
         n_train: train_ex.len(),
         n_val: val_ex.len(),
@@ -223,6 +227,35 @@ fn source_lines(examples: &[feedback::Example]) -> Result<String> {
     Ok(out)
 }
 
+/// The adapter a LoRA run starts from: `peft.init_from`, or a fresh one.
+fn lora_adapter<O: Ops>(
+    ops: &O,
+    recipe: &Recipe,
+    model: &Model<O::Tensor>,
+    model_dir: &Path,
+) -> Result<Adapter<O::Tensor>> {
+    let mut lora_cfg = recipe.peft.lora_config()?;
+    lora_cfg.base_model_name_or_path = Some(model_dir.display().to_string());
+    Ok(match &recipe.peft.init_from {
+        Some(dir) => {
+            let mut a = Adapter::load(ops, dir, &model.cfg)?;
+            if a.cfg.r != lora_cfg.r || a.cfg.target_modules != lora_cfg.target_modules {
+                bail!(
+                    "peft.init_from {}: adapter has r={} on {:?}, the recipe asks for r={} on {:?}",
+                    dir.display(),
+                    a.cfg.r,
+                    a.cfg.target_modules,
+                    lora_cfg.r,
+                    lora_cfg.target_modules
+                );
+            }
+            a.cfg = lora_cfg;
+            a
+        }
+        None => Adapter::init(ops, &lora_cfg, &model.cfg, recipe.seed)?,
+    })
+}
+
 /// The deliverable: a PEFT adapter directory with the base model's tokenizer files,
 /// loadable by HF PEFT and vLLM.
 pub fn save_adapter<O: Ops>(
@@ -233,5 +266,14 @@ pub fn save_adapter<O: Ops>(
 ) -> Result<()> {
     adapter.save(ops, dir)?;
     crate::model::export::copy_tokenizer_files(model_dir, dir)?;
+    Ok(())
+}
+
+/// The deliverable of full fine-tuning: an HF model directory (`config.json`, f32
+/// `model.safetensors`) with the base model's tokenizer files, loadable by
+/// transformers and vLLM like the base.
+pub fn save_model<O: Ops>(ops: &O, model: &Model<O::Tensor>, dir: &Path, base_dir: &Path) -> Result<()> {
+    model.save(ops, dir)?;
+    crate::model::export::copy_tokenizer_files(base_dir, dir)?;
     Ok(())
 }

@@ -91,10 +91,7 @@ fn peft_param_name(layer: usize, p: Proj, which: char) -> String {
 /// Runs a golden case on `ops` and compares against it with tolerance `tol`.
 pub fn run_case<O: Ops>(ops: &O, dir: &Path, tol: f64) -> Result<Report> {
     let case_path = dir.join("case.json");
-    let case: Value = serde_json::from_str(
-        &std::fs::read_to_string(&case_path).with_context(|| format!("reading {}", case_path.display()))?,
-    )
-    .with_context(|| format!("{}: invalid JSON", case_path.display()))?;
+    let case = crate::util::read_json(&case_path)?;
     let hp = adamw_params(&case)?;
     let model = Model::load(ops, &dir.join("model"))?;
     let mut adapter = Adapter::load(ops, &dir.join("adapter"), &model.cfg)?;

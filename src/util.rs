@@ -37,3 +37,9 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
         (num / den).sqrt()
     }
 }
+
+/// Reads and parses a JSON file; errors name the file.
+pub fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
+}

@@ -53,9 +53,7 @@ fn read_json_if_exists(path: &Path) -> Result<Option<Json>> {
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let json = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
-    Ok(Some(json))
+    crate::util::read_json(path).map(Some)
 }
 
 /// transformers' precedence: `chat_template.jinja` beside the tokenizer, then

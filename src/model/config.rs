@@ -73,9 +73,7 @@ fn token_ids(v: Option<&Value>) -> Vec<u32> {
 
 impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let v: Value =
-            serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+        let v = crate::util::read_json(path)?;
         Self::from_json(&v).with_context(|| format!("{}", path.display()))
     }
 

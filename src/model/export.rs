@@ -1,7 +1,6 @@
 //! Writing HF model directories: a model's `config.json` and `model.safetensors`
 //! (HF names), the tokenizer files beside it, and LoRA merged into the base weights.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -9,7 +8,7 @@ use serde_json::json;
 
 use super::config::{Arch, ModelConfig, RopeScaling};
 use super::lora::{Adapter, Proj};
-use super::safetensors_io::write_f32;
+use super::safetensors_io::save_named;
 use super::weights::Model;
 use crate::ops::Ops;
 
@@ -132,12 +131,7 @@ impl<T> Model<T> {
     /// Writes `config.json` and `model.safetensors` (f32) into `dir`.
     pub fn save<O: Ops<Tensor = T>>(&self, ops: &O, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut tensors = BTreeMap::new();
-        for (name, t) in self.named() {
-            tensors.insert(name, (ops.shape(t).to_vec(), ops.download(t)?));
-        }
-        let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
-        write_f32(&dir.join("model.safetensors"), &tensors, Some(meta))?;
+        save_named(ops, self.named(), &dir.join("model.safetensors"))?;
         crate::util::atomic_write(
             &dir.join("config.json"),
             &serde_json::to_vec_pretty(&self.cfg.to_hf_json())?,

@@ -1,7 +1,6 @@
 //! LoRA adapters as HF PEFT stores them: `adapter_config.json` plus
 //! `adapter_model.safetensors` with PEFT's tensor names.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -9,7 +8,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 use super::config::ModelConfig;
-use super::safetensors_io::{decode_f32, write_f32, TensorStore};
+use super::safetensors_io::{decode_f32, save_named, TensorStore};
 use crate::ops::{LoraGradRef, LoraRef, Ops};
 
 /// The seven linear projections of a Llama/Qwen2 decoder layer, in PEFT's order.
@@ -105,9 +104,7 @@ impl LoraConfig {
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let v: Value =
-            serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+        let v = crate::util::read_json(path)?;
         Self::from_json(&v).with_context(|| format!("{}", path.display()))
     }
 
@@ -344,12 +341,7 @@ impl<T> Adapter<T> {
     /// each through a temp file and a rename.
     pub fn save<O: Ops<Tensor = T>>(&self, ops: &O, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut tensors = BTreeMap::new();
-        for (name, t) in self.named() {
-            tensors.insert(name, (ops.shape(t).to_vec(), ops.download(t)?));
-        }
-        let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
-        write_f32(&dir.join("adapter_model.safetensors"), &tensors, Some(meta))?;
+        save_named(ops, self.named(), &dir.join("adapter_model.safetensors"))?;
         let cfg = serde_json::to_vec_pretty(&self.cfg.to_json())?;
         crate::util::atomic_write(&dir.join("adapter_config.json"), &cfg)
     }

@@ -41,9 +41,7 @@ impl TensorStore {
         if !index.exists() {
             bail!("{}: no model.safetensors nor model.safetensors.index.json", dir.display());
         }
-        let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", index.display()))?;
+        let v = crate::util::read_json(&index)?;
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -166,6 +164,24 @@ pub fn decode_i64(w: &HostWeight) -> Result<Vec<i64>> {
         }
         other => bail!("tensor `{}` has dtype {other:?}; expected I64 or I32", w.name),
     })
+}
+
+/// Downloads each named tensor and writes them all as f32 safetensors (PyTorch's
+/// `format: pt` metadata), atomically.
+pub fn save_named<'a, O: crate::ops::Ops>(
+    ops: &O,
+    named: impl IntoIterator<Item = (String, &'a O::Tensor)>,
+    path: &Path,
+) -> Result<()>
+where
+    O::Tensor: 'a,
+{
+    let mut tensors = BTreeMap::new();
+    for (name, t) in named {
+        tensors.insert(name, (ops.shape(t).to_vec(), ops.download(t)?));
+    }
+    let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
+    write_f32(path, &tensors, Some(meta))
 }
 
 /// Serialises f32 tensors (sorted by name, as safetensors stores them) with optional

@@ -114,10 +114,7 @@ pub type Resumed<P> = (TrainerState, P, AdamW<P>);
 /// Reads a checkpoint back.
 pub fn load<O: Ops, P: Trainable<O::Tensor>>(ops: &O, dir: &Path, frozen: &P::Frozen) -> Result<Resumed<P>> {
     let state_path = dir.join(STATE);
-    let v: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&state_path).with_context(|| format!("reading {}", state_path.display()))?,
-    )
-    .with_context(|| format!("{}: invalid JSON", state_path.display()))?;
+    let v = crate::util::read_json(&state_path)?;
     let state: TrainerState = serde_json::from_value(v["trainer"].clone())
         .with_context(|| format!("{}: no valid `trainer` section", state_path.display()))?;
     let hp: AdamWParams = {

@@ -9,5 +9,6 @@ pub mod model;
 pub mod ops;
 pub mod parity;
 pub mod recipe;
+pub mod registry;
 pub mod train;
 pub mod util;

@@ -10,9 +10,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 cargo build --release --quiet
 bin=target/release/tuneloop
 base=target/quickstart/base-model
-if [[ ! -f "$base/config.json" ]]; then
-    "$bin" init-model --preset tiny --tokenizer configs/quickstart/tokenizer --out "$base" --seed 0 --embed-std 0.08
-fi
+# deterministic and quick: made anew each run, so it always matches these settings
+"$bin" init-model --preset tiny --tokenizer configs/quickstart/tokenizer --out "$base" --seed 0 --embed-std 0.08 >/dev/null
 # A fresh run each time unless resuming: the previous run's outputs make way.
 if [[ " $* " != *" --resume "* ]]; then
     rm -rf runs/quickstart

@@ -5,6 +5,7 @@
 pub mod data;
 pub mod eval;
 pub mod kernels;
+pub mod lifecycle;
 pub mod model;
 pub mod ops;
 pub mod parity;

@@ -109,6 +109,26 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// One learning cycle for each agent with new feedback: fine-tune, eval, gate,
+    /// register, promote or keep. Running it again with no new feedback does nothing.
+    Loop {
+        #[arg(short = 'c', long = "config")]
+        config: PathBuf,
+        /// Only this agent.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Ignore the agents' cadence.
+        #[arg(long)]
+        force: bool,
+    },
+    /// The adapter registry: versions, aliases (production, canary, ...) and history.
+    Registry {
+        /// Registry root (default: $TUNELOOP_REGISTRY, else ./registry).
+        #[arg(long, global = true)]
+        root: Option<PathBuf>,
+        #[command(subcommand)]
+        command: RegistryCommand,
+    },
     /// Look at training data as the model will see it.
     Data {
         #[command(subcommand)]
@@ -187,6 +207,65 @@ impl GenArgs {
             ..Default::default()
         }
     }
+}
+
+#[derive(Subcommand)]
+enum RegistryCommand {
+    /// Agents, or one agent's versions with their aliases.
+    List { agent: Option<String> },
+    /// A version's lineage: base model, data, recipe, metrics, gate report, files.
+    Show { agent: String, version: String },
+    /// Register a finetune output directory as the agent's next version.
+    Register {
+        agent: String,
+        run_dir: PathBuf,
+        #[arg(long)]
+        base_model: Option<PathBuf>,
+        #[arg(long)]
+        parent: Option<String>,
+    },
+    /// Send all production traffic to a version.
+    Promote {
+        agent: String,
+        version: String,
+        #[arg(long, default_value = "")]
+        why: String,
+    },
+    /// Send `--weight` percent of traffic to a version as the canary.
+    Canary {
+        agent: String,
+        version: String,
+        #[arg(long)]
+        weight: u32,
+        #[arg(long, default_value = "")]
+        why: String,
+    },
+    /// Production goes back to the version it served before (or `--to` one).
+    Rollback {
+        agent: String,
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long, default_value = "")]
+        why: String,
+    },
+    /// Point an alias at a version (or `--remove` it).
+    Alias {
+        agent: String,
+        alias: String,
+        version: Option<String>,
+        #[arg(long)]
+        weight: Option<u32>,
+        #[arg(long)]
+        remove: bool,
+        #[arg(long, default_value = "")]
+        why: String,
+    },
+    /// Every alias change: who, when, from, to, why.
+    History { agent: String },
+    /// What differs between two versions (or aliases).
+    Diff { agent: String, a: String, b: String },
+    /// Print the adapter directory of a version or alias.
+    Resolve { agent: String, version: String },
 }
 
 #[derive(Subcommand)]
@@ -287,6 +366,68 @@ fn run(cli: Cli) -> Result<ExitCode> {
             report.write(&out)?;
             print!("{}", report.markdown());
             Ok(if report.passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Loop { config, agent, force } => {
+            let cfg = tuneloop::lifecycle::LoopConfig::load(&config)?;
+            let rows =
+                tuneloop::lifecycle::run(&cfg, agent.as_deref(), force, std::io::stderr().is_terminal())?;
+            print!("{}", tuneloop::lifecycle::summary_table(&rows));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Registry { root, command } => {
+            use tuneloop::registry::cli as render;
+            let reg = tuneloop::registry::Registry::open(render::default_root(root))?;
+            let who = tuneloop::registry::current_user();
+            let out = match command {
+                RegistryCommand::List { agent: None } => {
+                    let mut rows = Vec::new();
+                    for a in reg.agents()? {
+                        rows.push((a.clone(), reg.versions(&a)?.len(), reg.aliases(&a)?));
+                    }
+                    render::render_agents(&rows)
+                }
+                RegistryCommand::List { agent: Some(a) } => {
+                    render::render_list(&a, &reg.versions(&a)?, &reg.aliases(&a)?)
+                }
+                RegistryCommand::Show { agent, version } => {
+                    let v = reg.version(&agent, &reg.resolve_version(&agent, &version)?)?;
+                    render::render_show(&v, &reg.aliases(&agent)?)
+                }
+                RegistryCommand::Register { agent, run_dir, base_model, parent } => {
+                    let mut nv = tuneloop::registry::NewVersion::from_run(&run_dir, base_model.as_deref())?;
+                    nv.parent = parent;
+                    format!("registered {agent} {}\n", reg.register(&agent, nv)?)
+                }
+                RegistryCommand::Promote { agent, version, why } => {
+                    render::render_aliases(&reg.promote(&agent, &version, &who, &why)?)
+                }
+                RegistryCommand::Canary { agent, version, weight, why } => {
+                    render::render_aliases(&reg.canary(&agent, &version, weight, &who, &why)?)
+                }
+                RegistryCommand::Rollback { agent, to, why } => {
+                    let v = match to {
+                        Some(v) => reg.rollback_to(&agent, &v, &who, &why)?,
+                        None => reg.rollback(&agent, &who, &why)?,
+                    };
+                    format!("production is {v} again\n{}", render::render_aliases(&reg.aliases(&agent)?))
+                }
+                RegistryCommand::Alias { agent, alias, version, weight, remove, why } => {
+                    match (version, remove) {
+                        (_, true) => render::render_aliases(&reg.remove_alias(&agent, &alias, &who, &why)?),
+                        (Some(v), false) => {
+                            render::render_aliases(&reg.set_alias(&agent, &alias, &v, weight, &who, &why)?)
+                        }
+                        (None, false) => anyhow::bail!("registry alias: name a VERSION, or pass --remove"),
+                    }
+                }
+                RegistryCommand::History { agent } => render::render_history(&reg.history(&agent)?),
+                RegistryCommand::Diff { agent, a, b } => reg.diff(&agent, &a, &b)?,
+                RegistryCommand::Resolve { agent, version } => {
+                    format!("{}\n", reg.resolve(&agent, &version)?.display())
+                }
+            };
+            print!("{out}");
+            Ok(ExitCode::SUCCESS)
         }
         Command::Data { command: DataCommand::Inspect { model, data, json: _ } } => {
             // Buffered: on an error nothing is printed, so no partial output.

@@ -122,6 +122,15 @@ pub struct LoopState {
     pub last_version: Option<String>,
 }
 
+/// A cycle as planned before it starts: what it trains on and from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Plan {
+    seen: BTreeMap<String, String>,
+    production: Option<String>,
+    parent: Option<String>,
+    cycle_id: String,
+}
+
 /// One agent's row of the summary.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct CycleOutcome {
@@ -216,17 +225,33 @@ fn cycle(
         )));
     }
 
-    // the cycle's identity: its inputs
+    // The cycle's plan (its inputs and the version in service it starts from) is fixed
+    // before anything happens, so a cycle killed after promoting its version resumes
+    // as the same cycle instead of starting from that version.
+    let seen: BTreeMap<String, String> = files.iter().map(|(n, (_, h))| (n.clone(), h.clone())).collect();
     let known = reg.agents()?.contains(&a.name);
-    let production =
-        if known { reg.aliases(&a.name)?.get("production").map(|p| p.version.clone()) } else { None };
-    let parent = match a.start_from {
-        StartFrom::Production => production.clone(),
-        StartFrom::Fresh => None,
+    // kept after the cycle too: loop_state.json is what says a cycle is done
+    let pending_path = cfg.work_dir.join(&a.name).join("cycle_plan.json");
+    let pending: Option<Plan> =
+        std::fs::read_to_string(&pending_path).ok().and_then(|t| serde_json::from_str(&t).ok());
+    let plan = match pending {
+        Some(p) if p.seen == seen => p,
+        _ => {
+            let production =
+                if known { reg.aliases(&a.name)?.get("production").map(|p| p.version.clone()) } else { None };
+            let parent = match a.start_from {
+                StartFrom::Production => production.clone(),
+                StartFrom::Fresh => None,
+            };
+            let ident: String = seen.iter().map(|(n, h)| format!("{n}={h};")).collect::<String>()
+                + &format!("from={parent:?}");
+            let plan =
+                Plan { seen, production, parent, cycle_id: sha256_hex(ident.as_bytes())[..12].to_string() };
+            crate::util::atomic_write(&pending_path, &serde_json::to_vec_pretty(&plan)?)?;
+            plan
+        }
     };
-    let ident: String =
-        files.iter().map(|(n, (_, h))| format!("{n}={h};")).collect::<String>() + &format!("from={parent:?}");
-    let cycle_id = sha256_hex(ident.as_bytes())[..12].to_string();
+    let Plan { seen, production, parent, cycle_id } = plan;
     let run_dir = cfg.work_dir.join(&a.name).join(&cycle_id);
 
     // fine-tune (resuming a killed cycle)
@@ -286,7 +311,11 @@ fn cycle(
         None => reg.register(&a.name, nv)?,
     };
     let why = report.reasons.join("; ");
-    let action = if report.passed {
+    // a rerun of a cycle that already promoted its version changes nothing
+    let serving = reg.aliases(&a.name)?.get("production").map(|p| p.version.clone());
+    let action = if report.passed && serving.as_deref() == Some(version.as_str()) {
+        format!("{version} is in production already (this cycle promoted it)")
+    } else if report.passed {
         match a.promote {
             Promote::Production => {
                 reg.promote(&a.name, &version, "tuneloop loop", &format!("gate passed: {why}"))?;
@@ -306,11 +335,7 @@ fn cycle(
     } else {
         format!("trained {version}, gate failed: kept {}", production.as_deref().unwrap_or("the base model"))
     };
-    let new_state = LoopState {
-        seen: files.iter().map(|(n, (_, h))| (n.clone(), h.clone())).collect(),
-        last_cycle_unix: now_unix(),
-        last_version: Some(version.clone()),
-    };
+    let new_state = LoopState { seen, last_cycle_unix: now_unix(), last_version: Some(version.clone()) };
     crate::util::atomic_write(&state_path(cfg, &a.name), &serde_json::to_vec_pretty(&new_state)?)?;
     Ok(CycleOutcome {
         agent: a.name.clone(),

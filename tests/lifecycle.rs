@@ -1,0 +1,110 @@
+//! `tuneloop loop`: a cycle trains, gates, registers and promotes; running it again
+//! with no new feedback does nothing; a cycle killed after registering reuses its
+//! version instead of registering it twice; new feedback makes a second version whose
+//! rollback restores the first adapter's bytes.
+
+use std::path::{Path, PathBuf};
+
+use tuneloop::lifecycle::{run, LoopConfig};
+use tuneloop::registry::Registry;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn setup(tmp: &Path) -> LoopConfig {
+    let base = tmp.join("base");
+    tuneloop::model::export::init_random_model(
+        &tuneloop::ops::cpu::CpuOps,
+        "tiny",
+        &root().join("configs/quickstart/tokenizer"),
+        &base,
+        0,
+        0.08,
+    )
+    .unwrap();
+    // the quickstart recipe, shortened
+    let recipe = std::fs::read_to_string(root().join("configs/quickstart.yaml"))
+        .unwrap()
+        .replace("max_steps: 100", "max_steps: 4")
+        .replace("val_every_steps: 10", "val_every_steps: 2")
+        .replace("ckpt_every_steps: 20", "ckpt_every_steps: 2");
+    std::fs::write(tmp.join("recipe.yaml"), recipe).unwrap();
+    let inbox = tmp.join("inbox");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let head: Vec<String> = std::fs::read_to_string(root().join("configs/quickstart/feedback.jsonl"))
+        .unwrap()
+        .lines()
+        .take(60)
+        .map(str::to_string)
+        .collect();
+    std::fs::write(inbox.join("day1.jsonl"), head.join("\n")).unwrap();
+    let yaml = format!(
+        "registry: {r}\nbase_model: {b}\nwork_dir: {w}\nagents:\n  - name: order-help\n    feedback_dir: {i}\n    recipe: {rc}\n    eval:\n      regression: [{reg}]\n      turns: last\n    gate:\n      task_metric: token_accuracy\n      margin: -1.0\n      regression_metric: loss\n      tolerance: 100.0\n",
+        r = tmp.join("registry").display(),
+        b = base.display(),
+        w = tmp.join("work").display(),
+        i = inbox.display(),
+        rc = tmp.join("recipe.yaml").display(),
+        reg = root().join("configs/quickstart/regression.jsonl").display(),
+    );
+    std::fs::write(tmp.join("loop.yaml"), yaml).unwrap();
+    LoopConfig::load(&tmp.join("loop.yaml")).unwrap()
+}
+
+fn adapter_bytes(reg: &Registry, alias: &str) -> Vec<u8> {
+    std::fs::read(reg.resolve("order-help", alias).unwrap().join("adapter_model.safetensors")).unwrap()
+}
+
+#[test]
+fn loop_is_idempotent_resumable_and_rolls_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = setup(tmp.path());
+    let rows = run(&cfg, None, false, false).unwrap();
+    assert_eq!(rows[0].version.as_deref(), Some("v1"), "{rows:?}");
+    assert_eq!(rows[0].gate, Some(true));
+    let reg = Registry::open(&cfg.registry).unwrap();
+    assert_eq!(reg.aliases("order-help").unwrap()["production"].version, "v1");
+    let v1 = adapter_bytes(&reg, "production");
+
+    // no new feedback: nothing happens
+    let rows = run(&cfg, None, false, false).unwrap();
+    assert!(rows[0].version.is_none() && rows[0].action.contains("no new feedback"), "{rows:?}");
+    assert_eq!(reg.versions("order-help").unwrap().len(), 1);
+
+    // killed after registering, before it noted what it saw: the rerun reuses v1
+    std::fs::remove_file(cfg.work_dir.join("order-help/loop_state.json")).unwrap();
+    let rows = run(&cfg, None, false, false).unwrap();
+    assert_eq!(rows[0].version.as_deref(), Some("v1"), "{rows:?}");
+    assert_eq!(reg.versions("order-help").unwrap().len(), 1, "registered twice");
+
+    // new feedback: v2 from v1, promoted; rollback restores v1's exact bytes
+    let more: Vec<String> = std::fs::read_to_string(root().join("configs/quickstart/feedback-day2.jsonl"))
+        .unwrap()
+        .lines()
+        .take(30)
+        .map(str::to_string)
+        .collect();
+    std::fs::write(cfg.agents[0].feedback_dir.join("day2.jsonl"), more.join("\n")).unwrap();
+    let rows = run(&cfg, None, false, false).unwrap();
+    assert_eq!(rows[0].version.as_deref(), Some("v2"), "{rows:?}");
+    let v2 = reg.version("order-help", "v2").unwrap();
+    assert_eq!(v2.lineage.parent.as_deref(), Some("v1"));
+    assert!(v2.lineage.gate_report.is_some());
+    assert_ne!(adapter_bytes(&reg, "production"), v1);
+    reg.rollback("order-help", "test", "rollback").unwrap();
+    assert_eq!(adapter_bytes(&reg, "production"), v1);
+}
+
+#[test]
+fn a_failing_gate_registers_but_keeps_production() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = setup(tmp.path());
+    cfg.agents[0].gate.margin = 10.0; // no accuracy can beat the base by 10
+    let rows = run(&cfg, None, false, false).unwrap();
+    assert_eq!(rows[0].gate, Some(false), "{rows:?}");
+    assert!(rows[0].action.contains("gate failed"));
+    let reg = Registry::open(&cfg.registry).unwrap();
+    assert_eq!(reg.versions("order-help").unwrap().len(), 1);
+    assert!(!reg.aliases("order-help").unwrap().contains_key("production"));
+}

@@ -15,7 +15,9 @@ use rand_chacha::ChaCha8Rng;
 use tuneloop::ops::backend::{select, AnyBackend, BackendKind};
 use tuneloop::ops::cpu::{CpuOps, CpuTensor};
 use tuneloop::ops::cuda::{CudaOps, CudaTensor, DType};
-use tuneloop::ops::{AdamWParams, AttnLayout, AttnShape, Dropout, LinearGradRef, LoraGradRef, LoraRef, Ops, SeqSpan};
+use tuneloop::ops::{
+    AdamWParams, AttnLayout, AttnShape, Dropout, LinearGradRef, LoraGradRef, LoraRef, Ops, SeqSpan,
+};
 
 const TOL: f64 = 1e-5;
 
@@ -339,7 +341,8 @@ fn cross_entropy_matches_the_cpu() {
     let mut p = Pair::new(5);
     for &(n, v) in &[(1, 2), (7, 1000), (33, 32_000), (9, 128_256)] {
         let (lc, lg) = p.both(&[n, v], 8.0);
-        let targets: Vec<i64> = (0..n).map(|i| if i % 3 == 1 { -100 } else { ((i * 7919) % v) as i64 }).collect();
+        let targets: Vec<i64> =
+            (0..n).map(|i| if i % 3 == 1 { -100 } else { ((i * 7919) % v) as i64 }).collect();
         poison_pool(&p);
         let c = p.cpu.cross_entropy(&lc, &targets, Some(0.25)).unwrap();
         let g = p.gpu.cross_entropy(&lg, &targets, Some(0.25)).unwrap();

@@ -98,8 +98,11 @@ impl BlasLt {
         let err = |what: &'static str| move |e: lt::CublasError| anyhow::anyhow!("{what}: {e}");
         let dt = s.dtype.cuda();
         // Plain f32 compute: no TF32, so f32 mode matches the CPU backend.
-        let desc = lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType::CUDA_R_32F)
-            .map_err(err("cublasLtMatmulDescCreate"))?;
+        let desc = lt::create_matmul_desc(
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cudaDataType::CUDA_R_32F,
+        )
+        .map_err(err("cublasLtMatmulDescCreate"))?;
         let (ta, tb) = (op(s.trans_b), op(s.trans_a));
         // SAFETY: desc is live; the values are cublasOperation_t as the attributes expect.
         unsafe {

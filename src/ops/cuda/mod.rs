@@ -202,7 +202,14 @@ impl CudaOps {
         Ok((self.upload_i32(&spans)?, self.upload_i32(&tiles)?, n_tiles))
     }
 
-    fn attn_check(&self, q: &CudaTensor, k: &CudaTensor, v: &CudaTensor, s: AttnShape, layout: &AttnLayout) -> Result<()> {
+    fn attn_check(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        s: AttnShape,
+        layout: &AttnLayout,
+    ) -> Result<()> {
         ensure!(
             s.n_kv_heads > 0 && s.n_heads % s.n_kv_heads == 0,
             "attention: {} heads over {} kv heads",
@@ -216,7 +223,12 @@ impl CudaOps {
         );
         let (nq, wq) = q.rows_cols();
         let (nk, wk) = k.rows_cols();
-        ensure!(wq == s.n_heads * s.head_dim, "attention: q width {wq} for {} heads of {}", s.n_heads, s.head_dim);
+        ensure!(
+            wq == s.n_heads * s.head_dim,
+            "attention: q width {wq} for {} heads of {}",
+            s.n_heads,
+            s.head_dim
+        );
         ensure!(
             wk == s.n_kv_heads * s.head_dim && k.shape == v.shape,
             "attention: k/v shapes {:?} {:?}",
@@ -418,7 +430,15 @@ impl Ops for CudaOps {
             self.rt.launch(
                 "rmsnorm_fwd_f32",
                 cfg,
-                args![self.ptr(&y), self.ptr(&rstd), self.ptr(x), self.ptr(w), int(n, "rows")?, int(d, "width")?, eps],
+                args![
+                    self.ptr(&y),
+                    self.ptr(&rstd),
+                    self.ptr(x),
+                    self.ptr(w),
+                    int(n, "rows")?,
+                    int(d, "width")?,
+                    eps
+                ],
             )?;
         }
         Ok((y, rstd))
@@ -434,7 +454,12 @@ impl Ops for CudaOps {
     ) -> Result<CudaTensor> {
         same_shape(dy, x, "rmsnorm_bwd")?;
         let (n, d) = x.rows_cols();
-        ensure!(w.numel() == d && rstd.numel() == n, "rmsnorm_bwd: weight {:?}, rstd {:?}", w.shape, rstd.shape);
+        ensure!(
+            w.numel() == d && rstd.numel() == n,
+            "rmsnorm_bwd: weight {:?}, rstd {:?}",
+            w.shape,
+            rstd.shape
+        );
         let dx = self.alloc(&x.shape)?;
         if n == 0 {
             return Ok(dx);
@@ -447,7 +472,8 @@ impl Ops for CudaOps {
             }
             None => None,
         };
-        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+        let cfg =
+            LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
         let partial_ptr = partial.as_ref().map_or(0, |p| self.ptr(p));
         self.rt.launch(
             "rmsnorm_bwd_f32",
@@ -604,11 +630,23 @@ impl Ops for CudaOps {
         Ok(dx)
     }
 
-    fn rope_fwd(&self, x: &mut CudaTensor, cos: &CudaTensor, sin: &CudaTensor, head_dim: usize) -> Result<()> {
+    fn rope_fwd(
+        &self,
+        x: &mut CudaTensor,
+        cos: &CudaTensor,
+        sin: &CudaTensor,
+        head_dim: usize,
+    ) -> Result<()> {
         self.rope(x, cos, sin, head_dim, 1.0)
     }
 
-    fn rope_bwd(&self, dx: &mut CudaTensor, cos: &CudaTensor, sin: &CudaTensor, head_dim: usize) -> Result<()> {
+    fn rope_bwd(
+        &self,
+        dx: &mut CudaTensor,
+        cos: &CudaTensor,
+        sin: &CudaTensor,
+        head_dim: usize,
+    ) -> Result<()> {
         self.rope(dx, cos, sin, head_dim, -1.0)
     }
 
@@ -729,11 +767,20 @@ impl Ops for CudaOps {
         same_shape(gate, up, "swiglu")?;
         let n = gate.numel();
         let h = self.alloc(&gate.shape)?;
-        self.rt.launch("swiglu_fwd_f32", grid_1d(n), args![self.ptr(&h), self.ptr(gate), self.ptr(up), n as u64])?;
+        self.rt.launch(
+            "swiglu_fwd_f32",
+            grid_1d(n),
+            args![self.ptr(&h), self.ptr(gate), self.ptr(up), n as u64],
+        )?;
         Ok(h)
     }
 
-    fn swiglu_bwd(&self, dh: &CudaTensor, gate: &CudaTensor, up: &CudaTensor) -> Result<(CudaTensor, CudaTensor)> {
+    fn swiglu_bwd(
+        &self,
+        dh: &CudaTensor,
+        gate: &CudaTensor,
+        up: &CudaTensor,
+    ) -> Result<(CudaTensor, CudaTensor)> {
         same_shape(dh, gate, "swiglu_bwd")?;
         same_shape(up, gate, "swiglu_bwd")?;
         let n = gate.numel();
@@ -816,9 +863,14 @@ impl Ops for CudaOps {
             if b == 0 {
                 continue;
             }
-            let cfg = LaunchConfig { grid_dim: (b as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+            let cfg =
+                LaunchConfig { grid_dim: (b as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
             let n = t.numel();
-            self.rt.launch("sum_squares_partial", cfg, args![base + 8 * offset as u64, self.ptr(t), n as u64])?;
+            self.rt.launch(
+                "sum_squares_partial",
+                cfg,
+                args![base + 8 * offset as u64, self.ptr(t), n as u64],
+            )?;
             offset += b;
         }
         let partials = self.rt.stream.clone_dtoh(&partial).context("device-to-host copy")?;
@@ -854,7 +906,13 @@ impl Ops for CudaOps {
             same_shape(params[i], v[i], "adamw second moment")?;
             let len = params[i].numel();
             max_len = max_len.max(len);
-            desc.extend([self.ptr(params[i]), self.ptr(grads[i]), self.ptr(m[i]), self.ptr(v[i]), len as u64]);
+            desc.extend([
+                self.ptr(params[i]),
+                self.ptr(grads[i]),
+                self.ptr(m[i]),
+                self.ptr(v[i]),
+                len as u64,
+            ]);
         }
         let desc = self.rt.stream.clone_htod(&desc).context("host-to-device copy")?;
         let step_i = i32::try_from(step).context("adamw: step count too large")?;
@@ -886,11 +944,21 @@ impl Ops for CudaOps {
 }
 
 impl CudaOps {
-    fn rope(&self, x: &mut CudaTensor, cos: &CudaTensor, sin: &CudaTensor, head_dim: usize, sign: f32) -> Result<()> {
+    fn rope(
+        &self,
+        x: &mut CudaTensor,
+        cos: &CudaTensor,
+        sin: &CudaTensor,
+        head_dim: usize,
+        sign: f32,
+    ) -> Result<()> {
         let half = head_dim / 2;
         ensure!(head_dim % 2 == 0 && half > 0, "rope: head_dim {head_dim} must be even");
         let rows = cos.numel() / half;
-        ensure!(cos.shape == sin.shape && rows > 0 && cos.numel() == rows * half, "rope: cos/sin tables differ");
+        ensure!(
+            cos.shape == sin.shape && rows > 0 && cos.numel() == rows * half,
+            "rope: cos/sin tables differ"
+        );
         ensure!(
             x.numel() % (rows * head_dim) == 0,
             "rope: {} values for {rows} rows of {head_dim}-wide heads",

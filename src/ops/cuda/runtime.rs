@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
 use cudarc::nvrtc::Ptx;
 
 use crate::kernels::{FATBIN, KERNEL_NAMES};
@@ -69,7 +71,8 @@ impl Runtime {
             .context("cannot load the kernels' fatbin (was it built for this GPU's architecture?)")?;
         let mut functions = HashMap::new();
         for &name in KERNEL_NAMES {
-            let f = module.load_function(name).with_context(|| format!("kernel {name} is not in the fatbin"))?;
+            let f =
+                module.load_function(name).with_context(|| format!("kernel {name} is not in the fatbin"))?;
             functions.insert(name, f);
         }
         Ok(Self { ctx, stream, functions })

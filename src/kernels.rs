@@ -40,12 +40,62 @@ pub const NO_KERNELS_HELP: &str = "this tuneloop was built without CUDA kernels 
 /// The `extern "C"` entry points in [`FATBIN`], one per kernel. Signatures and launch
 /// rules are documented beside each kernel in `kernels/*.cu`.
 pub const KERNEL_NAMES: &[&str] = &[
+    // kernels/adamw.cu
+    "adamw_multi",
+    "sum_squares_partial",
+    // kernels/attention.cu
+    "attn_fwd_f32_bc32",
+    "attn_bwd_dq_f32_bc32",
+    "attn_bwd_dkdv_f32_bc32",
+    "attn_fwd_f32_bc16",
+    "attn_bwd_dq_f32_bc16",
+    "attn_bwd_dkdv_f32_bc16",
+    "attn_fwd_bf16_bc32",
+    "attn_bwd_dq_bf16_bc32",
+    "attn_bwd_dkdv_bf16_bc32",
+    "attn_fwd_bf16_bc16",
+    "attn_bwd_dq_bf16_bc16",
+    "attn_bwd_dkdv_bf16_bc16",
+    "attn_bwd_dot_f32",
+    "attn_bwd_dot_bf16",
+    // kernels/cross_entropy.cu
+    "cross_entropy_f32",
+    "cross_entropy_bf16",
+    // kernels/embedding.cu
+    "embedding_fwd_f32",
+    "embedding_fwd_bf16",
+    "embedding_bwd_f32",
+    "embedding_bwd_bf16",
+    // kernels/lora.cu
+    "lora_dropout_fwd_f32",
+    "lora_dropout_fwd_bf16",
+    "lora_dropout_bwd_acc_f32",
+    "lora_dropout_bwd_acc_bf16",
     // kernels/rmsnorm.cu
     "rmsnorm_fwd_f32",
     "rmsnorm_fwd_bf16",
     "rmsnorm_bwd_f32",
     "rmsnorm_bwd_bf16",
     "rmsnorm_dw_reduce",
+    // kernels/rope.cu
+    "rope_f32",
+    "rope_bf16",
+    // kernels/swiglu.cu
+    "swiglu_fwd_f32",
+    "swiglu_fwd_bf16",
+    "swiglu_bwd_f32",
+    "swiglu_bwd_bf16",
+    // kernels/util.cu
+    "add_assign_f32",
+    "add_assign_bf16",
+    "scale_f32",
+    "scale_bf16",
+    "fill_f32",
+    "gather_rows_f32",
+    "gather_rows_bf16",
+    "add_bias_rows_f32",
+    "add_bias_rows_bf16",
+    "col_sum_acc_f32",
 ];
 
 #[cfg(test)]

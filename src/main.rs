@@ -26,8 +26,18 @@ struct Cli {
 enum Backend {
     /// The f32 reference backend.
     Cpu,
-    /// The fastest backend this build can run (the CPU backend in this build).
+    /// The CUDA backend on GPU 0 (needs a build with kernels and an NVIDIA driver).
+    Cuda,
+    /// CUDA when this build has kernels and a GPU is present, else the CPU backend.
     Auto,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Dtype {
+    /// f32 everywhere (TF32 off): the reference numbers.
+    F32,
+    /// bf16 activations and base weights (CUDA only).
+    Bf16,
 }
 
 #[derive(Subcommand)]
@@ -39,6 +49,9 @@ enum Command {
         cases: Vec<PathBuf>,
         #[arg(long, value_enum, default_value = "auto")]
         backend: Backend,
+        /// Storage type of activations and base weights on the CUDA backend.
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: Dtype,
         /// Relative L2 tolerance for every float tensor.
         #[arg(long, default_value_t = 1e-4)]
         tol: f64,
@@ -286,13 +299,20 @@ enum DataCommand {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Parity { cases, backend, tol } => {
-            let ops = match backend {
-                Backend::Cpu | Backend::Auto => CpuOps,
+        Command::Parity { cases, backend, dtype, tol } => {
+            let kind = match backend {
+                Backend::Cpu => tuneloop::ops::backend::BackendKind::Cpu,
+                Backend::Cuda => tuneloop::ops::backend::BackendKind::Cuda,
+                Backend::Auto => tuneloop::ops::backend::BackendKind::Auto,
             };
+            let dtype = match dtype {
+                Dtype::F32 => tuneloop::ops::cuda::DType::F32,
+                Dtype::Bf16 => tuneloop::ops::cuda::DType::Bf16,
+            };
+            let ops = tuneloop::ops::backend::select(kind, dtype)?;
             let (mut passed, mut failed) = (0, 0);
             for case in &cases {
-                let report = tuneloop::parity::run_case(&ops, case, tol)?;
+                let report = tuneloop::with_backend!(&ops, |ops| tuneloop::parity::run_case(ops, case, tol))?;
                 let body = report.render();
                 // the per-case summary line is replaced by one total line at the end
                 let body = body.rsplit_once('\n').map(|(b, _)| b).unwrap_or(&body);

@@ -6,7 +6,9 @@
 //! batch is flattened into one token axis and sequences are described by an
 //! [`AttnLayout`], so packed and padded batches go through the same code.
 
+pub mod backend;
 pub mod cpu;
+pub mod cuda;
 
 use anyhow::Result;
 

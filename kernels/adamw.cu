@@ -1,0 +1,64 @@
+// The optimizer's kernels: multi-tensor AdamW in one launch, and the sum of squares of
+// gradients for the global-norm clip. LoRA weights, their gradients and AdamW's moments
+// are f32 (DESIGN: f32 master weights and states), so there are no bf16 variants.
+//
+// adamw_multi: torch.optim.AdamW's single-tensor arithmetic, in the CPU backend's order:
+//   p *= 1 - lr * wd
+//   m += (g - m) * (1 - beta1)
+//   v  = v * beta2 + (1 - beta2) * g * g
+//   p -= step_size * m / (sqrt(v) / bc2_sqrt + eps)
+// with step_size = lr / (1 - beta1^step) and bc2_sqrt = sqrt(1 - beta2^step) computed
+// on the host in f64, as the CPU does. `tensors` is a device array of n_tensors
+// descriptors. Launch: grid (blocks_x, n_tensors), blockDim.x % 32 == 0; blockIdx.y picks
+// the tensor and its blocks grid-stride over it, so any blocks_x is correct.
+//
+// sum_squares_partial: partial[blockIdx.x] = sum of x^2 over the block's grid-strided
+// elements, accumulated in f64. The host adds the partials in order (deterministic).
+// Launch: 1-D, blockDim.x == 256.
+
+#include "common.cuh"
+
+struct AdamWTensor {
+    float* p;
+    const float* g;
+    float* m;
+    float* v;
+    unsigned long long n;
+};
+
+extern "C" __global__ void adamw_multi(const AdamWTensor* tensors, int n_tensors, float lr, float beta1,
+                                       float beta2, float eps, float weight_decay, float step_size,
+                                       float bc2_sqrt) {
+    if ((int)blockIdx.y >= n_tensors) return;
+    const AdamWTensor t = tensors[blockIdx.y];
+    const float decay = 1.0f - lr * weight_decay;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < t.n; i += (size_t)gridDim.x * blockDim.x) {
+        const float g = t.g[i];
+        float p = t.p[i] * decay;
+        float m = t.m[i];
+        m += (g - m) * (1.0f - beta1);
+        const float v = t.v[i] * beta2 + (1.0f - beta2) * g * g;
+        const float denom = sqrtf(v) / bc2_sqrt + eps;
+        p -= step_size * m / denom;
+        t.p[i] = p;
+        t.m[i] = m;
+        t.v[i] = v;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+sum_squares_partial(double* partial, const float* x, size_t n) {
+    __shared__ double s[256];
+    double acc = 0.0;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const double v = x[i];
+        acc += v * v;
+    }
+    s[threadIdx.x] = acc;
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+        if ((int)threadIdx.x < stride) s[threadIdx.x] += s[threadIdx.x + stride];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) partial[blockIdx.x] = s[0];
+}

@@ -1,0 +1,100 @@
+// Token cross-entropy with PyTorch's ignore_index = -100, fused with its gradient.
+//
+// One block per row (grid = rows, blockDim.x a multiple of 32, <= 1024). The row is read
+// in chunks with an online max/sum (each thread keeps its own running max and the sum
+// rescaled to it; the block then merges them), so any vocabulary size works, 128k
+// included, without holding the row in shared memory.
+//
+//   row_loss[r]  = logsumexp(x_r) - x_r[t_r]                    (0 for an ignored row)
+//   row_flag[r]  = 0 ignored, 1 counted, 2 counted and argmax == t_r (first max wins)
+//   dlogits[r,j] = (softmax(x_r)_j - [j == t_r]) * grad_scale   (0 on ignored rows;
+//                  pass dlogits = nullptr to skip)
+//
+// The host sums row_loss in f64 and counts the flags. targets are int32 and were
+// checked on the host (-100 or in [0, vocab)).
+
+#include "common.cuh"
+
+namespace tl_ce {
+
+constexpr int IGNORE_INDEX = -100;
+
+template <typename T>
+__device__ void ce(float* row_loss, int* row_flag, T* dlogits, const T* logits, const int* targets, int rows,
+                   int vocab, float grad_scale) {
+    __shared__ float s_val[1024];
+    __shared__ int s_idx[1024];
+    for (int row = blockIdx.x; row < rows; row += gridDim.x) {
+        const T* x = logits + (size_t)row * vocab;
+        T* d = dlogits == nullptr ? nullptr : dlogits + (size_t)row * vocab;
+        const int t = targets[row];
+        if (t == IGNORE_INDEX) {
+            if (d != nullptr) {
+                for (int j = threadIdx.x; j < vocab; j += blockDim.x) tl::store_f32(d + j, 0.0f);
+            }
+            if (threadIdx.x == 0) {
+                row_loss[row] = 0.0f;
+                row_flag[row] = 0;
+            }
+            continue;
+        }
+        // online max / sum of exp and argmax, per thread
+        float m = -INFINITY, s = 0.0f;
+        int arg = 0x7fffffff;
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+            const float v = tl::load_f32(x + j);
+            if (v > m) {
+                s = s * expf(m - v) + 1.0f;
+                m = v;
+                arg = j;
+            } else {
+                s += expf(v - m);
+            }
+        }
+        // merge: block max, then argmax with the lowest index among equal maxima
+        __syncthreads();
+        s_val[threadIdx.x] = m;
+        s_idx[threadIdx.x] = arg;
+        __syncthreads();
+        for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+            if ((int)threadIdx.x < stride) {
+                const float vo = s_val[threadIdx.x + stride];
+                const int io = s_idx[threadIdx.x + stride];
+                const float vm = s_val[threadIdx.x];
+                if (vo > vm || (vo == vm && io < s_idx[threadIdx.x])) {
+                    s_val[threadIdx.x] = vo;
+                    s_idx[threadIdx.x] = io;
+                }
+            }
+            __syncthreads();
+        }
+        const float row_max = s_val[0];
+        const int row_arg = s_idx[0];
+        const float scaled = m == -INFINITY ? 0.0f : s * expf(m - row_max);
+        const float sum = tl::block_reduce_sum(scaled);
+        const float lse = row_max + logf(sum);
+        if (threadIdx.x == 0) {
+            row_loss[row] = lse - tl::load_f32(x + t);
+            row_flag[row] = row_arg == t ? 2 : 1;
+        }
+        if (d != nullptr) {
+            for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+                const float p = expf(tl::load_f32(x + j) - lse);
+                tl::store_f32(d + j, (p - (j == t ? 1.0f : 0.0f)) * grad_scale);
+            }
+        }
+    }
+}
+
+}  // namespace tl_ce
+
+extern "C" __global__ void __launch_bounds__(1024)
+cross_entropy_f32(float* row_loss, int* row_flag, float* dlogits, const float* logits, const int* targets,
+                  int rows, int vocab, float grad_scale) {
+    tl_ce::ce(row_loss, row_flag, dlogits, logits, targets, rows, vocab, grad_scale);
+}
+extern "C" __global__ void __launch_bounds__(1024)
+cross_entropy_bf16(float* row_loss, int* row_flag, __nv_bfloat16* dlogits, const __nv_bfloat16* logits,
+                   const int* targets, int rows, int vocab, float grad_scale) {
+    tl_ce::ce(row_loss, row_flag, dlogits, logits, targets, rows, vocab, grad_scale);
+}

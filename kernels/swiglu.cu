@@ -1,0 +1,45 @@
+// SwiGLU: h = silu(gate) * up, silu(g) = g * sigmoid(g).
+//   backward: dgate = dh * up * s * (1 + g * (1 - s)),  dup = dh * silu(g),  s = sigmoid(g)
+//
+// Layout: all [n] (flattened [rows, inter]). Launch: 1-D, any grid, blockDim.x % 32 == 0.
+
+#include "common.cuh"
+
+namespace tl_swiglu {
+
+__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+template <typename T> __device__ void fwd(T* h, const T* gate, const T* up, size_t n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const float g = tl::load_f32(gate + i);
+        tl::store_f32(h + i, g * sigmoid(g) * tl::load_f32(up + i));
+    }
+}
+
+template <typename T>
+__device__ void bwd(T* dgate, T* dup, const T* dh, const T* gate, const T* up, size_t n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const float g = tl::load_f32(gate + i), u = tl::load_f32(up + i), d = tl::load_f32(dh + i);
+        const float s = sigmoid(g);
+        tl::store_f32(dgate + i, d * u * s * (1.0f + g * (1.0f - s)));
+        tl::store_f32(dup + i, d * (g * s));
+    }
+}
+
+}  // namespace tl_swiglu
+
+extern "C" __global__ void swiglu_fwd_f32(float* h, const float* gate, const float* up, size_t n) {
+    tl_swiglu::fwd(h, gate, up, n);
+}
+extern "C" __global__ void swiglu_fwd_bf16(__nv_bfloat16* h, const __nv_bfloat16* gate, const __nv_bfloat16* up,
+                                           size_t n) {
+    tl_swiglu::fwd(h, gate, up, n);
+}
+extern "C" __global__ void swiglu_bwd_f32(float* dgate, float* dup, const float* dh, const float* gate,
+                                          const float* up, size_t n) {
+    tl_swiglu::bwd(dgate, dup, dh, gate, up, n);
+}
+extern "C" __global__ void swiglu_bwd_bf16(__nv_bfloat16* dgate, __nv_bfloat16* dup, const __nv_bfloat16* dh,
+                                           const __nv_bfloat16* gate, const __nv_bfloat16* up, size_t n) {
+    tl_swiglu::bwd(dgate, dup, dh, gate, up, n);
+}

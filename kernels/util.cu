@@ -1,0 +1,84 @@
+// Small utilities the CUDA backend needs between the real ops: element-wise add and
+// scale, filling, row gathers, the bias broadcast of a linear layer and the column sum
+// that is its bias gradient.
+//
+// Layout: row-major [rows, cols]; n counts elements. Launch: 1-D, any grid (every kernel
+// strides over its index space), blockDim.x a multiple of 32.
+
+#include "common.cuh"
+
+namespace tl_util {
+
+__device__ __forceinline__ size_t global_tid() { return (size_t)blockIdx.x * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ size_t grid_stride() { return (size_t)gridDim.x * blockDim.x; }
+
+// a[i] += b[i]
+template <typename T> __device__ void add_assign(T* a, const T* b, size_t n) {
+    for (size_t i = global_tid(); i < n; i += grid_stride()) {
+        tl::store_f32(a + i, tl::load_f32(a + i) + tl::load_f32(b + i));
+    }
+}
+
+// a[i] *= s
+template <typename T> __device__ void scale(T* a, size_t n, float s) {
+    for (size_t i = global_tid(); i < n; i += grid_stride()) tl::store_f32(a + i, tl::load_f32(a + i) * s);
+}
+
+// out[r, :] = x[rows[r], :]; rows are checked on the host.
+template <typename T>
+__device__ void gather_rows(T* out, const T* x, const int* rows, int n_rows, int cols) {
+    const size_t n = (size_t)n_rows * cols;
+    for (size_t i = global_tid(); i < n; i += grid_stride()) {
+        const size_t r = i / cols, c = i % cols;
+        out[i] = x[(size_t)rows[r] * cols + c];
+    }
+}
+
+// y[r, c] += b[c]
+template <typename T> __device__ void add_bias_rows(T* y, const T* b, int rows, int cols) {
+    const size_t n = (size_t)rows * cols;
+    for (size_t i = global_tid(); i < n; i += grid_stride()) {
+        tl::store_f32(y + i, tl::load_f32(y + i) + tl::load_f32(b + i % cols));
+    }
+}
+
+}  // namespace tl_util
+
+extern "C" __global__ void add_assign_f32(float* a, const float* b, size_t n) { tl_util::add_assign(a, b, n); }
+extern "C" __global__ void add_assign_bf16(__nv_bfloat16* a, const __nv_bfloat16* b, size_t n) {
+    tl_util::add_assign(a, b, n);
+}
+
+extern "C" __global__ void scale_f32(float* a, size_t n, float s) { tl_util::scale(a, n, s); }
+extern "C" __global__ void scale_bf16(__nv_bfloat16* a, size_t n, float s) { tl_util::scale(a, n, s); }
+
+// a[i] = v (f32 only: used for -inf log-sum-exp rows and NaN poisoning in tests)
+extern "C" __global__ void fill_f32(float* a, size_t n, float v) {
+    for (size_t i = tl_util::global_tid(); i < n; i += tl_util::grid_stride()) a[i] = v;
+}
+
+extern "C" __global__ void gather_rows_f32(float* out, const float* x, const int* rows, int n_rows, int cols) {
+    tl_util::gather_rows(out, x, rows, n_rows, cols);
+}
+extern "C" __global__ void gather_rows_bf16(__nv_bfloat16* out, const __nv_bfloat16* x, const int* rows,
+                                           int n_rows, int cols) {
+    tl_util::gather_rows(out, x, rows, n_rows, cols);
+}
+
+extern "C" __global__ void add_bias_rows_f32(float* y, const float* b, int rows, int cols) {
+    tl_util::add_bias_rows(y, b, rows, cols);
+}
+extern "C" __global__ void add_bias_rows_bf16(__nv_bfloat16* y, const __nv_bfloat16* b, int rows, int cols) {
+    tl_util::add_bias_rows(y, b, rows, cols);
+}
+
+// db[c] += sum over rows of dy[r, c], rows in order (the CPU backend's order, so a bias
+// gradient has the same rounding on both). One thread per column: simple and
+// deterministic; bias gradients exist only in full fine-tuning of Qwen2's q/k/v.
+extern "C" __global__ void col_sum_acc_f32(float* db, const float* dy, int rows, int cols) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    float s = db[c];
+    for (int r = 0; r < rows; ++r) s += dy[(size_t)r * cols + c];
+    db[c] = s;
+}

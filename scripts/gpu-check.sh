@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine (H100/H200, driver 580 = CUDA 13.0, cuBLAS and NCCL inside the
+# Python packages, no Rust, no network) from binaries built elsewhere by
+# scripts/gpu-bundle.sh:
+#
+#   1. here:            scripts/gpu-bundle.sh
+#   2. device tool:     run(command="bash scripts/gpu-check.sh", carry=["gpu-bundle"],
+#                           timeout_s=600)
+#
+# It sets up the loader path for cuBLAS(Lt) and NCCL, then runs:
+#   - the GPU tests of tests/cuda_ops.rs (every op against the CPU op, golden parity);
+#   - compute-sanitizer --tool memcheck over the op tests (if compute-sanitizer exists);
+#   - tuneloop parity --backend cuda --dtype f32 and --dtype bf16 on the golden cases;
+# and prints a table of what passed last. Logs go to $OUT (the device tool brings them
+# back) or to gpu-logs/. The exit status is non-zero when anything failed.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+bundle=gpu-bundle
+logs="${OUT:-gpu-logs}"
+mkdir -p "$logs"
+if [[ ! -x $bundle/tuneloop || ! -x $bundle/cuda_ops ]]; then
+    echo "gpu-check: no $bundle/ here; build it with scripts/gpu-bundle.sh and carry it" >&2
+    exit 2
+fi
+
+# ---- libraries: cudarc dlopens libcublasLt.so / libnccl.so by name ---------------------
+mkdir -p /tmp/lib
+find_lib() { find / -name "$1" -not -path '/proc/*' 2>/dev/null | head -1; }
+nccl="$(find_lib 'libnccl.so.2*')"
+[[ -n $nccl ]] && ln -sf "$nccl" /tmp/lib/libnccl.so
+cublas="$(find_lib 'libcublas.so.13*')"
+export LD_LIBRARY_PATH="/tmp/lib${cublas:+:$(dirname "$cublas")}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+
+# ---- the fixtures' path compiled into the test binary -----------------------------------
+manifest="$(cat $bundle/manifest-dir)"
+if [[ ! -e $manifest/tests/fixtures ]]; then
+    mkdir -p "$(dirname "$manifest")"
+    ln -sfn "$PWD" "$manifest"
+fi
+
+declare -a names results
+record() { names+=("$1"); results+=("$2"); }
+run_step() { # name, log, command...
+    local name=$1 log=$2
+    shift 2
+    echo "=== $name"
+    if "$@" >"$logs/$log" 2>&1; then
+        record "$name" ok
+    else
+        record "$name" "FAIL (rc $?, see $log)"
+    fi
+    tail -n 25 "$logs/$log"
+}
+
+run_step "cuda_ops tests (GPU, ignored ones)" cuda-ops.log \
+    $bundle/cuda_ops --ignored --test-threads=1
+run_step "cuda_ops tests (no-GPU ones)" cuda-ops-plain.log $bundle/cuda_ops --test-threads=1
+
+if command -v compute-sanitizer >/dev/null 2>&1 || [[ -x /usr/local/cuda/bin/compute-sanitizer ]]; then
+    cs="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
+    run_step "compute-sanitizer memcheck (op tests)" memcheck.log \
+        "$cs" --tool memcheck --error-exitcode 1 $bundle/cuda_ops --ignored --test-threads=1 \
+        --skip cuda_f32_matches_hf_goldens
+else
+    record "compute-sanitizer memcheck (op tests)" "skipped (not installed)"
+fi
+
+cases=(tests/fixtures/hf-goldens/*/)
+run_step "parity cuda f32 (tol 1e-4)" parity-f32.log \
+    $bundle/tuneloop parity --backend cuda --dtype f32 --tol 1e-4 --case "${cases[@]}"
+run_step "parity cuda bf16 (tol 2e-2)" parity-bf16.log \
+    $bundle/tuneloop parity --backend cuda --dtype bf16 --tol 2e-2 --case "${cases[@]}"
+
+echo
+echo "gpu-check on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1), bundle $(cat $bundle/commit 2>/dev/null)"
+printf '%-45s %s\n' "step" "result"
+failed=0
+for i in "${!names[@]}"; do
+    printf '%-45s %s\n' "${names[$i]}" "${results[$i]}"
+    [[ ${results[$i]} == FAIL* ]] && failed=1
+done
+for f in "$logs"/*.log; do grep -h "^parity: " "$f" 2>/dev/null | sed "s|^|$(basename "$f"): |"; done
+exit $failed

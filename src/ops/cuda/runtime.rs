@@ -1,0 +1,160 @@
+//! The CUDA runtime around the kernels: probing for the driver libraries before any
+//! cudarc call that would panic on their absence, the context and its one stream, the
+//! fatbin's functions, and launch helpers.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::{bail, ensure, Context, Result};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+
+use crate::kernels::{FATBIN, KERNEL_NAMES};
+
+/// What to tell a user whose loader cannot find a CUDA library.
+const LIBRARY_HELP: &str = "put the folder that holds it on LD_LIBRARY_PATH (scripts/gpu-check.sh \
+     shows how on a machine where cuBLAS/NCCL come inside Python packages)";
+
+/// Checks that the NVIDIA driver library and cuBLASLt can be loaded. cudarc loads them
+/// lazily and *panics* when one is missing, so this runs before any cudarc call.
+pub fn probe_libraries() -> Result<()> {
+    // SAFETY: these only try to dlopen the libraries by name.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        bail!(
+            "no CUDA driver: libcuda.so could not be loaded (no NVIDIA driver on this machine, or \
+             it is not on the loader path); {LIBRARY_HELP}"
+        );
+    }
+    if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+        bail!("cuBLASLt (libcublasLt.so, part of CUDA 13's cuBLAS) could not be loaded; {LIBRARY_HELP}");
+    }
+    Ok(())
+}
+
+/// Checks that NCCL can be loaded (only multi-GPU training needs it). NCCL ships as
+/// `libnccl.so.2`, a name cudarc does not try: link it as `libnccl.so`.
+pub fn probe_nccl() -> Result<()> {
+    // SAFETY: only tries to dlopen the library by name.
+    if !unsafe { cudarc::nccl::sys::is_culib_present() } {
+        bail!("NCCL (libnccl.so) could not be loaded; {LIBRARY_HELP}");
+    }
+    Ok(())
+}
+
+/// The context, its stream and every kernel of the fatbin.
+pub struct Runtime {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    functions: HashMap<&'static str, CudaFunction>,
+}
+
+impl Runtime {
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let Some(fatbin) = FATBIN else { bail!("{}", crate::kernels::NO_KERNELS_HELP) };
+        probe_libraries()?;
+        let count = CudaContext::device_count().context("cannot count CUDA devices")?;
+        ensure!(
+            (ordinal as i64) < count as i64,
+            "CUDA device {ordinal} requested but {count} device(s) are visible"
+        );
+        let ctx = CudaContext::new(ordinal).with_context(|| format!("cannot open CUDA device {ordinal}"))?;
+        // One stream, synchronised by hand: no per-buffer events.
+        // SAFETY: called before any buffer exists, and all work goes to one stream.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        // cuModuleLoadData wants the image aligned; a Vec<u8> of this size is (malloc
+        // aligns to 16 bytes).
+        let module = ctx
+            .load_module(Ptx::from_binary(fatbin.to_vec()))
+            .context("cannot load the kernels' fatbin (was it built for this GPU's architecture?)")?;
+        let mut functions = HashMap::new();
+        for &name in KERNEL_NAMES {
+            let f =
+                module.load_function(name).with_context(|| format!("kernel {name} is not in the fatbin"))?;
+            functions.insert(name, f);
+        }
+        Ok(Self { ctx, stream, functions })
+    }
+
+    pub fn function(&self, name: &str) -> Result<&CudaFunction> {
+        self.functions.get(name).with_context(|| format!("no kernel named {name}"))
+    }
+
+    /// The raw device address of a buffer, for kernel arguments and cuBLASLt.
+    pub fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
+        // Event tracking is off, so the returned guard records nothing.
+        s.device_ptr(&self.stream).0
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        self.stream.synchronize().context("CUDA stream synchronisation failed (a kernel faulted?)")
+    }
+}
+
+pub const BLOCK: u32 = 256;
+
+/// A 1-D launch over `n` elements for the grid-stride kernels.
+pub fn grid_1d(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(BLOCK as usize).clamp(1, 65_535) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// `v` as a kernel's `int`, or an error naming it.
+pub fn int(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| anyhow::anyhow!("{what} = {v} does not fit a kernel's 32-bit int"))
+}
+
+/// One kernel argument: a device pointer or `size_t`/`unsigned long long` (u64), an
+/// `int` (i32) or a `float` (f32).
+#[derive(Clone, Copy, Debug)]
+pub enum Arg {
+    U64(u64),
+    I32(i32),
+    F32(f32),
+}
+
+impl From<u64> for Arg {
+    fn from(v: u64) -> Self {
+        Arg::U64(v)
+    }
+}
+impl From<i32> for Arg {
+    fn from(v: i32) -> Self {
+        Arg::I32(v)
+    }
+}
+impl From<f32> for Arg {
+    fn from(v: f32) -> Self {
+        Arg::F32(v)
+    }
+}
+
+impl Runtime {
+    /// Launches kernel `name` on the stream. The caller has checked every shape, and
+    /// `args` match the kernel's parameters in kernels/*.cu in order and type.
+    pub fn launch(&self, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+        if cfg.grid_dim.0 == 0 || cfg.grid_dim.1 == 0 {
+            return Ok(());
+        }
+        let f = self.function(name)?;
+        let mut builder = self.stream.launch_builder(f);
+        for a in args {
+            match a {
+                Arg::U64(v) => builder.arg(v),
+                Arg::I32(v) => builder.arg(v),
+                Arg::F32(v) => builder.arg(v),
+            };
+        }
+        // SAFETY: see above; pointers come from live buffers of the sizes the kernel
+        // indexes (checked by the launchers).
+        unsafe { builder.launch(cfg) }.map(|_| ()).with_context(|| format!("launching kernel {name}"))
+    }
+}
+
+/// `[a, b, ...]` as kernel arguments.
+macro_rules! args {
+    ($($a:expr),* $(,)?) => { &[$($crate::ops::cuda::runtime::Arg::from($a)),*] };
+}
+pub(crate) use args;

@@ -1,0 +1,459 @@
+//! The CUDA backend against the CPU backend (the oracle), op by op, on fresh random inputs
+//! at several shapes, sizes that are not multiples of the kernels' tiles included; and
+//! the golden cases on CUDA f32. Tests that need a GPU are `#[ignore]`d: run them with
+//! `cargo test --release --test cuda_ops -- --ignored` on a machine with one (or
+//! `scripts/gpu-check.sh` with prebuilt binaries). The others run everywhere.
+//!
+//! Poisoning: in-place and accumulating outputs are NaN-filled before the op; for outputs
+//! an op allocates, [`poison_pool`] fills and frees a large buffer first, so the stream's
+//! memory pool hands the op NaN-filled memory and an unwritten element shows up.
+
+mod common;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tuneloop::ops::backend::{select, AnyBackend, BackendKind};
+use tuneloop::ops::cpu::{CpuOps, CpuTensor};
+use tuneloop::ops::cuda::{CudaOps, CudaTensor, DType};
+use tuneloop::ops::{
+    AdamWParams, AttnLayout, AttnShape, Dropout, LinearGradRef, LoraGradRef, LoraRef, Ops, SeqSpan,
+};
+
+const TOL: f64 = 1e-5;
+
+fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "lengths differ");
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        num += (g as f64 - w as f64).powi(2);
+        den += (w as f64).powi(2);
+    }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+fn close(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    let e = rel_l2(got, want);
+    assert!(e.is_finite() && e <= tol, "{what}: relative L2 error {e:.3e} > {tol:.0e}");
+}
+
+struct Pair {
+    cpu: CpuOps,
+    gpu: CudaOps,
+    rng: ChaCha8Rng,
+}
+
+impl Pair {
+    fn new(seed: u64) -> Self {
+        let gpu = CudaOps::new(0, DType::F32).expect("a CUDA device and kernels");
+        Self { cpu: CpuOps, gpu, rng: ChaCha8Rng::seed_from_u64(seed) }
+    }
+    fn rand(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| (self.rng.random::<f32>() * 2.0 - 1.0) * scale).collect()
+    }
+    /// The same random tensor on both backends.
+    fn both(&mut self, shape: &[usize], scale: f32) -> (CpuTensor, CudaTensor) {
+        let data = self.rand(shape.iter().product(), scale);
+        (self.cpu.upload(&data, shape).unwrap(), self.gpu.upload(&data, shape).unwrap())
+    }
+    fn nan(&self, shape: &[usize]) -> CudaTensor {
+        let mut t = self.gpu.zeros(shape).unwrap();
+        self.gpu.fill(&mut t, f32::NAN).unwrap();
+        t
+    }
+    fn down(&self, t: &CudaTensor) -> Vec<f32> {
+        self.gpu.download(t).unwrap()
+    }
+}
+
+/// Allocates, NaN-fills and frees 64 MiB, so the next allocations of the stream's pool
+/// come back NaN-filled.
+fn poison_pool(p: &Pair) {
+    let mut t = p.gpu.zeros(&[16 << 20]).unwrap();
+    p.gpu.fill(&mut t, f32::NAN).unwrap();
+    drop(t);
+}
+
+#[test]
+fn cuda_ops_new_is_an_error_not_a_panic_without_a_gpu_or_kernels() {
+    match CudaOps::new(0, DType::F32) {
+        Ok(ops) => eprintln!("a GPU is present ({}); nothing to check here", ops.device_name()),
+        Err(e) => {
+            let msg = format!("{e:#}");
+            if tuneloop::kernels::FATBIN.is_none() {
+                assert!(msg.contains("without CUDA kernels"), "{msg}");
+            } else {
+                assert!(msg.contains("CUDA") || msg.contains("cuBLASLt"), "{msg}");
+            }
+        }
+    }
+    // a device that does not exist is an error as well
+    assert!(CudaOps::new(1 << 20, DType::F32).is_err());
+}
+
+#[test]
+fn auto_backend_falls_back_to_the_cpu() {
+    let backend = select(BackendKind::Auto, DType::F32).expect("auto always has a backend");
+    match (&backend, CudaOps::new(0, DType::F32)) {
+        (AnyBackend::Cpu(_), Err(_)) => {}
+        (AnyBackend::Cuda(_), Ok(_)) => {}
+        _ => panic!("auto chose {} against what CudaOps::new says", backend.name()),
+    }
+    assert_eq!(select(BackendKind::Cpu, DType::F32).unwrap().name(), "cpu");
+    assert!(select(BackendKind::Cpu, DType::Bf16).is_err());
+    if tuneloop::kernels::FATBIN.is_none() {
+        let e = select(BackendKind::Cuda, DType::F32).err().expect("no kernels: cuda is an error");
+        assert!(format!("{e:#}").contains("without CUDA kernels"));
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn pointwise_ops_match_the_cpu() {
+    let mut p = Pair::new(1);
+    for &(n, d) in &[(1, 1), (3, 7), (17, 33), (129, 1000), (64, 4096)] {
+        // add_assign, scale, swiglu
+        let (mut ac, mut ag) = p.both(&[n, d], 1.0);
+        let (bc, bg) = p.both(&[n, d], 1.0);
+        p.cpu.add_assign(&mut ac, &bc).unwrap();
+        p.gpu.add_assign(&mut ag, &bg).unwrap();
+        close("add_assign", &p.down(&ag), &ac.data, TOL);
+        p.cpu.scale(&mut ac, 0.37).unwrap();
+        p.gpu.scale(&mut ag, 0.37).unwrap();
+        close("scale", &p.down(&ag), &ac.data, TOL);
+
+        let (gc, gg) = p.both(&[n, d], 4.0);
+        let (uc, ug) = p.both(&[n, d], 2.0);
+        poison_pool(&p);
+        close(
+            "swiglu_fwd",
+            &p.down(&p.gpu.swiglu_fwd(&gg, &ug).unwrap()),
+            &p.cpu.swiglu_fwd(&gc, &uc).unwrap().data,
+            TOL,
+        );
+        let (dc, dg) = p.both(&[n, d], 1.0);
+        poison_pool(&p);
+        let (a, b) = p.cpu.swiglu_bwd(&dc, &gc, &uc).unwrap();
+        let (x, y) = p.gpu.swiglu_bwd(&dg, &gg, &ug).unwrap();
+        close("swiglu_bwd dgate", &p.down(&x), &a.data, TOL);
+        close("swiglu_bwd dup", &p.down(&y), &b.data, TOL);
+
+        // rmsnorm
+        let (xc, xg) = p.both(&[n, d], 3.0);
+        let (wc, wg) = p.both(&[d], 1.0);
+        poison_pool(&p);
+        let (yc, rc) = p.cpu.rmsnorm_fwd(&xc, &wc, 1e-6).unwrap();
+        let (yg, rg) = p.gpu.rmsnorm_fwd(&xg, &wg, 1e-6).unwrap();
+        close("rmsnorm_fwd y", &p.down(&yg), &yc.data, TOL);
+        close("rmsnorm_fwd rstd", &p.down(&rg), &rc.data, TOL);
+        let (dyc, dyg) = p.both(&[n, d], 1.0);
+        let (mut dwc, mut dwg) = p.both(&[d], 1.0);
+        poison_pool(&p);
+        let dxc = p.cpu.rmsnorm_bwd(&dyc, &xc, &wc, &rc, Some(&mut dwc)).unwrap();
+        let dxg = p.gpu.rmsnorm_bwd(&dyg, &xg, &wg, &rg, Some(&mut dwg)).unwrap();
+        close("rmsnorm_bwd dx", &p.down(&dxg), &dxc.data, TOL);
+        close("rmsnorm_bwd dw", &p.down(&dwg), &dwc.data, TOL);
+
+        // rows
+        let rows: Vec<usize> = (0..n + 3).map(|i| (i * 7) % n).collect();
+        poison_pool(&p);
+        close(
+            "gather_rows",
+            &p.down(&p.gpu.gather_rows(&xg, &rows).unwrap()),
+            &p.cpu.gather_rows(&xc, &rows).unwrap().data,
+            0.0,
+        );
+        let mut dst_c = p.cpu.zeros(&[n + 2, d]).unwrap();
+        let mut dst_g = p.nan(&[n + 2, d]);
+        p.gpu.fill_zero(&mut dst_g).unwrap();
+        p.cpu.copy_rows(&mut dst_c, 2, &xc, 0, n).unwrap();
+        p.gpu.copy_rows(&mut dst_g, 2, &xg, 0, n).unwrap();
+        close("copy_rows", &p.down(&dst_g), &dst_c.data, 0.0);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn embedding_and_rope_match_the_cpu() {
+    let mut p = Pair::new(2);
+    for &(v, d, n) in &[(11, 5, 3), (1000, 64, 77), (32_000, 130, 257)] {
+        let (tc, tg) = p.both(&[v, d], 1.0);
+        let ids: Vec<u32> = (0..n).map(|i| ((i * 7919) % v) as u32).collect();
+        let idc = p.cpu.upload_ids(&ids).unwrap();
+        let idg = p.gpu.upload_ids(&ids).unwrap();
+        poison_pool(&p);
+        let yc = p.cpu.embedding_fwd(&tc, &idc).unwrap();
+        close("embedding_fwd", &p.down(&p.gpu.embedding_fwd(&tg, &idg).unwrap()), &yc.data, 0.0);
+        let (dyc, dyg) = p.both(&[n, d], 1.0);
+        let (mut dtc, mut dtg) = p.both(&[v, d], 1.0);
+        p.cpu.embedding_bwd(&dyc, &idc, &mut dtc).unwrap();
+        p.gpu.embedding_bwd(&dyg, &idg, &mut dtg).unwrap();
+        close("embedding_bwd", &p.down(&dtg), &dtc.data, TOL);
+        // an id outside the table is an error, not a fault
+        let bad = p.gpu.upload_ids(&[0, v as u32]).unwrap();
+        assert!(p.gpu.embedding_fwd(&tg, &bad).is_err());
+    }
+    for &(n, heads, hd) in &[(1, 1, 2), (5, 3, 6), (37, 4, 64), (100, 2, 128)] {
+        let (mut xc, mut xg) = p.both(&[n, heads * hd], 2.0);
+        let angles = p.rand(n * hd / 2, 10.0);
+        let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+        let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+        let (cc, sc) = (p.cpu.upload(&cos, &[n, hd / 2]).unwrap(), p.cpu.upload(&sin, &[n, hd / 2]).unwrap());
+        let (cg, sg) = (p.gpu.upload(&cos, &[n, hd / 2]).unwrap(), p.gpu.upload(&sin, &[n, hd / 2]).unwrap());
+        p.cpu.rope_fwd(&mut xc, &cc, &sc, hd).unwrap();
+        p.gpu.rope_fwd(&mut xg, &cg, &sg, hd).unwrap();
+        close("rope_fwd", &p.down(&xg), &xc.data, TOL);
+        p.cpu.rope_bwd(&mut xc, &cc, &sc, hd).unwrap();
+        p.gpu.rope_bwd(&mut xg, &cg, &sg, hd).unwrap();
+        close("rope_bwd", &p.down(&xg), &xc.data, TOL);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn linear_with_lora_matches_the_cpu() {
+    let mut p = Pair::new(3);
+    for &(n, inp, out, r, bias, dropout) in &[
+        (1, 8, 4, 2, false, false),
+        (13, 33, 65, 4, true, false),
+        (70, 256, 130, 16, false, true),
+        (257, 512, 1024, 8, true, true),
+    ] {
+        let (xc, xg) = p.both(&[n, inp], 1.0);
+        let (wc, wg) = p.both(&[out, inp], 0.1);
+        let (bc, bg) = p.both(&[out], 0.1);
+        let (ac, ag) = p.both(&[r, inp], 0.1);
+        let (bbc, bbg) = p.both(&[out, r], 0.1);
+        let drop = dropout.then_some(Dropout { p: 0.1, seed: 42 });
+        let lc = || LoraRef { a: &ac, b: &bbc, scale: 2.0, dropout: drop };
+        let lg = || LoraRef { a: &ag, b: &bbg, scale: 2.0, dropout: drop };
+        poison_pool(&p);
+        let (yc, xac) = p.cpu.linear_fwd(&xc, &wc, bias.then_some(&bc), Some(lc())).unwrap();
+        let (yg, xag) = p.gpu.linear_fwd(&xg, &wg, bias.then_some(&bg), Some(lg())).unwrap();
+        close("linear_fwd y", &p.down(&yg), &yc.data, TOL);
+        close("linear_fwd xa", &p.down(xag.as_ref().unwrap()), &xac.as_ref().unwrap().data, TOL);
+
+        let (dyc, dyg) = p.both(&[n, out], 1.0);
+        let (mut dac, mut dag) = p.both(&[r, inp], 1.0);
+        let (mut dbc, mut dbg) = p.both(&[out, r], 1.0);
+        let (mut dwc, mut dwg) = p.both(&[out, inp], 1.0);
+        let (mut dbiasc, mut dbiasg) = p.both(&[out], 1.0);
+        poison_pool(&p);
+        let dxc = p
+            .cpu
+            .linear_bwd(
+                &dyc,
+                &xc,
+                &wc,
+                Some(lc()),
+                xac.as_ref(),
+                Some(LoraGradRef { da: &mut dac, db: &mut dbc }),
+                Some(LinearGradRef { dw: &mut dwc, db: bias.then_some(&mut dbiasc) }),
+                true,
+            )
+            .unwrap()
+            .unwrap();
+        let dxg = p
+            .gpu
+            .linear_bwd(
+                &dyg,
+                &xg,
+                &wg,
+                Some(lg()),
+                xag.as_ref(),
+                Some(LoraGradRef { da: &mut dag, db: &mut dbg }),
+                Some(LinearGradRef { dw: &mut dwg, db: bias.then_some(&mut dbiasg) }),
+                true,
+            )
+            .unwrap()
+            .unwrap();
+        close("linear_bwd dx", &p.down(&dxg), &dxc.data, TOL);
+        close("linear_bwd dA", &p.down(&dag), &dac.data, TOL);
+        close("linear_bwd dB", &p.down(&dbg), &dbc.data, TOL);
+        close("linear_bwd dW", &p.down(&dwg), &dwc.data, TOL);
+        close("linear_bwd dbias", &p.down(&dbiasg), &dbiasc.data, TOL);
+    }
+}
+
+fn attention_case(p: &mut Pair, shape: AttnShape, layout: &AttnLayout, nq: usize, nk: usize) {
+    let what = format!("{shape:?} {:?}", layout.seqs);
+    let (qc, qg) = p.both(&[nq, shape.n_heads * shape.head_dim], 1.0);
+    let (kc, kg) = p.both(&[nk, shape.n_kv_heads * shape.head_dim], 1.0);
+    let (vc, vg) = p.both(&[nk, shape.n_kv_heads * shape.head_dim], 1.0);
+    poison_pool(p);
+    let (oc, lc) = p.cpu.attention_fwd(&qc, &kc, &vc, shape, layout).unwrap();
+    let (og, lg) = p.gpu.attention_fwd(&qg, &kg, &vg, shape, layout).unwrap();
+    close(&format!("attention_fwd out {what}"), &p.down(&og), &oc.data, TOL);
+    // rows outside every span have lse -inf on both: compare the finite ones
+    let lse_g = p.down(&lg);
+    assert_eq!(
+        lse_g.iter().map(|x| x.is_finite()).collect::<Vec<_>>(),
+        lc.data.iter().map(|x| x.is_finite()).collect::<Vec<_>>()
+    );
+    let fin = |v: &[f32]| v.iter().map(|x| if x.is_finite() { *x } else { 0.0 }).collect::<Vec<_>>();
+    close(&format!("attention_fwd lse {what}"), &fin(&lse_g), &fin(&lc.data), TOL);
+
+    let (dc, dg) = p.both(&[nq, shape.n_heads * shape.head_dim], 1.0);
+    poison_pool(p);
+    let (dqc, dkc, dvc) = p.cpu.attention_bwd(&dc, &qc, &kc, &vc, &oc, &lc, shape, layout).unwrap();
+    let (dqg, dkg, dvg) = p.gpu.attention_bwd(&dg, &qg, &kg, &vg, &og, &lg, shape, layout).unwrap();
+    close(&format!("attention_bwd dq {what}"), &p.down(&dqg), &dqc.data, TOL);
+    close(&format!("attention_bwd dk {what}"), &p.down(&dkg), &dkc.data, TOL);
+    close(&format!("attention_bwd dv {what}"), &p.down(&dvg), &dvc.data, TOL);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn attention_matches_the_cpu() {
+    let mut p = Pair::new(4);
+    let shapes = [
+        AttnShape { n_heads: 1, n_kv_heads: 1, head_dim: 2 },
+        AttnShape { n_heads: 4, n_kv_heads: 2, head_dim: 16 },
+        AttnShape { n_heads: 6, n_kv_heads: 2, head_dim: 40 },
+        AttnShape { n_heads: 8, n_kv_heads: 2, head_dim: 64 },
+        AttnShape { n_heads: 4, n_kv_heads: 1, head_dim: 128 },
+        AttnShape { n_heads: 2, n_kv_heads: 2, head_dim: 160 },
+    ];
+    for shape in shapes {
+        // one sequence, packed sequences of odd lengths, and a padded batch
+        for lens in [vec![1], vec![37], vec![5, 33, 1, 70], vec![129]] {
+            let n: usize = lens.iter().sum();
+            attention_case(&mut p, shape, &AttnLayout::packed(&lens), n, n);
+        }
+        // queries that are the last rows of longer key spans (a KV-cache step, a chunk),
+        // with rows that belong to no span
+        let layout = AttnLayout {
+            seqs: vec![
+                SeqSpan { q_start: 0, q_len: 1, k_start: 0, k_len: 40 },
+                SeqSpan { q_start: 2, q_len: 7, k_start: 45, k_len: 50 },
+            ],
+        };
+        attention_case(&mut p, shape, &layout, 10, 100);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cross_entropy_matches_the_cpu() {
+    let mut p = Pair::new(5);
+    for &(n, v) in &[(1, 2), (7, 1000), (33, 32_000), (9, 128_256)] {
+        let (lc, lg) = p.both(&[n, v], 8.0);
+        let targets: Vec<i64> =
+            (0..n).map(|i| if i % 3 == 1 { -100 } else { ((i * 7919) % v) as i64 }).collect();
+        poison_pool(&p);
+        let c = p.cpu.cross_entropy(&lc, &targets, Some(0.25)).unwrap();
+        let g = p.gpu.cross_entropy(&lg, &targets, Some(0.25)).unwrap();
+        assert_eq!((g.n_counted, g.n_correct), (c.n_counted, c.n_correct), "n {n} v {v}");
+        let e = (g.loss_sum - c.loss_sum).abs() / c.loss_sum.abs().max(1e-30);
+        assert!(e < TOL, "loss {} vs {}", g.loss_sum, c.loss_sum);
+        close("dlogits", &p.down(g.dlogits.as_ref().unwrap()), &c.dlogits.as_ref().unwrap().data, TOL);
+        // argmax counted right: make every counted row's target the max
+        let mut data = p.download_cpu(&lc);
+        for (i, &t) in targets.iter().enumerate() {
+            if t >= 0 {
+                data[i * v + t as usize] = 100.0;
+            }
+        }
+        let lg2 = p.gpu.upload(&data, &[n, v]).unwrap();
+        let g2 = p.gpu.cross_entropy(&lg2, &targets, None).unwrap();
+        assert_eq!(g2.n_correct, g2.n_counted);
+        assert!(g2.dlogits.is_none());
+    }
+    assert!(p.gpu.cross_entropy(&p.gpu.zeros(&[1, 4]).unwrap(), &[4], None).is_err());
+}
+
+impl Pair {
+    fn download_cpu(&self, t: &CpuTensor) -> Vec<f32> {
+        t.data.clone()
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn optimizer_ops_match_the_cpu() {
+    let mut p = Pair::new(6);
+    let shapes: [&[usize]; 4] = [&[1], &[16, 33], &[8, 4096], &[4096, 16]];
+    let mut cpu_t = Vec::new();
+    let mut gpu_t = Vec::new();
+    for s in shapes {
+        let mut c = Vec::new();
+        let mut g = Vec::new();
+        for scale in [1.0, 0.1, 0.01, 0.001] {
+            let (a, b) = p.both(s, scale);
+            c.push(a);
+            g.push(b);
+        }
+        // v must be non-negative
+        let vv: Vec<f32> = p.rand(s.iter().product(), 1e-3).iter().map(|x| x.abs()).collect();
+        c[3] = p.cpu.upload(&vv, s).unwrap();
+        g[3] = p.gpu.upload(&vv, s).unwrap();
+        cpu_t.push(c);
+        gpu_t.push(g);
+    }
+    let norm_c = p.cpu.sum_squares(&cpu_t.iter().map(|t| &t[1]).collect::<Vec<_>>()).unwrap();
+    let norm_g = p.gpu.sum_squares(&gpu_t.iter().map(|t| &t[1]).collect::<Vec<_>>()).unwrap();
+    assert!((norm_c - norm_g).abs() / norm_c < 1e-10, "{norm_c} vs {norm_g}");
+
+    let hp = AdamWParams { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
+    for step in 1..=3 {
+        let split = |ts: &mut Vec<Vec<CpuTensor>>| {
+            let mut ps = Vec::new();
+            let mut gs = Vec::new();
+            let mut ms = Vec::new();
+            let mut vs = Vec::new();
+            for t in ts.iter_mut() {
+                let [a, b, c, d] = &mut t[..] else { unreachable!() };
+                ps.push(a as *mut CpuTensor);
+                gs.push(b as *const CpuTensor);
+                ms.push(c as *mut CpuTensor);
+                vs.push(d as *mut CpuTensor);
+            }
+            (ps, gs, ms, vs)
+        };
+        let (ps, gs, ms, vs) = split(&mut cpu_t);
+        // SAFETY: four distinct tensors of each group, pointers used while cpu_t lives
+        unsafe {
+            p.cpu
+                .adamw_step(
+                    &mut ps.iter().map(|&x| &mut *x).collect::<Vec<_>>(),
+                    &gs.iter().map(|&x| &*x).collect::<Vec<_>>(),
+                    &mut ms.iter().map(|&x| &mut *x).collect::<Vec<_>>(),
+                    &mut vs.iter().map(|&x| &mut *x).collect::<Vec<_>>(),
+                    step,
+                    hp,
+                )
+                .unwrap();
+        }
+        let mut ps = Vec::new();
+        let mut gs = Vec::new();
+        let mut ms = Vec::new();
+        let mut vs = Vec::new();
+        for t in gpu_t.iter_mut() {
+            let [a, b, c, d] = &mut t[..] else { unreachable!() };
+            ps.push(a);
+            gs.push(&*b);
+            ms.push(c);
+            vs.push(d);
+        }
+        p.gpu.adamw_step(&mut ps, &gs, &mut ms, &mut vs, step, hp).unwrap();
+    }
+    for (c, g) in cpu_t.iter().zip(&gpu_t) {
+        close("adamw param", &p.down(&g[0]), &c[0].data, TOL);
+        close("adamw m", &p.down(&g[2]), &c[2].data, TOL);
+        close("adamw v", &p.down(&g[3]), &c[3].data, TOL);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_f32_matches_hf_goldens() {
+    let ops = CudaOps::new(0, DType::F32).expect("a CUDA device and kernels");
+    for case in common::CASES {
+        let report = tuneloop::parity::run_case(&ops, &common::golden(case), 1e-4).expect("case runs");
+        assert!(report.unchecked.is_empty(), "{case}: unchecked {:?}", report.unchecked);
+        assert_eq!(report.failed(), 0, "{case}:\n{}", report.render());
+    }
+}

@@ -51,6 +51,45 @@ impl AttnLayout {
     }
 }
 
+/// `(rows, width of the last axis)` of a row-major shape.
+pub fn rows_cols(shape: &[usize]) -> (usize, usize) {
+    let cols = shape.last().copied().unwrap_or(1);
+    (shape.iter().product::<usize>().checked_div(cols).unwrap_or(0), cols)
+}
+
+/// Checks q/k/v shapes against the geometry and every span against the rows: what
+/// each backend's attention needs before it indexes anything.
+pub fn check_attention(
+    q: &[usize],
+    k: &[usize],
+    v: &[usize],
+    s: AttnShape,
+    layout: &AttnLayout,
+) -> Result<()> {
+    anyhow::ensure!(
+        s.n_kv_heads > 0 && s.n_heads % s.n_kv_heads == 0,
+        "attention: {} heads over {} kv heads",
+        s.n_heads,
+        s.n_kv_heads
+    );
+    let ((nq, wq), (nk, wk)) = (rows_cols(q), rows_cols(k));
+    anyhow::ensure!(
+        wq == s.n_heads * s.head_dim,
+        "attention: q width {wq} for {} heads of {}",
+        s.n_heads,
+        s.head_dim
+    );
+    anyhow::ensure!(wk == s.n_kv_heads * s.head_dim && k == v, "attention: k/v shapes {k:?} {v:?}");
+    for sp in &layout.seqs {
+        anyhow::ensure!(
+            sp.q_start + sp.q_len <= nq && sp.k_start + sp.k_len <= nk,
+            "attention: span {sp:?} outside q rows {nq} / k rows {nk}"
+        );
+        anyhow::ensure!(sp.q_len <= sp.k_len, "attention: span {sp:?} has more queries than keys");
+    }
+    Ok(())
+}
+
 /// Attention geometry: query heads, key/value heads (GQA when fewer), head width.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttnShape {

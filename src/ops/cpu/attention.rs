@@ -3,42 +3,9 @@
 //! probabilities from them. Query rows, and in the backward key rows, are independent,
 //! so both passes parallelise over rows with no reduction between threads.
 
-use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
-use super::CpuTensor;
 use crate::ops::{AttnLayout, AttnShape, SeqSpan};
-
-pub fn check(q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, s: AttnShape, layout: &AttnLayout) -> Result<()> {
-    ensure!(
-        s.n_kv_heads > 0 && s.n_heads % s.n_kv_heads == 0,
-        "attention: {} heads over {} kv heads",
-        s.n_heads,
-        s.n_kv_heads
-    );
-    let (nq, wq) = q.rows_cols();
-    let (nk, wk) = k.rows_cols();
-    ensure!(
-        wq == s.n_heads * s.head_dim,
-        "attention: q width {wq} for {} heads of {}",
-        s.n_heads,
-        s.head_dim
-    );
-    ensure!(
-        wk == s.n_kv_heads * s.head_dim && k.shape == v.shape,
-        "attention: k/v shapes {:?} {:?}",
-        k.shape,
-        v.shape
-    );
-    for sp in &layout.seqs {
-        ensure!(
-            sp.q_start + sp.q_len <= nq && sp.k_start + sp.k_len <= nk,
-            "attention: span {sp:?} outside q rows {nq} / k rows {nk}"
-        );
-        ensure!(sp.q_len <= sp.k_len, "attention: span {sp:?} has more queries than keys");
-    }
-    Ok(())
-}
 
 /// For each row, the span it belongs to and its index inside it.
 fn row_owner(n: usize, layout: &AttnLayout, of_key: bool) -> Vec<Option<(SeqSpan, usize)>> {

@@ -298,7 +298,7 @@ impl Ops for CpuOps {
         shape: AttnShape,
         layout: &AttnLayout,
     ) -> Result<(CpuTensor, CpuTensor)> {
-        attention::check(q, k, v, shape, layout)?;
+        super::check_attention(&q.shape, &k.shape, &v.shape, shape, layout)?;
         let (nq, _) = q.rows_cols();
         let (out, lse) = attention::forward(&q.data, &k.data, &v.data, nq, shape, layout);
         Ok((CpuTensor::new(out, &q.shape), CpuTensor::new(lse, &[nq, shape.n_heads])))
@@ -315,7 +315,7 @@ impl Ops for CpuOps {
         shape: AttnShape,
         layout: &AttnLayout,
     ) -> Result<(CpuTensor, CpuTensor, CpuTensor)> {
-        attention::check(q, k, v, shape, layout)?;
+        super::check_attention(&q.shape, &k.shape, &v.shape, shape, layout)?;
         same_shape(dout, q, "attention_bwd")?;
         let (dq, dk, dv) =
             attention::backward(&dout.data, &q.data, &k.data, &v.data, &out.data, &lse.data, shape, layout);

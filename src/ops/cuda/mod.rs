@@ -211,38 +211,11 @@ impl CudaOps {
         layout: &AttnLayout,
     ) -> Result<()> {
         ensure!(
-            s.n_kv_heads > 0 && s.n_heads % s.n_kv_heads == 0,
-            "attention: {} heads over {} kv heads",
-            s.n_heads,
-            s.n_kv_heads
-        );
-        ensure!(
             s.head_dim > 0 && s.head_dim <= 256,
             "attention: head_dim {} (the CUDA kernels take 1..=256)",
             s.head_dim
         );
-        let (nq, wq) = q.rows_cols();
-        let (nk, wk) = k.rows_cols();
-        ensure!(
-            wq == s.n_heads * s.head_dim,
-            "attention: q width {wq} for {} heads of {}",
-            s.n_heads,
-            s.head_dim
-        );
-        ensure!(
-            wk == s.n_kv_heads * s.head_dim && k.shape == v.shape,
-            "attention: k/v shapes {:?} {:?}",
-            k.shape,
-            v.shape
-        );
-        for sp in &layout.seqs {
-            ensure!(
-                sp.q_start + sp.q_len <= nq && sp.k_start + sp.k_len <= nk,
-                "attention: span {sp:?} outside q rows {nq} / k rows {nk}"
-            );
-            ensure!(sp.q_len <= sp.k_len, "attention: span {sp:?} has more queries than keys");
-        }
-        Ok(())
+        super::check_attention(&q.shape, &k.shape, &v.shape, s, layout)
     }
 
     /// (kernel suffix, rows of the streamed tile) for a head width.

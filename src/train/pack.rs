@@ -33,12 +33,12 @@ pub fn best_fit_decreasing(lens: &[usize], capacity: usize) -> Vec<Vec<usize>> {
     let mut by_room: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
     for i in order {
         let len = lens[i].min(capacity);
-        let fit = by_room.range(len..).next().map(|(&room, _)| room);
-        let bin = match fit {
-            Some(room) => {
-                let list = by_room.get_mut(&room).expect("key just found");
-                let bin = list.remove(0);
-                if list.is_empty() {
+        // the tightest bin it fits in: the first bin of the smallest room >= len
+        let tightest =
+            by_room.range_mut(len..).next().map(|(&room, list)| (room, list.remove(0), list.is_empty()));
+        let bin = match tightest {
+            Some((room, bin, emptied)) => {
+                if emptied {
                     by_room.remove(&room);
                 }
                 bin

@@ -189,7 +189,9 @@ pub fn train<O: Ops, P: Trainable<O::Tensor>>(
         "global batch must be a multiple of the local batch"
     );
     let ckpt_root = cfg.output_dir.join("checkpoints");
-    let per_epoch = steps_per_epoch(epoch_rows(train, cfg, 0).len(), cfg.global_batch);
+    // Every epoch packs the same lengths, so it has as many rows as the first.
+    let first_epoch = epoch_rows(train, cfg, 0);
+    let per_epoch = steps_per_epoch(first_epoch.len(), cfg.global_batch);
     let total_steps = super::schedule::total_steps(cfg.max_steps, cfg.epochs, per_epoch).max(1);
 
     let (mut state, mut params, mut opt) = if resume {
@@ -267,7 +269,7 @@ pub fn train<O: Ops, P: Trainable<O::Tensor>>(
         log.push(Metrics { step: 0, val_loss: Some(l), val_token_accuracy: Some(a), ..Default::default() })?;
     }
 
-    let mut plan = epoch_rows(train, cfg, state.epoch);
+    let mut plan = if state.epoch == 0 { first_epoch } else { epoch_rows(train, cfg, state.epoch) };
     // allocated once: a full run's gradients are as large as the model
     let mut grads = params.zeros(ops)?;
     let stop = cfg.stop_after.unwrap_or(total_steps).min(total_steps);

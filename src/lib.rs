@@ -3,6 +3,7 @@
 //! backend is the exact f32 reference.
 
 pub mod data;
+pub mod dist;
 pub mod eval;
 pub mod kernels;
 pub mod lifecycle;

@@ -73,6 +73,8 @@ enum Command {
         /// continues it exactly.
         #[arg(long)]
         stop_after_steps: Option<usize>,
+        #[command(flatten)]
+        launch: LaunchFlags,
         /// Recipe overrides, `--a.b=value` or `--a.b value`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0.., value_name = "--KEY=VALUE")]
         overrides: Vec<String>,
@@ -323,15 +325,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("parity: {passed} passed, {failed} failed");
             Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Command::Finetune { config, resume, print_config, stop_after_steps, overrides } => {
+        Command::Finetune { config, resume, print_config, stop_after_steps, launch, overrides } => {
             let overrides = tuneloop::recipe::split_overrides(&overrides)?;
             let recipe = tuneloop::recipe::Recipe::load(&config, &overrides)?;
             if print_config {
                 print!("{}", recipe.to_yaml());
                 return Ok(ExitCode::SUCCESS);
             }
+            if let Some(args) = launch.launcher() {
+                let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+                tuneloop::dist::launch::launch(&args, &argv)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let env = tuneloop::dist::DistEnv::from_env()?;
             let progress = std::io::stderr().is_terminal();
-            let r = tuneloop::train::finetune::finetune(&recipe, resume, stop_after_steps, progress)?;
+            let r = tuneloop::train::finetune::finetune_distributed(
+                &recipe,
+                resume,
+                stop_after_steps,
+                progress,
+                &env,
+            )?;
+            if !env.is_root() {
+                return Ok(ExitCode::SUCCESS);
+            }
             let vals = r.outcome.val_points();
             println!("trained {} steps on {} examples ({} held out)", r.outcome.steps, r.n_train, r.n_val);
             if let (Some(first), Some(last)) = (vals.first(), vals.last()) {
@@ -472,6 +489,41 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("wrote merged model {}", out.display());
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// Data-parallel launch, as torchrun's flags.
+#[derive(clap::Args, Debug)]
+struct LaunchFlags {
+    /// Start N worker processes on this node (one per GPU), data-parallel over NCCL (TCP
+    /// on the CPU backend). Under torchrun or Slurm leave it out: their RANK/WORLD_SIZE/
+    /// MASTER_ADDR/MASTER_PORT (or SLURM_PROCID/SLURM_NTASKS) are read instead.
+    #[arg(long, value_name = "N")]
+    nproc_per_node: Option<usize>,
+    /// Nodes in the run (with --nproc-per-node).
+    #[arg(long, default_value_t = 1, requires = "nproc_per_node")]
+    nnodes: usize,
+    /// This node's index, 0..nnodes.
+    #[arg(long, default_value_t = 0, requires = "nproc_per_node")]
+    node_rank: usize,
+    /// Address of node 0, where rank 0 listens for the rendezvous (default 127.0.0.1
+    /// on one node).
+    #[arg(long, requires = "nproc_per_node")]
+    master_addr: Option<String>,
+    /// Port of the rendezvous (default: a free port on one node, 29500 across nodes).
+    #[arg(long, requires = "nproc_per_node")]
+    master_port: Option<u16>,
+}
+
+impl LaunchFlags {
+    fn launcher(&self) -> Option<tuneloop::dist::launch::LaunchArgs> {
+        Some(tuneloop::dist::launch::LaunchArgs {
+            nproc_per_node: self.nproc_per_node?,
+            nnodes: self.nnodes,
+            node_rank: self.node_rank,
+            master_addr: self.master_addr.clone(),
+            master_port: self.master_port,
+        })
     }
 }
 

@@ -59,8 +59,20 @@ impl AnyBackend {
 /// only, so asking it for bf16 is an error, and `Auto` falling back to the CPU says why
 /// in a log line.
 pub fn select(kind: BackendKind, dtype: DType) -> Result<AnyBackend> {
+    select_on(kind, dtype, 0, false)
+}
+
+/// [`select`] on GPU `ordinal`. With `cpu_computes_f32`, a bf16 request that ends on the
+/// CPU backend (asked for, or `Auto` without CUDA) runs in f32 instead of failing: a
+/// recipe's `model.dtype` describes the GPU run, and the CPU is always exact.
+pub fn select_on(
+    kind: BackendKind,
+    dtype: DType,
+    ordinal: usize,
+    cpu_computes_f32: bool,
+) -> Result<AnyBackend> {
     let cpu = |why: Option<anyhow::Error>| -> Result<AnyBackend> {
-        if dtype != DType::F32 {
+        if dtype != DType::F32 && !cpu_computes_f32 {
             match why {
                 Some(e) => bail!("bf16 needs the CUDA backend, which cannot run here: {e:#}"),
                 None => bail!("the CPU backend computes in f32 only; use --dtype f32"),
@@ -73,8 +85,8 @@ pub fn select(kind: BackendKind, dtype: DType) -> Result<AnyBackend> {
     };
     match kind {
         BackendKind::Cpu => cpu(None),
-        BackendKind::Cuda => Ok(AnyBackend::Cuda(Box::new(CudaOps::new(0, dtype)?))),
-        BackendKind::Auto => match CudaOps::new(0, dtype) {
+        BackendKind::Cuda => Ok(AnyBackend::Cuda(Box::new(CudaOps::new(ordinal, dtype)?))),
+        BackendKind::Auto => match CudaOps::new(ordinal, dtype) {
             Ok(ops) => Ok(AnyBackend::Cuda(Box::new(ops))),
             Err(e) => cpu(Some(e)),
         },

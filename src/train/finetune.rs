@@ -9,12 +9,16 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use super::pack::Example;
-use super::trainer::{train, TrainConfig, TrainOutcome};
+use super::trainer::{train_data_parallel, TrainConfig, TrainOutcome};
 use crate::data::feedback::{self, FeedbackFilter, Summary};
 use crate::data::{tokenize_conversation, ChatModel, LineError};
+use crate::dist::nccl::NcclGroup;
+use crate::dist::{Collective, DistEnv, Single, TcpGroup};
 use crate::model::{Adapter, Model};
+use crate::ops::backend::{AnyBackend, BackendKind};
+use crate::ops::cuda::{CudaOps, DType};
 use crate::ops::{cpu::CpuOps, AdamWParams, Ops};
-use crate::recipe::{Backend, Recipe};
+use crate::recipe::{Backend, Dtype, Recipe};
 
 /// What a run made and measured.
 pub struct FinetuneReport {
@@ -70,24 +74,76 @@ fn tokenize(
     Ok((out, too_long))
 }
 
-/// The backend a recipe asks for, as this build can give it.
-pub fn backend(b: Backend) -> Result<CpuOps> {
-    match b {
-        Backend::Cpu | Backend::Auto => Ok(CpuOps),
-        Backend::Cuda => bail!(
-            "backend: cuda is not available in this build yet (the CUDA backend is in progress); \
-             use backend: cpu or auto"
-        ),
-    }
+/// The backend a recipe asks for, on GPU `ordinal` for CUDA: `auto` takes CUDA when a
+/// GPU and the kernels are there and otherwise the CPU backend, which computes in f32
+/// whatever `model.dtype` says.
+pub fn backend(recipe: &Recipe, ordinal: usize) -> Result<AnyBackend> {
+    let dtype = match recipe.model.dtype {
+        Dtype::F32 => DType::F32,
+        Dtype::Bf16 => DType::Bf16,
+    };
+    let kind = match recipe.backend {
+        Backend::Cpu => BackendKind::Cpu,
+        Backend::Cuda => BackendKind::Cuda,
+        Backend::Auto => BackendKind::Auto,
+    };
+    crate::ops::backend::select_on(kind, dtype, ordinal, true)
 }
 
+/// Runs the recipe in this process alone.
 pub fn finetune(
     recipe: &Recipe,
     resume: bool,
     stop_after: Option<usize>,
     progress: bool,
 ) -> Result<FinetuneReport> {
-    let ops = backend(recipe.backend)?;
+    finetune_distributed(recipe, resume, stop_after, progress, &DistEnv::single())
+}
+
+/// Runs the recipe as rank `env.rank` of a data-parallel run (or alone, for a plain
+/// [`DistEnv::single`]): on the CUDA backend over NCCL on GPU `env.local_rank`, on the
+/// CPU backend over TCP. Only rank 0 writes the output directory.
+pub fn finetune_distributed(
+    recipe: &Recipe,
+    resume: bool,
+    stop_after: Option<usize>,
+    progress: bool,
+    env: &DistEnv,
+) -> Result<FinetuneReport> {
+    let backend = backend(recipe, env.local_rank)?;
+    if env.launched {
+        let gpu = match backend {
+            AnyBackend::Cuda(_) => format!(", GPU {}", env.local_rank),
+            AnyBackend::Cpu(_) => String::new(),
+        };
+        crate::dist::say(
+            env.rank,
+            format_args!("joining a world of {} on the {} backend{gpu}", env.world_size, backend.name()),
+        );
+    }
+    match &backend {
+        AnyBackend::Cpu(ops) => {
+            let group: Box<dyn Collective<CpuOps>> =
+                if env.launched { Box::new(TcpGroup::join(env)?) } else { Box::new(Single) };
+            run(ops, group.as_ref(), recipe, resume, stop_after, progress)
+        }
+        AnyBackend::Cuda(ops) => {
+            let group: Box<dyn Collective<CudaOps>> =
+                if env.launched { Box::new(NcclGroup::join(ops, env)?) } else { Box::new(Single) };
+            run(ops.as_ref(), group.as_ref(), recipe, resume, stop_after, progress)
+        }
+    }
+}
+
+fn run<O: Ops>(
+    ops: &O,
+    dist: &dyn Collective<O>,
+    recipe: &Recipe,
+    resume: bool,
+    stop_after: Option<usize>,
+    progress: bool,
+) -> Result<FinetuneReport> {
+    let root = dist.rank() == 0;
     let model_dir = &recipe.model.path;
     if !model_dir.join("config.json").exists() {
         bail!(
@@ -96,7 +152,7 @@ pub fn finetune(
             model_dir.display()
         );
     }
-    let model = Model::load(&ops, model_dir)?;
+    let model = Model::load(ops, model_dir)?;
     let chat = ChatModel::load(model_dir)
         .with_context(|| format!("loading the tokenizer of {}", model_dir.display()))?;
 
@@ -116,33 +172,24 @@ pub fn finetune(
     if train_tok.is_empty() {
         bail!("no training examples left after filtering:\n{summary}");
     }
-    eprintln!("data: {} train / {} validation examples\n{summary}", train_tok.len(), val_tok.len());
+    if root {
+        eprintln!("data: {} train / {} validation examples\n{summary}", train_tok.len(), val_tok.len());
+    }
 
     // adapter: continue from one, or fresh; none when the whole model is trained
     let adapter = if recipe.peft.full {
-        if recipe.peft.dropout > 0.0 {
+        if recipe.peft.dropout > 0.0 && root {
             eprintln!("peft.dropout applies to LoRA paths only: full fine-tuning ignores it");
         }
         None
     } else {
-        Some(lora_adapter(&ops, recipe, &model, model_dir)?)
+        Some(lora_adapter(ops, recipe, &model, model_dir)?)
     };
 
     let out = &recipe.output_dir;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    crate::util::atomic_write(&out.join("recipe.yaml"), recipe.to_yaml().as_bytes())?;
-    let manifest = Manifest {
-        train_files: &d.train,
-        validation_files: &d.validation,
-        filters: &filter,
-        val_fraction: d.val_fraction,
-        summary: &summary,
-        train: train_tok.iter().map(|t| t.hash.as_str()).collect(),
-        validation: val_tok.iter().map(|t| t.hash.as_str()).collect(),
-    };
-    crate::util::atomic_write(&out.join("data_manifest.json"), &serde_json::to_vec_pretty(&manifest)?)?;
-    // the held-out conversations as they were logged, for an eval or gate on them later
-    crate::util::atomic_write(&out.join("validation.jsonl"), source_lines(&val_raw)?.as_bytes())?;
+    if root {
+        write_run_files(recipe, &filter, &summary, &train_tok, &val_tok, &val_raw)?;
+    }
 
     let s = &recipe.step_scheduler;
     let o = &recipe.optimizer;
@@ -177,25 +224,29 @@ pub fn finetune(
     let val_ex: Vec<Example> = val_tok.into_iter().map(|t| t.example).collect();
     let (trained_dir, outcome) = match adapter {
         Some(adapter) => {
-            let (adapter, outcome) = train(&ops, &model, adapter, &train_ex, &val_ex, &cfg, resume)?;
+            let (adapter, outcome) =
+                train_data_parallel(ops, &model, adapter, &train_ex, &val_ex, &cfg, resume, dist)?;
             let dir = out.join("adapter");
-            if outcome.steps > 0 {
-                save_adapter(&ops, &adapter, &dir, model_dir)?;
+            if outcome.steps > 0 && root {
+                save_adapter(ops, &adapter, &dir, model_dir)?;
             }
             (dir, outcome)
         }
         None => {
             // Full fine-tuning: the loaded model's f32 tensors are the master weights
             // AdamW updates in place; nothing stays frozen.
-            let (model, outcome) = train(&ops, &(), model, &train_ex, &val_ex, &cfg, resume)?;
+            let (model, outcome) =
+                train_data_parallel(ops, &(), model, &train_ex, &val_ex, &cfg, resume, dist)?;
             let dir = out.join("model");
-            if outcome.steps > 0 {
-                save_model(&ops, &model, &dir, model_dir)?;
+            if outcome.steps > 0 && root {
+                save_model(ops, &model, &dir, model_dir)?;
             }
             (dir, outcome)
         }
     };
-    super::plot::loss_curve_png(&outcome.history, &out.join("loss.png"))?;
+    if root {
+        super::plot::loss_curve_png(&outcome.history, &out.join("loss.png"))?;
+    }
     Ok(FinetuneReport {
         output_dir: out.clone(),
         full: recipe.peft.full,
@@ -205,6 +256,37 @@ pub fn finetune(
         n_val: val_ex.len(),
         outcome,
     })
+}
+
+/// The run's record of what it was asked and what it read: `recipe.yaml`,
+/// `data_manifest.json`, and the held-out conversations as logged (`validation.jsonl`,
+/// for an eval or gate on them later).
+fn write_run_files(
+    recipe: &Recipe,
+    filter: &FeedbackFilter,
+    summary: &Summary,
+    train_tok: &[Tokenized],
+    val_tok: &[Tokenized],
+    val_raw: &[feedback::Example],
+) -> Result<()> {
+    let out = &recipe.output_dir;
+    let d = &recipe.data;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    crate::util::atomic_write(&out.join("recipe.yaml"), recipe.to_yaml().as_bytes())?;
+    let manifest = Manifest {
+        train_files: &d.train,
+        validation_files: &d.validation,
+        filters: filter,
+        val_fraction: d.val_fraction,
+        summary,
+        train: train_tok.iter().map(|t| t.hash.as_str()).collect(),
+        validation: val_tok.iter().map(|t| t.hash.as_str()).collect(),
+    };
+    crate::util::atomic_write(&out.join("data_manifest.json"), &serde_json::to_vec_pretty(&manifest)?)?;
+    // the held-out conversations as they were logged, for an eval or gate on them later
+    crate::util::atomic_write(&out.join("validation.jsonl"), source_lines(val_raw)?.as_bytes())?;
+
+    Ok(())
 }
 
 /// The JSONL lines the examples came from, in order.

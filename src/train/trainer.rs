@@ -17,7 +17,8 @@ use super::optim::{clip_grad_norm, AdamW};
 use super::pack::{batch_of, rows, Example};
 use super::params::Trainable;
 use super::schedule::Schedule;
-use super::step::{forward_backward, forward_backward_into};
+use super::step::{forward_backward, forward_backward_into, TokenBatch};
+use crate::dist::{Collective, Single};
 use crate::model::Decoder;
 use crate::ops::{AdamWParams, Dropout, Ops};
 
@@ -104,28 +105,103 @@ pub fn evaluate<O: Ops>(
     seq_len: usize,
     local_batch: usize,
 ) -> Result<(f64, f64)> {
+    evaluate_sharded(dec, val, seq_len, local_batch, &Single)
+}
+
+/// [`evaluate`] with the batches shared out over the ranks of `dist` and the sums
+/// combined: every rank gets the whole set's figures.
+pub fn evaluate_sharded<O: Ops>(
+    dec: &Decoder<O>,
+    val: &[Example],
+    seq_len: usize,
+    local_batch: usize,
+    dist: &dyn Collective<O>,
+) -> Result<(f64, f64)> {
     let all = rows(val, seq_len, true);
-    let (mut loss, mut counted, mut correct) = (0.0, 0usize, 0usize);
-    for chunk in all.chunks(local_batch.max(1)) {
+    let chunks: Vec<_> = all.chunks(local_batch.max(1)).collect();
+    let mine = shard(chunks.len(), dist.rank(), dist.world_size());
+    let mut sums = [0.0f64; 3]; // loss, counted, correct
+    for chunk in &chunks[mine] {
         let b = batch_of(val, chunk, seq_len);
         let r = forward_backward(dec, &b, None, None)?;
-        loss += r.loss_sum;
-        counted += r.n_counted;
-        correct += r.n_correct;
+        sums[0] += r.loss_sum;
+        sums[1] += r.n_counted as f64;
+        sums[2] += r.n_correct as f64;
     }
-    ensure!(counted > 0, "the validation set has no trained tokens");
-    Ok((loss / counted as f64, correct as f64 / counted as f64))
+    dist.all_reduce_sum(dec.ops, &mut [], &mut sums)?;
+    let [loss, counted, correct] = sums;
+    ensure!(counted > 0.0, "the validation set has no trained tokens");
+    Ok((loss / counted, correct / counted))
+}
+
+/// The contiguous share of `n` items that rank `rank` of `world` takes.
+pub fn shard(n: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
+    let world = world.max(1);
+    n * rank / world..n * (rank + 1) / world
+}
+
+/// What one global batch came to, summed over the ranks.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatchStats {
+    /// Sum of the trained tokens' losses.
+    pub loss_sum: f64,
+    /// Trained tokens (the mean's denominator).
+    pub n_targets: usize,
+    /// Tokens run through the model.
+    pub tokens: usize,
+    /// Values summed over the ranks (gradients and the two host sums), and the seconds
+    /// the sum took on this rank (waiting for the slowest rank included).
+    pub reduced_values: usize,
+    pub reduce_s: f64,
+}
+
+/// The gradient of the global batch's mean loss, into `grads` (zeroed first).
+/// `micro` holds all the global batch's micro-batches, the same list on every rank; this
+/// rank runs its contiguous share, each micro-batch's loss scaled by the whole batch's
+/// count of trained tokens, and the shares are summed over the ranks of `dist` as one
+/// fused buffer. One process (`Single`) running every micro-batch gets the same
+/// gradient up to the order of the additions. `dropout(i)` is micro-batch `i`'s LoRA
+/// dropout, keyed by its place in the global batch so it does not depend on the ranks.
+pub fn global_batch_gradients<O: Ops, P: Trainable<O::Tensor>>(
+    ops: &O,
+    frozen: &P::Frozen,
+    params: &P,
+    micro: &[TokenBatch],
+    grads: &mut P,
+    dropout: impl Fn(usize) -> Option<Dropout>,
+    dist: &dyn Collective<O>,
+) -> Result<BatchStats> {
+    let denom: usize = micro.iter().map(|b| b.n_targets()).sum();
+    for t in grads.tensors_mut() {
+        ops.fill_zero(t)?;
+    }
+    let mut host = [0.0f64, 0.0]; // loss sum, tokens
+    for i in shard(micro.len(), dist.rank(), dist.world_size()) {
+        let mut dec = params.decoder(ops, frozen);
+        dec.lora_dropout = dropout(i);
+        let r = forward_backward_into(&dec, &micro[i], Some(grads.as_grads()), Some(denom))?;
+        host[0] += r.loss_sum;
+        host[1] += micro[i].ids.len() as f64;
+    }
+    let mut tensors = grads.tensors_mut();
+    let reduced_values =
+        tensors.iter().map(|t| ops.shape(t).iter().product::<usize>()).sum::<usize>() + host.len();
+    let t0 = Instant::now();
+    dist.all_reduce_sum(ops, &mut tensors, &mut host)?;
+    let reduce_s = t0.elapsed().as_secs_f64();
+    Ok(BatchStats { loss_sum: host[0], n_targets: denom, tokens: host[1] as usize, reduced_values, reduce_s })
 }
 
 struct MetricsLog {
-    path: PathBuf,
+    /// `None` on the ranks other than 0, which keep the history but write nothing.
+    path: Option<PathBuf>,
     history: Vec<Metrics>,
 }
 
 impl MetricsLog {
     /// Opens `metrics.jsonl`, keeping only lines up to `upto` steps (a resumed run
-    /// redoes what came after its checkpoint).
-    fn open(dir: &Path, upto: usize) -> Result<Self> {
+    /// redoes what came after its checkpoint). With `write` false, reads it only.
+    fn open(dir: &Path, upto: usize, write: bool) -> Result<Self> {
         let path = dir.join("metrics.jsonl");
         let mut history = Vec::new();
         if let Ok(text) = std::fs::read_to_string(&path) {
@@ -137,29 +213,32 @@ impl MetricsLog {
                 }
             }
         }
-        let log = Self { path, history };
+        let log = Self { path: write.then_some(path), history };
         log.rewrite()?;
         Ok(log)
     }
 
     fn rewrite(&self) -> Result<()> {
+        let Some(path) = &self.path else { return Ok(()) };
         let mut buf = Vec::new();
         for m in &self.history {
             serde_json::to_writer(&mut buf, m)?;
             buf.push(b'\n');
         }
-        crate::util::atomic_write(&self.path, &buf)
+        crate::util::atomic_write(path, &buf)
     }
 
     fn push(&mut self, m: Metrics) -> Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&self.path)
-            .with_context(|| format!("opening {}", self.path.display()))?;
-        let mut line = serde_json::to_vec(&m)?;
-        line.push(b'\n');
-        f.write_all(&line).with_context(|| format!("writing {}", self.path.display()))?;
+        if let Some(path) = &self.path {
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            let mut line = serde_json::to_vec(&m)?;
+            line.push(b'\n');
+            f.write_all(&line).with_context(|| format!("writing {}", path.display()))?;
+        }
         self.history.push(m);
         Ok(())
     }
@@ -183,10 +262,33 @@ pub fn train<O: Ops, P: Trainable<O::Tensor>>(
     cfg: &TrainConfig,
     resume: bool,
 ) -> Result<(P, TrainOutcome)> {
+    train_data_parallel(ops, frozen, params, train, val, cfg, resume, &Single)
+}
+
+/// [`train`] as one rank of a data-parallel run: every rank walks the same sequence of
+/// global batches, runs its share of each and sums the gradients through `dist`
+/// (see [`global_batch_gradients`]), so all ranks take the same optimizer step. Rank 0
+/// alone writes checkpoints, `metrics.jsonl` and the progress bar. The data position is
+/// kept in global rows, so a run may resume with another number of ranks.
+#[allow(clippy::too_many_arguments)]
+pub fn train_data_parallel<O: Ops, P: Trainable<O::Tensor>>(
+    ops: &O,
+    frozen: &P::Frozen,
+    params: P,
+    train: &[Example],
+    val: &[Example],
+    cfg: &TrainConfig,
+    resume: bool,
+    dist: &dyn Collective<O>,
+) -> Result<(P, TrainOutcome)> {
     ensure!(!train.is_empty(), "no training examples");
+    let world = dist.world_size();
+    let root = dist.rank() == 0;
     ensure!(
-        cfg.global_batch % cfg.local_batch.max(1) == 0,
-        "global batch must be a multiple of the local batch"
+        cfg.global_batch % (cfg.local_batch.max(1) * world) == 0,
+        "the global batch ({}) must be a multiple of the local batch ({}) times the number of ranks ({world})",
+        cfg.global_batch,
+        cfg.local_batch
     );
     let ckpt_root = cfg.output_dir.join("checkpoints");
     // Every epoch packs the same lengths, so it has as many rows as the first.
@@ -240,7 +342,7 @@ pub fn train<O: Ops, P: Trainable<O::Tensor>>(
     };
     std::fs::create_dir_all(&cfg.output_dir)
         .with_context(|| format!("creating {}", cfg.output_dir.display()))?;
-    let mut log = MetricsLog::open(&cfg.output_dir, state.step)?;
+    let mut log = MetricsLog::open(&cfg.output_dir, state.step, root)?;
     let sched = Schedule {
         lr: cfg.adamw.lr as f64,
         warmup_steps: cfg.warmup_steps,
@@ -248,7 +350,7 @@ pub fn train<O: Ops, P: Trainable<O::Tensor>>(
         decay: cfg.decay,
         min_lr_ratio: cfg.min_lr_ratio,
     };
-    let bar = if cfg.progress {
+    let bar = if cfg.progress && root {
         indicatif::ProgressBar::new(total_steps as u64)
     } else {
         indicatif::ProgressBar::hidden()
@@ -258,10 +360,14 @@ pub fn train<O: Ops, P: Trainable<O::Tensor>>(
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_position(state.step as u64);
-    let say = |s: String| if bar.is_hidden() { eprintln!("{s}") } else { bar.println(s) };
+    let say = |s: String| match (root, bar.is_hidden()) {
+        (false, _) => {}
+        (true, true) => eprintln!("{s}"),
+        (true, false) => bar.println(s),
+    };
 
     let validate = |params: &P| -> Result<(f64, f64)> {
-        evaluate(&params.decoder(ops, frozen), val, cfg.seq_len, cfg.local_batch)
+        evaluate_sharded(&params.decoder(ops, frozen), val, cfg.seq_len, cfg.local_batch, dist)
     };
     if state.step == 0 && !val.is_empty() && !log.history.iter().any(|m| m.val_loss.is_some()) {
         let (l, a) = validate(&params)?;
@@ -288,22 +394,25 @@ pub fn train<O: Ops, P: Trainable<O::Tensor>>(
         }
         let micro: Vec<_> =
             step_rows.chunks(cfg.local_batch).map(|c| batch_of(train, c, cfg.seq_len)).collect();
-        let denom: usize = micro.iter().map(|b| b.n_targets()).sum();
-        for t in grads.tensors_mut() {
-            ops.fill_zero(t)?;
-        }
-        let (mut loss_sum, mut tokens) = (0.0, 0usize);
-        for (i, b) in micro.iter().enumerate() {
-            let mut dec = params.decoder(ops, frozen);
-            dec.lora_dropout = (cfg.lora_dropout > 0.0).then(|| Dropout {
+        let dropout = |i: usize| {
+            (cfg.lora_dropout > 0.0).then(|| Dropout {
                 p: cfg.lora_dropout,
                 seed: cfg.seed ^ ((state.step as u64) << 20 | i as u64).wrapping_mul(0xA076_1D64_78BD_642F),
-            });
-            let r = forward_backward_into(&dec, b, Some(grads.as_grads()), Some(denom))?;
-            loss_sum += r.loss_sum;
-            tokens += b.ids.len();
+            })
+        };
+        let stats = global_batch_gradients(ops, frozen, &params, &micro, &mut grads, dropout, dist)?;
+        let tokens = stats.tokens;
+        if root && dist.kind() != "single" && (state.step + 1) % 50 == 1 {
+            say(format!(
+                "[rank 0] step {}: all-reduce over {} of {} values ({:.2} MB f32) in {:.1} ms",
+                state.step + 1,
+                dist.kind(),
+                stats.reduced_values,
+                stats.reduced_values as f64 * 4.0 / 1e6,
+                stats.reduce_s * 1e3
+            ));
         }
-        let loss = loss_sum / denom.max(1) as f64;
+        let loss = stats.loss_sum / stats.n_targets.max(1) as f64;
         if !loss.is_finite() {
             bail!("loss is {loss} at step {}: stopping before the weights are damaged", state.step + 1);
         }
@@ -334,7 +443,7 @@ pub fn train<O: Ops, P: Trainable<O::Tensor>>(
         }
         log.push(m)?;
         let stopping = state.step == stop;
-        if last || stopping || cfg.ckpt_every.is_some_and(|n| n > 0 && state.step % n == 0) {
+        if root && (last || stopping || cfg.ckpt_every.is_some_and(|n| n > 0 && state.step % n == 0)) {
             let dir = checkpoint::save(ops, &ckpt_root, &state, &params, &opt)?;
             checkpoint::prune(&ckpt_root, cfg.keep_last)?;
             tracing::info!("checkpoint {}", dir.display());

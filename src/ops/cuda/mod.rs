@@ -104,6 +104,12 @@ impl CudaOps {
         self.dtype
     }
 
+    /// The context, stream and kernels (for the NCCL collective, which runs on the
+    /// same stream).
+    pub fn runtime(&self) -> &Runtime {
+        &self.rt
+    }
+
     /// The GPU's name, for reports.
     pub fn device_name(&self) -> String {
         self.rt.ctx.name().unwrap_or_else(|_| "unknown CUDA device".into())

@@ -1,0 +1,219 @@
+//! The CUDA backend's collective: NCCL, over cudarc's `nccl::result`/`sys` layer (its
+//! safe `Comm` panics in `Drop` when an abort fails, and hides the handle that the
+//! asynchronous error check needs).
+//!
+//! Rank 0 makes the unique id and hands its 128 bytes out through the TCP rendezvous;
+//! every rank then joins the communicator on its own GPU's stream. An all-reduce that
+//! does not finish within the timeout, or that NCCL reports failed (a peer died), aborts
+//! the communicator, so the process exits instead of hanging.
+
+use std::cell::Cell;
+use std::mem::MaybeUninit;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use cudarc::nccl::{result, sys};
+
+use super::rendezvous::{self, PAYLOAD};
+use super::{Collective, DistEnv};
+use crate::ops::cuda::{probe_nccl, CudaOps, CudaTensor};
+
+pub struct NcclGroup {
+    comm: sys::ncclComm_t,
+    rank: usize,
+    world_size: usize,
+    timeout: Duration,
+    aborted: Cell<bool>,
+    seq: Cell<u64>,
+}
+
+fn nccl_error(what: &str, e: result::NcclError) -> anyhow::Error {
+    anyhow::anyhow!("{what}: NCCL error {:?}", e.0)
+}
+
+impl NcclGroup {
+    /// Meets the other ranks of `env` and joins the NCCL communicator on `ops`' GPU.
+    pub fn join(ops: &CudaOps, env: &DistEnv) -> Result<Self> {
+        probe_nccl()?;
+        let payload = if env.is_root() {
+            let id = result::get_uniqueid().map_err(|e| nccl_error("ncclGetUniqueId", e))?;
+            let mut bytes = [0u8; PAYLOAD];
+            for (b, c) in bytes.iter_mut().zip(id.internal.iter()) {
+                *b = *c as u8;
+            }
+            Some(bytes)
+        } else {
+            None
+        };
+        let rv = rendezvous::join(env, payload)?;
+        let mut internal = [0 as std::ffi::c_char; PAYLOAD];
+        for (c, b) in internal.iter_mut().zip(rv.payload.iter()) {
+            *c = *b as std::ffi::c_char;
+        }
+        let id = sys::ncclUniqueId { internal };
+        ops.runtime().ctx.bind_to_thread().context("binding the CUDA context")?;
+        let t0 = Instant::now();
+        let mut comm = MaybeUninit::uninit();
+        let world = i32::try_from(env.world_size).context("world size")?;
+        let rank = i32::try_from(env.rank).context("rank")?;
+        // SAFETY: `comm` is written by NCCL on success and read only then.
+        let comm = unsafe {
+            result::comm_init_rank(comm.as_mut_ptr(), world, id, rank)
+                .map_err(|e| nccl_error(&format!("rank {}: ncclCommInitRank", env.rank), e))?;
+            comm.assume_init()
+        };
+        let version = result::get_nccl_version().unwrap_or(0);
+        super::say(
+            env.rank,
+            format_args!(
+                "NCCL {}.{}.{} communicator: rank {} of {} on GPU {} ({:.2} s)",
+                version / 10000,
+                version / 100 % 100,
+                version % 100,
+                env.rank,
+                env.world_size,
+                env.local_rank,
+                t0.elapsed().as_secs_f64()
+            ),
+        );
+        Ok(Self {
+            comm,
+            rank: env.rank,
+            world_size: env.world_size,
+            timeout: env.timeout,
+            aborted: Cell::new(false),
+            seq: Cell::new(0),
+        })
+    }
+
+    fn abort(&self) {
+        if !self.aborted.replace(true) {
+            // SAFETY: the communicator is live until Drop, which skips it once aborted.
+            let _ = unsafe { result::comm_abort(self.comm) };
+        }
+    }
+
+    /// Waits for the stream's work (the all-reduces just queued) while watching NCCL's
+    /// asynchronous error state and the clock.
+    fn wait(&self, ops: &CudaOps, seq: u64) -> Result<()> {
+        let stream = &ops.runtime().stream;
+        let done = stream.record_event(None).context("recording a CUDA event")?;
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            match done.try_is_complete() {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => {
+                    self.abort();
+                    bail!("rank {}: all-reduce {seq} failed on the GPU: {e:?}", self.rank);
+                }
+            }
+            let mut state = sys::ncclResult_t::ncclSuccess;
+            // SAFETY: a live communicator and a valid out pointer.
+            let _ = unsafe { sys::ncclCommGetAsyncError(self.comm, &mut state) };
+            if !matches!(state, sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress) {
+                self.abort();
+                bail!(
+                    "rank {}: NCCL reports {state:?} during all-reduce {seq}: a peer failed or left",
+                    self.rank
+                );
+            }
+            if Instant::now() >= deadline {
+                self.abort();
+                bail!(
+                    "rank {}: all-reduce {seq} did not complete within {:.0} s: a rank hangs or died \
+                     (raise TUNELOOP_DIST_TIMEOUT if its steps are that slow)",
+                    self.rank,
+                    self.timeout.as_secs_f64()
+                );
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    fn all_reduce_raw(
+        &self,
+        ops: &CudaOps,
+        ptr: u64,
+        count: usize,
+        dtype: sys::ncclDataType_t,
+    ) -> Result<()> {
+        let stream = &ops.runtime().stream;
+        // SAFETY: `ptr` addresses `count` elements of `dtype` on this communicator's GPU,
+        // alive until the caller has waited for the stream.
+        unsafe {
+            result::all_reduce(
+                ptr as *const std::ffi::c_void,
+                ptr as *mut std::ffi::c_void,
+                count,
+                dtype,
+                sys::ncclRedOp_t::ncclSum,
+                self.comm,
+                stream.cu_stream() as sys::cudaStream_t,
+            )
+        }
+        .map_err(|e| nccl_error(&format!("rank {}: ncclAllReduce", self.rank), e))?;
+        Ok(())
+    }
+}
+
+impl Drop for NcclGroup {
+    fn drop(&mut self) {
+        if !self.aborted.get() {
+            // SAFETY: the communicator is live and no work is queued on it (every
+            // all-reduce was waited for).
+            let _ = unsafe { result::comm_destroy(self.comm) };
+        }
+    }
+}
+
+impl Collective<CudaOps> for NcclGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+    fn kind(&self) -> &'static str {
+        "nccl"
+    }
+
+    fn all_reduce_sum(&self, ops: &CudaOps, tensors: &mut [&mut CudaTensor], host: &mut [f64]) -> Result<()> {
+        let seq = self.seq.get();
+        self.seq.set(seq + 1);
+        let stream = ops.runtime().stream.clone();
+        // one fused buffer: the gradients packed end to end
+        let total: usize = tensors.iter().map(|t| t.numel()).sum();
+        let mut flat = stream.alloc_zeros::<f32>(total.max(1)).context("CUDA allocation")?;
+        let mut off = 0;
+        for t in tensors.iter() {
+            let n = t.numel();
+            stream
+                .memcpy_dtod(&t.buf.slice(..n), &mut flat.slice_mut(off..off + n))
+                .context("packing the gradients")?;
+            off += n;
+        }
+        self.all_reduce_raw(ops, ops.runtime().ptr(&flat), total, sys::ncclDataType_t::ncclFloat32)?;
+        let host_dev = if host.is_empty() {
+            None
+        } else {
+            let d = stream.clone_htod(&*host).context("host-to-device copy")?;
+            self.all_reduce_raw(ops, ops.runtime().ptr(&d), host.len(), sys::ncclDataType_t::ncclFloat64)?;
+            Some(d)
+        };
+        self.wait(ops, seq)?;
+        let mut off = 0;
+        for t in tensors.iter_mut() {
+            let n = t.numel();
+            stream
+                .memcpy_dtod(&flat.slice(off..off + n), &mut t.buf.slice_mut(..n))
+                .context("unpacking the gradients")?;
+            off += n;
+        }
+        if let Some(d) = host_dev {
+            let v = stream.clone_dtoh(&d).context("device-to-host copy")?;
+            host.copy_from_slice(&v[..host.len()]);
+        }
+        Ok(())
+    }
+}

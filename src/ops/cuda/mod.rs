@@ -12,13 +12,16 @@
 //!   this mode (the weight-gradient ops and AdamW say so): the base weights are bf16 and
 //!   would need f32 master copies, which this backend does not keep.
 //!
-//! What is verified: nothing here has run on a GPU yet. The kernels compile (build.rs,
-//! with the pinned nvcc) and the Rust compiles; `tests/cuda_ops.rs` compares every op with
-//! the CPU op in both modes (1e-5 in f32, 1e-2 relative L2 in bf16) and the golden cases
-//! on CUDA, and `scripts/gpu-check.sh` runs those tests and `tuneloop parity --backend cuda`
-//! with `--dtype f32` and `--dtype bf16` on a GPU machine. Until that has run, every
-//! launcher, kernel and cuBLASLt plan (bf16 layouts, the mixed bf16/f32 GEMM, the bias
-//! epilogue) is unverified.
+//! What is verified: nothing here has run on a GPU yet, in either mode. Checked without
+//! one: the kernels compile (build.rs with the pinned nvcc), every kernel name a launcher
+//! forms exists in the fatbin's list, checkpoint bytes convert to bf16 with
+//! round-to-nearest-even. Written but not yet run: `tests/cuda_ops.rs` compares every op
+//! with the CPU op in both modes (1e-5 in f32, 1e-2 relative L2 in bf16) and runs the
+//! golden cases on CUDA; `scripts/gpu-check.sh` runs those tests, compute-sanitizer and
+//! `tuneloop parity --backend cuda` with `--dtype f32` and `--dtype bf16` on a GPU machine.
+//! Until that has run, every launcher, kernel and cuBLASLt plan (the bf16 layouts, the
+//! bf16 -> f32 GEMM, the bias epilogue) is unverified, and so are the bf16 mode's
+//! tolerances.
 //!
 //! Synchronisation: one stream, no per-buffer events; the host waits only where it reads
 //! results back (download, loss, norms, the embedding's error flag).
@@ -1126,5 +1129,53 @@ impl CudaOps {
                 sign
             ],
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DType;
+    use crate::kernels::KERNEL_NAMES;
+
+    /// Every kernel name the launchers put together from a base and a type suffix exists
+    /// in the fatbin's list, for both types (a typo would otherwise show only on a GPU).
+    #[test]
+    fn every_typed_kernel_name_exists() {
+        let typed = [
+            "fill",
+            "scale",
+            "add_bias_rows",
+            "lora_dropout_fwd",
+            "lora_dropout_bwd_acc",
+            "gather_rows",
+            "add_assign",
+            "embedding_fwd",
+            "rmsnorm_fwd",
+            "rmsnorm_bwd",
+            "attn_bwd_dot",
+            "swiglu_fwd",
+            "swiglu_bwd",
+            "cross_entropy",
+            "rope",
+        ];
+        let mut names = Vec::new();
+        for t in [DType::F32, DType::Bf16] {
+            names.extend(typed.iter().map(|b| format!("{b}_{}", t.suffix())));
+            for attn in ["attn_fwd", "attn_bwd_dq", "attn_bwd_dkdv"] {
+                for tile in ["bc32", "bc16"] {
+                    names.push(format!("{attn}_{}_{tile}", t.suffix()));
+                }
+            }
+            for u in [DType::F32, DType::Bf16] {
+                if t != u {
+                    names.push(format!("cast_{}_to_{}", t.suffix(), u.suffix()));
+                    names.push(format!("add_assign_{}_{}", t.suffix(), u.suffix()));
+                }
+            }
+        }
+        names.extend(["sum_squares_partial", "sum_squares_partial_bf16"].map(String::from));
+        for name in &names {
+            assert!(KERNEL_NAMES.contains(&name.as_str()), "no kernel {name}");
+        }
     }
 }

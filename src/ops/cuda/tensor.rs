@@ -10,7 +10,11 @@
 //!   a temporary, see [`Operand`]); in-place and data-movement ops (`add_assign`, `scale`,
 //!   `rope`, `copy_rows`, `gather_rows`, `fill_zero`) work on the tensor's own type.
 //!
-//! In the f32 mode every tensor is f32, so no conversion ever happens there.
+//! In the f32 mode every tensor is f32, so no conversion ever happens there. In the bf16
+//! mode a conversion costs a cast kernel and a temporary on every use, so what is used
+//! often should be made in the activation type: base weights made with `upload`
+//! (`Model::random`, a merged export) and a KV cache made by `zeros` work, but pay that
+//! cost each time (LoRA A/B are converted too, but they are `r` rows or columns).
 
 use std::ops::Deref;
 

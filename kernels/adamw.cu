@@ -1,6 +1,8 @@
 // The optimizer's kernels: multi-tensor AdamW in one launch, and the sum of squares of
 // gradients for the global-norm clip. LoRA weights, their gradients and AdamW's moments
-// are f32 (DESIGN: f32 master weights and states), so there are no bf16 variants.
+// are f32 (DESIGN: f32 master weights and states), so adamw_multi has no bf16 variant.
+// The gradients whose norm is taken are f32 too; sum_squares_partial_bf16 serves a caller
+// that asks for the norm of bf16 tensors (activations) in the bf16 mode.
 //
 // adamw_multi: torch.optim.AdamW's single-tensor arithmetic, in the CPU backend's order:
 //   p *= 1 - lr * wd
@@ -14,7 +16,7 @@
 //
 // sum_squares_partial: partial[blockIdx.x] = sum of x^2 over the block's grid-strided
 // elements, accumulated in f64. The host adds the partials in order (deterministic).
-// Launch: 1-D, blockDim.x == 256.
+// Launch: 1-D, blockDim.x == 256 (both variants).
 
 #include "common.cuh"
 
@@ -46,12 +48,13 @@ extern "C" __global__ void adamw_multi(const AdamWTensor* tensors, int n_tensors
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256)
-sum_squares_partial(double* partial, const float* x, size_t n) {
+namespace tl_adamw {
+
+template <typename T> __device__ void sum_squares_partial(double* partial, const T* x, size_t n) {
     __shared__ double s[256];
     double acc = 0.0;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const double v = x[i];
+        const double v = tl::load_f32(x + i);
         acc += v * v;
     }
     s[threadIdx.x] = acc;
@@ -61,4 +64,15 @@ sum_squares_partial(double* partial, const float* x, size_t n) {
         __syncthreads();
     }
     if (threadIdx.x == 0) partial[blockIdx.x] = s[0];
+}
+
+}  // namespace tl_adamw
+
+extern "C" __global__ void __launch_bounds__(256)
+sum_squares_partial(double* partial, const float* x, size_t n) {
+    tl_adamw::sum_squares_partial(partial, x, n);
+}
+extern "C" __global__ void __launch_bounds__(256)
+sum_squares_partial_bf16(double* partial, const __nv_bfloat16* x, size_t n) {
+    tl_adamw::sum_squares_partial(partial, x, n);
 }

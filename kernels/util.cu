@@ -1,6 +1,6 @@
 // Small utilities the CUDA backend needs between the real ops: element-wise add and
-// scale, filling, row gathers, the bias broadcast of a linear layer and the column sum
-// that is its bias gradient.
+// scale, filling, casts between f32 and bf16, row gathers, the bias broadcast of a
+// linear layer and the column sum that is its bias gradient.
 //
 // Layout: row-major [rows, cols]; n counts elements. Launch: 1-D, any grid (every kernel
 // strides over its index space), blockDim.x a multiple of 32.
@@ -12,8 +12,8 @@ namespace tl_util {
 __device__ __forceinline__ size_t global_tid() { return (size_t)blockIdx.x * blockDim.x + threadIdx.x; }
 __device__ __forceinline__ size_t grid_stride() { return (size_t)gridDim.x * blockDim.x; }
 
-// a[i] += b[i]
-template <typename T> __device__ void add_assign(T* a, const T* b, size_t n) {
+// a[i] += b[i], in f32, rounded once to a's type (a and b may differ in type)
+template <typename TA, typename TB> __device__ void add_assign(TA* a, const TB* b, size_t n) {
     for (size_t i = global_tid(); i < n; i += grid_stride()) {
         tl::store_f32(a + i, tl::load_f32(a + i) + tl::load_f32(b + i));
     }
@@ -22,6 +22,11 @@ template <typename T> __device__ void add_assign(T* a, const T* b, size_t n) {
 // a[i] *= s
 template <typename T> __device__ void scale(T* a, size_t n, float s) {
     for (size_t i = global_tid(); i < n; i += grid_stride()) tl::store_f32(a + i, tl::load_f32(a + i) * s);
+}
+
+// out[i] = in[i], converted (f32 -> bf16 rounds to nearest even; bf16 -> f32 is exact)
+template <typename TO, typename TI> __device__ void cast(TO* out, const TI* in, size_t n) {
+    for (size_t i = global_tid(); i < n; i += grid_stride()) tl::store_f32(out + i, tl::load_f32(in + i));
 }
 
 // out[r, :] = x[rows[r], :]; rows are checked on the host.
@@ -48,13 +53,34 @@ extern "C" __global__ void add_assign_f32(float* a, const float* b, size_t n) { 
 extern "C" __global__ void add_assign_bf16(__nv_bfloat16* a, const __nv_bfloat16* b, size_t n) {
     tl_util::add_assign(a, b, n);
 }
+// Mixed: an f32 accumulator plus a bf16 tensor, and the other way round.
+extern "C" __global__ void add_assign_f32_bf16(float* a, const __nv_bfloat16* b, size_t n) {
+    tl_util::add_assign(a, b, n);
+}
+extern "C" __global__ void add_assign_bf16_f32(__nv_bfloat16* a, const float* b, size_t n) {
+    tl_util::add_assign(a, b, n);
+}
 
 extern "C" __global__ void scale_f32(float* a, size_t n, float s) { tl_util::scale(a, n, s); }
 extern "C" __global__ void scale_bf16(__nv_bfloat16* a, size_t n, float s) { tl_util::scale(a, n, s); }
 
-// a[i] = v (f32 only: used for -inf log-sum-exp rows and NaN poisoning in tests)
+// a[i] = v (-inf log-sum-exp rows, NaN poisoning in tests). The f32 variant stores the
+// bits of v unchanged, NaN payloads included.
 extern "C" __global__ void fill_f32(float* a, size_t n, float v) {
     for (size_t i = tl_util::global_tid(); i < n; i += tl_util::grid_stride()) a[i] = v;
+}
+extern "C" __global__ void fill_bf16(__nv_bfloat16* a, size_t n, float v) {
+    const __nv_bfloat16 b = __float2bfloat16_rn(v);
+    for (size_t i = tl_util::global_tid(); i < n; i += tl_util::grid_stride()) a[i] = b;
+}
+
+// The casts between the two storage types: bf16 activations <-> f32 (LoRA weights, KV
+// caches or weights made by `upload`, which are f32 in every mode).
+extern "C" __global__ void cast_f32_to_bf16(__nv_bfloat16* out, const float* in, size_t n) {
+    tl_util::cast(out, in, n);
+}
+extern "C" __global__ void cast_bf16_to_f32(float* out, const __nv_bfloat16* in, size_t n) {
+    tl_util::cast(out, in, n);
 }
 
 extern "C" __global__ void gather_rows_f32(float* out, const float* x, const int* rows, int n_rows, int cols) {

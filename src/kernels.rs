@@ -43,6 +43,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     // kernels/adamw.cu
     "adamw_multi",
     "sum_squares_partial",
+    "sum_squares_partial_bf16",
     // kernels/attention.cu
     "attn_fwd_f32_bc32",
     "attn_bwd_dq_f32_bc32",
@@ -88,9 +89,14 @@ pub const KERNEL_NAMES: &[&str] = &[
     // kernels/util.cu
     "add_assign_f32",
     "add_assign_bf16",
+    "add_assign_f32_bf16",
+    "add_assign_bf16_f32",
     "scale_f32",
     "scale_bf16",
     "fill_f32",
+    "fill_bf16",
+    "cast_f32_to_bf16",
+    "cast_bf16_to_f32",
     "gather_rows_f32",
     "gather_rows_bf16",
     "add_bias_rows_f32",

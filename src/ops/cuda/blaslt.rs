@@ -17,27 +17,35 @@ use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
-/// The element type of A, B and C (compute is always f32).
+/// The element types of A/B and of C (= D). Compute and scaling are f32 in all three,
+/// which are combinations cuBLASLt supports for `CUBLAS_COMPUTE_32F`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum GemmDtype {
+    /// A, B, C f32 (the f32 mode; no TF32).
     F32,
-    /// For the bf16 mode, not wired yet.
-    #[allow(dead_code)]
+    /// A, B, C bf16 (the bf16 mode's activations and frozen weights).
     Bf16,
+    /// A, B bf16, C f32: bf16 operands accumulated into an f32 tensor (LoRA gradients).
+    Bf16F32,
 }
 
 impl GemmDtype {
-    fn cuda(self) -> sys::cudaDataType {
+    /// (A and B, C and D)
+    fn cuda(self) -> (sys::cudaDataType, sys::cudaDataType) {
+        use sys::cudaDataType::{CUDA_R_16BF, CUDA_R_32F};
         match self {
-            GemmDtype::F32 => sys::cudaDataType::CUDA_R_32F,
-            GemmDtype::Bf16 => sys::cudaDataType::CUDA_R_16BF,
+            GemmDtype::F32 => (CUDA_R_32F, CUDA_R_32F),
+            GemmDtype::Bf16 => (CUDA_R_16BF, CUDA_R_16BF),
+            GemmDtype::Bf16F32 => (CUDA_R_16BF, CUDA_R_32F),
         }
     }
 }
 
-/// `C [m, n] = alpha · op(A) · op(B) + beta · C`, all row-major. `op(A)` is `[m, k]`:
-/// A is stored `[m, k]`, or `[k, m]` when `trans_a`. `op(B)` is `[k, n]`: B is stored
-/// `[k, n]`, or `[n, k]` when `trans_b`.
+/// `C [m, n] = alpha · op(A) · op(B) + beta · C (+ bias)`, all row-major. `op(A)` is
+/// `[m, k]`: A is stored `[m, k]`, or `[k, m]` when `trans_a`. `op(B)` is `[k, n]`: B is
+/// stored `[k, n]`, or `[n, k]` when `trans_b`. With `bias`, a vector of `n` elements of
+/// C's type is added to every row of C by cuBLASLt's `BIAS` epilogue (in f32, before the
+/// one rounding to C's type).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GemmShape {
     pub m: usize,
@@ -46,6 +54,7 @@ pub struct GemmShape {
     pub trans_a: bool,
     pub trans_b: bool,
     pub dtype: GemmDtype,
+    pub bias: bool,
 }
 
 /// Descriptors and the heuristic's algorithm for one shape.
@@ -96,7 +105,7 @@ impl BlasLt {
 
     fn make_plan(&self, s: GemmShape) -> Result<Plan> {
         let err = |what: &'static str| move |e: lt::CublasError| anyhow::anyhow!("{what}: {e}");
-        let dt = s.dtype.cuda();
+        let (ab_type, c_type) = s.dtype.cuda();
         // Plain f32 compute: no TF32, so f32 mode matches the CPU backend.
         let desc = lt::create_matmul_desc(
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
@@ -120,16 +129,36 @@ impl BlasLt {
                 std::mem::size_of_val(&tb),
             )
             .map_err(err("TRANSB"))?;
+            if s.bias {
+                // cuBLASLt's D is our Cᵀ, column-major [n, m]: its n rows are our columns,
+                // so the bias vector (one value per D row) is added to each of our rows.
+                let epilogue = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+                lt::set_matmul_desc_attribute(
+                    desc,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
+                    &epilogue as *const _ as *const c_void,
+                    std::mem::size_of_val(&epilogue),
+                )
+                .map_err(err("EPILOGUE"))?;
+                // The default is D's type already; said explicitly so no reader has to know.
+                lt::set_matmul_desc_attribute(
+                    desc,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+                    &c_type as *const _ as *const c_void,
+                    std::mem::size_of_val(&c_type),
+                )
+                .map_err(err("BIAS_DATA_TYPE"))?;
+            }
         }
         let (m, n, k) = (s.m as u64, s.n as u64, s.k as u64);
         // cuBLASLt's A = our B, stored column-major [n, k] (ld n), or [k, n] (ld k) when
         // transposed; its B = our A, [k, m] (ld k) or [m, k] (ld m); D = [n, m] (ld n).
         let a_layout = if s.trans_b { (k, n, k) } else { (n, k, n) };
         let b_layout = if s.trans_a { (m, k, m) } else { (k, m, k) };
-        let mk = |(r, c, ld): (u64, u64, u64)| {
+        let mk = |dt, (r, c, ld): (u64, u64, u64)| {
             lt::create_matrix_layout(dt, r, c, ld as i64).map_err(err("cublasLtMatrixLayoutCreate"))
         };
-        let layouts = [mk(a_layout)?, mk(b_layout)?, mk((n, m, n))?];
+        let layouts = [mk(ab_type, a_layout)?, mk(ab_type, b_layout)?, mk(c_type, (n, m, n))?];
 
         let pref = lt::create_matmul_pref().map_err(err("cublasLtMatmulPreferenceCreate"))?;
         let ws = WORKSPACE_BYTES as u64;
@@ -157,10 +186,23 @@ impl BlasLt {
         Ok(Plan { desc, layouts, algo: heuristic.algo })
     }
 
-    /// `C = alpha·op(A)·op(B) + beta·C` on the stream. `a`, `b`, `c` are device addresses of
-    /// buffers holding at least `m·k`, `k·n`, `m·n` elements of `s.dtype` (the caller
-    /// checks). `beta = 0` ignores what C held.
-    pub fn matmul(&mut self, s: GemmShape, c: u64, a: u64, b: u64, alpha: f32, beta: f32) -> Result<()> {
+    /// `C = alpha·op(A)·op(B) + beta·C (+ bias)` on the stream. `a`, `b`, `c` are device
+    /// addresses of buffers holding at least `m·k`, `k·n`, `m·n` elements of `s.dtype`'s
+    /// types, `bias` (given exactly when `s.bias`) one of `n` elements of C's type (the
+    /// caller checks). `beta = 0` ignores what C held. Every address is the start of an
+    /// allocation (cuBLASLt's heuristic assumes 256-byte alignment by default).
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul(
+        &mut self,
+        s: GemmShape,
+        c: u64,
+        a: u64,
+        b: u64,
+        alpha: f32,
+        beta: f32,
+        bias: Option<u64>,
+    ) -> Result<()> {
+        anyhow::ensure!(s.bias == bias.is_some(), "matmul {s:?}: bias pointer {bias:?}");
         if s.m == 0 || s.n == 0 {
             return Ok(());
         }
@@ -168,6 +210,20 @@ impl BlasLt {
         let stream = self.stream.cu_stream() as sys::cudaStream_t;
         let ws = self.workspace.device_ptr(&self.stream).0;
         let plan = self.plan(s)?;
+        if let Some(bias) = bias {
+            // Read by cublasLtMatmul when it enqueues, so setting it per call on the cached
+            // descriptor is safe (all calls come through `&mut self`).
+            // SAFETY: desc is live; the attribute is a device pointer, passed by address.
+            unsafe {
+                lt::set_matmul_desc_attribute(
+                    plan.desc,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                    &bias as *const u64 as *const c_void,
+                    std::mem::size_of::<u64>(),
+                )
+            }
+            .map_err(|e| anyhow::anyhow!("BIAS_POINTER: {e}"))?;
+        }
         // SAFETY: descriptors are live, pointers are device buffers of the documented
         // sizes, alpha/beta are host f32 (the default pointer mode).
         unsafe {

@@ -1,16 +1,34 @@
 //! The CUDA backend: the kernels of `kernels/*.cu` and cuBLASLt behind the [`Ops`] trait.
 //!
-//! Status: f32 mode (`DType::F32`, TF32 off) implements every op and mirrors the CPU
-//! backend op for op. bf16 storage of activations and base weights is not wired yet:
-//! the kernels have their bf16 variants (`*_bf16`), but `CudaOps::new(_, DType::Bf16)`
-//! returns an error saying so. `tests/cuda_ops.rs` checks each op against the CPU op on a
-//! GPU; `scripts/gpu-check.sh` runs it.
+//! Two modes ([`DType`]):
+//! - **f32** (TF32 off) mirrors the CPU backend op for op: the exact-parity mode.
+//! - **bf16**: base weights (from `upload_weight`, converted from f32/f16 checkpoints on
+//!   upload) and activations are bf16 on the device, every kernel accumulates in f32, the
+//!   matmuls are cuBLASLt bf16 GEMMs with f32 compute (Qwen2's bias fused as the `BIAS`
+//!   epilogue). LoRA A/B, their gradients and AdamW's moments stay f32: the LoRA path
+//!   casts A and B to bf16 for its GEMMs and accumulates the gradients into the f32
+//!   tensors (bf16 operands, f32 C). `download` returns f32 and `upload` takes f32 in
+//!   both. Which tensor has which type: see [`tensor`]. Full fine-tuning is refused in
+//!   this mode (the weight-gradient ops and AdamW say so): the base weights are bf16 and
+//!   would need f32 master copies, which this backend does not keep.
+//!
+//! What is verified: nothing here has run on a GPU yet, in either mode. Checked without
+//! one: the kernels compile (build.rs with the pinned nvcc), every kernel name a launcher
+//! forms exists in the fatbin's list, checkpoint bytes convert to bf16 with
+//! round-to-nearest-even. Written but not yet run: `tests/cuda_ops.rs` compares every op
+//! with the CPU op in both modes (1e-5 in f32, 1e-2 relative L2 in bf16) and runs the
+//! golden cases on CUDA; `scripts/gpu-check.sh` runs those tests, compute-sanitizer and
+//! `tuneloop parity --backend cuda` with `--dtype f32` and `--dtype bf16` on a GPU machine.
+//! Until that has run, every launcher, kernel and cuBLASLt plan (the bf16 layouts, the
+//! bf16 -> f32 GEMM, the bias epilogue) is unverified, and so are the bf16 mode's
+//! tolerances.
 //!
 //! Synchronisation: one stream, no per-buffer events; the host waits only where it reads
 //! results back (download, loss, norms, the embedding's error flag).
 
 mod blaslt;
 pub mod runtime;
+pub mod tensor;
 
 use std::sync::{Mutex, MutexGuard};
 
@@ -26,46 +44,8 @@ use blaslt::{BlasLt, GemmDtype, GemmShape};
 use runtime::{args, grid_1d, int, Runtime, BLOCK};
 
 pub use runtime::{probe_libraries, probe_nccl};
-
-/// How the CUDA backend stores activations and base weights. LoRA weights, their
-/// gradients and AdamW states are f32 in both.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum DType {
-    /// Everything f32, TF32 off: the CPU backend's numbers (parity at 1e-4).
-    #[default]
-    F32,
-    /// bf16 activations and base weights, f32 accumulation (the fast mode).
-    Bf16,
-}
-
-impl std::str::FromStr for DType {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "f32" => Ok(DType::F32),
-            "bf16" => Ok(DType::Bf16),
-            _ => bail!("unknown dtype {s:?}: expected f32 or bf16"),
-        }
-    }
-}
-
-/// A row-major f32 tensor in device memory. The buffer holds at least one element so
-/// that empty tensors need no special case in cudarc; `shape` says how many count.
-pub struct CudaTensor {
-    pub buf: CudaSlice<f32>,
-    pub shape: Vec<usize>,
-}
-
-impl CudaTensor {
-    pub fn numel(&self) -> usize {
-        self.shape.iter().product()
-    }
-    /// Rows and the width of the last axis, as `CpuTensor::rows_cols`.
-    pub fn rows_cols(&self) -> (usize, usize) {
-        let cols = self.shape.last().copied().unwrap_or(1);
-        (self.numel().checked_div(cols).unwrap_or(0), cols)
-    }
-}
+use tensor::{host_bf16, Operand};
+pub use tensor::{CudaBuf, CudaTensor, DType};
 
 /// Token ids on the device, with the host copy the launchers check them against.
 pub struct CudaIds {
@@ -76,6 +56,7 @@ pub struct CudaIds {
 pub struct CudaOps {
     rt: Runtime,
     blas: Mutex<BlasLt>,
+    /// The activation type: what `upload_weight` and the ops' outputs are stored in.
     dtype: DType,
 }
 
@@ -85,17 +66,16 @@ const ATTN_ROWS: usize = 4;
 /// PyTorch's `ignore_index`.
 const IGNORE_INDEX: i64 = -100;
 
+/// Why the bf16 mode refuses the ops only full fine-tuning uses.
+const NO_FULL_BF16: &str = "full fine-tuning is not supported in the CUDA backend's bf16 mode: the base \
+     weights are stored in bf16 and frozen, and training them would need f32 master copies, which \
+     this mode does not keep; use --dtype f32 for full fine-tuning, or train a LoRA adapter";
+
 impl CudaOps {
     /// Opens CUDA device `ordinal`. Errors, never panics, when this build has no kernels,
     /// the driver or cuBLASLt cannot be loaded, or there is no such device.
     pub fn new(ordinal: usize, dtype: DType) -> Result<Self> {
         let rt = Runtime::new(ordinal)?;
-        if dtype == DType::Bf16 {
-            bail!(
-                "the CUDA backend's bf16 mode is not implemented yet (its kernels are built, the \
-                 launchers are f32-only); use --dtype f32"
-            );
-        }
         let blas = BlasLt::new(rt.stream.clone())?;
         Ok(Self { rt, blas: Mutex::new(blas), dtype })
     }
@@ -119,17 +99,36 @@ impl CudaOps {
         self.blas.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// An uninitialised tensor (every launcher that uses one writes all of it).
+    /// An uninitialised tensor of the activation type (every launcher that uses one
+    /// writes all of it).
     fn alloc(&self, shape: &[usize]) -> Result<CudaTensor> {
+        self.alloc_as(shape, self.dtype)
+    }
+
+    /// An uninitialised tensor of type `dtype`.
+    fn alloc_as(&self, shape: &[usize], dtype: DType) -> Result<CudaTensor> {
         let n = shape.iter().product::<usize>().max(1);
-        // SAFETY: f32 has no invalid bit patterns; callers overwrite it before reading.
-        let buf = unsafe { self.rt.stream.alloc::<f32>(n) }.context("CUDA allocation")?;
+        // SAFETY: f32 and bf16 have no invalid bit patterns; callers overwrite the buffer
+        // before reading it.
+        let buf = unsafe {
+            match dtype {
+                DType::F32 => CudaBuf::F32(self.rt.stream.alloc::<f32>(n).context("CUDA allocation")?),
+                DType::Bf16 => {
+                    CudaBuf::Bf16(self.rt.stream.alloc::<half::bf16>(n).context("CUDA allocation")?)
+                }
+            }
+        };
         Ok(CudaTensor { buf, shape: shape.to_vec() })
     }
 
-    fn alloc_zeros(&self, shape: &[usize]) -> Result<CudaTensor> {
+    /// A zeroed tensor of type `dtype`.
+    fn alloc_zeros_as(&self, shape: &[usize], dtype: DType) -> Result<CudaTensor> {
         let n = shape.iter().product::<usize>().max(1);
-        let buf = self.rt.stream.alloc_zeros::<f32>(n).context("CUDA allocation")?;
+        let s = &self.rt.stream;
+        let buf = match dtype {
+            DType::F32 => CudaBuf::F32(s.alloc_zeros::<f32>(n).context("CUDA allocation")?),
+            DType::Bf16 => CudaBuf::Bf16(s.alloc_zeros::<half::bf16>(n).context("CUDA allocation")?),
+        };
         Ok(CudaTensor { buf, shape: shape.to_vec() })
     }
 
@@ -140,19 +139,65 @@ impl CudaOps {
         self.rt.stream.clone_htod(v).context("host-to-device copy")
     }
 
+    /// The device address of a tensor's first element.
     fn ptr(&self, t: &CudaTensor) -> u64 {
-        self.rt.ptr(&t.buf)
+        match &t.buf {
+            CudaBuf::F32(b) => self.rt.ptr(b),
+            CudaBuf::Bf16(b) => self.rt.ptr(b),
+        }
     }
 
-    /// Fills a tensor with a value (NaN poisoning in tests, -inf log-sum-exp rows).
+    /// `t` as type `to`: itself, or a converted copy (one cast kernel).
+    fn to_type<'a>(&self, t: &'a CudaTensor, to: DType) -> Result<Operand<'a>> {
+        if t.dtype() == to {
+            return Ok(Operand::Borrowed(t));
+        }
+        let out = self.alloc_as(&t.shape, to)?;
+        let n = t.numel();
+        let kernel = format!("cast_{}_to_{}", t.dtype().suffix(), to.suffix());
+        self.rt.launch(&kernel, grid_1d(n), args![self.ptr(&out), self.ptr(t), n as u64])?;
+        Ok(Operand::Converted(out))
+    }
+
+    /// `t` in the activation type (what the kernels of this mode read).
+    fn act<'a>(&self, t: &'a CudaTensor) -> Result<Operand<'a>> {
+        self.to_type(t, self.dtype)
+    }
+
+    /// The kernel `base` for the activation type: `rope` -> `rope_bf16` in the bf16 mode.
+    fn kernel(&self, base: &str) -> String {
+        format!("{base}_{}", self.dtype.suffix())
+    }
+
+    /// Fills a tensor with a value (NaN poisoning in tests, -inf log-sum-exp rows). An f32
+    /// tensor gets the bits of `v` unchanged; a bf16 one gets `v` rounded.
     pub fn fill(&self, t: &mut CudaTensor, v: f32) -> Result<()> {
         let n = t.numel();
-        self.rt.launch("fill_f32", grid_1d(n), args![self.ptr(t), n as u64, v])
+        let kernel = format!("fill_{}", t.dtype().suffix());
+        self.rt.launch(&kernel, grid_1d(n), args![self.ptr(t), n as u64, v])
     }
 
-    /// `c = alpha·op(a)·op(b) + beta·c` (see [`GemmShape`]), sizes checked.
+    /// `c = alpha·op(a)·op(b) + beta·c` (see [`GemmShape`]), sizes and types checked: a
+    /// and b of one type, c of theirs or (for bf16 operands) f32.
     #[allow(clippy::too_many_arguments)]
     fn gemm(
+        &self,
+        c: &CudaTensor,
+        a: &CudaTensor,
+        trans_a: bool,
+        b: &CudaTensor,
+        trans_b: bool,
+        mnk: (usize, usize, usize),
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        self.gemm_bias(c, a, trans_a, b, trans_b, mnk, alpha, beta, None)
+    }
+
+    /// [`CudaOps::gemm`] with an optional bias of `n` elements of c's type added to every
+    /// row of c (cuBLASLt's epilogue; with `beta = 0` only).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_bias(
         &self,
         c: &CudaTensor,
         a: &CudaTensor,
@@ -162,6 +207,7 @@ impl CudaOps {
         (m, n, k): (usize, usize, usize),
         alpha: f32,
         beta: f32,
+        bias: Option<&CudaTensor>,
     ) -> Result<()> {
         ensure!(
             c.numel() == m * n && a.numel() == m * k && b.numel() == k * n,
@@ -170,20 +216,47 @@ impl CudaOps {
             b.shape,
             c.shape
         );
-        if k == 0 {
-            // no product: C = beta·C
-            let n_c = m * n;
-            return self.rt.launch("scale_f32", grid_1d(n_c), args![self.ptr(c), n_c as u64, beta]);
+        let dtype = match (a.dtype(), b.dtype(), c.dtype()) {
+            (DType::F32, DType::F32, DType::F32) => GemmDtype::F32,
+            (DType::Bf16, DType::Bf16, DType::Bf16) => GemmDtype::Bf16,
+            (DType::Bf16, DType::Bf16, DType::F32) => GemmDtype::Bf16F32,
+            (ta, tb, tc) => bail!("matmul: no GEMM for {ta:?}·{tb:?} -> {tc:?} operands"),
+        };
+        if let Some(bias) = bias {
+            ensure!(
+                beta == 0.0 && bias.numel() == n && bias.dtype() == c.dtype(),
+                "matmul: bias {:?} of {:?} for {n} columns of {:?} (beta {beta})",
+                bias.shape,
+                bias.dtype(),
+                c.dtype()
+            );
         }
-        let s = GemmShape { m, n, k, trans_a, trans_b, dtype: GemmDtype::F32 };
-        self.blas().matmul(s, self.ptr(c), self.ptr(a), self.ptr(b), alpha, beta)
+        if k == 0 {
+            // no product: C = beta·C (+ bias)
+            let n_c = m * n;
+            let scale = format!("scale_{}", c.dtype().suffix());
+            self.rt.launch(&scale, grid_1d(n_c), args![self.ptr(c), n_c as u64, beta])?;
+            if let Some(bias) = bias {
+                let add = format!("add_bias_rows_{}", c.dtype().suffix());
+                self.rt.launch(
+                    &add,
+                    grid_1d(n_c),
+                    args![self.ptr(c), self.ptr(bias), int(m, "rows")?, int(n, "width")?],
+                )?;
+            }
+            return Ok(());
+        }
+        let s = GemmShape { m, n, k, trans_a, trans_b, dtype, bias: bias.is_some() };
+        let bias = bias.map(|t| self.ptr(t));
+        self.blas().matmul(s, self.ptr(c), self.ptr(a), self.ptr(b), alpha, beta, bias)
     }
 
+    /// The dropped-out copy of `x`, in x's type.
     fn dropout(&self, x: &CudaTensor, d: Dropout) -> Result<CudaTensor> {
         let n = x.numel();
-        let out = self.alloc(&x.shape)?;
+        let out = self.alloc_as(&x.shape, x.dtype())?;
         self.rt.launch(
-            "lora_dropout_fwd_f32",
+            &format!("lora_dropout_fwd_{}", x.dtype().suffix()),
             grid_1d(n),
             args![self.ptr(&out), self.ptr(x), n as u64, d.p, d.seed],
         )?;
@@ -258,6 +331,7 @@ impl Ops for CudaOps {
         }
     }
 
+    /// An f32 tensor in both modes (LoRA weights, optimizer states, RoPE tables).
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<CudaTensor> {
         ensure!(
             data.len() == shape.iter().product::<usize>(),
@@ -265,14 +339,26 @@ impl Ops for CudaOps {
             data.len()
         );
         if data.is_empty() {
-            return self.alloc_zeros(shape);
+            return self.zeros(shape);
         }
         let buf = self.rt.stream.clone_htod(data).context("host-to-device copy")?;
-        Ok(CudaTensor { buf, shape: shape.to_vec() })
+        Ok(CudaTensor { buf: CudaBuf::F32(buf), shape: shape.to_vec() })
     }
 
+    /// In the activation type: f32 as before in the f32 mode; bf16 in the bf16 mode, a
+    /// bf16 checkpoint's bytes as they are and f32/f16 ones rounded on the host.
     fn upload_weight(&self, w: &HostWeight) -> Result<CudaTensor> {
-        self.upload(&decode_f32(w)?, &w.shape)
+        match self.dtype {
+            DType::F32 => self.upload(&decode_f32(w)?, &w.shape),
+            DType::Bf16 => {
+                let data = host_bf16(w)?;
+                if data.is_empty() {
+                    return self.alloc_zeros_as(&w.shape, DType::Bf16);
+                }
+                let buf = self.rt.stream.clone_htod(&data).context("host-to-device copy")?;
+                Ok(CudaTensor { buf: CudaBuf::Bf16(buf), shape: w.shape.clone() })
+            }
+        }
     }
 
     fn upload_ids(&self, ids: &[u32]) -> Result<CudaIds> {
@@ -285,8 +371,15 @@ impl Ops for CudaOps {
         Ok(CudaIds { buf, host: ids.to_vec() })
     }
 
+    /// f32 values whatever the tensor's type (bf16 widens exactly).
     fn download(&self, t: &CudaTensor) -> Result<Vec<f32>> {
-        let mut v = self.rt.stream.clone_dtoh(&t.buf).context("device-to-host copy")?;
+        let mut v = match &t.buf {
+            CudaBuf::F32(b) => self.rt.stream.clone_dtoh(b).context("device-to-host copy")?,
+            CudaBuf::Bf16(b) => {
+                let h = self.rt.stream.clone_dtoh(b).context("device-to-host copy")?;
+                h.into_iter().map(half::bf16::to_f32).collect()
+            }
+        };
         v.truncate(t.numel());
         Ok(v)
     }
@@ -295,14 +388,21 @@ impl Ops for CudaOps {
         &t.shape
     }
 
+    /// An f32 tensor in both modes (gradients and moments of the trained tensors).
     fn zeros(&self, shape: &[usize]) -> Result<CudaTensor> {
-        self.alloc_zeros(shape)
+        self.alloc_zeros_as(shape, DType::F32)
     }
 
     fn fill_zero(&self, t: &mut CudaTensor) -> Result<()> {
-        self.rt.stream.memset_zeros(&mut t.buf).context("memset")
+        match &mut t.buf {
+            CudaBuf::F32(b) => self.rt.stream.memset_zeros(b),
+            CudaBuf::Bf16(b) => self.rt.stream.memset_zeros(b),
+        }
+        .context("memset")
     }
 
+    /// Rows of either type into rows of either type (converted when they differ, e.g.
+    /// bf16 keys into a KV cache made by `zeros`).
     fn copy_rows(
         &self,
         dst: &mut CudaTensor,
@@ -318,11 +418,30 @@ impl Ops for CudaOps {
         if n == 0 || dc == 0 {
             return Ok(());
         }
-        let from = src.buf.slice(src_row * sc..(src_row + n) * sc);
-        let mut to = dst.buf.slice_mut(dst_row * dc..(dst_row + n) * dc);
-        self.rt.stream.memcpy_dtod(&from, &mut to).context("device-to-device copy")
+        let (from, to) = (src_row * sc..(src_row + n) * sc, dst_row * dc..(dst_row + n) * dc);
+        let (st, dt) = (src.dtype(), dst.dtype());
+        if st != dt {
+            // Both ranges are in bounds (checked above); the cast reads and writes n·dc
+            // elements from the two element offsets.
+            let src_at = self.ptr(src) + (from.start * st.size()) as u64;
+            let dst_at = self.ptr(dst) + (to.start * dt.size()) as u64;
+            let len = n * dc;
+            let kernel = format!("cast_{}_to_{}", st.suffix(), dt.suffix());
+            return self.rt.launch(&kernel, grid_1d(len), args![dst_at, src_at, len as u64]);
+        }
+        match (&mut dst.buf, &src.buf) {
+            (CudaBuf::F32(d), CudaBuf::F32(s)) => {
+                self.rt.stream.memcpy_dtod(&s.slice(from), &mut d.slice_mut(to))
+            }
+            (CudaBuf::Bf16(d), CudaBuf::Bf16(s)) => {
+                self.rt.stream.memcpy_dtod(&s.slice(from), &mut d.slice_mut(to))
+            }
+            _ => bail!("copy_rows: {st:?} rows into a {dt:?} tensor"),
+        }
+        .context("device-to-device copy")
     }
 
+    /// In x's type.
     fn gather_rows(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
         let (n, d) = x.rows_cols();
         let mut idx = Vec::with_capacity(rows.len());
@@ -330,20 +449,25 @@ impl Ops for CudaOps {
             ensure!(r < n, "gather_rows: row {r} of {n}");
             idx.push(int(r, "row")?);
         }
-        let out = self.alloc(&[rows.len(), d])?;
+        let out = self.alloc_as(&[rows.len(), d], x.dtype())?;
         let idx = self.upload_i32(&idx)?;
         self.rt.launch(
-            "gather_rows_f32",
+            &format!("gather_rows_{}", x.dtype().suffix()),
             grid_1d(rows.len() * d),
             args![self.ptr(&out), self.ptr(x), self.rt.ptr(&idx), int(rows.len(), "rows")?, int(d, "width")?],
         )?;
         Ok(out)
     }
 
+    /// In a's type, b converted element by element in the kernel.
     fn add_assign(&self, a: &mut CudaTensor, b: &CudaTensor) -> Result<()> {
         same_shape(a, b, "add")?;
         let n = a.numel();
-        self.rt.launch("add_assign_f32", grid_1d(n), args![self.ptr(a), self.ptr(b), n as u64])
+        let kernel = match (a.dtype(), b.dtype()) {
+            (ta, tb) if ta == tb => format!("add_assign_{}", ta.suffix()),
+            (ta, tb) => format!("add_assign_{}_{}", ta.suffix(), tb.suffix()),
+        };
+        self.rt.launch(&kernel, grid_1d(n), args![self.ptr(a), self.ptr(b), n as u64])
     }
 
     fn embedding_fwd(&self, table: &CudaTensor, ids: &CudaIds) -> Result<CudaTensor> {
@@ -351,16 +475,17 @@ impl Ops for CudaOps {
         for &id in &ids.host {
             ensure!((id as usize) < v, "token id {id} is outside the vocabulary (size {v})");
         }
+        let table = self.act(table)?;
         let n = ids.host.len();
         let out = self.alloc(&[n, d])?;
         let err = self.rt.stream.alloc_zeros::<i32>(1).context("CUDA allocation")?;
         self.rt.launch(
-            "embedding_fwd_f32",
+            &self.kernel("embedding_fwd"),
             grid_1d(n * d),
             args![
                 self.ptr(&out),
                 self.rt.ptr(&err),
-                self.ptr(table),
+                self.ptr(&table),
                 self.rt.ptr(&ids.buf),
                 int(n, "tokens")?,
                 int(d, "width")?,
@@ -372,7 +497,9 @@ impl Ops for CudaOps {
         Ok(out)
     }
 
+    /// The embedding's gradient: full fine-tuning only, so the f32 mode only.
     fn embedding_bwd(&self, dy: &CudaTensor, ids: &CudaIds, dtable: &mut CudaTensor) -> Result<()> {
+        ensure!(self.dtype == DType::F32, "embedding_bwd: {NO_FULL_BF16}");
         let (v, d) = dtable.rows_cols();
         let n = ids.host.len();
         ensure!(dy.numel() == n * d, "embedding_bwd: dy {:?} for {n} ids of width {d}", dy.shape);
@@ -398,8 +525,9 @@ impl Ops for CudaOps {
     fn rmsnorm_fwd(&self, x: &CudaTensor, w: &CudaTensor, eps: f32) -> Result<(CudaTensor, CudaTensor)> {
         let (n, d) = x.rows_cols();
         ensure!(w.numel() == d, "rmsnorm: weight of {} for width {d}", w.numel());
+        let (x, w) = (self.act(x)?, self.act(w)?);
         let y = self.alloc(&x.shape)?;
-        let rstd = self.alloc(&[n])?;
+        let rstd = self.alloc_as(&[n], DType::F32)?;
         let cfg = LaunchConfig {
             grid_dim: (n.clamp(1, 65_535) as u32, 1, 1),
             block_dim: (BLOCK, 1, 1),
@@ -407,13 +535,13 @@ impl Ops for CudaOps {
         };
         if n > 0 {
             self.rt.launch(
-                "rmsnorm_fwd_f32",
+                &self.kernel("rmsnorm_fwd"),
                 cfg,
                 args![
                     self.ptr(&y),
                     self.ptr(&rstd),
-                    self.ptr(x),
-                    self.ptr(w),
+                    self.ptr(&x),
+                    self.ptr(&w),
                     int(n, "rows")?,
                     int(d, "width")?,
                     eps
@@ -423,6 +551,7 @@ impl Ops for CudaOps {
         Ok((y, rstd))
     }
 
+    /// `dw` (a norm weight's gradient) is full fine-tuning only, so the f32 mode only.
     fn rmsnorm_bwd(
         &self,
         dy: &CudaTensor,
@@ -439,6 +568,8 @@ impl Ops for CudaOps {
             w.shape,
             rstd.shape
         );
+        ensure!(dw.is_none() || self.dtype == DType::F32, "rmsnorm_bwd weight gradient: {NO_FULL_BF16}");
+        let (dy, x, w, rstd) = (self.act(dy)?, self.act(x)?, self.act(w)?, self.to_type(rstd, DType::F32)?);
         let dx = self.alloc(&x.shape)?;
         if n == 0 {
             return Ok(dx);
@@ -446,8 +577,13 @@ impl Ops for CudaOps {
         let blocks = n.min(256);
         let partial = match &dw {
             Some(dw) => {
-                ensure!(dw.numel() == d, "rmsnorm_bwd: dw {:?} for width {d}", dw.shape);
-                Some(self.alloc(&[blocks, d])?)
+                ensure!(
+                    dw.numel() == d && dw.dtype() == DType::F32,
+                    "rmsnorm_bwd: dw {:?} of {:?} for width {d}",
+                    dw.shape,
+                    dw.dtype()
+                );
+                Some(self.alloc_as(&[blocks, d], DType::F32)?)
             }
             None => None,
         };
@@ -455,15 +591,15 @@ impl Ops for CudaOps {
             LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
         let partial_ptr = partial.as_ref().map_or(0, |p| self.ptr(p));
         self.rt.launch(
-            "rmsnorm_bwd_f32",
+            &self.kernel("rmsnorm_bwd"),
             cfg,
             args![
                 self.ptr(&dx),
                 partial_ptr,
-                self.ptr(dy),
-                self.ptr(x),
-                self.ptr(w),
-                self.ptr(rstd),
+                self.ptr(&dy),
+                self.ptr(&x),
+                self.ptr(&w),
+                self.ptr(&rstd),
                 int(n, "rows")?,
                 int(d, "width")?
             ],
@@ -483,6 +619,8 @@ impl Ops for CudaOps {
         Ok(dx)
     }
 
+    /// In the bf16 mode the bias is cuBLASLt's epilogue and the LoRA path runs on bf16
+    /// copies of A and B (tiny: r rows or columns), `x·Aᵀ` kept in bf16.
     fn linear_fwd(
         &self,
         x: &CudaTensor,
@@ -497,15 +635,27 @@ impl Ops for CudaOps {
         if let Some(last) = shape.last_mut() {
             *last = out;
         }
+        let (x, w) = (self.act(x)?, self.act(w)?);
         let y = self.alloc(&shape)?;
-        self.gemm(&y, x, false, w, true, (n, out, inp), 1.0, 0.0)?;
-        if let Some(b) = bias {
-            ensure!(b.numel() == out, "linear: bias of {} for {out} outputs", b.numel());
-            self.rt.launch(
-                "add_bias_rows_f32",
-                grid_1d(n * out),
-                args![self.ptr(&y), self.ptr(b), int(n, "rows")?, int(out, "width")?],
-            )?;
+        match (self.dtype, bias) {
+            (DType::Bf16, Some(b)) => {
+                ensure!(b.numel() == out, "linear: bias of {} for {out} outputs", b.numel());
+                let b = self.act(b)?;
+                self.gemm_bias(&y, &x, false, &w, true, (n, out, inp), 1.0, 0.0, Some(&b))?;
+            }
+            _ => {
+                // The f32 mode adds the bias after the product, as the CPU backend does.
+                self.gemm(&y, &x, false, &w, true, (n, out, inp), 1.0, 0.0)?;
+                if let Some(b) = bias {
+                    ensure!(b.numel() == out, "linear: bias of {} for {out} outputs", b.numel());
+                    let b = self.act(b)?;
+                    self.rt.launch(
+                        &self.kernel("add_bias_rows"),
+                        grid_1d(n * out),
+                        args![self.ptr(&y), self.ptr(&b), int(n, "rows")?, int(out, "width")?],
+                    )?;
+                }
+            }
         }
         let xa = match lora {
             None => None,
@@ -517,17 +667,21 @@ impl Ops for CudaOps {
                     l.a.shape,
                     l.b.shape
                 );
-                let dropped = l.dropout.map(|d| self.dropout(x, d)).transpose()?;
-                let xd = dropped.as_ref().unwrap_or(x);
+                let (a, b) = (self.act(l.a)?, self.act(l.b)?);
+                let dropped = l.dropout.map(|d| self.dropout(&x, d)).transpose()?;
+                let xd = dropped.as_ref().unwrap_or(&x);
                 let xa = self.alloc(&[n, r])?;
-                self.gemm(&xa, xd, false, l.a, true, (n, r, inp), 1.0, 0.0)?;
-                self.gemm(&y, &xa, false, l.b, true, (n, out, r), l.scale, 1.0)?;
+                self.gemm(&xa, xd, false, &a, true, (n, r, inp), 1.0, 0.0)?;
+                self.gemm(&y, &xa, false, &b, true, (n, out, r), l.scale, 1.0)?;
                 Some(xa)
             }
         };
         Ok((y, xa))
     }
 
+    /// In the bf16 mode: dx in bf16; the LoRA gradients (f32) accumulate bf16 products
+    /// in f32 (`dB += scale·dyᵀ·xa`, `dA += dxaᵀ·drop(x)` with `dxa = scale·dy·B` in
+    /// bf16). Weight gradients (full fine-tuning) are refused there.
     fn linear_bwd(
         &self,
         dy: &CudaTensor,
@@ -543,10 +697,15 @@ impl Ops for CudaOps {
         let (out, w_in) = w.rows_cols();
         ensure!(w_in == inp, "linear_bwd: input width {inp}, weight {:?}", w.shape);
         ensure!(dy.numel() == n * out, "linear_bwd: dy {:?} for weight {:?}", dy.shape, w.shape);
+        ensure!(
+            weight_grads.is_none() || self.dtype == DType::F32,
+            "linear_bwd weight gradient: {NO_FULL_BF16}"
+        );
+        let (dy, x) = (self.act(dy)?, self.act(x)?);
         if let Some(g) = weight_grads {
             same_shape(g.dw, w, "linear_bwd weight gradient")?;
             // dW += dyᵀ·x  [out, in]
-            self.gemm(g.dw, dy, true, x, false, (out, inp, n), 1.0, 1.0)?;
+            self.gemm(g.dw, &dy, true, &x, false, (out, inp, n), 1.0, 1.0)?;
             if let Some(db) = g.db {
                 ensure!(db.numel() == out, "linear_bwd: bias gradient of {} for {out} outputs", db.numel());
                 let cfg = LaunchConfig {
@@ -557,13 +716,14 @@ impl Ops for CudaOps {
                 self.rt.launch(
                     "col_sum_acc_f32",
                     cfg,
-                    args![self.ptr(db), self.ptr(dy), int(n, "rows")?, int(out, "width")?],
+                    args![self.ptr(db), self.ptr(&dy), int(n, "rows")?, int(out, "width")?],
                 )?;
             }
         }
         let dx = if need_dx {
+            let w = self.act(w)?;
             let dx = self.alloc(&x.shape)?;
-            self.gemm(&dx, dy, false, w, false, (n, inp, out), 1.0, 0.0)?;
+            self.gemm(&dx, &dy, false, &w, false, (n, inp, out), 1.0, 0.0)?;
             Some(dx)
         } else {
             None
@@ -578,27 +738,28 @@ impl Ops for CudaOps {
                 l.b.shape,
                 xa.shape
             );
+            let (a, b, xa) = (self.act(l.a)?, self.act(l.b)?, self.act(xa)?);
             // dxa = scale · dy·B  [n, r]
             let dxa = self.alloc(&[n, r])?;
-            self.gemm(&dxa, dy, false, l.b, false, (n, r, out), l.scale, 0.0)?;
+            self.gemm(&dxa, &dy, false, &b, false, (n, r, out), l.scale, 0.0)?;
             if let Some(g) = grads {
                 same_shape(g.da, l.a, "linear_bwd LoRA A gradient")?;
                 same_shape(g.db, l.b, "linear_bwd LoRA B gradient")?;
                 // dB += scale · dyᵀ·xa  [out, r];  dA += dxaᵀ·drop(x)  [r, in]
-                self.gemm(g.db, dy, true, xa, false, (out, r, n), l.scale, 1.0)?;
-                let dropped = l.dropout.map(|d| self.dropout(x, d)).transpose()?;
-                let xd = dropped.as_ref().unwrap_or(x);
+                self.gemm(g.db, &dy, true, &xa, false, (out, r, n), l.scale, 1.0)?;
+                let dropped = l.dropout.map(|d| self.dropout(&x, d)).transpose()?;
+                let xd = dropped.as_ref().unwrap_or(&x);
                 self.gemm(g.da, &dxa, true, xd, false, (r, inp, n), 1.0, 1.0)?;
             }
             if let Some(dx) = dx.as_ref() {
                 match l.dropout {
-                    None => self.gemm(dx, &dxa, false, l.a, false, (n, inp, r), 1.0, 1.0)?,
+                    None => self.gemm(dx, &dxa, false, &a, false, (n, inp, r), 1.0, 1.0)?,
                     Some(d) => {
                         let dxd = self.alloc(&x.shape)?;
-                        self.gemm(&dxd, &dxa, false, l.a, false, (n, inp, r), 1.0, 0.0)?;
+                        self.gemm(&dxd, &dxa, false, &a, false, (n, inp, r), 1.0, 0.0)?;
                         let len = dx.numel();
                         self.rt.launch(
-                            "lora_dropout_bwd_acc_f32",
+                            &self.kernel("lora_dropout_bwd_acc"),
                             grid_1d(len),
                             args![self.ptr(dx), self.ptr(&dxd), len as u64, d.p, d.seed],
                         )?;
@@ -638,23 +799,24 @@ impl Ops for CudaOps {
         layout: &AttnLayout,
     ) -> Result<(CudaTensor, CudaTensor)> {
         self.attn_check(q, k, v, shape, layout)?;
+        let (q, k, v) = (self.act(q)?, self.act(k)?, self.act(v)?);
         let (nq, _) = q.rows_cols();
         let hd = shape.head_dim;
-        let out = self.alloc_zeros(&q.shape)?;
-        let mut lse = self.alloc(&[nq, shape.n_heads])?;
+        let out = self.alloc_zeros_as(&q.shape, self.dtype)?;
+        let mut lse = self.alloc_as(&[nq, shape.n_heads], DType::F32)?;
         self.fill(&mut lse, f32::NEG_INFINITY)?;
         let (spans, tiles, n_tiles) = self.attn_tiles(layout, false)?;
         let (suffix, bc) = Self::attn_variant(hd);
         let smem = ATTN_ROWS * hd + bc * (hd + 1) + bc * hd;
         self.rt.launch(
-            &format!("attn_fwd_f32_{suffix}"),
+            &format!("{}_{suffix}", self.kernel("attn_fwd")),
             attn_cfg(n_tiles, shape.n_heads, smem),
             args![
                 self.ptr(&out),
                 self.ptr(&lse),
-                self.ptr(q),
-                self.ptr(k),
-                self.ptr(v),
+                self.ptr(&q),
+                self.ptr(&k),
+                self.ptr(&v),
                 self.rt.ptr(&spans),
                 self.rt.ptr(&tiles),
                 int(shape.n_heads, "heads")?,
@@ -683,32 +845,34 @@ impl Ops for CudaOps {
         let (nq, _) = q.rows_cols();
         let hd = shape.head_dim;
         ensure!(lse.numel() == nq * shape.n_heads, "attention_bwd: lse {:?}", lse.shape);
+        let (q, k, v) = (self.act(q)?, self.act(k)?, self.act(v)?);
+        let (dout, out, lse) = (self.act(dout)?, self.act(out)?, self.to_type(lse, DType::F32)?);
         let (h, hkv) = (int(shape.n_heads, "heads")?, int(shape.n_kv_heads, "kv heads")?);
         let scale = 1.0 / (hd as f32).sqrt();
 
-        let d = self.alloc_zeros(&[nq, shape.n_heads])?;
+        let d = self.alloc_zeros_as(&[nq, shape.n_heads], DType::F32)?;
         let warps = nq * shape.n_heads;
         self.rt.launch(
-            "attn_bwd_dot_f32",
+            &self.kernel("attn_bwd_dot"),
             grid_1d(warps * 32),
-            args![self.ptr(&d), self.ptr(dout), self.ptr(out), int(nq, "rows")?, h, int(hd, "head_dim")?],
+            args![self.ptr(&d), self.ptr(&dout), self.ptr(&out), int(nq, "rows")?, h, int(hd, "head_dim")?],
         )?;
 
-        let dq = self.alloc_zeros(&q.shape)?;
-        let dk = self.alloc_zeros(&k.shape)?;
-        let dv = self.alloc_zeros(&v.shape)?;
+        let dq = self.alloc_zeros_as(&q.shape, self.dtype)?;
+        let dk = self.alloc_zeros_as(&k.shape, self.dtype)?;
+        let dv = self.alloc_zeros_as(&v.shape, self.dtype)?;
         let (suffix, bc) = Self::attn_variant(hd);
         let (spans, q_tiles, n_q_tiles) = self.attn_tiles(layout, false)?;
         self.rt.launch(
-            &format!("attn_bwd_dq_f32_{suffix}"),
+            &format!("{}_{suffix}", self.kernel("attn_bwd_dq")),
             attn_cfg(n_q_tiles, shape.n_heads, 2 * ATTN_ROWS * hd + 2 * bc * (hd + 1)),
             args![
                 self.ptr(&dq),
-                self.ptr(dout),
-                self.ptr(q),
-                self.ptr(k),
-                self.ptr(v),
-                self.ptr(lse),
+                self.ptr(&dout),
+                self.ptr(&q),
+                self.ptr(&k),
+                self.ptr(&v),
+                self.ptr(&lse),
                 self.ptr(&d),
                 self.rt.ptr(&spans),
                 self.rt.ptr(&q_tiles),
@@ -720,16 +884,16 @@ impl Ops for CudaOps {
         )?;
         let (_, k_tiles, n_k_tiles) = self.attn_tiles(layout, true)?;
         self.rt.launch(
-            &format!("attn_bwd_dkdv_f32_{suffix}"),
+            &format!("{}_{suffix}", self.kernel("attn_bwd_dkdv")),
             attn_cfg(n_k_tiles, shape.n_kv_heads, 2 * ATTN_ROWS * hd + 2 * bc * (hd + 1) + 2 * bc),
             args![
                 self.ptr(&dk),
                 self.ptr(&dv),
-                self.ptr(dout),
-                self.ptr(q),
-                self.ptr(k),
-                self.ptr(v),
-                self.ptr(lse),
+                self.ptr(&dout),
+                self.ptr(&q),
+                self.ptr(&k),
+                self.ptr(&v),
+                self.ptr(&lse),
                 self.ptr(&d),
                 self.rt.ptr(&spans),
                 self.rt.ptr(&k_tiles),
@@ -744,12 +908,13 @@ impl Ops for CudaOps {
 
     fn swiglu_fwd(&self, gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor> {
         same_shape(gate, up, "swiglu")?;
+        let (gate, up) = (self.act(gate)?, self.act(up)?);
         let n = gate.numel();
         let h = self.alloc(&gate.shape)?;
         self.rt.launch(
-            "swiglu_fwd_f32",
+            &self.kernel("swiglu_fwd"),
             grid_1d(n),
-            args![self.ptr(&h), self.ptr(gate), self.ptr(up), n as u64],
+            args![self.ptr(&h), self.ptr(&gate), self.ptr(&up), n as u64],
         )?;
         Ok(h)
     }
@@ -762,13 +927,14 @@ impl Ops for CudaOps {
     ) -> Result<(CudaTensor, CudaTensor)> {
         same_shape(dh, gate, "swiglu_bwd")?;
         same_shape(up, gate, "swiglu_bwd")?;
+        let (dh, gate, up) = (self.act(dh)?, self.act(gate)?, self.act(up)?);
         let n = gate.numel();
         let dg = self.alloc(&gate.shape)?;
         let du = self.alloc(&up.shape)?;
         self.rt.launch(
-            "swiglu_bwd_f32",
+            &self.kernel("swiglu_bwd"),
             grid_1d(n),
-            args![self.ptr(&dg), self.ptr(&du), self.ptr(dh), self.ptr(gate), self.ptr(up), n as u64],
+            args![self.ptr(&dg), self.ptr(&du), self.ptr(&dh), self.ptr(&gate), self.ptr(&up), n as u64],
         )?;
         Ok((dg, du))
     }
@@ -789,11 +955,12 @@ impl Ops for CudaOps {
             );
             t32.push(t as i32);
         }
+        let logits = self.act(logits)?;
         let dlogits = grad_scale.map(|_| self.alloc(&logits.shape)).transpose()?;
         if n == 0 {
             return Ok(CrossEntropyOut { loss_sum: 0.0, n_counted: 0, n_correct: 0, dlogits });
         }
-        let row_loss = self.alloc(&[n])?;
+        let row_loss = self.alloc_as(&[n], DType::F32)?;
         // SAFETY: i32 has no invalid bit patterns; the kernel writes every row.
         let row_flag = unsafe { self.rt.stream.alloc::<i32>(n) }.context("CUDA allocation")?;
         let targets_dev = self.upload_i32(&t32)?;
@@ -803,13 +970,13 @@ impl Ops for CudaOps {
             shared_mem_bytes: 0,
         };
         self.rt.launch(
-            "cross_entropy_f32",
+            &self.kernel("cross_entropy"),
             cfg,
             args![
                 self.ptr(&row_loss),
                 self.rt.ptr(&row_flag),
                 dlogits.as_ref().map_or(0, |d| self.ptr(d)),
-                self.ptr(logits),
+                self.ptr(&logits),
                 self.rt.ptr(&targets_dev),
                 int(n, "rows")?,
                 int(v, "vocab")?,
@@ -845,11 +1012,11 @@ impl Ops for CudaOps {
             let cfg =
                 LaunchConfig { grid_dim: (b as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
             let n = t.numel();
-            self.rt.launch(
-                "sum_squares_partial",
-                cfg,
-                args![base + 8 * offset as u64, self.ptr(t), n as u64],
-            )?;
+            let kernel = match t.dtype() {
+                DType::F32 => "sum_squares_partial",
+                DType::Bf16 => "sum_squares_partial_bf16",
+            };
+            self.rt.launch(kernel, cfg, args![base + 8 * offset as u64, self.ptr(t), n as u64])?;
             offset += b;
         }
         let partials = self.rt.stream.clone_dtoh(&partial).context("device-to-host copy")?;
@@ -858,7 +1025,8 @@ impl Ops for CudaOps {
 
     fn scale(&self, t: &mut CudaTensor, s: f32) -> Result<()> {
         let n = t.numel();
-        self.rt.launch("scale_f32", grid_1d(n), args![self.ptr(t), n as u64, s])
+        let kernel = format!("scale_{}", t.dtype().suffix());
+        self.rt.launch(&kernel, grid_1d(n), args![self.ptr(t), n as u64, s])
     }
 
     fn adamw_step(
@@ -880,6 +1048,14 @@ impl Ops for CudaOps {
         let mut desc = Vec::with_capacity(n * 5);
         let mut max_len = 0;
         for i in 0..n {
+            ensure!(
+                params[i].dtype() == DType::F32,
+                "adamw: parameter {i} is stored in bf16; {NO_FULL_BF16}"
+            );
+            ensure!(
+                [grads[i].dtype(), m[i].dtype(), v[i].dtype()] == [DType::F32; 3],
+                "adamw: the gradient and moments of parameter {i} must be f32 (made by zeros/upload)"
+            );
             same_shape(params[i], grads[i], "adamw")?;
             same_shape(params[i], m[i], "adamw first moment")?;
             same_shape(params[i], v[i], "adamw second moment")?;
@@ -944,18 +1120,68 @@ impl CudaOps {
             x.numel()
         );
         let heads = x.numel() / (rows * head_dim);
+        // In place in x's own type; the tables are f32 (made by `upload`).
+        let (cos, sin) = (self.to_type(cos, DType::F32)?, self.to_type(sin, DType::F32)?);
         self.rt.launch(
-            "rope_f32",
+            &format!("rope_{}", x.dtype().suffix()),
             grid_1d(rows * heads * half),
             args![
                 self.ptr(x),
-                self.ptr(cos),
-                self.ptr(sin),
+                self.ptr(&cos),
+                self.ptr(&sin),
                 int(rows, "rows")?,
                 int(heads, "heads")?,
                 int(head_dim, "head_dim")?,
                 sign
             ],
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DType;
+    use crate::kernels::KERNEL_NAMES;
+
+    /// Every kernel name the launchers put together from a base and a type suffix exists
+    /// in the fatbin's list, for both types (a typo would otherwise show only on a GPU).
+    #[test]
+    fn every_typed_kernel_name_exists() {
+        let typed = [
+            "fill",
+            "scale",
+            "add_bias_rows",
+            "lora_dropout_fwd",
+            "lora_dropout_bwd_acc",
+            "gather_rows",
+            "add_assign",
+            "embedding_fwd",
+            "rmsnorm_fwd",
+            "rmsnorm_bwd",
+            "attn_bwd_dot",
+            "swiglu_fwd",
+            "swiglu_bwd",
+            "cross_entropy",
+            "rope",
+        ];
+        let mut names = Vec::new();
+        for t in [DType::F32, DType::Bf16] {
+            names.extend(typed.iter().map(|b| format!("{b}_{}", t.suffix())));
+            for attn in ["attn_fwd", "attn_bwd_dq", "attn_bwd_dkdv"] {
+                for tile in ["bc32", "bc16"] {
+                    names.push(format!("{attn}_{}_{tile}", t.suffix()));
+                }
+            }
+            for u in [DType::F32, DType::Bf16] {
+                if t != u {
+                    names.push(format!("cast_{}_to_{}", t.suffix(), u.suffix()));
+                    names.push(format!("add_assign_{}_{}", t.suffix(), u.suffix()));
+                }
+            }
+        }
+        names.extend(["sum_squares_partial", "sum_squares_partial_bf16"].map(String::from));
+        for name in &names {
+            assert!(KERNEL_NAMES.contains(&name.as_str()), "no kernel {name}");
+        }
     }
 }

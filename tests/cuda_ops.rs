@@ -651,14 +651,13 @@ fn optimizer_ops(dtype: DType) {
 fn cuda_bf16_matches_hf_goldens() {
     let ops = CudaOps::new(0, DType::Bf16).expect("a CUDA device and kernels");
     for case in common::CASES {
-        let report = tuneloop::parity::run_case(&ops, &common::golden(case), 2e-2).expect("case runs");
+        // greedy tokens are identical only in f32 (the goldens' README): bf16 is checked
+        // by teacher forcing where the reference's top-2 gap exceeds 0.05
+        let greedy = tuneloop::parity::GreedyCheck::for_dtype(DType::Bf16);
+        let report =
+            tuneloop::parity::run_case_with(&ops, &common::golden(case), 2e-2, greedy).expect("case runs");
         assert!(report.unchecked.is_empty(), "{case}: unchecked {:?}", report.unchecked);
-        // Greedy tokens must be identical only in f32 (the goldens' README): where two
-        // logits are within bf16's rounding, bf16 may pick the other one. Reported, not
-        // asserted.
-        let failed: Vec<_> = report.checks.iter().filter(|c| !c.exact && !c.passed()).collect();
-        assert!(failed.is_empty(), "{case}:\n{}", report.render());
-        eprintln!("{case} (bf16):\n{}", report.render());
+        assert_eq!(report.failed(), 0, "{case}:\n{}", report.render());
     }
 }
 

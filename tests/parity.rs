@@ -39,3 +39,22 @@ fn parity_cli_prints_the_total_and_fails_on_a_tolerance_it_cannot_meet() {
     let last = stdout.trim_end().lines().last().unwrap_or_default();
     assert!(!last.ends_with(" 0 failed"), "{last}");
 }
+
+#[test]
+fn teacher_forcing_on_the_exact_backend_agrees_at_every_clear_step() {
+    // the bf16 check's logic, run where the answer is known: the f32 path reproduces the
+    // decode, so every step above the gap must agree, and there must be such steps
+    let greedy = tuneloop::parity::GreedyCheck::TeacherForced { min_gap: 0.05 };
+    for case in common::CASES {
+        let report =
+            tuneloop::parity::run_case_with(&CpuOps, &common::golden(case), 1e-4, greedy).expect("case runs");
+        let g = report.checks.iter().find(|c| c.name.starts_with("greedy.output")).expect("greedy checked");
+        let counted: usize =
+            g.name.split("forced, ").nth(1).and_then(|r| r.split(' ').next()?.parse().ok()).unwrap();
+        // (the tiny random models' logits are close: qwen2-bias has one clear step)
+        assert!(counted >= 1, "{case}: no step has a clear reference top-2 gap ({})", g.name);
+        eprintln!("{case}: {}", g.name);
+        assert_eq!(g.error, 0.0, "{case}: {}", g.name);
+        assert_eq!(report.failed(), 0, "{case}:\n{}", report.render());
+    }
+}

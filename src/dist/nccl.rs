@@ -16,7 +16,7 @@ use cudarc::nccl::{result, sys};
 
 use super::rendezvous::{self, PAYLOAD};
 use super::{Collective, DistEnv};
-use crate::ops::cuda::{probe_nccl, CudaOps, CudaTensor};
+use crate::ops::cuda::{probe_nccl, CudaBuf, CudaOps, CudaTensor};
 
 pub struct NcclGroup {
     comm: sys::ncclComm_t,
@@ -189,7 +189,7 @@ impl Collective<CudaOps> for NcclGroup {
         for t in tensors.iter() {
             let n = t.numel();
             stream
-                .memcpy_dtod(&t.buf.slice(..n), &mut flat.slice_mut(off..off + n))
+                .memcpy_dtod(&f32_buf(t)?.slice(..n), &mut flat.slice_mut(off..off + n))
                 .context("packing the gradients")?;
             off += n;
         }
@@ -205,8 +205,12 @@ impl Collective<CudaOps> for NcclGroup {
         let mut off = 0;
         for t in tensors.iter_mut() {
             let n = t.numel();
+            let dst = match &mut t.buf {
+                CudaBuf::F32(b) => b,
+                CudaBuf::Bf16(_) => bail!("all-reduce: a bf16 gradient (gradients are f32)"),
+            };
             stream
-                .memcpy_dtod(&flat.slice(off..off + n), &mut t.buf.slice_mut(..n))
+                .memcpy_dtod(&flat.slice(off..off + n), &mut dst.slice_mut(..n))
                 .context("unpacking the gradients")?;
             off += n;
         }
@@ -215,5 +219,13 @@ impl Collective<CudaOps> for NcclGroup {
             host.copy_from_slice(&v[..host.len()]);
         }
         Ok(())
+    }
+}
+
+/// The f32 buffer of a gradient (gradients are f32 in both modes).
+fn f32_buf(t: &CudaTensor) -> Result<&cudarc::driver::CudaSlice<f32>> {
+    match &t.buf {
+        CudaBuf::F32(b) => Ok(b),
+        CudaBuf::Bf16(_) => bail!("all-reduce: a bf16 gradient (gradients are f32)"),
     }
 }

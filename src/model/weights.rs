@@ -89,7 +89,14 @@ impl<T> Model<T> {
             } else {
                 (0..n).map(|_| rng.random_range(-a..a)).collect()
             };
-            ops.upload(&v, shape)
+            // as a checkpoint's weight: the backend stores it in its base-weight type
+            let w = crate::ops::HostWeight {
+                name,
+                shape: shape.to_vec(),
+                dtype: safetensors::Dtype::F32,
+                bytes: bytemuck::cast_slice(&v),
+            };
+            ops.upload_weight(&w)
         })
     }
 

@@ -10,6 +10,7 @@ pub mod lifecycle;
 pub mod model;
 pub mod ops;
 pub mod parity;
+pub mod profiling;
 pub mod recipe;
 pub mod registry;
 pub mod train;

@@ -285,8 +285,9 @@ fn cycle(
         opts.max_new_tokens = n;
     }
     let current = production.as_ref().map(|v| reg.resolve(&a.name, v)).transpose()?;
-    let report: GateReport = gate::run(
-        &crate::ops::cpu::CpuOps,
+    let backend = crate::train::finetune::backend(&recipe, 0)?;
+    let report: GateReport = crate::with_backend!(&backend, |ops| gate::run(
+        ops,
         &cfg.base_model,
         &run_dir.join("adapter"),
         current.as_deref(),
@@ -294,7 +295,7 @@ fn cycle(
         &a.eval.regression,
         &a.gate,
         &opts,
-    )?;
+    ))?;
     report.write(&run_dir)?;
 
     // register (once per set of inputs) and promote

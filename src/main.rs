@@ -40,6 +40,35 @@ enum Dtype {
     Bf16,
 }
 
+/// Where a model runs.
+#[derive(clap::Args, Debug, Clone, Copy)]
+struct BackendArgs {
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: Backend,
+    /// Storage type of activations and base weights on the CUDA backend (the CPU
+    /// backend computes in f32).
+    #[arg(long, value_enum, default_value = "bf16")]
+    dtype: Dtype,
+}
+
+impl BackendArgs {
+    fn open(self) -> Result<tuneloop::ops::backend::AnyBackend> {
+        let (kind, dtype) = kinds(self.backend, self.dtype);
+        tuneloop::ops::backend::select_on(kind, dtype, 0, true)
+    }
+}
+
+fn kinds(b: Backend, d: Dtype) -> (tuneloop::ops::backend::BackendKind, tuneloop::ops::cuda::DType) {
+    use tuneloop::ops::backend::BackendKind;
+    use tuneloop::ops::cuda::DType;
+    let kind = match b {
+        Backend::Cpu => BackendKind::Cpu,
+        Backend::Cuda => BackendKind::Cuda,
+        Backend::Auto => BackendKind::Auto,
+    };
+    (kind, if matches!(d, Dtype::F32) { DType::F32 } else { DType::Bf16 })
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Replay golden cases made with HF transformers + PEFT and compare every tensor.
@@ -95,6 +124,8 @@ enum Command {
         /// Also write the report (with every generated sample) as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        #[command(flatten)]
+        on: BackendArgs,
     },
     /// Decide whether a candidate adapter may replace the version in service: its task
     /// metric must beat the current version's by the margin, and its regression metric
@@ -124,6 +155,8 @@ enum Command {
         /// Where gate.json and gate.md go.
         #[arg(long)]
         out: PathBuf,
+        #[command(flatten)]
+        on: BackendArgs,
     },
     /// One learning cycle for each agent with new feedback: fine-tune, eval, gate,
     /// register, promote or keep. Running it again with no new feedback does nothing.
@@ -303,15 +336,7 @@ enum DataCommand {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Parity { cases, backend, dtype, tol } => {
-            let kind = match backend {
-                Backend::Cpu => tuneloop::ops::backend::BackendKind::Cpu,
-                Backend::Cuda => tuneloop::ops::backend::BackendKind::Cuda,
-                Backend::Auto => tuneloop::ops::backend::BackendKind::Auto,
-            };
-            let dtype = match dtype {
-                Dtype::F32 => tuneloop::ops::cuda::DType::F32,
-                Dtype::Bf16 => tuneloop::ops::cuda::DType::Bf16,
-            };
+            let (kind, dtype) = kinds(backend, dtype);
             let ops = tuneloop::ops::backend::select(kind, dtype)?;
             let tol = tol.unwrap_or(if dtype == tuneloop::ops::cuda::DType::F32 { 1e-4 } else { 2e-2 });
             let greedy = tuneloop::parity::GreedyCheck::for_dtype(dtype);
@@ -367,14 +392,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("loss curve: {}", r.output_dir.join("loss.png").display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Eval { model, adapter, data, gen, json } => {
-            let ops = CpuOps;
-            let base = Model::load(&ops, &model)?;
-            let lora = adapter.map(|a| Adapter::load(&ops, &a, &base.cfg)).transpose()?;
+        Command::Eval { model, adapter, data, gen, json, on } => {
             let chat = tuneloop::data::ChatModel::load(&model)?;
             let set = tuneloop::eval::load_set(&data)?;
-            let report =
-                tuneloop::eval::evaluate(&ops, &base, lora.as_ref(), &chat, &set, &gen.options(true))?;
+            let backend = on.open()?;
+            let report = tuneloop::with_backend!(&backend, |ops| {
+                let base = Model::load(ops, &model)?;
+                let lora = adapter.as_ref().map(|a| Adapter::load(ops, a, &base.cfg)).transpose()?;
+                tuneloop::eval::evaluate(ops, &base, lora.as_ref(), &chat, &set, &gen.options(true))?
+            });
             println!("{}", report.table());
             if let Some(path) = json {
                 tuneloop::util::atomic_write(&path, &serde_json::to_vec_pretty(&report)?)?;
@@ -393,10 +419,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             tolerance,
             gen,
             out,
+            on,
         } => {
             let cfg = tuneloop::eval::gate::GateConfig { task_metric, margin, regression_metric, tolerance };
-            let report = tuneloop::eval::gate::run(
-                &CpuOps,
+            let backend = on.open()?;
+            let report = tuneloop::with_backend!(&backend, |ops| tuneloop::eval::gate::run(
+                ops,
                 &model,
                 &candidate,
                 current.as_deref(),
@@ -404,7 +432,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 &regression,
                 &cfg,
                 &gen.options(true),
-            )?;
+            ))?;
             report.write(&out)?;
             print!("{}", report.markdown());
             Ok(if report.passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })

@@ -86,13 +86,17 @@ pub fn forward_backward_into<O: Ops>(
     let inputs = StepInputs::new(dec.ops, &dec.rope, &batch.ids, &batch.positions(), layout)?;
     let targets = shift_labels(&batch.labels, &inputs.layout);
     let want_grad = grads.is_some();
+    let fwd = crate::profiling::range(c"forward");
     let state = dec.forward(&inputs, None, want_grad)?;
+    drop(fwd);
+    let _loss = crate::profiling::range(c"lm_head_loss");
     let logits = dec.logits(&state, None)?;
     let denom = denominator.unwrap_or_else(|| targets.iter().filter(|&&t| t != -100).count());
     let scale = want_grad.then(|| 1.0 / denom.max(1) as f32);
     let ce = dec.ops.cross_entropy(&logits, &targets, scale)?;
     if let Some(grads) = grads {
         let dlogits = ce.dlogits.as_ref().context("cross-entropy gave no gradient")?;
+        let _bwd = crate::profiling::range(c"backward");
         dec.backward(&inputs, &state, dlogits, grads)?;
     }
     Ok(StepResult {

@@ -187,7 +187,9 @@ pub fn global_batch_gradients<O: Ops, P: Trainable<O::Tensor>>(
     let reduced_values =
         tensors.iter().map(|t| ops.shape(t).iter().product::<usize>()).sum::<usize>() + host.len();
     let t0 = Instant::now();
+    let reduce = crate::profiling::range(c"all_reduce");
     dist.all_reduce_sum(ops, &mut tensors, &mut host)?;
+    drop(reduce);
     let reduce_s = t0.elapsed().as_secs_f64();
     Ok(BatchStats { loss_sum: host[0], n_targets: denom, tokens: host[1] as usize, reduced_values, reduce_s })
 }
@@ -367,6 +369,7 @@ pub fn train_data_parallel<O: Ops, P: Trainable<O::Tensor>>(
     };
 
     let validate = |params: &P| -> Result<(f64, f64)> {
+        let _range = crate::profiling::range(c"validate");
         evaluate_sharded(&params.decoder(ops, frozen), val, cfg.seq_len, cfg.local_batch, dist)
     };
     if state.step == 0 && !val.is_empty() && !log.history.iter().any(|m| m.val_loss.is_some()) {
@@ -380,6 +383,7 @@ pub fn train_data_parallel<O: Ops, P: Trainable<O::Tensor>>(
     let mut grads = params.zeros(ops)?;
     let stop = cfg.stop_after.unwrap_or(total_steps).min(total_steps);
     while state.step < stop {
+        let _step = crate::profiling::range(c"step");
         let t0 = Instant::now();
         // this step's rows, continuing into the next epoch when this one runs out
         let mut step_rows = Vec::with_capacity(cfg.global_batch);
@@ -416,12 +420,14 @@ pub fn train_data_parallel<O: Ops, P: Trainable<O::Tensor>>(
         if !loss.is_finite() {
             bail!("loss is {loss} at step {}: stopping before the weights are damaged", state.step + 1);
         }
+        let opt_range = crate::profiling::range(c"optimizer");
         let gnorm = match cfg.clip_grad_norm {
             Some(max) => clip_grad_norm(ops, &mut grads, max)?,
             None => super::optim::grad_norm(ops, &grads)?,
         };
         let lr = sched.lr_at(state.step);
         opt.update(ops, &mut params, &grads, lr as f32)?;
+        drop(opt_range);
         state.step += 1;
         state.tokens_seen += tokens as u64;
         let tps = tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
@@ -444,6 +450,7 @@ pub fn train_data_parallel<O: Ops, P: Trainable<O::Tensor>>(
         log.push(m)?;
         let stopping = state.step == stop;
         if root && (last || stopping || cfg.ckpt_every.is_some_and(|n| n > 0 && state.step % n == 0)) {
+            let _range = crate::profiling::range(c"checkpoint");
             let dir = checkpoint::save(ops, &ckpt_root, &state, &params, &opt)?;
             checkpoint::prune(&ckpt_root, cfg.keep_last)?;
             tracing::info!("checkpoint {}", dir.display());

@@ -333,6 +333,7 @@ impl Ops for CudaOps {
 
     /// An f32 tensor in both modes (LoRA weights, optimizer states, RoPE tables).
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<CudaTensor> {
+        let _range = crate::profiling::range(c"upload");
         ensure!(
             data.len() == shape.iter().product::<usize>(),
             "upload: {} values for shape {shape:?}",
@@ -348,6 +349,7 @@ impl Ops for CudaOps {
     /// In the activation type: f32 as before in the f32 mode; bf16 in the bf16 mode, a
     /// bf16 checkpoint's bytes as they are and f32/f16 ones rounded on the host.
     fn upload_weight(&self, w: &HostWeight) -> Result<CudaTensor> {
+        let _range = crate::profiling::range(c"upload_weight");
         match self.dtype {
             DType::F32 => self.upload(&decode_f32(w)?, &w.shape),
             DType::Bf16 => {
@@ -362,6 +364,7 @@ impl Ops for CudaOps {
     }
 
     fn upload_ids(&self, ids: &[u32]) -> Result<CudaIds> {
+        let _range = crate::profiling::range(c"upload_ids");
         let buf = if ids.is_empty() {
             self.rt.stream.alloc_zeros::<u32>(1)
         } else {
@@ -373,6 +376,7 @@ impl Ops for CudaOps {
 
     /// f32 values whatever the tensor's type (bf16 widens exactly).
     fn download(&self, t: &CudaTensor) -> Result<Vec<f32>> {
+        let _range = crate::profiling::range(c"download");
         let mut v = match &t.buf {
             CudaBuf::F32(b) => self.rt.stream.clone_dtoh(b).context("device-to-host copy")?,
             CudaBuf::Bf16(b) => {
@@ -390,10 +394,12 @@ impl Ops for CudaOps {
 
     /// An f32 tensor in both modes (gradients and moments of the trained tensors).
     fn zeros(&self, shape: &[usize]) -> Result<CudaTensor> {
+        let _range = crate::profiling::range(c"zeros");
         self.alloc_zeros_as(shape, DType::F32)
     }
 
     fn fill_zero(&self, t: &mut CudaTensor) -> Result<()> {
+        let _range = crate::profiling::range(c"fill_zero");
         match &mut t.buf {
             CudaBuf::F32(b) => self.rt.stream.memset_zeros(b),
             CudaBuf::Bf16(b) => self.rt.stream.memset_zeros(b),
@@ -411,6 +417,7 @@ impl Ops for CudaOps {
         src_row: usize,
         n: usize,
     ) -> Result<()> {
+        let _range = crate::profiling::range(c"copy_rows");
         let (dr, dc) = dst.rows_cols();
         let (sr, sc) = src.rows_cols();
         ensure!(dc == sc, "copy_rows: widths {dc} and {sc} differ");
@@ -443,6 +450,7 @@ impl Ops for CudaOps {
 
     /// In x's type.
     fn gather_rows(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
+        let _range = crate::profiling::range(c"gather_rows");
         let (n, d) = x.rows_cols();
         let mut idx = Vec::with_capacity(rows.len());
         for &r in rows {
@@ -461,6 +469,7 @@ impl Ops for CudaOps {
 
     /// In a's type, b converted element by element in the kernel.
     fn add_assign(&self, a: &mut CudaTensor, b: &CudaTensor) -> Result<()> {
+        let _range = crate::profiling::range(c"add_assign");
         same_shape(a, b, "add")?;
         let n = a.numel();
         let kernel = match (a.dtype(), b.dtype()) {
@@ -471,6 +480,7 @@ impl Ops for CudaOps {
     }
 
     fn embedding_fwd(&self, table: &CudaTensor, ids: &CudaIds) -> Result<CudaTensor> {
+        let _range = crate::profiling::range(c"embedding_fwd");
         let (v, d) = table.rows_cols();
         for &id in &ids.host {
             ensure!((id as usize) < v, "token id {id} is outside the vocabulary (size {v})");
@@ -499,6 +509,7 @@ impl Ops for CudaOps {
 
     /// The embedding's gradient: full fine-tuning only, so the f32 mode only.
     fn embedding_bwd(&self, dy: &CudaTensor, ids: &CudaIds, dtable: &mut CudaTensor) -> Result<()> {
+        let _range = crate::profiling::range(c"embedding_bwd");
         ensure!(self.dtype == DType::F32, "embedding_bwd: {NO_FULL_BF16}");
         let (v, d) = dtable.rows_cols();
         let n = ids.host.len();
@@ -523,6 +534,7 @@ impl Ops for CudaOps {
     }
 
     fn rmsnorm_fwd(&self, x: &CudaTensor, w: &CudaTensor, eps: f32) -> Result<(CudaTensor, CudaTensor)> {
+        let _range = crate::profiling::range(c"rmsnorm_fwd");
         let (n, d) = x.rows_cols();
         ensure!(w.numel() == d, "rmsnorm: weight of {} for width {d}", w.numel());
         let (x, w) = (self.act(x)?, self.act(w)?);
@@ -560,6 +572,7 @@ impl Ops for CudaOps {
         rstd: &CudaTensor,
         dw: Option<&mut CudaTensor>,
     ) -> Result<CudaTensor> {
+        let _range = crate::profiling::range(c"rmsnorm_bwd");
         same_shape(dy, x, "rmsnorm_bwd")?;
         let (n, d) = x.rows_cols();
         ensure!(
@@ -628,6 +641,7 @@ impl Ops for CudaOps {
         bias: Option<&CudaTensor>,
         lora: Option<LoraRef<CudaTensor>>,
     ) -> Result<(CudaTensor, Option<CudaTensor>)> {
+        let _range = crate::profiling::range(c"linear_fwd");
         let (n, inp) = x.rows_cols();
         let (out, w_in) = w.rows_cols();
         ensure!(w_in == inp && w.shape.len() == 2, "linear: input width {inp}, weight {:?}", w.shape);
@@ -693,6 +707,7 @@ impl Ops for CudaOps {
         weight_grads: Option<LinearGradRef<CudaTensor>>,
         need_dx: bool,
     ) -> Result<Option<CudaTensor>> {
+        let _range = crate::profiling::range(c"linear_bwd");
         let (n, inp) = x.rows_cols();
         let (out, w_in) = w.rows_cols();
         ensure!(w_in == inp, "linear_bwd: input width {inp}, weight {:?}", w.shape);
@@ -777,6 +792,7 @@ impl Ops for CudaOps {
         sin: &CudaTensor,
         head_dim: usize,
     ) -> Result<()> {
+        let _range = crate::profiling::range(c"rope_fwd");
         self.rope(x, cos, sin, head_dim, 1.0)
     }
 
@@ -787,6 +803,7 @@ impl Ops for CudaOps {
         sin: &CudaTensor,
         head_dim: usize,
     ) -> Result<()> {
+        let _range = crate::profiling::range(c"rope_bwd");
         self.rope(dx, cos, sin, head_dim, -1.0)
     }
 
@@ -798,6 +815,7 @@ impl Ops for CudaOps {
         shape: AttnShape,
         layout: &AttnLayout,
     ) -> Result<(CudaTensor, CudaTensor)> {
+        let _range = crate::profiling::range(c"attention_fwd");
         self.attn_check(q, k, v, shape, layout)?;
         let (q, k, v) = (self.act(q)?, self.act(k)?, self.act(v)?);
         let (nq, _) = q.rows_cols();
@@ -839,6 +857,7 @@ impl Ops for CudaOps {
         shape: AttnShape,
         layout: &AttnLayout,
     ) -> Result<(CudaTensor, CudaTensor, CudaTensor)> {
+        let _range = crate::profiling::range(c"attention_bwd");
         self.attn_check(q, k, v, shape, layout)?;
         same_shape(dout, q, "attention_bwd")?;
         same_shape(out, q, "attention_bwd")?;
@@ -907,6 +926,7 @@ impl Ops for CudaOps {
     }
 
     fn swiglu_fwd(&self, gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor> {
+        let _range = crate::profiling::range(c"swiglu_fwd");
         same_shape(gate, up, "swiglu")?;
         let (gate, up) = (self.act(gate)?, self.act(up)?);
         let n = gate.numel();
@@ -925,6 +945,7 @@ impl Ops for CudaOps {
         gate: &CudaTensor,
         up: &CudaTensor,
     ) -> Result<(CudaTensor, CudaTensor)> {
+        let _range = crate::profiling::range(c"swiglu_bwd");
         same_shape(dh, gate, "swiglu_bwd")?;
         same_shape(up, gate, "swiglu_bwd")?;
         let (dh, gate, up) = (self.act(dh)?, self.act(gate)?, self.act(up)?);
@@ -945,6 +966,7 @@ impl Ops for CudaOps {
         targets: &[i64],
         grad_scale: Option<f32>,
     ) -> Result<CrossEntropyOut<CudaTensor>> {
+        let _range = crate::profiling::range(c"cross_entropy");
         let (n, v) = logits.rows_cols();
         ensure!(targets.len() == n, "cross_entropy: {} targets for {n} rows", targets.len());
         let mut t32 = Vec::with_capacity(n);
@@ -997,6 +1019,7 @@ impl Ops for CudaOps {
     }
 
     fn sum_squares(&self, ts: &[&CudaTensor]) -> Result<f64> {
+        let _range = crate::profiling::range(c"sum_squares");
         let blocks: Vec<usize> = ts.iter().map(|t| t.numel().div_ceil(BLOCK as usize).min(1024)).collect();
         let total: usize = blocks.iter().sum();
         if total == 0 {
@@ -1024,6 +1047,7 @@ impl Ops for CudaOps {
     }
 
     fn scale(&self, t: &mut CudaTensor, s: f32) -> Result<()> {
+        let _range = crate::profiling::range(c"scale");
         let n = t.numel();
         let kernel = format!("scale_{}", t.dtype().suffix());
         self.rt.launch(&kernel, grid_1d(n), args![self.ptr(t), n as u64, s])
@@ -1038,6 +1062,7 @@ impl Ops for CudaOps {
         step: u64,
         hp: AdamWParams,
     ) -> Result<()> {
+        let _range = crate::profiling::range(c"adamw_step");
         let n = params.len();
         ensure!(grads.len() == n && m.len() == n && v.len() == n, "adamw: tensor lists differ in length");
         ensure!(step >= 1, "adamw: steps count from 1");

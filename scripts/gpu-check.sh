@@ -12,6 +12,8 @@
 #     bf16 mode, golden parity in both);
 #   - compute-sanitizer --tool memcheck over the op tests (if compute-sanitizer exists);
 #   - tuneloop parity --backend cuda --dtype f32 and --dtype bf16 on the golden cases;
+#   - a quickstart fine-tune on CUDA alone and as world size 1 over the rendezvous and
+#     NCCL, whose adapters must be identical;
 # and prints a table of what passed last. Logs go to $OUT (the device tool brings them
 # back) or to gpu-logs/. The exit status is non-zero when anything failed.
 set -uo pipefail
@@ -74,6 +76,23 @@ run_step "parity cuda f32 (tol 1e-4)" parity-f32.log \
     $bundle/tuneloop parity --backend cuda --dtype f32 --tol 1e-4 --case "${cases[@]}"
 run_step "parity cuda bf16 (tol 2e-2)" parity-bf16.log \
     $bundle/tuneloop parity --backend cuda --dtype bf16 --tol 2e-2 --case "${cases[@]}"
+
+# ---- data parallel over NCCL: world size 1 through the rendezvous and NCCL must give the
+# plain run's adapter (issue: scale out). The tiny quickstart model, CUDA f32.
+dp="$logs/dp"
+mkdir -p "$dp"
+dp_args=(finetune -c configs/quickstart.yaml --model.path="$dp/base" --step_scheduler.max_steps=20
+    --step_scheduler.ckpt_every_steps=10 --backend=cuda --model.dtype=f32)
+dp_check() {
+    $bundle/tuneloop init-model --tokenizer configs/quickstart/tokenizer --out "$dp/base" --embed-std 0.08 &&
+        $bundle/tuneloop "${dp_args[@]}" --output_dir="$dp/plain" &&
+        RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29517 \
+            $bundle/tuneloop "${dp_args[@]}" --output_dir="$dp/nccl" &&
+        cmp "$dp/plain/adapter/adapter_model.safetensors" "$dp/nccl/adapter/adapter_model.safetensors" &&
+        echo "world-size-1 NCCL adapter == single-process adapter (byte for byte)"
+}
+run_step "NCCL world size 1 == single process" dp-nccl.log dp_check
+rm -rf "$dp/base" "$dp/plain/checkpoints" "$dp/nccl/checkpoints"
 
 echo
 echo "gpu-check on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1), bundle $(cat $bundle/commit 2>/dev/null)"

@@ -8,7 +8,7 @@ use tuneloop::model::decoder::Grads;
 use tuneloop::model::{Adapter, Decoder, LoraConfig, Model, Proj};
 use tuneloop::ops::{cpu::CpuOps, cpu::CpuTensor, AdamWParams, Ops};
 use tuneloop::train::{
-    clip_grad_norm, forward_backward, forward_backward_into, grad_norm, AdamW, TokenBatch,
+    clip_grad_norm, forward_backward, forward_backward_into, grad_norm, train_step, AdamW, TokenBatch,
 };
 use tuneloop::util::rel_l2;
 
@@ -214,4 +214,48 @@ fn model_gradients_leave_the_lora_gradients_as_they_are() {
         full.named().iter().all(|(_, t)| t.data.iter().any(|&g| g != 0.0)),
         "every tensor gets a gradient"
     );
+}
+
+#[test]
+fn chunked_lm_head_and_loss_give_the_whole_logits_gradients() {
+    let ops = CpuOps;
+    for case in common::CASES {
+        let dir = common::golden(case);
+        let model = Model::load(&ops, &dir.join("model")).unwrap();
+        let adapter = Adapter::load(&ops, &dir.join("adapter"), &model.cfg).unwrap();
+        let mut batch = TokenBatch::default();
+        for (ids, labels) in docs() {
+            batch.push(&ids, &labels);
+        }
+        let dec = Decoder::new(&ops, &model, Some(&adapter));
+        let (mut lora, mut full) =
+            (adapter.zeros_like(&ops, &model.cfg).unwrap(), model.zeros_like(&ops).unwrap());
+        let whole = forward_backward_into(
+            &dec,
+            &batch,
+            Some(Grads { adapter: Some(&mut lora), model: Some(&mut full) }),
+            None,
+        )
+        .unwrap();
+        // chunks of 4 rows: some hold only masked tokens (skipped), one is ragged
+        let (mut c_lora, mut c_full) =
+            (adapter.zeros_like(&ops, &model.cfg).unwrap(), model.zeros_like(&ops).unwrap());
+        let chunked = train_step(
+            &dec,
+            &batch,
+            Grads { adapter: Some(&mut c_lora), model: Some(&mut c_full) },
+            None,
+            Some(4),
+        )
+        .unwrap();
+        assert_eq!((chunked.n_counted, chunked.n_correct), (whole.n_counted, whole.n_correct));
+        assert!((chunked.loss_sum - whole.loss_sum).abs() <= 1e-9 * whole.loss_sum.abs(), "{case}: loss");
+        let e = rel_l2(&grads_of(&ops, &c_lora), &grads_of(&ops, &lora));
+        assert!(e < 1e-6, "{case}: LoRA gradients off by {e:.2e}");
+        let flat = |m: &Model<CpuTensor>| -> Vec<f32> {
+            m.named().into_iter().flat_map(|(_, t)| t.data.clone()).collect()
+        };
+        let e = rel_l2(&flat(&c_full), &flat(&full));
+        assert!(e < 1e-6, "{case}: model gradients (lm_head accumulated over chunks) off by {e:.2e}");
+    }
 }

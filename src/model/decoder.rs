@@ -252,13 +252,26 @@ impl<'a, O: Ops> Decoder<'a, O> {
         dlogits: &O::Tensor,
         mut grads: Grads<O::Tensor>,
     ) -> Result<()> {
-        let ops = self.ops;
-        let c = &self.model.cfg;
-        let shape = self.attn_shape();
-        ensure!(
-            state.layers.len() == c.num_hidden_layers,
-            "backward needs a forward that kept its activations"
-        );
+        let dnorm = self.head_backward(&state.final_norm, dlogits, &mut grads)?;
+        self.backward_from_norm(inp, state, &dnorm, grads)
+    }
+
+    /// The lm_head's backward for rows `x` of the final norm's output: returns their
+    /// gradient, and with model gradients accumulates the lm_head's (`+=`).
+    pub fn head_backward(
+        &self,
+        x: &O::Tensor,
+        dlogits: &O::Tensor,
+        grads: &mut Grads<O::Tensor>,
+    ) -> Result<O::Tensor> {
+        self.check_grads(grads)?;
+        let head_grad = grads.model.as_deref_mut().map(|g| LinearGradRef { dw: g.lm_head_mut(), db: None });
+        self.ops
+            .linear_bwd(dlogits, x, self.model.lm_head(), None, None, None, head_grad, true)?
+            .context("lm_head backward gave no input gradient")
+    }
+
+    fn check_grads(&self, grads: &Grads<O::Tensor>) -> Result<()> {
         if let Some(g) = grads.model.as_deref() {
             // a tied model's lm_head gradient goes into the embedding's: the buffers
             // must be tied the same way
@@ -268,13 +281,30 @@ impl<'a, O: Ops> Decoder<'a, O> {
                 "model gradients are not shaped like the model"
             );
         }
+        Ok(())
+    }
+
+    /// Backward from `dnorm`, the gradient of the final norm's output (what
+    /// [`Decoder::head_backward`] gives), through every layer; gradients are accumulated
+    /// (`+=`) into `grads`.
+    pub fn backward_from_norm(
+        &self,
+        inp: &StepInputs<O>,
+        state: &ForwardState<O::Tensor>,
+        dnorm: &O::Tensor,
+        mut grads: Grads<O::Tensor>,
+    ) -> Result<()> {
+        let ops = self.ops;
+        let c = &self.model.cfg;
+        let shape = self.attn_shape();
+        ensure!(
+            state.layers.len() == c.num_hidden_layers,
+            "backward needs a forward that kept its activations"
+        );
+        self.check_grads(&grads)?;
         let full = grads.model.is_some();
-        let head_grad = grads.model.as_deref_mut().map(|g| LinearGradRef { dw: g.lm_head_mut(), db: None });
-        let dnorm = ops
-            .linear_bwd(dlogits, &state.final_norm, self.model.lm_head(), None, None, None, head_grad, true)?
-            .context("lm_head backward gave no input gradient")?;
         let dw = grads.model.as_deref_mut().map(|g| &mut g.norm);
-        let mut dx = ops.rmsnorm_bwd(&dnorm, &state.x_out, &self.model.norm, &state.final_rstd, dw)?;
+        let mut dx = ops.rmsnorm_bwd(dnorm, &state.x_out, &self.model.norm, &state.final_rstd, dw)?;
         for l in (0..c.num_hidden_layers).rev() {
             let _span = tracing::trace_span!("layer_bwd", l).entered();
             let a = &state.layers[l];

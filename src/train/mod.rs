@@ -13,4 +13,4 @@ pub mod trainer;
 
 pub use optim::{clip_grad_norm, grad_norm, AdamW};
 pub use params::Trainable;
-pub use step::{forward_backward, forward_backward_into, TokenBatch};
+pub use step::{forward_backward, forward_backward_into, train_step, StepLoss, TokenBatch};

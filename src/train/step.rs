@@ -4,6 +4,7 @@ use anyhow::{ensure, Context, Result};
 
 use crate::model::decoder::{shift_labels, ForwardState, Grads, StepInputs};
 use crate::model::{Adapter, Decoder};
+use crate::ops::rows_cols;
 use crate::ops::{AttnLayout, Ops};
 
 /// Sequences laid end to end on one token axis (a `[batch, seq]` batch, or packed
@@ -107,4 +108,76 @@ pub fn forward_backward_into<O: Ops>(
         n_counted: ce.n_counted,
         n_correct: ce.n_correct,
     })
+}
+
+/// How many bytes of lm_head logits [`train_step`] computes at once (f32): with a 128k
+/// vocabulary, 512 rows. The full `[tokens × vocab]` logits and their gradient never
+/// exist, which on an 8k-token micro-batch saves twice 4 GiB.
+pub const HEAD_CHUNK_BYTES: usize = 256 << 20;
+
+/// What a training micro-step measured.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepLoss {
+    /// Sum of the counted tokens' losses.
+    pub loss_sum: f64,
+    pub n_counted: usize,
+    pub n_correct: usize,
+}
+
+/// Forward, loss and backward for training: the gradients of [`forward_backward_into`],
+/// with the lm_head and the cross-entropy run over chunks of `head_rows` token rows
+/// (by default as many as fit [`HEAD_CHUNK_BYTES`]), each chunk's logits gone before
+/// the next one's exist. Chunks without a trained token are skipped. The lm_head is
+/// frozen under LoRA, so no weight gradient is formed for it there.
+pub fn train_step<O: Ops>(
+    dec: &Decoder<O>,
+    batch: &TokenBatch,
+    mut grads: Grads<O::Tensor>,
+    denominator: Option<usize>,
+    head_rows: Option<usize>,
+) -> Result<StepLoss> {
+    ensure!(
+        batch.ids.len() == batch.labels.len(),
+        "{} ids but {} labels",
+        batch.ids.len(),
+        batch.labels.len()
+    );
+    let ops = dec.ops;
+    let layout = batch.layout();
+    let inputs = StepInputs::new(ops, &dec.rope, &batch.ids, &batch.positions(), layout)?;
+    let targets = shift_labels(&batch.labels, &inputs.layout);
+    let state = {
+        let _fwd = crate::profiling::range(c"forward");
+        dec.forward(&inputs, None, true)?
+    };
+    let denom = denominator.unwrap_or_else(|| targets.iter().filter(|&&t| t != -100).count());
+    let scale = 1.0 / denom.max(1) as f32;
+    let (n, d) = rows_cols(ops.shape(&state.final_norm));
+    let vocab = dec.model.cfg.vocab_size.max(1);
+    let chunk = head_rows.unwrap_or(HEAD_CHUNK_BYTES / (vocab * 4)).max(1);
+    let mut dnorm = ops.zeros(&[n, d])?;
+    let mut out = StepLoss::default();
+    {
+        let _head = crate::profiling::range(c"lm_head_loss");
+        for r0 in (0..n).step_by(chunk) {
+            let r1 = (r0 + chunk).min(n);
+            if targets[r0..r1].iter().all(|&t| t == -100) {
+                continue; // no loss there: its gradient rows stay zero
+            }
+            let rows: Vec<usize> = (r0..r1).collect();
+            let x = ops.gather_rows(&state.final_norm, &rows)?;
+            let logits = ops.linear_fwd(&x, dec.model.lm_head(), None, None)?.0;
+            let ce = ops.cross_entropy(&logits, &targets[r0..r1], Some(scale))?;
+            drop(logits);
+            let dlogits = ce.dlogits.context("cross-entropy gave no gradient")?;
+            let dx = dec.head_backward(&x, &dlogits, &mut grads)?;
+            ops.copy_rows(&mut dnorm, r0, &dx, 0, r1 - r0)?;
+            out.loss_sum += ce.loss_sum;
+            out.n_counted += ce.n_counted;
+            out.n_correct += ce.n_correct;
+        }
+    }
+    let _bwd = crate::profiling::range(c"backward");
+    dec.backward_from_norm(&inputs, &state, &dnorm, grads)?;
+    Ok(out)
 }

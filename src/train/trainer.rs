@@ -17,7 +17,7 @@ use super::optim::{clip_grad_norm, AdamW};
 use super::pack::{batch_of, rows, Example};
 use super::params::Trainable;
 use super::schedule::Schedule;
-use super::step::{forward_backward, forward_backward_into, TokenBatch};
+use super::step::{forward_backward, train_step, TokenBatch};
 use crate::dist::{Collective, Single};
 use crate::model::Decoder;
 use crate::ops::{AdamWParams, Dropout, Ops};
@@ -179,7 +179,7 @@ pub fn global_batch_gradients<O: Ops, P: Trainable<O::Tensor>>(
     for i in shard(micro.len(), dist.rank(), dist.world_size()) {
         let mut dec = params.decoder(ops, frozen);
         dec.lora_dropout = dropout(i);
-        let r = forward_backward_into(&dec, &micro[i], Some(grads.as_grads()), Some(denom))?;
+        let r = train_step(&dec, &micro[i], grads.as_grads(), Some(denom), None)?;
         host[0] += r.loss_sum;
         host[1] += micro[i].ids.len() as f64;
     }

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tuneloop::dist::{DistEnv, Single, TcpGroup};
-use tuneloop::model::{Adapter, Model};
+use tuneloop::model::{Adapter, Decoder, Model};
 use tuneloop::ops::cpu::{CpuOps, CpuTensor};
 use tuneloop::ops::{Dropout, Ops};
 use tuneloop::train::pack::Example;
@@ -69,8 +69,8 @@ fn model_and_adapter() -> (Model<CpuTensor>, Adapter<CpuTensor>) {
     (model, adapter)
 }
 
-fn dropout(i: usize) -> Option<Dropout> {
-    Some(Dropout { p: 0.1, seed: 99 + i as u64 })
+fn dropout(i: usize, dec: &mut Decoder<'_, CpuOps>) {
+    dec.lora_dropout = Some(Dropout { p: 0.1, seed: 99 + i as u64 });
 }
 
 /// Every rank's gradient after [`global_batch_gradients`] over `world` ranks on loopback.
@@ -122,7 +122,7 @@ fn ranks_summed_shares_equal_one_process_over_the_global_batch() {
     }
     // full fine-tuning: the model's own gradients
     let mut grads = model.zeros(&CpuOps).unwrap();
-    global_batch_gradients(&CpuOps, &(), &model, &micro[..4], &mut grads, |_| None, &Single).unwrap();
+    global_batch_gradients(&CpuOps, &(), &model, &micro[..4], &mut grads, |_, _| {}, &Single).unwrap();
     let want = flat(&grads);
     for (got, _, _) in ranks_gradients(&(), &model, &micro[..4], 2) {
         let e = rel_l2(&got, &want);
@@ -164,6 +164,7 @@ fn config(out: &Path, steps: usize) -> TrainConfig {
         min_lr_ratio: 0.0,
         clip_grad_norm: Some(1.0),
         lora_dropout: 0.1,
+        recompute: false,
         seed: 7,
         output_dir: out.to_path_buf(),
         stop_after: None,

@@ -43,6 +43,7 @@ fn config(out: &Path) -> TrainConfig {
         min_lr_ratio: 0.0,
         clip_grad_norm: Some(1.0),
         lora_dropout: 0.1,
+        recompute: false,
         seed: 7,
         output_dir: out.to_path_buf(),
         stop_after: None,

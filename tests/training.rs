@@ -259,3 +259,38 @@ fn chunked_lm_head_and_loss_give_the_whole_logits_gradients() {
         assert!(e < 1e-6, "{case}: model gradients (lm_head accumulated over chunks) off by {e:.2e}");
     }
 }
+
+#[test]
+fn recomputed_activations_give_the_same_gradients() {
+    let ops = CpuOps;
+    for case in common::CASES {
+        let dir = common::golden(case);
+        let model = Model::load(&ops, &dir.join("model")).unwrap();
+        let adapter = Adapter::load(&ops, &dir.join("adapter"), &model.cfg).unwrap();
+        let mut batch = TokenBatch::default();
+        for (ids, labels) in docs() {
+            batch.push(&ids, &labels);
+        }
+        let run = |recompute: bool| {
+            let mut dec = Decoder::new(&ops, &model, Some(&adapter));
+            dec.lora_dropout = Some(tuneloop::ops::Dropout { p: 0.2, seed: 11 });
+            dec.recompute = recompute;
+            let (mut lora, mut full) =
+                (adapter.zeros_like(&ops, &model.cfg).unwrap(), model.zeros_like(&ops).unwrap());
+            let r = train_step(
+                &dec,
+                &batch,
+                Grads { adapter: Some(&mut lora), model: Some(&mut full) },
+                None,
+                None,
+            )
+            .unwrap();
+            let full: Vec<f32> = full.named().into_iter().flat_map(|(_, t)| t.data.clone()).collect();
+            (r, grads_of(&ops, &lora), full)
+        };
+        let (kept, recomputed) = (run(false), run(true));
+        assert_eq!(kept.0, recomputed.0, "{case}: loss");
+        assert_eq!(kept.1, recomputed.1, "{case}: LoRA gradients (dropout masks included)");
+        assert_eq!(kept.2, recomputed.2, "{case}: model gradients");
+    }
+}

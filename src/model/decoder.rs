@@ -89,7 +89,11 @@ pub struct LayerActs<T> {
 }
 
 pub struct ForwardState<T> {
+    /// Every layer's activations (a forward that keeps them, without recompute).
     pub layers: Vec<LayerActs<T>>,
+    /// Only every layer's input (a forward that keeps activations with recompute on):
+    /// the backward runs each layer's forward again.
+    pub inputs: Vec<T>,
     /// The last layer's output.
     pub x_out: T,
     pub final_norm: T,
@@ -111,11 +115,15 @@ pub struct Decoder<'a, O: Ops> {
     /// LoRA dropout for a training step: probability and the step's seed (each
     /// layer and projection draws its own mask from it).
     pub lora_dropout: Option<Dropout>,
+    /// Activation recompute: a forward for a backward keeps only each layer's input,
+    /// and the backward runs the layer's forward again (the same dropout masks) before
+    /// its backward. Less memory for one more forward.
+    pub recompute: bool,
 }
 
 impl<'a, O: Ops> Decoder<'a, O> {
     pub fn new(ops: &'a O, model: &'a Model<O::Tensor>, adapter: Option<&'a Adapter<O::Tensor>>) -> Self {
-        Self { ops, model, adapter, rope: Rope::new(&model.cfg), lora_dropout: None }
+        Self { ops, model, adapter, rope: Rope::new(&model.cfg), lora_dropout: None, recompute: false }
     }
 
     pub fn attn_shape(&self) -> AttnShape {
@@ -169,64 +177,72 @@ impl<'a, O: Ops> Decoder<'a, O> {
     ) -> Result<ForwardState<O::Tensor>> {
         let ops = self.ops;
         let c = &self.model.cfg;
-        let shape = self.attn_shape();
         let mut x = ops.embedding_fwd(&self.model.embed_tokens, &inp.ids)?;
-        let mut layers = Vec::with_capacity(if keep { c.num_hidden_layers } else { 0 });
-        for (l, layer) in self.model.layers.iter().enumerate() {
+        let n_keep = if keep { c.num_hidden_layers } else { 0 };
+        let (mut layers, mut inputs) = (Vec::new(), Vec::new());
+        if self.recompute {
+            inputs.reserve(n_keep);
+        } else {
+            layers.reserve(n_keep);
+        }
+        for l in 0..c.num_hidden_layers {
             let _span = tracing::trace_span!("layer_fwd", l).entered();
-            let mut xa: [Option<O::Tensor>; 7] = Default::default();
-            let (n1, rstd1) = ops.rmsnorm_fwd(&x, &layer.input_layernorm, c.rms_norm_eps)?;
-            let (mut q, xa_q) = self.linear_fwd(l, Proj::Q, &n1)?;
-            let (mut k, xa_k) = self.linear_fwd(l, Proj::K, &n1)?;
-            let (v, xa_v) = self.linear_fwd(l, Proj::V, &n1)?;
-            (xa[Proj::Q as usize], xa[Proj::K as usize], xa[Proj::V as usize]) = (xa_q, xa_k, xa_v);
-            ops.rope_fwd(&mut q, &inp.cos, &inp.sin, c.head_dim)?;
-            ops.rope_fwd(&mut k, &inp.cos, &inp.sin, c.head_dim)?;
-            let (attn, lse) = match cache.as_deref_mut() {
-                None => ops.attention_fwd(&q, &k, &v, shape, &inp.layout)?,
-                Some(cache) => {
-                    for &(src, dst, n) in &inp.cache_writes {
-                        ops.copy_rows(&mut cache.k[l], dst, &k, src, n)?;
-                        ops.copy_rows(&mut cache.v[l], dst, &v, src, n)?;
-                    }
-                    ops.attention_fwd(&q, &cache.k[l], &cache.v[l], shape, &inp.layout)?
-                }
-            };
-            let (o, xa_o) = self.linear_fwd(l, Proj::O, &attn)?;
-            xa[Proj::O as usize] = xa_o;
-            let mut h = o;
-            ops.add_assign(&mut h, &x)?;
-            let (n2, rstd2) = ops.rmsnorm_fwd(&h, &layer.post_attention_layernorm, c.rms_norm_eps)?;
-            let (gate, xa_g) = self.linear_fwd(l, Proj::Gate, &n2)?;
-            let (up, xa_u) = self.linear_fwd(l, Proj::Up, &n2)?;
-            let act = ops.swiglu_fwd(&gate, &up)?;
-            let (down, xa_d) = self.linear_fwd(l, Proj::Down, &act)?;
-            (xa[Proj::Gate as usize], xa[Proj::Up as usize], xa[Proj::Down as usize]) = (xa_g, xa_u, xa_d);
-            let mut out = down;
-            ops.add_assign(&mut out, &h)?;
-            let x_in = std::mem::replace(&mut x, out);
-            if keep {
-                layers.push(LayerActs {
-                    x_in,
-                    n1,
-                    rstd1,
-                    q,
-                    k,
-                    v,
-                    attn,
-                    lse,
-                    h,
-                    n2,
-                    rstd2,
-                    gate,
-                    up,
-                    act,
-                    xa,
-                });
+            let (out, acts) = self.layer_forward(l, x, inp, cache.as_deref_mut())?;
+            x = out;
+            if keep && self.recompute {
+                inputs.push(acts.x_in);
+            } else if keep {
+                layers.push(acts);
             }
         }
         let (final_norm, final_rstd) = ops.rmsnorm_fwd(&x, &self.model.norm, c.rms_norm_eps)?;
-        Ok(ForwardState { layers, x_out: x, final_norm, final_rstd })
+        Ok(ForwardState { layers, inputs, x_out: x, final_norm, final_rstd })
+    }
+
+    /// Decoder layer `l` on its input `x`: its output and its activations (`x` among
+    /// them, as `x_in`).
+    fn layer_forward(
+        &self,
+        l: usize,
+        x: O::Tensor,
+        inp: &StepInputs<O>,
+        cache: Option<&mut KvCache<O::Tensor>>,
+    ) -> Result<(O::Tensor, LayerActs<O::Tensor>)> {
+        let ops = self.ops;
+        let c = &self.model.cfg;
+        let shape = self.attn_shape();
+        let layer = &self.model.layers[l];
+        let mut xa: [Option<O::Tensor>; 7] = Default::default();
+        let (n1, rstd1) = ops.rmsnorm_fwd(&x, &layer.input_layernorm, c.rms_norm_eps)?;
+        let (mut q, xa_q) = self.linear_fwd(l, Proj::Q, &n1)?;
+        let (mut k, xa_k) = self.linear_fwd(l, Proj::K, &n1)?;
+        let (v, xa_v) = self.linear_fwd(l, Proj::V, &n1)?;
+        (xa[Proj::Q as usize], xa[Proj::K as usize], xa[Proj::V as usize]) = (xa_q, xa_k, xa_v);
+        ops.rope_fwd(&mut q, &inp.cos, &inp.sin, c.head_dim)?;
+        ops.rope_fwd(&mut k, &inp.cos, &inp.sin, c.head_dim)?;
+        let (attn, lse) = match cache {
+            None => ops.attention_fwd(&q, &k, &v, shape, &inp.layout)?,
+            Some(cache) => {
+                for &(src, dst, n) in &inp.cache_writes {
+                    ops.copy_rows(&mut cache.k[l], dst, &k, src, n)?;
+                    ops.copy_rows(&mut cache.v[l], dst, &v, src, n)?;
+                }
+                ops.attention_fwd(&q, &cache.k[l], &cache.v[l], shape, &inp.layout)?
+            }
+        };
+        let (o, xa_o) = self.linear_fwd(l, Proj::O, &attn)?;
+        xa[Proj::O as usize] = xa_o;
+        let mut h = o;
+        ops.add_assign(&mut h, &x)?;
+        let (n2, rstd2) = ops.rmsnorm_fwd(&h, &layer.post_attention_layernorm, c.rms_norm_eps)?;
+        let (gate, xa_g) = self.linear_fwd(l, Proj::Gate, &n2)?;
+        let (up, xa_u) = self.linear_fwd(l, Proj::Up, &n2)?;
+        let act = ops.swiglu_fwd(&gate, &up)?;
+        let (down, xa_d) = self.linear_fwd(l, Proj::Down, &act)?;
+        (xa[Proj::Gate as usize], xa[Proj::Up as usize], xa[Proj::Down as usize]) = (xa_g, xa_u, xa_d);
+        let mut out = down;
+        ops.add_assign(&mut out, &h)?;
+        Ok((out, LayerActs { x_in: x, n1, rstd1, q, k, v, attn, lse, h, n2, rstd2, gate, up, act, xa }))
     }
 
     /// `[rows, vocab]` logits of the given rows of the final norm's output (all rows
@@ -297,8 +313,9 @@ impl<'a, O: Ops> Decoder<'a, O> {
         let ops = self.ops;
         let c = &self.model.cfg;
         let shape = self.attn_shape();
+        let recompute = state.layers.is_empty() && state.inputs.len() == c.num_hidden_layers;
         ensure!(
-            state.layers.len() == c.num_hidden_layers,
+            state.layers.len() == c.num_hidden_layers || recompute,
             "backward needs a forward that kept its activations"
         );
         self.check_grads(&grads)?;
@@ -307,7 +324,16 @@ impl<'a, O: Ops> Decoder<'a, O> {
         let mut dx = ops.rmsnorm_bwd(dnorm, &state.x_out, &self.model.norm, &state.final_rstd, dw)?;
         for l in (0..c.num_hidden_layers).rev() {
             let _span = tracing::trace_span!("layer_bwd", l).entered();
-            let a = &state.layers[l];
+            let recomputed;
+            let a = if recompute {
+                let _range = crate::profiling::range(c"recompute");
+                let x = &state.inputs[l];
+                let rows: Vec<usize> = (0..crate::ops::rows_cols(ops.shape(x)).0).collect();
+                recomputed = self.layer_forward(l, ops.gather_rows(x, &rows)?, inp, None)?.1;
+                &recomputed
+            } else {
+                &state.layers[l]
+            };
             let layer = &self.model.layers[l];
             let need = |o: Option<O::Tensor>| o.context("linear backward gave no input gradient");
             // MLP: out = h + down(swiglu(gate(n2), up(n2)))

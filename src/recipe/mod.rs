@@ -37,6 +37,9 @@ pub struct Recipe {
     pub lr_scheduler: LrScheduler,
     /// Max global L2 norm of the adapter gradients; `null` turns clipping off.
     pub clip_grad_norm: Option<f64>,
+    /// Recompute each layer's activations in the backward instead of keeping them
+    /// (less memory, one more forward per step).
+    pub activation_checkpointing: bool,
     pub output_dir: PathBuf,
     pub checkpoint: CheckpointSection,
     pub backend: Backend,
@@ -55,6 +58,7 @@ impl Default for Recipe {
             optimizer: Optimizer::default(),
             lr_scheduler: LrScheduler::default(),
             clip_grad_norm: Some(1.0),
+            activation_checkpointing: false,
             output_dir: PathBuf::new(),
             checkpoint: CheckpointSection::default(),
             backend: Backend::Auto,

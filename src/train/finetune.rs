@@ -215,6 +215,7 @@ fn run<O: Ops>(
         min_lr_ratio: recipe.lr_scheduler.min_lr_ratio,
         clip_grad_norm: recipe.clip_grad_norm,
         lora_dropout: recipe.peft.dropout,
+        recompute: recipe.activation_checkpointing,
         seed: recipe.seed,
         output_dir: out.clone(),
         stop_after,

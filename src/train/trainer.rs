@@ -40,6 +40,8 @@ pub struct TrainConfig {
     pub min_lr_ratio: f64,
     pub clip_grad_norm: Option<f64>,
     pub lora_dropout: f32,
+    /// Activation recompute in every layer (see [`Decoder::recompute`]).
+    pub recompute: bool,
     pub seed: u64,
     pub output_dir: PathBuf,
     /// Stop (after checkpointing) once this many steps are done, leaving the schedule
@@ -160,15 +162,16 @@ pub struct BatchStats {
 /// rank runs its contiguous share, each micro-batch's loss scaled by the whole batch's
 /// count of trained tokens, and the shares are summed over the ranks of `dist` as one
 /// fused buffer. One process (`Single`) running every micro-batch gets the same
-/// gradient up to the order of the additions. `dropout(i)` is micro-batch `i`'s LoRA
-/// dropout, keyed by its place in the global batch so it does not depend on the ranks.
+/// gradient up to the order of the additions. `prepare(i, decoder)` sets micro-batch
+/// `i`'s LoRA dropout (keyed by its place in the global batch, so it does not depend on
+/// the ranks) and activation recompute.
 pub fn global_batch_gradients<O: Ops, P: Trainable<O::Tensor>>(
     ops: &O,
     frozen: &P::Frozen,
     params: &P,
     micro: &[TokenBatch],
     grads: &mut P,
-    dropout: impl Fn(usize) -> Option<Dropout>,
+    prepare: impl Fn(usize, &mut Decoder<'_, O>),
     dist: &dyn Collective<O>,
 ) -> Result<BatchStats> {
     let denom: usize = micro.iter().map(|b| b.n_targets()).sum();
@@ -178,7 +181,7 @@ pub fn global_batch_gradients<O: Ops, P: Trainable<O::Tensor>>(
     let mut host = [0.0f64, 0.0]; // loss sum, tokens
     for i in shard(micro.len(), dist.rank(), dist.world_size()) {
         let mut dec = params.decoder(ops, frozen);
-        dec.lora_dropout = dropout(i);
+        prepare(i, &mut dec);
         let r = train_step(&dec, &micro[i], grads.as_grads(), Some(denom), None)?;
         host[0] += r.loss_sum;
         host[1] += micro[i].ids.len() as f64;
@@ -398,13 +401,14 @@ pub fn train_data_parallel<O: Ops, P: Trainable<O::Tensor>>(
         }
         let micro: Vec<_> =
             step_rows.chunks(cfg.local_batch).map(|c| batch_of(train, c, cfg.seq_len)).collect();
-        let dropout = |i: usize| {
-            (cfg.lora_dropout > 0.0).then(|| Dropout {
+        let prepare = |i: usize, dec: &mut Decoder<'_, O>| {
+            dec.lora_dropout = (cfg.lora_dropout > 0.0).then(|| Dropout {
                 p: cfg.lora_dropout,
                 seed: cfg.seed ^ ((state.step as u64) << 20 | i as u64).wrapping_mul(0xA076_1D64_78BD_642F),
-            })
+            });
+            dec.recompute = cfg.recompute;
         };
-        let stats = global_batch_gradients(ops, frozen, &params, &micro, &mut grads, dropout, dist)?;
+        let stats = global_batch_gradients(ops, frozen, &params, &micro, &mut grads, prepare, dist)?;
         let tokens = stats.tokens;
         if root && dist.kind() != "single" && (state.step + 1) % 50 == 1 {
             say(format!(

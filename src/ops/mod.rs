@@ -330,6 +330,34 @@ pub trait Ops {
         step: u64,
         hp: AdamWParams,
     ) -> Result<()>;
+
+    // ---- timing and memory (benchmarks) ----
+    /// Waits until all work queued on the backend so far has finished (nothing to wait
+    /// for on a synchronous backend).
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Runs `f`, which queues work on this backend, and returns its result with the
+    /// seconds that work took. By default: the host's clock from a [`synchronize`]
+    /// before `f` to one after it.
+    ///
+    /// [`synchronize`]: Ops::synchronize
+    fn timed<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<(R, f64)> {
+        self.synchronize()?;
+        let t0 = std::time::Instant::now();
+        let r = f()?;
+        self.synchronize()?;
+        Ok((r, t0.elapsed().as_secs_f64()))
+    }
+    /// How [`timed`](Ops::timed) measures, for reports.
+    fn clock(&self) -> &'static str {
+        "host wall clock between synchronizes"
+    }
+    /// Bytes of device memory in use now, where the backend keeps tensors on a device
+    /// that can say (None for the host's memory).
+    fn memory_in_use(&self) -> Option<u64> {
+        None
+    }
 }
 
 pub struct CrossEntropyOut<T> {

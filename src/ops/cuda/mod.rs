@@ -1121,6 +1121,32 @@ impl Ops for CudaOps {
             ],
         )
     }
+
+    fn synchronize(&self) -> Result<()> {
+        self.rt.sync()
+    }
+
+    /// Device time between two CUDA events recorded on the stream around `f`.
+    fn timed<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<(R, f64)> {
+        use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+        self.rt.sync()?;
+        let start = self.rt.stream.record_event(Some(CU_EVENT_DEFAULT)).context("recording a CUDA event")?;
+        let r = f()?;
+        let end = self.rt.stream.record_event(Some(CU_EVENT_DEFAULT)).context("recording a CUDA event")?;
+        let ms = start.elapsed_ms(&end).context("timing between CUDA events (a kernel faulted?)")?;
+        Ok((r, ms as f64 / 1e3))
+    }
+
+    fn clock(&self) -> &'static str {
+        "CUDA events on the stream"
+    }
+
+    /// The whole device's memory in use (cuMemGetInfo: total − free), so it includes the
+    /// CUDA context, the kernels and any other process on the GPU.
+    fn memory_in_use(&self) -> Option<u64> {
+        let (free, total) = self.rt.ctx.mem_get_info().ok()?;
+        Some(total.saturating_sub(free) as u64)
+    }
 }
 
 impl CudaOps {

@@ -60,3 +60,10 @@ pub fn lora_step_flops_per_token(c: &ModelConfig, seq: usize) -> f64 {
     let attn = 2.0 * 2.0 * c.num_hidden_layers as f64 * seq as f64 * c.hidden_size as f64 / 2.0;
     4.0 * linear_params(c) as f64 + 3.5 * attn
 }
+
+/// Model FLOPs of one LoRA training step over sequences of these lengths (a plain
+/// `[batch, seq]` batch, or packed documents, whose attention spans only their own
+/// tokens): each sequence's tokens at [`lora_step_flops_per_token`] of its length.
+pub fn lora_step_flops(c: &ModelConfig, seq_lens: &[usize]) -> f64 {
+    seq_lens.iter().map(|&len| len as f64 * lora_step_flops_per_token(c, len)).sum()
+}

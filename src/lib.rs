@@ -2,6 +2,7 @@
 //! checkpoints. The decoder is written once against the [`ops::Ops`] trait; the CPU
 //! backend is the exact f32 reference.
 
+pub mod bench;
 pub mod data;
 pub mod dist;
 pub mod eval;

@@ -1,0 +1,289 @@
+//! [`Profiled`]: a backend that forwards every op to another and adds up the time each
+//! op name takes. Each op is timed on its own, between synchronizes of the inner
+//! backend (its [`Ops::timed`]), so a profiled step runs slower than a plain one: the
+//! benchmark times its steps without it and runs one extra step through it for the
+//! split.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::ops::{
+    AdamWParams, AttnLayout, AttnShape, CrossEntropyOut, HostWeight, LinearGradRef, LoraGradRef, LoraRef, Ops,
+};
+
+/// Time spent in one op over the calls recorded.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct OpTime {
+    pub op: &'static str,
+    pub calls: u64,
+    pub seconds: f64,
+}
+
+#[derive(Default)]
+struct Record {
+    ops: BTreeMap<&'static str, (u64, f64)>,
+    peak_memory: Option<u64>,
+}
+
+/// `inner` with every op timed. Results are exactly the inner backend's: the tensors
+/// are its tensors, and each call goes straight through.
+pub struct Profiled<'a, O: Ops> {
+    inner: &'a O,
+    record: Mutex<Record>,
+}
+
+impl<'a, O: Ops> Profiled<'a, O> {
+    pub fn new(inner: &'a O) -> Self {
+        Self { inner, record: Mutex::new(Record::default()) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Record> {
+        self.record.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every op called so far, the most time first.
+    pub fn times(&self) -> Vec<OpTime> {
+        let mut v: Vec<OpTime> =
+            self.lock().ops.iter().map(|(&op, &(calls, seconds))| OpTime { op, calls, seconds }).collect();
+        v.sort_by(|a, b| b.seconds.total_cmp(&a.seconds).then(a.op.cmp(b.op)));
+        v
+    }
+
+    /// The most device memory in use after any op so far (None when the inner backend
+    /// cannot say, see [`Ops::memory_in_use`]).
+    pub fn peak_memory(&self) -> Option<u64> {
+        self.lock().peak_memory
+    }
+
+    /// Forgets what was recorded.
+    pub fn reset(&self) {
+        *self.lock() = Record::default();
+    }
+
+    fn run<R>(&self, op: &'static str, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        let (r, seconds) = self.inner.timed(f)?;
+        let mem = self.inner.memory_in_use();
+        let mut rec = self.lock();
+        let e = rec.ops.entry(op).or_insert((0, 0.0));
+        e.0 += 1;
+        e.1 += seconds;
+        if let Some(m) = mem {
+            rec.peak_memory = Some(rec.peak_memory.map_or(m, |p| p.max(m)));
+        }
+        Ok(r)
+    }
+}
+
+impl<O: Ops> Ops for Profiled<'_, O> {
+    type Tensor = O::Tensor;
+    type Ids = O::Ids;
+
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor> {
+        self.run("upload", || self.inner.upload(data, shape))
+    }
+
+    fn upload_weight(&self, w: &HostWeight) -> Result<Self::Tensor> {
+        self.run("upload_weight", || self.inner.upload_weight(w))
+    }
+
+    fn upload_ids(&self, ids: &[u32]) -> Result<Self::Ids> {
+        self.run("upload_ids", || self.inner.upload_ids(ids))
+    }
+
+    fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>> {
+        self.run("download", || self.inner.download(t))
+    }
+
+    fn shape<'t>(&self, t: &'t Self::Tensor) -> &'t [usize] {
+        self.inner.shape(t)
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Result<Self::Tensor> {
+        self.run("zeros", || self.inner.zeros(shape))
+    }
+
+    fn fill_zero(&self, t: &mut Self::Tensor) -> Result<()> {
+        self.run("fill_zero", || self.inner.fill_zero(t))
+    }
+
+    fn copy_rows(
+        &self,
+        dst: &mut Self::Tensor,
+        dst_row: usize,
+        src: &Self::Tensor,
+        src_row: usize,
+        n: usize,
+    ) -> Result<()> {
+        self.run("copy_rows", || self.inner.copy_rows(dst, dst_row, src, src_row, n))
+    }
+
+    fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor> {
+        self.run("gather_rows", || self.inner.gather_rows(x, rows))
+    }
+
+    fn add_assign(&self, a: &mut Self::Tensor, b: &Self::Tensor) -> Result<()> {
+        self.run("add_assign", || self.inner.add_assign(a, b))
+    }
+
+    fn embedding_fwd(&self, table: &Self::Tensor, ids: &Self::Ids) -> Result<Self::Tensor> {
+        self.run("embedding_fwd", || self.inner.embedding_fwd(table, ids))
+    }
+
+    fn embedding_bwd(&self, dy: &Self::Tensor, ids: &Self::Ids, dtable: &mut Self::Tensor) -> Result<()> {
+        self.run("embedding_bwd", || self.inner.embedding_bwd(dy, ids, dtable))
+    }
+
+    fn rmsnorm_fwd(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        eps: f32,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        self.run("rmsnorm_fwd", || self.inner.rmsnorm_fwd(x, w, eps))
+    }
+
+    fn rmsnorm_bwd(
+        &self,
+        dy: &Self::Tensor,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        rstd: &Self::Tensor,
+        dw: Option<&mut Self::Tensor>,
+    ) -> Result<Self::Tensor> {
+        self.run("rmsnorm_bwd", || self.inner.rmsnorm_bwd(dy, x, w, rstd, dw))
+    }
+
+    fn linear_fwd(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+        lora: Option<LoraRef<Self::Tensor>>,
+    ) -> Result<(Self::Tensor, Option<Self::Tensor>)> {
+        self.run("linear_fwd", || self.inner.linear_fwd(x, w, bias, lora))
+    }
+
+    fn linear_bwd(
+        &self,
+        dy: &Self::Tensor,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        lora: Option<LoraRef<Self::Tensor>>,
+        xa: Option<&Self::Tensor>,
+        grads: Option<LoraGradRef<Self::Tensor>>,
+        weight_grads: Option<LinearGradRef<Self::Tensor>>,
+        need_dx: bool,
+    ) -> Result<Option<Self::Tensor>> {
+        self.run("linear_bwd", || self.inner.linear_bwd(dy, x, w, lora, xa, grads, weight_grads, need_dx))
+    }
+
+    fn rope_fwd(
+        &self,
+        x: &mut Self::Tensor,
+        cos: &Self::Tensor,
+        sin: &Self::Tensor,
+        head_dim: usize,
+    ) -> Result<()> {
+        self.run("rope_fwd", || self.inner.rope_fwd(x, cos, sin, head_dim))
+    }
+
+    fn rope_bwd(
+        &self,
+        dx: &mut Self::Tensor,
+        cos: &Self::Tensor,
+        sin: &Self::Tensor,
+        head_dim: usize,
+    ) -> Result<()> {
+        self.run("rope_bwd", || self.inner.rope_bwd(dx, cos, sin, head_dim))
+    }
+
+    fn attention_fwd(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        shape: AttnShape,
+        layout: &AttnLayout,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        self.run("attention_fwd", || self.inner.attention_fwd(q, k, v, shape, layout))
+    }
+
+    fn attention_bwd(
+        &self,
+        dout: &Self::Tensor,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        out: &Self::Tensor,
+        lse: &Self::Tensor,
+        shape: AttnShape,
+        layout: &AttnLayout,
+    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)> {
+        self.run("attention_bwd", || self.inner.attention_bwd(dout, q, k, v, out, lse, shape, layout))
+    }
+
+    fn swiglu_fwd(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor> {
+        self.run("swiglu_fwd", || self.inner.swiglu_fwd(gate, up))
+    }
+
+    fn swiglu_bwd(
+        &self,
+        dh: &Self::Tensor,
+        gate: &Self::Tensor,
+        up: &Self::Tensor,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        self.run("swiglu_bwd", || self.inner.swiglu_bwd(dh, gate, up))
+    }
+
+    fn cross_entropy(
+        &self,
+        logits: &Self::Tensor,
+        targets: &[i64],
+        grad_scale: Option<f32>,
+    ) -> Result<CrossEntropyOut<Self::Tensor>> {
+        self.run("cross_entropy", || self.inner.cross_entropy(logits, targets, grad_scale))
+    }
+
+    fn sum_squares(&self, ts: &[&Self::Tensor]) -> Result<f64> {
+        self.run("sum_squares", || self.inner.sum_squares(ts))
+    }
+
+    fn scale(&self, t: &mut Self::Tensor, s: f32) -> Result<()> {
+        self.run("scale", || self.inner.scale(t, s))
+    }
+
+    fn adamw_step(
+        &self,
+        params: &mut [&mut Self::Tensor],
+        grads: &[&Self::Tensor],
+        m: &mut [&mut Self::Tensor],
+        v: &mut [&mut Self::Tensor],
+        step: u64,
+        hp: AdamWParams,
+    ) -> Result<()> {
+        self.run("adamw_step", || self.inner.adamw_step(params, grads, m, v, step, hp))
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.inner.synchronize()
+    }
+
+    fn timed<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<(R, f64)> {
+        self.inner.timed(f)
+    }
+
+    fn clock(&self) -> &'static str {
+        self.inner.clock()
+    }
+
+    fn memory_in_use(&self) -> Option<u64> {
+        self.inner.memory_in_use()
+    }
+}

@@ -200,6 +200,46 @@ enum Command {
         #[arg(long, default_value_t = 0.02)]
         embed_std: f32,
     },
+    /// Time full LoRA training steps (forward, loss, backward, AdamW) on random weights of
+    /// a model's real shapes: tokens/s, model TFLOP/s, MFU, peak memory, time per op.
+    Bench {
+        /// tiny, smollm2-135m, qwen2.5-0.5b, llama3.2-1b, llama3.1-8b or qwen2.5-7b.
+        #[arg(long, required_unless_present = "model", conflicts_with = "model")]
+        preset: Option<String>,
+        /// An HF model directory; only its config.json is read.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long, default_value_t = 2048)]
+        seq: usize,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// LoRA rank on all seven projections (alpha = 2r).
+        #[arg(long, default_value_t = 16)]
+        lora_r: usize,
+        /// Recompute activations in the backward (not implemented yet: refused).
+        #[arg(long)]
+        recompute: bool,
+        /// Pack the batch's tokens as one run of documents of random lengths up to --seq.
+        #[arg(long)]
+        packing: bool,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Skip the extra profiled step (the time split per op).
+        #[arg(long)]
+        no_profile: bool,
+        /// Size of the square GEMM the MFU is taken against (default 4096 on CUDA, 1024 on CPU).
+        #[arg(long)]
+        gemm_size: Option<usize>,
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: Backend,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: Dtype,
+        /// Print one JSON line instead of markdown tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// Export a model with an adapter: `--merge` folds the LoRA weights into the base
     /// and writes a plain HF model directory (safetensors, config, tokenizer).
     Export {
@@ -509,6 +549,60 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::InitModel { preset, tokenizer, out, seed, embed_std } => {
             tuneloop::model::export::init_random_model(&CpuOps, &preset, &tokenizer, &out, seed, embed_std)?;
             println!("wrote {} (preset {preset}, seed {seed})", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            preset,
+            model,
+            seq,
+            batch,
+            lora_r,
+            recompute,
+            packing,
+            warmup,
+            steps,
+            no_profile,
+            gemm_size,
+            backend,
+            dtype,
+            json,
+        } => {
+            use tuneloop::bench::{BenchOptions, ModelSource};
+            let source = match (preset, model) {
+                (_, Some(dir)) => ModelSource::Dir(dir),
+                (Some(name), None) => ModelSource::Preset(name),
+                (None, None) => anyhow::bail!("bench: give --preset NAME or --model DIR"),
+            };
+            let opts = BenchOptions {
+                seq,
+                batch,
+                lora_r,
+                recompute,
+                packing,
+                warmup,
+                steps,
+                profile: !no_profile,
+                gemm_size,
+                ..BenchOptions::new(source)
+            };
+            // refuse what cannot run before opening a backend
+            opts.check()?;
+            let kind = match backend {
+                Backend::Cpu => tuneloop::ops::backend::BackendKind::Cpu,
+                Backend::Cuda => tuneloop::ops::backend::BackendKind::Cuda,
+                Backend::Auto => tuneloop::ops::backend::BackendKind::Auto,
+            };
+            let dtype = match dtype {
+                Dtype::F32 => tuneloop::ops::cuda::DType::F32,
+                Dtype::Bf16 => tuneloop::ops::cuda::DType::Bf16,
+            };
+            let ops = tuneloop::ops::backend::select(kind, dtype)?;
+            let report = tuneloop::with_backend!(&ops, |ops| tuneloop::bench::run(ops, &opts))?;
+            if json {
+                println!("{}", report.json_line()?);
+            } else {
+                print!("{}", report.markdown());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Export { model, adapter, out, merge: _ } => {

@@ -1,0 +1,246 @@
+//! `tuneloop bench`: the FLOP count, the profiling wrapper, and the command's output.
+
+use std::process::{Command, Output};
+
+use tuneloop::bench::{
+    anchors, packed_lengths, synthetic_batch, BenchOptions, LoraStep, ModelSource, Profiled,
+};
+use tuneloop::model::presets::{linear_params, lora_step_flops, lora_step_flops_per_token, preset};
+use tuneloop::model::{LoraConfig, Proj};
+use tuneloop::ops::cpu::{CpuOps, CpuTensor};
+
+#[test]
+fn flops_of_llama32_1b_at_seq_2048_by_hand() {
+    // Llama-3.2-1B's config.json: hidden 2048, intermediate 8192, 16 layers, 32 heads
+    // of 64, 8 kv heads, vocab 128256.
+    let q = 2048 * 2048; // q_proj: hidden -> 32 heads × 64 = 4_194_304
+    let kv = 2048 * 512; // k_proj, v_proj each: hidden -> 8 × 64 = 1_048_576
+    let o = 2048 * 2048; // o_proj = 4_194_304
+    let mlp = 3 * 2048 * 8192; // gate, up, down = 50_331_648
+    let per_layer: u64 = q + 2 * kv + o + mlp; // 60_817_408
+    assert_eq!(per_layer, 60_817_408);
+    let lm_head: u64 = 2048 * 128_256; // 262_668_288 (tied to the embedding, counted anyway)
+    let linear = 16 * per_layer + lm_head; // 973_078_528 + 262_668_288
+    assert_eq!(linear, 1_235_746_816);
+    // causal attention: 2·2·layers·seq·hidden / 2 = 2·2·16·2048·2048 / 2
+    let attn: u64 = 2 * 2 * 16 * 2048 * 2048 / 2;
+    assert_eq!(attn, 134_217_728);
+    // 4 × 1_235_746_816 + 3.5 × 134_217_728 = 4_942_987_264 + 469_762_048
+    let by_hand = 4.0 * linear as f64 + 3.5 * attn as f64;
+    assert_eq!(by_hand, 5_412_749_312.0);
+
+    let cfg = preset("llama3.2-1b").unwrap();
+    assert_eq!(linear_params(&cfg), linear);
+    assert_eq!(lora_step_flops_per_token(&cfg, 2048), by_hand);
+    // a [4, 2048] batch is 4 sequences of 2048 tokens at that rate
+    assert_eq!(lora_step_flops(&cfg, &[2048; 4]), 4.0 * 2048.0 * by_hand);
+}
+
+#[test]
+fn packed_documents_fill_the_batch_and_attend_over_less() {
+    let lens = packed_lengths(4 * 256, 256, 7);
+    assert_eq!(lens.iter().sum::<usize>(), 1024);
+    assert!(lens.len() > 4, "{lens:?}");
+    assert!(lens.iter().all(|&l| (1..=256).contains(&l)), "{lens:?}");
+    let cfg = preset("tiny").unwrap();
+    let plain = synthetic_batch(&cfg, 256, 4, false, 0).unwrap();
+    let packed = synthetic_batch(&cfg, 256, 4, true, 0).unwrap();
+    assert_eq!(plain.seq_lens, vec![256; 4]);
+    assert_eq!(packed.ids.len(), plain.ids.len());
+    assert!(packed.seq_lens.len() > 4);
+    assert!(lora_step_flops(&cfg, &packed.seq_lens) < lora_step_flops(&cfg, &plain.seq_lens));
+}
+
+#[test]
+fn anchors_match_only_their_own_shape() {
+    let a = anchors::matching(Some("llama3.2-1b"), 2048, 4, false);
+    assert_eq!(a.iter().map(|a| a.tokens_per_s).collect::<Vec<_>>(), vec![32_200.0, 49_600.0]);
+    assert_eq!(anchors::matching(Some("llama3.1-8b"), 4096, 2, false).len(), 1);
+    assert!(anchors::matching(Some("llama3.2-1b"), 2048, 2, false).is_empty());
+    assert!(anchors::matching(Some("llama3.2-1b"), 2048, 4, true).is_empty());
+    assert!(anchors::matching(None, 2048, 4, false).is_empty());
+}
+
+fn bits(t: &CpuTensor) -> Vec<u32> {
+    t.data.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn profiled_cpu_gives_the_same_bits_and_times_every_op() {
+    for packing in [false, true] {
+        let cfg = preset("tiny").unwrap();
+        let batch = synthetic_batch(&cfg, 48, 2, packing, 3).unwrap();
+        let lora = LoraConfig::new(4, 8.0, Proj::ALL.to_vec());
+        let mut plain = LoraStep::new(&CpuOps, cfg.clone(), &lora, batch.clone(), 5).unwrap();
+        let mut profiled = LoraStep::new(&CpuOps, cfg, &lora, batch, 5).unwrap();
+        let p = Profiled::new(&CpuOps);
+        for _ in 0..2 {
+            let a = plain.step(&CpuOps).unwrap();
+            let b = profiled.step(&p).unwrap();
+            assert_eq!(a.to_bits(), b.to_bits(), "loss");
+        }
+        let pairs = [
+            (plain.adapter.named(), profiled.adapter.named()),
+            (plain.grads.named(), profiled.grads.named()),
+            (plain.opt.m.named(), profiled.opt.m.named()),
+            (plain.opt.v.named(), profiled.opt.v.named()),
+        ];
+        for (xs, ys) in pairs {
+            assert_eq!(xs.len(), ys.len());
+            for ((n, x), (_, y)) in xs.iter().zip(&ys) {
+                assert!(bits(x) == bits(y), "{n} differs under Profiled (packing {packing})");
+            }
+        }
+        // the step changed the adapter, so the comparison above compared something
+        let fresh = LoraStep::new(&CpuOps, preset("tiny").unwrap(), &lora, Default::default(), 5).unwrap();
+        let moved =
+            fresh.adapter.named().iter().zip(plain.adapter.named()).any(|(a, b)| bits(a.1) != bits(b.1));
+        assert!(moved, "two AdamW steps left the adapter as initialised");
+
+        let times = p.times();
+        let layers = 4;
+        for (op, calls) in [
+            ("embedding_fwd", 2),
+            ("linear_fwd", 2 * (7 * layers + 1)),
+            ("linear_bwd", 2 * (7 * layers + 1)),
+            ("attention_fwd", 2 * layers),
+            ("attention_bwd", 2 * layers),
+            ("rmsnorm_fwd", 2 * (2 * layers + 1)),
+            ("swiglu_bwd", 2 * layers),
+            ("cross_entropy", 2),
+            ("adamw_step", 2),
+        ] {
+            let t =
+                times.iter().find(|t| t.op == op).unwrap_or_else(|| panic!("{op} not recorded: {times:?}"));
+            assert_eq!(t.calls, calls as u64, "{op}");
+            assert!(t.seconds > 0.0, "{op}: {t:?}");
+        }
+        assert!(times.windows(2).all(|w| w[0].seconds >= w[1].seconds), "sorted, most time first");
+        assert_eq!(p.peak_memory(), None, "host tensors: no device memory to sample");
+        p.reset();
+        assert!(p.times().is_empty());
+    }
+}
+
+#[test]
+fn recompute_is_refused_while_not_implemented() {
+    let mut o = BenchOptions::new(ModelSource::Preset("tiny".into()));
+    o.check().unwrap();
+    o.recompute = true;
+    let e = format!("{:#}", tuneloop::bench::run(&CpuOps, &o).unwrap_err());
+    assert!(e.contains("recompute") && e.contains("not implemented"), "{e}");
+}
+
+fn tuneloop(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tuneloop")).args(args).output().expect("runs")
+}
+
+fn close(a: f64, b: f64, rel: f64) -> bool {
+    (a - b).abs() <= rel * b.abs().max(1e-300)
+}
+
+#[test]
+fn bench_json_is_one_consistent_line() {
+    let out = tuneloop(&[
+        "bench", "--preset", "tiny", "--seq", "64", "--batch", "2", "--steps", "2", "--warmup", "1", "--json",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    let j: serde_json::Value = serde_json::from_str(lines[0]).expect("JSON");
+    let f = |k: &str| j[k].as_f64().unwrap_or_else(|| panic!("{k} in {j}"));
+
+    assert_eq!(j["backend"], "cpu");
+    assert_eq!(j["tokens_per_step"], 128);
+    assert_eq!(j["step_seconds"].as_array().map(Vec::len), Some(2));
+    let (tok_s, step_s) = (f("tokens_per_s"), f("step_s"));
+    assert!(tok_s > 0.0 && step_s > 0.0);
+    assert!(close(tok_s * step_s, 64.0 * 2.0, 1e-9), "{tok_s} × {step_s}");
+    let mean: f64 =
+        j["step_seconds"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).sum::<f64>() / 2.0;
+    assert!(close(step_s, mean, 1e-12));
+
+    let fpt = f("flops_per_token");
+    assert_eq!(fpt, lora_step_flops_per_token(&preset("tiny").unwrap(), 64));
+    assert!(close(f("tflops"), fpt * tok_s / 1e12, 1e-9));
+    assert!(close(f("mfu"), f("tflops") / j["gemm"]["tflops"].as_f64().unwrap(), 1e-9));
+    assert_eq!(j["gemm"]["n"], 1024);
+    assert!(j["peak_memory_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(j["recompute_implemented"], false);
+    assert!(f("loss_first").is_finite() && f("loss_last").is_finite());
+    let ops = j["profile"]["ops"].as_array().expect("profile");
+    assert!(ops.iter().any(|o| o["op"] == "linear_fwd" && o["seconds"].as_f64().unwrap() > 0.0));
+    assert!(j["anchors"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn bench_reads_a_model_directory_config_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = r#"{"model_type": "qwen2", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": false}"#;
+    std::fs::write(dir.path().join("config.json"), cfg).unwrap();
+    let d = dir.path().to_str().unwrap();
+    let out = tuneloop(&[
+        "bench",
+        "--model",
+        d,
+        "--seq",
+        "16",
+        "--batch",
+        "3",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--packing",
+        "--no-profile",
+        "--gemm-size",
+        "64",
+        "--backend",
+        "cpu",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(j["model"], d);
+    assert_eq!(j["packing"], true);
+    assert_eq!(j["tokens_per_step"], 48);
+    assert!(j["documents"].as_u64().unwrap() > 3);
+    assert!(j["profile"].is_null());
+    assert_eq!(j["gemm"]["n"], 64);
+}
+
+fn assert_clean_error(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(needle), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn bench_errors_name_what_is_wrong() {
+    let out =
+        tuneloop(&["bench", "--preset", "llama9-70b", "--seq", "8", "--batch", "1", "--backend", "cpu"]);
+    assert_clean_error(&out, "unknown preset `llama9-70b`");
+    let out = tuneloop(&["bench", "--preset", "tiny", "--seq", "8", "--batch", "1", "--recompute"]);
+    assert_clean_error(&out, "--recompute");
+    let out = tuneloop(&["bench", "--preset", "tiny", "--seq", "1"]);
+    assert_clean_error(&out, "--seq 1");
+    let dir = tempfile::tempdir().unwrap();
+    let out = tuneloop(&["bench", "--model", dir.path().to_str().unwrap(), "--backend", "cpu"]);
+    assert_clean_error(&out, "config.json");
+}
+
+#[test]
+fn bench_on_cuda_without_a_gpu_is_a_clean_error() {
+    if tuneloop::ops::cuda::CudaOps::new(0, Default::default()).is_ok() {
+        eprintln!("a GPU is here: nothing to check");
+        return;
+    }
+    let out = tuneloop(&["bench", "--preset", "tiny", "--seq", "16", "--batch", "1", "--backend", "cuda"]);
+    assert_clean_error(&out, "error: ");
+}

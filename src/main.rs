@@ -216,7 +216,7 @@ enum Command {
         /// LoRA rank on all seven projections (alpha = 2r).
         #[arg(long, default_value_t = 16)]
         lora_r: usize,
-        /// Recompute activations in the backward (not implemented yet: refused).
+        /// Keep only each layer's input and recompute its activations in the backward.
         #[arg(long)]
         recompute: bool,
         /// Pack the batch's tokens as one run of documents of random lengths up to --seq.

@@ -1,5 +1,7 @@
 //! `tuneloop bench`: full LoRA training steps (forward, loss, backward, gradient
-//! clipping, AdamW) on random weights of a real model's shapes, on any backend.
+//! clipping, AdamW) on random weights of a real model's shapes, on any backend. A step
+//! is the one fine-tuning runs: [`train_step`] (lm_head and cross-entropy in row chunks),
+//! optionally with activation recompute.
 //!
 //! What it reports and how it measures:
 //! - step time: [`Ops::timed`] around each step (CUDA events on the CUDA backend, the
@@ -26,17 +28,14 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
+use crate::model::decoder::Grads;
 use crate::model::presets::{lora_step_flops, preset};
 use crate::model::{Adapter, Decoder, LoraConfig, Model, ModelConfig, Proj};
-use crate::ops::{AdamWParams, Ops};
-use crate::train::{clip_grad_norm, forward_backward, AdamW, TokenBatch};
+use crate::ops::{AdamWParams, HostWeight, Ops};
+use crate::train::{clip_grad_norm, train_step, AdamW, TokenBatch};
 
 pub use anchors::{Anchor, ANCHORS};
 pub use profile::{OpTime, Profiled};
-
-/// Whether the decoder can recompute activations in the backward instead of keeping
-/// them (it cannot yet: every layer's activations are kept).
-pub const RECOMPUTE_IMPLEMENTED: bool = false;
 
 /// The shapes to benchmark: a preset's, or an HF model directory's `config.json` (its
 /// weights are not read).
@@ -73,7 +72,8 @@ pub struct BenchOptions {
     pub batch: usize,
     /// LoRA rank on all seven projections; alpha is 2r.
     pub lora_r: usize,
-    /// Recompute activations in the backward (refused: not implemented yet).
+    /// Keep only each layer's input and recompute its activations in the backward
+    /// ([`Decoder::recompute`]).
     pub recompute: bool,
     /// The batch's `batch × seq` tokens as one packed run of documents of random
     /// lengths up to `seq`, instead of `batch` rows of `seq`.
@@ -111,11 +111,6 @@ impl BenchOptions {
         ensure!(self.lora_r >= 1, "--lora-r must be at least 1");
         ensure!(self.steps >= 1, "--steps must be at least 1 (the timed steps)");
         ensure!(self.gemm_size != Some(0), "--gemm-size must be at least 1");
-        ensure!(
-            !self.recompute || RECOMPUTE_IMPLEMENTED,
-            "--recompute: activation recompute is not implemented yet (the decoder keeps every \
-             layer's activations for the backward); run without it"
-        );
         Ok(())
     }
 }
@@ -169,6 +164,8 @@ pub struct LoraStep<T> {
     pub batch: TokenBatch,
     /// Clip the gradient norm to this, as HF's Trainer does by default (1.0).
     pub max_grad_norm: f64,
+    /// Activation recompute in every layer.
+    pub recompute: bool,
 }
 
 impl<T> LoraStep<T> {
@@ -186,17 +183,19 @@ impl<T> LoraStep<T> {
         let grads = adapter.zeros_like(ops, &model.cfg)?;
         let hp = AdamWParams { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
         let opt = AdamW::new(ops, &adapter, hp)?;
-        Ok(Self { model, adapter, grads, opt, batch, max_grad_norm: 1.0 })
+        Ok(Self { model, adapter, grads, opt, batch, max_grad_norm: 1.0, recompute: false })
     }
 
-    /// One training step: zero the gradients, forward, loss, backward, clip, AdamW.
-    /// Returns the batch's mean loss.
+    /// One training step: zero the gradients, forward, chunked lm_head and loss,
+    /// backward, clip, AdamW. Returns the batch's mean loss.
     pub fn step<O: Ops<Tensor = T>>(&mut self, ops: &O) -> Result<f64> {
         for t in self.grads.tensors_mut() {
             ops.fill_zero(t)?;
         }
-        let dec = Decoder::new(ops, &self.model, Some(&self.adapter));
-        let loss = forward_backward(&dec, &self.batch, Some(&mut self.grads), None)?.mean_loss();
+        let mut dec = Decoder::new(ops, &self.model, Some(&self.adapter));
+        dec.recompute = self.recompute;
+        let r = train_step(&dec, &self.batch, Grads::adapter(&mut self.grads), None, None)?;
+        let loss = r.loss_sum / r.n_counted.max(1) as f64;
         clip_grad_norm(ops, &mut self.grads, self.max_grad_norm)?;
         let lr = self.opt.hp.lr;
         self.opt.update(ops, &mut self.adapter, &self.grads, lr)?;
@@ -220,14 +219,22 @@ pub struct GemmRate {
     pub tflops: f64,
 }
 
-/// Times `y = x·Wᵀ` with `x, W` of `[n, n]` (2n³ FLOPs) through [`Ops::linear_fwd`],
-/// after one untimed product (plans, thread pools); as many repetitions as fill about
-/// half a second, at least 3.
+/// Times `y = x·Wᵀ` with `x, W` of `[n, n]` (2n³ FLOPs) in the backend's base-weight
+/// type through [`Ops::linear_fwd`], after one untimed product (plans, thread pools); as
+/// many repetitions as fill about half a second, at least 3.
 pub fn gemm_rate<O: Ops>(ops: &O, n: usize) -> Result<GemmRate> {
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let data: Vec<f32> = (0..n * n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-    let x = ops.upload(&data, &[n, n])?;
-    let w = ops.upload(&data, &[n, n])?;
+    // both as weights, so both are in the backend's base-weight type, as the activations
+    // and frozen weights of a projection are (bf16 in the CUDA backend's bf16 mode)
+    let host = |name| HostWeight {
+        name,
+        shape: vec![n, n],
+        dtype: safetensors::Dtype::F32,
+        bytes: bytemuck::cast_slice(&data),
+    };
+    let x = ops.upload_weight(&host("gemm.x"))?;
+    let w = ops.upload_weight(&host("gemm.weight"))?;
     let product = || ops.linear_fwd(&x, &w, None, None).map(drop);
     let ((), once) = ops.timed(product)?;
     let reps = ((0.5 / once.max(1e-9)).ceil() as usize).clamp(3, 200);
@@ -274,7 +281,6 @@ pub struct BenchReport {
     pub lora_alpha: f64,
     pub trainable_params: u64,
     pub recompute: bool,
-    pub recompute_implemented: bool,
     pub warmup: usize,
     pub steps: usize,
     /// How the steps were timed.
@@ -317,6 +323,7 @@ pub fn run<O: Ops>(ops: &O, opts: &BenchOptions) -> Result<BenchReport> {
     let tokens = batch.ids.len();
     let lora = LoraConfig::new(opts.lora_r, 2.0 * opts.lora_r as f64, Proj::ALL.to_vec());
     let mut st = LoraStep::new(ops, cfg, &lora, batch, opts.seed)?;
+    st.recompute = opts.recompute;
     let mut device_peak = ops.memory_in_use();
     let mut sample = |m: Option<u64>| {
         if let Some(m) = m {
@@ -397,7 +404,6 @@ pub fn run<O: Ops>(ops: &O, opts: &BenchOptions) -> Result<BenchReport> {
         lora_alpha: lora.lora_alpha,
         trainable_params: st.trainable_params(ops),
         recompute: opts.recompute,
-        recompute_implemented: RECOMPUTE_IMPLEMENTED,
         warmup: opts.warmup,
         steps: opts.steps,
         clock: ops.clock(),
@@ -440,7 +446,11 @@ impl BenchReport {
     /// anchors at this shape.
     pub fn markdown(&self) -> String {
         let mut s = String::new();
-        let layout = if self.packing { format!("packed, {} docs", self.documents) } else { "rows".into() };
+        let mut layout =
+            if self.packing { format!("packed, {} docs", self.documents) } else { "rows".into() };
+        if self.recompute {
+            layout.push_str(", recompute");
+        }
         let backend = if self.backend == "cpu" {
             format!("cpu ({} threads)", self.threads)
         } else {
@@ -465,10 +475,10 @@ impl BenchReport {
             self.gemm.n,
             100.0 * self.mfu,
         );
-        let recompute = if self.recompute_implemented {
-            format!("activation recompute {}", if self.recompute { "on" } else { "off" })
+        let recompute = if self.recompute {
+            "activation recompute on (each layer's forward runs again in the backward)"
         } else {
-            "activation recompute: not implemented (every layer's activations are kept)".into()
+            "activation recompute off"
         };
         let _ = writeln!(
             s,

@@ -2,9 +2,7 @@
 
 use std::process::{Command, Output};
 
-use tuneloop::bench::{
-    anchors, packed_lengths, synthetic_batch, BenchOptions, LoraStep, ModelSource, Profiled,
-};
+use tuneloop::bench::{anchors, packed_lengths, synthetic_batch, LoraStep, Profiled};
 use tuneloop::model::presets::{linear_params, lora_step_flops, lora_step_flops_per_token, preset};
 use tuneloop::model::{LoraConfig, Proj};
 use tuneloop::ops::cpu::{CpuOps, CpuTensor};
@@ -123,12 +121,25 @@ fn profiled_cpu_gives_the_same_bits_and_times_every_op() {
 }
 
 #[test]
-fn recompute_is_refused_while_not_implemented() {
-    let mut o = BenchOptions::new(ModelSource::Preset("tiny".into()));
-    o.check().unwrap();
-    o.recompute = true;
-    let e = format!("{:#}", tuneloop::bench::run(&CpuOps, &o).unwrap_err());
-    assert!(e.contains("recompute") && e.contains("not implemented"), "{e}");
+fn recompute_trains_the_same_bits() {
+    let cfg = preset("tiny").unwrap();
+    let batch = synthetic_batch(&cfg, 40, 2, true, 1).unwrap();
+    let lora = LoraConfig::new(4, 8.0, Proj::ALL.to_vec());
+    let mut kept = LoraStep::new(&CpuOps, cfg.clone(), &lora, batch.clone(), 2).unwrap();
+    let mut recomputed = LoraStep::new(&CpuOps, cfg, &lora, batch, 2).unwrap();
+    recomputed.recompute = true;
+    for _ in 0..2 {
+        assert_eq!(kept.step(&CpuOps).unwrap().to_bits(), recomputed.step(&CpuOps).unwrap().to_bits());
+    }
+    for ((n, a), (_, b)) in kept.grads.named().iter().zip(recomputed.grads.named()) {
+        assert!(bits(a) == bits(b), "{n} differs with recompute");
+    }
+    // the recomputing step runs every layer's forward twice
+    let p = Profiled::new(&CpuOps);
+    recomputed.step(&p).unwrap();
+    let calls = |op: &str| p.times().iter().find(|t| t.op == op).map_or(0, |t| t.calls);
+    assert_eq!(calls("attention_fwd"), 2 * 4);
+    assert_eq!(calls("attention_bwd"), 4);
 }
 
 fn tuneloop(args: &[&str]) -> Output {
@@ -167,7 +178,7 @@ fn bench_json_is_one_consistent_line() {
     assert!(close(f("mfu"), f("tflops") / j["gemm"]["tflops"].as_f64().unwrap(), 1e-9));
     assert_eq!(j["gemm"]["n"], 1024);
     assert!(j["peak_memory_bytes"].as_u64().unwrap() > 0);
-    assert_eq!(j["recompute_implemented"], false);
+    assert_eq!(j["recompute"], false);
     assert!(f("loss_first").is_finite() && f("loss_last").is_finite());
     let ops = j["profile"]["ops"].as_array().expect("profile");
     assert!(ops.iter().any(|o| o["op"] == "linear_fwd" && o["seconds"].as_f64().unwrap() > 0.0));
@@ -198,6 +209,7 @@ fn bench_reads_a_model_directory_config_only() {
         "--no-profile",
         "--gemm-size",
         "64",
+        "--recompute",
         "--backend",
         "cpu",
         "--json",
@@ -206,6 +218,7 @@ fn bench_reads_a_model_directory_config_only() {
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(j["model"], d);
     assert_eq!(j["packing"], true);
+    assert_eq!(j["recompute"], true);
     assert_eq!(j["tokens_per_step"], 48);
     assert!(j["documents"].as_u64().unwrap() > 3);
     assert!(j["profile"].is_null());
@@ -226,8 +239,6 @@ fn bench_errors_name_what_is_wrong() {
     let out =
         tuneloop(&["bench", "--preset", "llama9-70b", "--seq", "8", "--batch", "1", "--backend", "cpu"]);
     assert_clean_error(&out, "unknown preset `llama9-70b`");
-    let out = tuneloop(&["bench", "--preset", "tiny", "--seq", "8", "--batch", "1", "--recompute"]);
-    assert_clean_error(&out, "--recompute");
     let out = tuneloop(&["bench", "--preset", "tiny", "--seq", "1"]);
     assert_clean_error(&out, "--seq 1");
     let dir = tempfile::tempdir().unwrap();

@@ -14,7 +14,6 @@
 #   - tuneloop parity --backend cuda --dtype f32 and --dtype bf16 on the golden cases;
 #   - a quickstart fine-tune on CUDA alone and as world size 1 over the rendezvous and
 #     NCCL, whose adapters must be identical;
-#   - tuneloop bench on the 1B and 8B shapes of DESIGN.md;
 # and prints a table of what passed last. Logs go to $OUT (the device tool brings them
 # back) or to gpu-logs/. The exit status is non-zero when anything failed.
 set -uo pipefail
@@ -94,14 +93,6 @@ dp_check() {
 }
 run_step "NCCL world size 1 == single process" dp-nccl.log dp_check
 rm -rf "$dp/base" "$dp/plain/checkpoints" "$dp/nccl/checkpoints"
-
-# ---- the benchmark shapes of DESIGN.md (tables and JSON lines land in the logs) -------
-run_step "bench llama3.2-1b seq 2048 x 4 r16 bf16" bench-1b.log \
-    timeout 240 $bundle/tuneloop bench --preset llama3.2-1b --seq 2048 --batch 4 --lora-r 16 \
-    --backend cuda --dtype bf16 --warmup 2 --steps 5
-run_step "bench llama3.1-8b seq 4096 x 2 r16 bf16" bench-8b.log \
-    timeout 300 $bundle/tuneloop bench --preset llama3.1-8b --seq 4096 --batch 2 --lora-r 16 \
-    --backend cuda --dtype bf16 --warmup 1 --steps 3
 
 echo
 echo "gpu-check on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1), bundle $(cat $bundle/commit 2>/dev/null)"

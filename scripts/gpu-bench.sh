@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine after scripts/gpu-bundle.sh, like scripts/gpu-check.sh (which
+# checks correctness first; keep the two in separate calls, each fits the 10-minute
+# limit): `tuneloop bench` on the shapes of DESIGN.md's anchor table, each as a markdown
+# table and a JSON line, into $OUT (or gpu-logs/). Copy the numbers into BENCHMARKS.md.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bundle=gpu-bundle
+logs="${OUT:-gpu-logs}"
+mkdir -p "$logs" /tmp/lib
+[[ -x $bundle/tuneloop ]] || { echo "gpu-bench: no $bundle/; run scripts/gpu-bundle.sh and carry it" >&2; exit 2; }
+find_lib() { find / -name "$1" -not -path '/proc/*' 2>/dev/null | head -1; }
+cublas="$(find_lib 'libcublas.so.13*')"
+export LD_LIBRARY_PATH="/tmp/lib${cublas:+:$(dirname "$cublas")}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+
+failed=0
+bench() { # log name, timeout, args...
+    local log=$1 limit=$2
+    shift 2
+    echo "=== tuneloop bench $*"
+    timeout "$limit" $bundle/tuneloop bench --backend cuda --dtype bf16 --lora-r 16 "$@" 2>&1 | tee "$logs/$log" || failed=1
+}
+bench bench-1b.log 200 --preset llama3.2-1b --seq 2048 --batch 4 --warmup 2 --steps 5
+bench bench-8b-2048.log 170 --preset llama3.1-8b --seq 2048 --batch 2 --warmup 1 --steps 3
+bench bench-8b-4096.log 200 --preset llama3.1-8b --seq 4096 --batch 2 --warmup 1 --steps 3
+exit $failed

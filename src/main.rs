@@ -587,15 +587,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             // refuse what cannot run before opening a backend
             opts.check()?;
-            let kind = match backend {
-                Backend::Cpu => tuneloop::ops::backend::BackendKind::Cpu,
-                Backend::Cuda => tuneloop::ops::backend::BackendKind::Cuda,
-                Backend::Auto => tuneloop::ops::backend::BackendKind::Auto,
-            };
-            let dtype = match dtype {
-                Dtype::F32 => tuneloop::ops::cuda::DType::F32,
-                Dtype::Bf16 => tuneloop::ops::cuda::DType::Bf16,
-            };
+            let (kind, dtype) = kinds(backend, dtype);
             let ops = tuneloop::ops::backend::select(kind, dtype)?;
             let report = tuneloop::with_backend!(&ops, |ops| tuneloop::bench::run(ops, &opts))?;
             if json {

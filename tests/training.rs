@@ -22,6 +22,18 @@ fn docs() -> Vec<(Vec<u32>, Vec<i64>)> {
     vec![(a.clone(), lab(&a, 2)), (b.clone(), lab(&b, 0)), (c.clone(), lab(&c, 5))]
 }
 
+/// A golden case's model and adapter, and [`docs`] packed into one batch.
+fn golden_with_docs(case: &str) -> (Model<CpuTensor>, Adapter<CpuTensor>, TokenBatch) {
+    let dir = common::golden(case);
+    let model = Model::load(&CpuOps, &dir.join("model")).unwrap();
+    let adapter = Adapter::load(&CpuOps, &dir.join("adapter"), &model.cfg).unwrap();
+    let mut batch = TokenBatch::default();
+    for (ids, labels) in docs() {
+        batch.push(&ids, &labels);
+    }
+    (model, adapter, batch)
+}
+
 fn grads_of(ops: &CpuOps, g: &Adapter<tuneloop::ops::cpu::CpuTensor>) -> Vec<f32> {
     g.named().into_iter().flat_map(|(_, t)| ops.download(t).unwrap()).collect()
 }
@@ -220,13 +232,7 @@ fn model_gradients_leave_the_lora_gradients_as_they_are() {
 fn chunked_lm_head_and_loss_give_the_whole_logits_gradients() {
     let ops = CpuOps;
     for case in common::CASES {
-        let dir = common::golden(case);
-        let model = Model::load(&ops, &dir.join("model")).unwrap();
-        let adapter = Adapter::load(&ops, &dir.join("adapter"), &model.cfg).unwrap();
-        let mut batch = TokenBatch::default();
-        for (ids, labels) in docs() {
-            batch.push(&ids, &labels);
-        }
+        let (model, adapter, batch) = golden_with_docs(case);
         let dec = Decoder::new(&ops, &model, Some(&adapter));
         let (mut lora, mut full) =
             (adapter.zeros_like(&ops, &model.cfg).unwrap(), model.zeros_like(&ops).unwrap());
@@ -264,13 +270,7 @@ fn chunked_lm_head_and_loss_give_the_whole_logits_gradients() {
 fn recomputed_activations_give_the_same_gradients() {
     let ops = CpuOps;
     for case in common::CASES {
-        let dir = common::golden(case);
-        let model = Model::load(&ops, &dir.join("model")).unwrap();
-        let adapter = Adapter::load(&ops, &dir.join("adapter"), &model.cfg).unwrap();
-        let mut batch = TokenBatch::default();
-        for (ids, labels) in docs() {
-            batch.push(&ids, &labels);
-        }
+        let (model, adapter, batch) = golden_with_docs(case);
         let run = |recompute: bool| {
             let mut dec = Decoder::new(&ops, &model, Some(&adapter));
             dec.lora_dropout = Some(tuneloop::ops::Dropout { p: 0.2, seed: 11 });

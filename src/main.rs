@@ -4,12 +4,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
 use std::io::{IsTerminal, Write};
 
 use tuneloop::model::{Adapter, Model};
+use tuneloop::ops::backend::BackendKind;
 use tuneloop::ops::cpu::CpuOps;
+use tuneloop::ops::cuda::DType;
 
 #[derive(Parser)]
 #[command(
@@ -22,51 +24,21 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum Backend {
-    /// The f32 reference backend.
-    Cpu,
-    /// The CUDA backend on GPU 0 (needs a build with kernels and an NVIDIA driver).
-    Cuda,
-    /// CUDA when this build has kernels and a GPU is present, else the CPU backend.
-    Auto,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum Dtype {
-    /// f32 everywhere (TF32 off): the reference numbers.
-    F32,
-    /// bf16 activations and base weights (CUDA only).
-    Bf16,
-}
-
 /// Where a model runs.
 #[derive(clap::Args, Debug, Clone, Copy)]
 struct BackendArgs {
     #[arg(long, value_enum, default_value = "auto")]
-    backend: Backend,
+    backend: BackendKind,
     /// Storage type of activations and base weights on the CUDA backend (the CPU
     /// backend computes in f32).
     #[arg(long, value_enum, default_value = "bf16")]
-    dtype: Dtype,
+    dtype: DType,
 }
 
 impl BackendArgs {
     fn open(self) -> Result<tuneloop::ops::backend::AnyBackend> {
-        let (kind, dtype) = kinds(self.backend, self.dtype);
-        tuneloop::ops::backend::select_on(kind, dtype, 0, true)
+        tuneloop::ops::backend::select_on(self.backend, self.dtype, 0, true)
     }
-}
-
-fn kinds(b: Backend, d: Dtype) -> (tuneloop::ops::backend::BackendKind, tuneloop::ops::cuda::DType) {
-    use tuneloop::ops::backend::BackendKind;
-    use tuneloop::ops::cuda::DType;
-    let kind = match b {
-        Backend::Cpu => BackendKind::Cpu,
-        Backend::Cuda => BackendKind::Cuda,
-        Backend::Auto => BackendKind::Auto,
-    };
-    (kind, if matches!(d, Dtype::F32) { DType::F32 } else { DType::Bf16 })
 }
 
 #[derive(Subcommand)]
@@ -77,10 +49,10 @@ enum Command {
         #[arg(long = "case", num_args = 1.., required = true)]
         cases: Vec<PathBuf>,
         #[arg(long, value_enum, default_value = "auto")]
-        backend: Backend,
+        backend: BackendKind,
         /// Storage type of activations and base weights on the CUDA backend.
         #[arg(long, value_enum, default_value = "f32")]
-        dtype: Dtype,
+        dtype: DType,
         /// Relative L2 tolerance for every float tensor (default 1e-4 in f32, 2e-2 in
         /// bf16, where the greedy decode is checked by teacher forcing).
         #[arg(long)]
@@ -233,9 +205,9 @@ enum Command {
         #[arg(long)]
         gemm_size: Option<usize>,
         #[arg(long, value_enum, default_value = "auto")]
-        backend: Backend,
+        backend: BackendKind,
         #[arg(long, value_enum, default_value = "f32")]
-        dtype: Dtype,
+        dtype: DType,
         /// Print one JSON line instead of markdown tables.
         #[arg(long)]
         json: bool,
@@ -376,8 +348,7 @@ enum DataCommand {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Parity { cases, backend, dtype, tol } => {
-            let (kind, dtype) = kinds(backend, dtype);
-            let ops = tuneloop::ops::backend::select(kind, dtype)?;
+            let ops = tuneloop::ops::backend::select(backend, dtype)?;
             let tol = tol.unwrap_or(if dtype == tuneloop::ops::cuda::DType::F32 { 1e-4 } else { 2e-2 });
             let greedy = tuneloop::parity::GreedyCheck::for_dtype(dtype);
             let (mut passed, mut failed) = (0, 0);
@@ -587,8 +558,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             // refuse what cannot run before opening a backend
             opts.check()?;
-            let (kind, dtype) = kinds(backend, dtype);
-            let ops = tuneloop::ops::backend::select(kind, dtype)?;
+            let ops = tuneloop::ops::backend::select(backend, dtype)?;
             let report = tuneloop::with_backend!(&ops, |ops| tuneloop::bench::run(ops, &opts))?;
             if json {
                 println!("{}", report.json_line()?);

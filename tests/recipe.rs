@@ -3,9 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use tuneloop::recipe::{
-    all_linear, split_overrides, Backend, DataFormat, Decay, Dtype, Recipe, StepScheduler,
-};
+use tuneloop::ops::backend::BackendKind;
+use tuneloop::ops::cuda::DType;
+use tuneloop::recipe::{all_linear, split_overrides, DataFormat, Decay, Recipe, StepScheduler};
 
 const MINIMAL: &str = "model:\n  path: models/tiny\ndata:\n  train: data/train.jsonl\noutput_dir: runs/x\n";
 
@@ -60,7 +60,7 @@ fn quickstart_parses() {
     assert_eq!((r.peft.r, r.peft.alpha), (8, 16.0));
     assert_eq!(r.peft.target_modules, all_linear());
     assert_eq!(r.output_dir, Path::new("runs/quickstart"));
-    assert_eq!(r.backend, Backend::Auto);
+    assert_eq!(r.backend, BackendKind::Auto);
     assert_eq!(r.seed, 42);
     let lora = r.peft.lora_config().expect("lora config");
     assert_eq!(lora.target_modules.len(), 7);
@@ -71,7 +71,7 @@ fn quickstart_parses() {
 fn defaults_fill_in() {
     let r = minimal_with(&[]).expect("minimal recipe");
     let want = Recipe {
-        model: tuneloop::recipe::ModelSection { path: "models/tiny".into(), dtype: Dtype::Bf16 },
+        model: tuneloop::recipe::ModelSection { path: "models/tiny".into(), dtype: DType::Bf16 },
         data: tuneloop::recipe::DataSection { train: vec!["data/train.jsonl".into()], ..Default::default() },
         output_dir: "runs/x".into(),
         ..Default::default()
@@ -93,7 +93,7 @@ fn defaults_fill_in() {
     assert_eq!(r.optimizer.lr, 2e-4);
     assert_eq!(r.clip_grad_norm, Some(1.0));
     assert_eq!(r.checkpoint.keep_last, 2);
-    assert_eq!(r.backend, Backend::Auto);
+    assert_eq!(r.backend, BackendKind::Auto);
 }
 
 #[test]
@@ -149,10 +149,10 @@ fn overrides_in_both_forms_change_fields() {
     assert_eq!(r.peft.target_modules, ["q_proj", "v_proj"]);
     assert_eq!(r.clip_grad_norm, None);
     assert_eq!(r.optimizer.lr, 1e-3);
-    assert_eq!(r.model.dtype, Dtype::F32);
+    assert_eq!(r.model.dtype, DType::F32);
     assert_eq!(r.lr_scheduler.decay, Decay::Linear);
     assert_eq!(r.data.filters.min_rating, Some(3.5));
-    assert_eq!(r.backend, Backend::Cpu);
+    assert_eq!(r.backend, BackendKind::Cpu);
 }
 
 #[test]

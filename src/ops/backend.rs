@@ -18,8 +18,11 @@ use anyhow::{bail, Result};
 use super::cpu::CpuOps;
 use super::cuda::{CudaOps, DType};
 
-/// Which backend a command asked for.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Which backend a command or a recipe asks for (`cpu`, `cuda`, `auto`).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     /// The f32 reference backend.
     Cpu,

@@ -7,6 +7,9 @@
 //! `data.train` and `output_dir` may be left out. Relative paths are kept as written and
 //! resolve against the current working directory, as the TRL and NeMo CLIs do.
 
+use crate::ops::backend::BackendKind;
+use crate::ops::cuda::DType;
+
 mod fields;
 mod load;
 mod overrides;
@@ -42,7 +45,7 @@ pub struct Recipe {
     pub activation_checkpointing: bool,
     pub output_dir: PathBuf,
     pub checkpoint: CheckpointSection,
-    pub backend: Backend,
+    pub backend: BackendKind,
     pub seed: u64,
 }
 
@@ -61,27 +64,26 @@ impl Default for Recipe {
             activation_checkpointing: false,
             output_dir: PathBuf::new(),
             checkpoint: CheckpointSection::default(),
-            backend: Backend::Auto,
+            backend: BackendKind::Auto,
             seed: 42,
         }
     }
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelSection {
     /// A Hugging Face model directory: config.json, tokenizer.json, *.safetensors.
     pub path: PathBuf,
-    /// Compute dtype of the frozen base weights (adapters always keep f32 masters).
-    pub dtype: Dtype,
+    /// Compute dtype of the frozen base weights on the GPU (adapters always keep f32
+    /// masters; the CPU backend computes in f32).
+    pub dtype: DType,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Dtype {
-    F32,
-    #[default]
-    Bf16,
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self { path: PathBuf::new(), dtype: DType::Bf16 }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -300,16 +302,6 @@ impl Default for CheckpointSection {
     fn default() -> Self {
         Self { keep_last: 2 }
     }
-}
-
-/// `auto` takes CUDA when a GPU and the CUDA libraries are there, the CPU otherwise.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    Cpu,
-    Cuda,
-    #[default]
-    Auto,
 }
 
 impl Recipe {

@@ -15,10 +15,10 @@ use crate::data::{tokenize_conversation, ChatModel, LineError};
 use crate::dist::nccl::NcclGroup;
 use crate::dist::{Collective, DistEnv, Single, TcpGroup};
 use crate::model::{Adapter, Model};
-use crate::ops::backend::{AnyBackend, BackendKind};
-use crate::ops::cuda::{CudaOps, DType};
+use crate::ops::backend::AnyBackend;
+use crate::ops::cuda::CudaOps;
 use crate::ops::{cpu::CpuOps, AdamWParams, Ops};
-use crate::recipe::{Backend, Dtype, Recipe};
+use crate::recipe::Recipe;
 
 /// What a run made and measured.
 pub struct FinetuneReport {
@@ -78,16 +78,7 @@ fn tokenize(
 /// GPU and the kernels are there and otherwise the CPU backend, which computes in f32
 /// whatever `model.dtype` says.
 pub fn backend(recipe: &Recipe, ordinal: usize) -> Result<AnyBackend> {
-    let dtype = match recipe.model.dtype {
-        Dtype::F32 => DType::F32,
-        Dtype::Bf16 => DType::Bf16,
-    };
-    let kind = match recipe.backend {
-        Backend::Cpu => BackendKind::Cpu,
-        Backend::Cuda => BackendKind::Cuda,
-        Backend::Auto => BackendKind::Auto,
-    };
-    crate::ops::backend::select_on(kind, dtype, ordinal, true)
+    crate::ops::backend::select_on(recipe.backend, recipe.model.dtype, ordinal, true)
 }
 
 /// Runs the recipe in this process alone.

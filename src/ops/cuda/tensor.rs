@@ -27,7 +27,10 @@ use crate::ops::HostWeight;
 
 /// How the CUDA backend stores activations and base weights, and the element type of one
 /// tensor. LoRA weights, their gradients and AdamW states are f32 in both modes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum DType {
     /// Everything f32, TF32 off: the CPU backend's numbers (parity at 1e-4).
     #[default]

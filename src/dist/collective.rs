@@ -53,9 +53,9 @@ impl<O: Ops> Collective<O> for Single {
 pub struct TcpGroup {
     rank: usize,
     world_size: usize,
-    links: Mutex<Vec<TcpStream>>,
-    /// Sequence number of the next all-reduce, to catch ranks that fell out of step.
-    seq: Mutex<u64>,
+    /// The connections, and the sequence number of the next all-reduce (to catch ranks
+    /// that fell out of step).
+    links: Mutex<(Vec<TcpStream>, u64)>,
     timeout: Duration,
 }
 
@@ -73,21 +73,15 @@ impl TcpGroup {
             l.set_read_timeout(Some(timeout)).context("collective socket")?;
             l.set_write_timeout(Some(timeout)).context("collective socket")?;
         }
-        Ok(Self {
-            rank: rv.rank,
-            world_size: rv.world_size,
-            links: Mutex::new(rv.links),
-            seq: Mutex::new(0),
-            timeout,
-        })
+        Ok(Self { rank: rv.rank, world_size: rv.world_size, links: Mutex::new((rv.links, 0)), timeout })
     }
 
     /// Sums `f32s` and `f64s` over the ranks, in place.
     pub fn all_reduce_host(&self, f32s: &mut [f32], f64s: &mut [f64]) -> Result<()> {
-        let mut seq_guard = self.seq.lock().unwrap_or_else(|e| e.into_inner());
-        let seq = *seq_guard;
-        *seq_guard += 1;
-        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        let (links, next) = &mut *guard;
+        let seq = *next;
+        *next += 1;
         if self.world_size == 1 {
             return Ok(());
         }

@@ -7,11 +7,12 @@
 //! does not finish within the timeout, or that NCCL reports failed (a peer died), aborts
 //! the communicator, so the process exits instead of hanging.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::mem::MaybeUninit;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use cudarc::driver::CudaSlice;
 use cudarc::nccl::{result, sys};
 
 use super::rendezvous::{self, PAYLOAD};
@@ -25,6 +26,8 @@ pub struct NcclGroup {
     timeout: Duration,
     aborted: Cell<bool>,
     seq: Cell<u64>,
+    /// The fused gradient buffer, kept from step to step.
+    flat: RefCell<Option<CudaSlice<f32>>>,
 }
 
 fn nccl_error(what: &str, e: result::NcclError) -> anyhow::Error {
@@ -83,6 +86,7 @@ impl NcclGroup {
             timeout: env.timeout,
             aborted: Cell::new(false),
             seq: Cell::new(0),
+            flat: RefCell::new(None),
         })
     }
 
@@ -182,18 +186,24 @@ impl Collective<CudaOps> for NcclGroup {
         let seq = self.seq.get();
         self.seq.set(seq + 1);
         let stream = ops.runtime().stream.clone();
-        // one fused buffer: the gradients packed end to end
+        // one fused buffer: the gradients packed end to end (none: host values only)
         let total: usize = tensors.iter().map(|t| t.numel()).sum();
-        let mut flat = stream.alloc_zeros::<f32>(total.max(1)).context("CUDA allocation")?;
-        let mut off = 0;
-        for t in tensors.iter() {
-            let n = t.numel();
-            stream
-                .memcpy_dtod(&f32_buf(t)?.slice(..n), &mut flat.slice_mut(off..off + n))
-                .context("packing the gradients")?;
-            off += n;
+        let mut slot = self.flat.borrow_mut();
+        if total > 0 {
+            if slot.as_ref().is_none_or(|f| f.len() != total) {
+                *slot = Some(stream.alloc_zeros::<f32>(total).context("CUDA allocation")?);
+            }
+            let flat = slot.as_mut().context("the fused gradient buffer")?;
+            let mut off = 0;
+            for t in tensors.iter() {
+                let n = t.numel();
+                stream
+                    .memcpy_dtod(&f32_buf(t)?.slice(..n), &mut flat.slice_mut(off..off + n))
+                    .context("packing the gradients")?;
+                off += n;
+            }
+            self.all_reduce_raw(ops, ops.runtime().ptr(flat), total, sys::ncclDataType_t::ncclFloat32)?;
         }
-        self.all_reduce_raw(ops, ops.runtime().ptr(&flat), total, sys::ncclDataType_t::ncclFloat32)?;
         let host_dev = if host.is_empty() {
             None
         } else {
@@ -202,17 +212,15 @@ impl Collective<CudaOps> for NcclGroup {
             Some(d)
         };
         self.wait(ops, seq)?;
-        let mut off = 0;
-        for t in tensors.iter_mut() {
-            let n = t.numel();
-            let dst = match &mut t.buf {
-                CudaBuf::F32(b) => b,
-                CudaBuf::Bf16(_) => bail!("all-reduce: a bf16 gradient (gradients are f32)"),
-            };
-            stream
-                .memcpy_dtod(&flat.slice(off..off + n), &mut dst.slice_mut(..n))
-                .context("unpacking the gradients")?;
-            off += n;
+        if let (Some(flat), true) = (slot.as_ref(), total > 0) {
+            let mut off = 0;
+            for t in tensors.iter_mut() {
+                let n = t.numel();
+                stream
+                    .memcpy_dtod(&flat.slice(off..off + n), &mut f32_buf_mut(t)?.slice_mut(..n))
+                    .context("unpacking the gradients")?;
+                off += n;
+            }
         }
         if let Some(d) = host_dev {
             let v = stream.clone_dtoh(&d).context("device-to-host copy")?;
@@ -223,8 +231,15 @@ impl Collective<CudaOps> for NcclGroup {
 }
 
 /// The f32 buffer of a gradient (gradients are f32 in both modes).
-fn f32_buf(t: &CudaTensor) -> Result<&cudarc::driver::CudaSlice<f32>> {
+fn f32_buf(t: &CudaTensor) -> Result<&CudaSlice<f32>> {
     match &t.buf {
+        CudaBuf::F32(b) => Ok(b),
+        CudaBuf::Bf16(_) => bail!("all-reduce: a bf16 gradient (gradients are f32)"),
+    }
+}
+
+fn f32_buf_mut(t: &mut CudaTensor) -> Result<&mut CudaSlice<f32>> {
+    match &mut t.buf {
         CudaBuf::F32(b) => Ok(b),
         CudaBuf::Bf16(_) => bail!("all-reduce: a bf16 gradient (gradients are f32)"),
     }

@@ -15,7 +15,6 @@ use tuneloop::model::{Adapter, Decoder, Model};
 use tuneloop::ops::cpu::{CpuOps, CpuTensor};
 use tuneloop::ops::{Dropout, Ops};
 use tuneloop::train::pack::Example;
-use tuneloop::train::schedule::Decay;
 use tuneloop::train::trainer::{global_batch_gradients, train, train_data_parallel, TrainConfig};
 use tuneloop::train::{TokenBatch, Trainable};
 use tuneloop::util::rel_l2;
@@ -143,32 +142,12 @@ fn examples(n: usize) -> Vec<Example> {
 
 fn config(out: &Path, steps: usize) -> TrainConfig {
     TrainConfig {
-        seq_len: 32,
-        packing: true,
-        global_batch: 4,
         local_batch: 1,
         max_steps: Some(steps),
-        epochs: None,
         val_every: Some(2),
-        ckpt_every: Some(2),
         keep_last: 3,
-        adamw: tuneloop::ops::AdamWParams {
-            lr: 5e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-        },
         warmup_steps: 1,
-        decay: Decay::Cosine,
-        min_lr_ratio: 0.0,
-        clip_grad_norm: Some(1.0),
-        lora_dropout: 0.1,
-        recompute: false,
-        seed: 7,
-        output_dir: out.to_path_buf(),
-        stop_after: None,
-        progress: false,
+        ..common::train_config(out)
     }
 }
 

@@ -7,10 +7,9 @@ mod common;
 use std::path::Path;
 
 use tuneloop::model::{Adapter, LoraConfig, Model, Proj};
-use tuneloop::ops::{cpu::CpuOps, cpu::CpuTensor, AdamWParams};
+use tuneloop::ops::{cpu::CpuOps, cpu::CpuTensor};
 use tuneloop::train::checkpoint;
 use tuneloop::train::pack::Example;
-use tuneloop::train::schedule::Decay;
 use tuneloop::train::trainer::{train, TrainConfig};
 
 fn examples(n: usize, seed: u32) -> Vec<Example> {
@@ -24,31 +23,6 @@ fn examples(n: usize, seed: u32) -> Vec<Example> {
             Example { ids, labels }
         })
         .collect()
-}
-
-fn config(out: &Path) -> TrainConfig {
-    TrainConfig {
-        seq_len: 32,
-        packing: true,
-        global_batch: 4,
-        local_batch: 2,
-        max_steps: Some(6),
-        epochs: None,
-        val_every: Some(3),
-        ckpt_every: Some(2),
-        keep_last: 2,
-        adamw: AdamWParams { lr: 5e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 },
-        warmup_steps: 2,
-        decay: Decay::Cosine,
-        min_lr_ratio: 0.0,
-        clip_grad_norm: Some(1.0),
-        lora_dropout: 0.1,
-        recompute: false,
-        seed: 7,
-        output_dir: out.to_path_buf(),
-        stop_after: None,
-        progress: false,
-    }
 }
 
 fn fresh_adapter(model: &Model<tuneloop::ops::cpu::CpuTensor>) -> Adapter<tuneloop::ops::cpu::CpuTensor> {
@@ -67,12 +41,20 @@ fn resume_after_a_stop_is_bit_exact() {
     let (tr, va) = (examples(24, 1), examples(6, 99));
 
     let full_dir = tempfile::tempdir().unwrap();
-    let (full, outcome) =
-        train(&CpuOps, &model, fresh_adapter(&model), &tr, &va, &config(full_dir.path()), false).unwrap();
+    let (full, outcome) = train(
+        &CpuOps,
+        &model,
+        fresh_adapter(&model),
+        &tr,
+        &va,
+        &common::train_config(full_dir.path()),
+        false,
+    )
+    .unwrap();
     assert_eq!(outcome.steps, 6);
 
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(dir.path());
+    let mut cfg = common::train_config(dir.path());
     cfg.stop_after = Some(3); // between two checkpoint steps: the stop itself checkpoints
     let (_, first) = train(&CpuOps, &model, fresh_adapter(&model), &tr, &va, &cfg, false).unwrap();
     assert_eq!(first.steps, 3);
@@ -82,10 +64,11 @@ fn resume_after_a_stop_is_bit_exact() {
     std::fs::write(ckpts.join(".tmp-step-000004-killed/adapter/adapter_model.safetensors"), b"half").unwrap();
     assert_eq!(checkpoint::list(&ckpts).unwrap().last().unwrap().0, 3);
     // starting over into the same output_dir without --resume refuses to clobber it
-    let again = train(&CpuOps, &model, fresh_adapter(&model), &tr, &va, &config(dir.path()), false);
+    let again =
+        train(&CpuOps, &model, fresh_adapter(&model), &tr, &va, &common::train_config(dir.path()), false);
     assert!(format!("{:#}", again.err().expect("must refuse")).contains("--resume"));
 
-    let cfg = config(dir.path());
+    let cfg = common::train_config(dir.path());
     let (resumed, outcome) = train(&CpuOps, &model, fresh_adapter(&model), &tr, &va, &cfg, true).unwrap();
     assert_eq!(outcome.steps, 6);
     assert_eq!(
@@ -118,7 +101,7 @@ fn training_lowers_the_held_out_loss() {
     let model = Model::load(&CpuOps, &common::golden("llama-gqa").join("model")).unwrap();
     let (tr, va) = (examples(64, 5), examples(8, 77));
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(dir.path());
+    let mut cfg = common::train_config(dir.path());
     cfg.max_steps = Some(60);
     cfg.adamw.lr = 2e-2;
     cfg.lora_dropout = 0.0;
@@ -142,7 +125,8 @@ fn full_fine_tuning_resumes_bit_exactly() {
     let case = common::golden("llama3-rope-tied").join("model");
     let load = || Model::load(&CpuOps, &case).unwrap();
     let (tr, va) = (examples(16, 1), examples(4, 99));
-    let short = |out: &Path| TrainConfig { max_steps: Some(4), val_every: Some(2), ..config(out) };
+    let short =
+        |out: &Path| TrainConfig { max_steps: Some(4), val_every: Some(2), ..common::train_config(out) };
 
     let full_dir = tempfile::tempdir().unwrap();
     let (full, outcome) = train(&CpuOps, &(), load(), &tr, &va, &short(full_dir.path()), false).unwrap();

@@ -22,3 +22,36 @@ pub fn copy_model(case: &str) -> tempfile::TempDir {
     }
     dir
 }
+
+/// The small training run the trainer tests share: 6 steps of 4 rows (2 per
+/// micro-batch), validation every 3 and a checkpoint every 2 steps, dropout 0.1.
+pub fn train_config(out: &Path) -> tuneloop::train::trainer::TrainConfig {
+    tuneloop::train::trainer::TrainConfig {
+        seq_len: 32,
+        packing: true,
+        global_batch: 4,
+        local_batch: 2,
+        max_steps: Some(6),
+        epochs: None,
+        val_every: Some(3),
+        ckpt_every: Some(2),
+        keep_last: 2,
+        adamw: tuneloop::ops::AdamWParams {
+            lr: 5e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        },
+        warmup_steps: 2,
+        decay: tuneloop::train::schedule::Decay::Cosine,
+        min_lr_ratio: 0.0,
+        clip_grad_norm: Some(1.0),
+        lora_dropout: 0.1,
+        recompute: false,
+        seed: 7,
+        output_dir: out.to_path_buf(),
+        stop_after: None,
+        progress: false,
+    }
+}

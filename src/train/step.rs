@@ -69,6 +69,24 @@ pub fn forward_backward<O: Ops>(
     forward_backward_into(dec, batch, grads.map(Grads::adapter), denominator)
 }
 
+/// The batch on the device, and its shifted targets (`-100` = not counted).
+fn step_inputs<O: Ops>(dec: &Decoder<O>, batch: &TokenBatch) -> Result<(StepInputs<O>, Vec<i64>)> {
+    ensure!(
+        batch.ids.len() == batch.labels.len(),
+        "{} ids but {} labels",
+        batch.ids.len(),
+        batch.labels.len()
+    );
+    let inputs = StepInputs::new(dec.ops, &dec.rope, &batch.ids, &batch.positions(), batch.layout())?;
+    let targets = shift_labels(&batch.labels, &inputs.layout);
+    Ok((inputs, targets))
+}
+
+/// The denominator of the mean loss: `given`, or the counted targets.
+fn loss_denominator(given: Option<usize>, targets: &[i64]) -> usize {
+    given.unwrap_or_else(|| targets.iter().filter(|&&t| t != -100).count())
+}
+
 /// [`forward_backward`] with any gradient targets: the adapter's, the model's own
 /// (full fine-tuning), or both.
 pub fn forward_backward_into<O: Ops>(
@@ -77,22 +95,14 @@ pub fn forward_backward_into<O: Ops>(
     grads: Option<Grads<O::Tensor>>,
     denominator: Option<usize>,
 ) -> Result<StepResult<O>> {
-    ensure!(
-        batch.ids.len() == batch.labels.len(),
-        "{} ids but {} labels",
-        batch.ids.len(),
-        batch.labels.len()
-    );
-    let layout = batch.layout();
-    let inputs = StepInputs::new(dec.ops, &dec.rope, &batch.ids, &batch.positions(), layout)?;
-    let targets = shift_labels(&batch.labels, &inputs.layout);
+    let (inputs, targets) = step_inputs(dec, batch)?;
     let want_grad = grads.is_some();
     let fwd = crate::profiling::range(c"forward");
     let state = dec.forward(&inputs, None, want_grad)?;
     drop(fwd);
     let _loss = crate::profiling::range(c"lm_head_loss");
     let logits = dec.logits(&state, None)?;
-    let denom = denominator.unwrap_or_else(|| targets.iter().filter(|&&t| t != -100).count());
+    let denom = loss_denominator(denominator, &targets);
     let scale = want_grad.then(|| 1.0 / denom.max(1) as f32);
     let ce = dec.ops.cross_entropy(&logits, &targets, scale)?;
     if let Some(grads) = grads {
@@ -136,21 +146,13 @@ pub fn train_step<O: Ops>(
     denominator: Option<usize>,
     head_rows: Option<usize>,
 ) -> Result<StepLoss> {
-    ensure!(
-        batch.ids.len() == batch.labels.len(),
-        "{} ids but {} labels",
-        batch.ids.len(),
-        batch.labels.len()
-    );
     let ops = dec.ops;
-    let layout = batch.layout();
-    let inputs = StepInputs::new(ops, &dec.rope, &batch.ids, &batch.positions(), layout)?;
-    let targets = shift_labels(&batch.labels, &inputs.layout);
+    let (inputs, targets) = step_inputs(dec, batch)?;
     let state = {
         let _fwd = crate::profiling::range(c"forward");
         dec.forward(&inputs, None, true)?
     };
-    let denom = denominator.unwrap_or_else(|| targets.iter().filter(|&&t| t != -100).count());
+    let denom = loss_denominator(denominator, &targets);
     let scale = 1.0 / denom.max(1) as f32;
     let (n, d) = rows_cols(ops.shape(&state.final_norm));
     let vocab = dec.model.cfg.vocab_size.max(1);

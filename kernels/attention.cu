@@ -69,7 +69,7 @@ __device__ __forceinline__ float dot_smem(const float* a, const float* b, int hd
 template <typename T, int BC>
 __device__ void fwd(T* out, float* lse, const T* q, const T* k, const T* v, const int* spans, const int* tiles,
                     int n_heads, int n_kv_heads, int hd, float scale) {
-    extern __shared__ float smem[];
+    TL_DYNAMIC_SHARED(float, smem);
     const int rows = blockDim.x / tl::WARP_SIZE;
     const int warp = threadIdx.x / tl::WARP_SIZE, lane = threadIdx.x % tl::WARP_SIZE;
     const int hd1 = hd + 1;
@@ -147,7 +147,7 @@ __device__ void bwd_dot(float* D, const T* dout, const T* out, int nq, int n_hea
 template <typename T, int BC>
 __device__ void bwd_dq(T* dq, const T* dout, const T* q, const T* k, const T* v, const float* lse, const float* D,
                        const int* spans, const int* tiles, int n_heads, int n_kv_heads, int hd, float scale) {
-    extern __shared__ float smem[];
+    TL_DYNAMIC_SHARED(float, smem);
     const int rows = blockDim.x / tl::WARP_SIZE;
     const int warp = threadIdx.x / tl::WARP_SIZE, lane = threadIdx.x % tl::WARP_SIZE;
     const int hd1 = hd + 1;
@@ -211,7 +211,7 @@ template <typename T, int BC>
 __device__ void bwd_dkdv(T* dk, T* dv, const T* dout, const T* q, const T* k, const T* v, const float* lse,
                          const float* D, const int* spans, const int* tiles, int n_heads, int n_kv_heads, int hd,
                          float scale) {
-    extern __shared__ float smem[];
+    TL_DYNAMIC_SHARED(float, smem);
     const int rows = blockDim.x / tl::WARP_SIZE;
     const int warp = threadIdx.x / tl::WARP_SIZE, lane = threadIdx.x % tl::WARP_SIZE;
     const int hd1 = hd + 1;

@@ -18,6 +18,12 @@
 #include <cuda_runtime.h>
 #include <stddef.h>
 
+// Dynamic shared memory, `extern __shared__ T name[]`; a macro so that the test suite's
+// CPU emulator of the kernels (tests/emu) can provide it.
+#ifndef TL_DYNAMIC_SHARED
+#define TL_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
+
 namespace tl {
 
 constexpr unsigned FULL_MASK = 0xffffffffu;

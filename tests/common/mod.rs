@@ -55,3 +55,35 @@ pub fn train_config(out: &Path) -> tuneloop::train::trainer::TrainConfig {
         progress: false,
     }
 }
+
+/// The folder of the test suite's CUDA emulator (`tests/emu`: stand-ins for libcuda.so,
+/// libcublasLt.so and libnccl.so that run the kernels on the CPU), when the build made
+/// it (it does whenever it compiles the kernels).
+pub fn emulator_dir() -> Option<&'static str> {
+    option_env!("TUNELOOP_EMU_LIB_DIR")
+}
+
+/// Points `cmd`'s library search at the CUDA emulator, so a CUDA backend it starts runs
+/// on the CPU. `None` when this build has no emulator.
+pub fn on_emulator(cmd: &mut std::process::Command) -> Option<&mut std::process::Command> {
+    let dir = emulator_dir()?;
+    let path = match std::env::var("LD_LIBRARY_PATH") {
+        Ok(old) if !old.is_empty() => format!("{dir}:{old}"),
+        _ => dir.to_string(),
+    };
+    Some(cmd.env("LD_LIBRARY_PATH", path))
+}
+
+/// Runs `cmd` (already pointed at the emulator) and fails the test with its output
+/// unless it succeeds; returns its stdout and stderr.
+pub fn run_ok(cmd: &mut std::process::Command, what: &str) -> (String, String) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: cannot start {cmd:?}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        out.status
+    );
+    (stdout, stderr)
+}

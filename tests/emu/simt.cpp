@@ -1,0 +1,327 @@
+// The fiber scheduler of the CUDA emulator: runs a launch's blocks one by one, each as
+// blockDim fibers synchronised as simt.hpp describes.
+
+#include "simt.hpp"
+
+#include <sys/mman.h>
+
+#include <string>
+#include <vector>
+
+#include "emu.hpp"
+
+namespace tl_emu {
+
+thread_local Fiber* current_fiber = nullptr;
+thread_local BlockState* current_block = nullptr;
+
+namespace {
+
+// Each fiber's stack, with a PROT_NONE page below it so an overflow faults.
+constexpr size_t STACK_BYTES = 256 << 10;
+constexpr size_t GUARD_BYTES = 4096;
+
+// The poison a warp operation returns when its source lane does not take part (undefined
+// in CUDA): a NaN as f32, as both halves' bf16 and as f64.
+constexpr uint64_t UNDEFINED = 0x7FF8'7FC0'7FC0'7FC0ull;
+
+#if defined(__x86_64__)
+// tl_emu_switch(save, to): saves the callee-saved registers and the stack pointer of the
+// running context into *save and continues the context whose stack pointer is `to`.
+asm(R"(
+    .text
+    .globl tl_emu_switch
+    .hidden tl_emu_switch
+    .type tl_emu_switch, @function
+tl_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size tl_emu_switch, .-tl_emu_switch
+)");
+extern "C" void tl_emu_switch(void** save, void* to);
+#else
+#error "the CUDA emulator's fibers are written for x86-64"
+#endif
+
+struct Launch {
+    const Kernel* kernel;
+    void** params;
+    void* scheduler_sp;
+};
+thread_local Launch* current_launch = nullptr;
+
+[[noreturn]] void fiber_main() {
+    Fiber* f = current_fiber;
+    current_launch->kernel->invoke(current_launch->kernel->fn, current_launch->params);
+    f->done = true;
+    f->wait = Wait::None;
+    tl_emu_switch(&f->sp, current_launch->scheduler_sp);
+    __builtin_unreachable();
+}
+
+void start_fiber(Fiber* f) {
+    char* top = static_cast<char*>(f->stack) + GUARD_BYTES + STACK_BYTES;
+    void** sp = reinterpret_cast<void**>(top);
+    *--sp = nullptr;                                      // fiber_main's return address
+    *--sp = reinterpret_cast<void*>(&fiber_main);         // where tl_emu_switch returns to
+    for (int i = 0; i < 6; ++i) *--sp = nullptr;          // rbp rbx r12 r13 r14 r15
+    f->sp = sp;
+}
+
+void resume(Fiber* f) {
+    current_fiber = f;
+    tl_emu_switch(&current_launch->scheduler_sp, f->sp);
+    current_fiber = nullptr;
+}
+
+struct Rng {
+    uint64_t s;
+    uint64_t next() {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        return s;
+    }
+};
+
+// Stacks and fibers, kept between launches.
+struct Pool {
+    std::vector<Fiber> fibers;
+    std::vector<void*> stacks;
+    std::vector<unsigned char> dynamic_shared;
+
+    bool reserve(size_t n, std::string& error) {
+        while (stacks.size() < n) {
+            void* m = mmap(nullptr, GUARD_BYTES + STACK_BYTES, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+            if (m == MAP_FAILED) {
+                error = "cannot map a fiber stack";
+                return false;
+            }
+            mprotect(m, GUARD_BYTES, PROT_NONE);
+            stacks.push_back(m);
+        }
+        fibers.resize(n);
+        return true;
+    }
+};
+thread_local Pool pool;
+
+const char* op_name(WarpOp op) {
+    switch (op) {
+    case WarpOp::Sync: return "__syncwarp";
+    case WarpOp::Idx: return "__shfl_sync";
+    case WarpOp::Xor: return "__shfl_xor_sync";
+    case WarpOp::Down: return "__shfl_down_sync";
+    case WarpOp::Up: return "__shfl_up_sync";
+    case WarpOp::Ballot: return "__ballot_sync";
+    }
+    return "?";
+}
+
+// The lane whose value lane `lane` receives, or -1 for its own.
+int source_lane(const Fiber& f, int lane) {
+    const int w = f.width;
+    const int seg = lane & ~(w - 1);
+    switch (f.op) {
+    case WarpOp::Idx: return seg + (f.arg & (w - 1));
+    case WarpOp::Xor: {
+        const int s = lane ^ f.arg;
+        return s >= seg + w ? -1 : s;
+    }
+    case WarpOp::Down: {
+        const int s = lane + f.arg;
+        return s >= seg + w ? -1 : s;
+    }
+    case WarpOp::Up: {
+        const int s = lane - f.arg;
+        return s < seg ? -1 : s;
+    }
+    default: return -1;
+    }
+}
+
+std::string where(const Fiber& f) {
+    return "thread (" + std::to_string(f.tid.x) + "," + std::to_string(f.tid.y) + "," + std::to_string(f.tid.z) +
+           ")";
+}
+
+// Releases the warp operations whose every participant has arrived. Returns how many
+// lanes it released, or -1 with `error` set when a warp can never complete.
+int release_warps(Fiber* fibers, size_t n, std::string& error) {
+    int released = 0;
+    for (size_t w0 = 0; w0 < n; w0 += 32) {
+        const size_t lanes = n - w0 < 32 ? n - w0 : 32;
+        Fiber* warp = fibers + w0;
+        unsigned handled = 0;
+        for (size_t l = 0; l < lanes; ++l) {
+            const Fiber& f = warp[l];
+            if (f.done || f.wait != Wait::Warp || (handled >> l & 1)) continue;
+            if (!(f.mask >> l & 1)) {
+                error = op_name(f.op) + std::string(" by ") + where(f) + " with a mask that leaves out its own lane";
+                return -1;
+            }
+            if (f.width < 1 || f.width > 32 || (f.width & (f.width - 1))) {
+                error = op_name(f.op) + std::string(" by ") + where(f) + " with width " + std::to_string(f.width);
+                return -1;
+            }
+            // The participants: lanes in the mask that exist and have not exited.
+            unsigned members = 0;
+            bool complete = true;
+            for (size_t m = 0; m < lanes; ++m) {
+                if (!(f.mask >> m & 1) || warp[m].done) continue;
+                members |= 1u << m;
+                const Fiber& g = warp[m];
+                if (g.wait == Wait::Warp && g.mask == f.mask) {
+                    if (g.op != f.op || g.width != f.width) {
+                        error = "lanes of warp " + std::to_string(f.warp) + " meet at different warp operations (" +
+                                op_name(f.op) + " and " + op_name(g.op) + ") with the same mask";
+                        return -1;
+                    }
+                } else {
+                    complete = false;
+                }
+            }
+            handled |= members;
+            if (!complete) continue;
+            unsigned ballot = 0;
+            for (size_t m = 0; m < lanes; ++m) {
+                if ((members >> m & 1) && warp[m].value != 0) ballot |= 1u << m;
+            }
+            for (size_t m = 0; m < lanes; ++m) {
+                if (!(members >> m & 1)) continue;
+                Fiber& g = warp[m];
+                if (g.op == WarpOp::Ballot) {
+                    g.result = ballot;
+                } else if (g.op != WarpOp::Sync) {
+                    const int s = source_lane(g, int(m));
+                    if (s < 0) {
+                        g.result = g.value;
+                    } else {
+                        g.result = (members >> s & 1) ? warp[s].value : UNDEFINED;
+                    }
+                }
+                g.wait = Wait::None;
+                ++released;
+            }
+        }
+    }
+    return released;
+}
+
+std::string describe(Fiber* fibers, size_t n) {
+    std::string s;
+    size_t at_block = 0, at_warp = 0, done = 0;
+    const Fiber* first_warp = nullptr;
+    for (size_t i = 0; i < n; ++i) {
+        if (fibers[i].done) {
+            ++done;
+        } else if (fibers[i].wait == Wait::Block) {
+            ++at_block;
+        } else {
+            ++at_warp;
+            if (!first_warp) first_warp = &fibers[i];
+        }
+    }
+    s = std::to_string(at_block) + " thread(s) wait at __syncthreads, " + std::to_string(at_warp) +
+        " at a warp operation, " + std::to_string(done) + " exited";
+    if (first_warp) {
+        char mask[16];
+        snprintf(mask, sizeof mask, "%08x", first_warp->mask);
+        s += " (first: " + where(*first_warp) + " at " + op_name(first_warp->op) + " mask 0x" + mask + ")";
+    }
+    return s;
+}
+
+std::string run_block(size_t n, Rng& rng, bool shuffle) {
+    Fiber* fibers = pool.fibers.data();
+    const uint3 dim = current_block->block_dim;
+    for (size_t i = 0; i < n; ++i) {
+        Fiber& f = fibers[i];
+        f = Fiber{};
+        f.tid = uint3{unsigned(i % dim.x), unsigned(i / dim.x % dim.y), unsigned(i / (size_t(dim.x) * dim.y))};
+        f.lane = int(i % 32);
+        f.warp = int(i / 32);
+        f.stack = pool.stacks[i];
+        start_fiber(&f);
+    }
+    std::vector<uint32_t> order(n);
+    for (size_t i = 0; i < n; ++i) order[i] = uint32_t(i);
+    for (;;) {
+        if (shuffle) {
+            for (size_t i = n; i > 1; --i) std::swap(order[i - 1], order[rng.next() % i]);
+        }
+        for (size_t i = 0; i < n; ++i) {
+            Fiber& f = fibers[order[i]];
+            if (!f.done && f.wait == Wait::None) resume(&f);
+        }
+        std::string error;
+        const int released = release_warps(fibers, n, error);
+        if (released < 0) return error;
+        if (released > 0) continue;
+        size_t live = 0, at_block = 0;
+        for (size_t i = 0; i < n; ++i) {
+            if (fibers[i].done) continue;
+            ++live;
+            at_block += fibers[i].wait == Wait::Block;
+        }
+        if (live == 0) return {};
+        if (at_block == live) {
+            for (size_t i = 0; i < n; ++i) fibers[i].wait = Wait::None;
+            continue;
+        }
+        return "deadlock: " + describe(fibers, n) +
+               " (a barrier or warp operation in code that not every thread reaches?)";
+    }
+}
+
+}  // namespace
+
+std::string run_grid(const Kernel& kernel, dim3 grid, dim3 block, size_t dynamic_shared, void** params,
+                     uint64_t seed, bool shuffle) {
+    const size_t n = size_t(block.x) * block.y * block.z;
+    std::string error;
+    if (!pool.reserve(n, error)) return error;
+    pool.dynamic_shared.assign(dynamic_shared + 16, 0);
+    Launch launch{&kernel, params, nullptr};
+    BlockState state{};
+    state.block_dim = uint3{block.x, block.y, block.z};
+    state.grid_dim = uint3{grid.x, grid.y, grid.z};
+    state.dynamic_shared = pool.dynamic_shared.data();
+    current_launch = &launch;
+    current_block = &state;
+    Rng rng{seed * 0x9E3779B97F4A7C15ull + 1};
+    for (unsigned z = 0; z < grid.z && error.empty(); ++z) {
+        for (unsigned y = 0; y < grid.y && error.empty(); ++y) {
+            for (unsigned x = 0; x < grid.x && error.empty(); ++x) {
+                state.block_idx = uint3{x, y, z};
+                fill_poison(pool.dynamic_shared.data(), pool.dynamic_shared.size());
+                error = run_block(n, rng, shuffle);
+                if (!error.empty()) {
+                    error = "block (" + std::to_string(x) + "," + std::to_string(y) + "," + std::to_string(z) +
+                            "): " + error;
+                }
+            }
+        }
+    }
+    current_launch = nullptr;
+    current_block = nullptr;
+    return error;
+}
+
+void yield_to_scheduler() { tl_emu_switch(&current_fiber->sp, current_launch->scheduler_sp); }
+
+}  // namespace tl_emu

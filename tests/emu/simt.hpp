@@ -1,0 +1,251 @@
+// The CPU emulator of the CUDA execution model that runs kernels/*.cu without a GPU.
+//
+// The test suite builds the kernels with the host C++ compiler against this header (and
+// the stand-ins for <cuda_runtime.h> and <cuda_bf16.h> in include/), links them into a
+// stand-in for the NVIDIA driver (driver.cpp, built as libcuda.so) and puts that on
+// LD_LIBRARY_PATH, so the CUDA backend's Rust code, its launchers and every kernel run
+// unchanged on the CPU. See driver.cpp for what it checks.
+//
+// Execution model: the blocks of a launch run one after another; the threads of a block
+// are fibers (cooperative user-space threads, one stack each) that run until they reach
+// a synchronisation point (__syncthreads, a warp shuffle or __syncwarp) and are then
+// resumed in a shuffled order, so code that reads what another thread writes without a
+// barrier in between sees stale data, as it could on a GPU. Warp operations exchange
+// values only when every non-exited lane named in the mask has arrived; a block barrier
+// opens when every non-exited thread of the block has arrived. A block in which neither
+// can ever happen (a barrier in divergent code) fails the launch with a message.
+//
+// `__shared__` variables become function-local statics: one copy, shared by the threads
+// of the one block that runs at a time (the driver serialises launches). Dynamic shared
+// memory is a per-launch buffer filled with NaNs before each block.
+#ifndef TUNELOOP_EMU_SIMT_HPP
+#define TUNELOOP_EMU_SIMT_HPP
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <type_traits>
+#include <utility>
+
+struct uint3 {
+    unsigned x, y, z;
+};
+
+struct dim3 {
+    unsigned x, y, z;
+    constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+namespace tl_emu {
+
+// What a fiber waits for.
+enum class Wait : int {
+    None,
+    Block,    // __syncthreads
+    Warp,     // a warp operation: see WarpOp
+};
+
+enum class WarpOp : int {
+    Sync,      // __syncwarp
+    Idx,       // __shfl_sync: value of lane `arg`
+    Xor,       // __shfl_xor_sync: value of lane (lane ^ arg)
+    Down,      // __shfl_down_sync: value of lane (lane + arg), or its own
+    Up,        // __shfl_up_sync: value of lane (lane - arg), or its own
+    Ballot,    // __ballot_sync: bit per lane whose value is non-zero
+};
+
+// One emulated thread. Only the scheduler (simt.cpp) writes these fields while the
+// fiber is suspended; the fiber reads its own.
+struct Fiber {
+    uint3 tid;
+    int lane, warp;
+    bool done;
+    Wait wait;
+    // The pending warp operation.
+    WarpOp op;
+    unsigned mask;
+    int arg, width;
+    uint64_t value;    // what this lane contributes
+    uint64_t result;   // what it receives
+    void* sp;          // saved stack pointer while suspended
+    void* stack;       // base of its stack mapping
+};
+
+// The block being run.
+struct BlockState {
+    uint3 block_idx, block_dim, grid_dim;
+    void* dynamic_shared;
+};
+
+extern thread_local Fiber* current_fiber;
+extern thread_local BlockState* current_block;
+
+// Suspends the calling fiber until the scheduler resumes it.
+void yield_to_scheduler();
+
+// The empty asm with a memory clobber keeps the compiler from caching shared memory
+// (function-local statics) in registers across the switch to the other threads.
+inline void sync_threads() {
+    current_fiber->wait = Wait::Block;
+    asm volatile("" ::: "memory");
+    yield_to_scheduler();
+    asm volatile("" ::: "memory");
+}
+
+inline uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width) {
+    Fiber* f = current_fiber;
+    f->wait = Wait::Warp;
+    f->op = op;
+    f->mask = mask;
+    f->value = value;
+    f->arg = arg;
+    f->width = width;
+    asm volatile("" ::: "memory");
+    yield_to_scheduler();
+    asm volatile("" ::: "memory");
+    return f->result;
+}
+
+template <typename T> inline uint64_t to_bits(T v) {
+    static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "warp operand");
+    uint64_t u = 0;
+    memcpy(&u, &v, sizeof(T));
+    return u;
+}
+
+template <typename T> inline T from_bits(uint64_t u) {
+    T v;
+    memcpy(&v, &u, sizeof(T));
+    return v;
+}
+
+// ---- the kernel table: name -> a trampoline that unpacks cuLaunchKernel's parameters ----
+
+using AnyFn = void (*)();
+using Invoke = void (*)(AnyFn fn, void** params);
+
+struct Kernel {
+    const char* name;
+    AnyFn fn;
+    Invoke invoke;
+    int n_params;
+    // Which parameters are pointers (bit i), so the driver can check they point into
+    // device memory.
+    uint64_t pointer_params;
+    // __launch_bounds__' maximum threads per block (1024 without one).
+    int max_threads;
+};
+
+template <typename... A, size_t... I>
+inline void call_with(void (*f)(A...), void** params, std::index_sequence<I...>) {
+    f(*static_cast<std::remove_cv_t<std::remove_reference_t<A>>*>(params[I])...);
+}
+
+template <typename... A> void invoke_as(AnyFn fn, void** params) {
+    call_with(reinterpret_cast<void (*)(A...)>(fn), params, std::index_sequence_for<A...>{});
+}
+
+template <typename... A> constexpr uint64_t pointer_mask() {
+    uint64_t mask = 0;
+    int i = 0;
+    ((mask |= (std::is_pointer<A>::value ? uint64_t(1) << i : 0), ++i), ...);
+    return mask;
+}
+
+template <typename... A> Kernel make_kernel(const char* name, void (*f)(A...), int max_threads) {
+    static_assert(sizeof...(A) <= 64, "too many kernel parameters");
+    return Kernel{name, reinterpret_cast<AnyFn>(f), &invoke_as<A...>, int(sizeof...(A)), pointer_mask<A...>(),
+                  max_threads};
+}
+
+// Defined in the generated kernel unit.
+extern const Kernel kernel_table[];
+extern const size_t kernel_count;
+
+}  // namespace tl_emu
+
+// ---- CUDA's language, as the kernels use it ----------------------------------------
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define TL_DYNAMIC_SHARED(T, name) T* name = static_cast<T*>(::tl_emu::current_block->dynamic_shared)
+
+#define threadIdx (::tl_emu::current_fiber->tid)
+#define blockIdx (::tl_emu::current_block->block_idx)
+#define blockDim (::tl_emu::current_block->block_dim)
+#define gridDim (::tl_emu::current_block->grid_dim)
+#define warpSize 32
+
+inline void __syncthreads() { tl_emu::sync_threads(); }
+
+inline void __syncwarp(unsigned mask = 0xffffffffu) { tl_emu::warp_op(tl_emu::WarpOp::Sync, mask, 0, 0, 32); }
+
+template <typename T> inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
+    return tl_emu::from_bits<T>(tl_emu::warp_op(tl_emu::WarpOp::Idx, mask, tl_emu::to_bits(v), src, width));
+}
+template <typename T> inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+    return tl_emu::from_bits<T>(tl_emu::warp_op(tl_emu::WarpOp::Xor, mask, tl_emu::to_bits(v), lane_mask, width));
+}
+template <typename T> inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+    return tl_emu::from_bits<T>(tl_emu::warp_op(tl_emu::WarpOp::Down, mask, tl_emu::to_bits(v), int(delta), width));
+}
+template <typename T> inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+    return tl_emu::from_bits<T>(tl_emu::warp_op(tl_emu::WarpOp::Up, mask, tl_emu::to_bits(v), int(delta), width));
+}
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+    return unsigned(tl_emu::warp_op(tl_emu::WarpOp::Ballot, mask, pred != 0, 0, 32));
+}
+
+// Fibers of one block never run at the same time and launches are serialised, so an
+// atomic is a plain read-modify-write.
+template <typename T> inline T atomicAdd(T* p, T v) {
+    T old = *p;
+    *p = old + v;
+    return old;
+}
+template <typename T> inline T atomicMax(T* p, T v) {
+    T old = *p;
+    *p = old < v ? v : old;
+    return old;
+}
+template <typename T> inline T atomicMin(T* p, T v) {
+    T old = *p;
+    *p = v < old ? v : old;
+    return old;
+}
+template <typename T> inline T atomicExch(T* p, T v) {
+    T old = *p;
+    *p = v;
+    return old;
+}
+template <typename T> inline T atomicCAS(T* p, T compare, T v) {
+    T old = *p;
+    if (old == compare) *p = v;
+    return old;
+}
+
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+inline float __expf(float x) { return expf(x); }
+inline float __logf(float x) { return logf(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+
+#define TL_EMU_MINMAX(T)                                   \
+    inline T min(T a, T b) { return b < a ? b : a; }       \
+    inline T max(T a, T b) { return a < b ? b : a; }
+TL_EMU_MINMAX(int)
+TL_EMU_MINMAX(unsigned)
+TL_EMU_MINMAX(long)
+TL_EMU_MINMAX(unsigned long)
+TL_EMU_MINMAX(long long)
+TL_EMU_MINMAX(unsigned long long)
+inline float min(float a, float b) { return fminf(a, b); }
+inline float max(float a, float b) { return fmaxf(a, b); }
+#undef TL_EMU_MINMAX
+
+#endif  // TUNELOOP_EMU_SIMT_HPP

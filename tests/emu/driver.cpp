@@ -19,7 +19,9 @@
 //  * fresh allocations and dynamic shared memory read as NaN (f32 and bf16), so an
 //    output element a kernel forgets to write shows up;
 //  * copies and memsets stay inside one allocation.
-// Environment: TUNELOOP_EMU_ORDER=forward resumes threads in index order instead of a
+// Environment: TUNELOOP_EMU_DEVICES=N shows N devices (default 1), all of them this
+// process's one memory, so that one process per GPU can run on one machine;
+// TUNELOOP_EMU_ORDER=forward resumes threads in index order instead of a
 // shuffled one; TUNELOOP_EMU_TRACE=1 prints each launch.
 
 #include <signal.h>
@@ -55,6 +57,7 @@ constexpr CUresult CUDA_ERROR_OUT_OF_MEMORY = 2;
 constexpr CUresult CUDA_ERROR_NOT_INITIALIZED = 3;
 constexpr CUresult CUDA_ERROR_INVALID_DEVICE = 101;
 constexpr CUresult CUDA_ERROR_INVALID_IMAGE = 200;
+constexpr CUresult CUDA_ERROR_INVALID_CONTEXT = 201;
 constexpr CUresult CUDA_ERROR_INVALID_HANDLE = 400;
 constexpr CUresult CUDA_ERROR_NOT_FOUND = 500;
 constexpr CUresult CUDA_ERROR_ILLEGAL_ADDRESS = 700;
@@ -79,6 +82,15 @@ void say(const char* fmt, ...) {
     va_end(ap);
     fprintf(stderr, "tuneloop CUDA emulator: %s\n", line);
 }
+
+// TUNELOOP_EMU_DEVICES, 1 to 64 (default 1).
+int device_count() {
+    const char* v = getenv("TUNELOOP_EMU_DEVICES");
+    const int n = v ? atoi(v) : 1;
+    return n < 1 ? 1 : n > 64 ? 64 : n;
+}
+
+bool valid_device(CUdevice d) { return d >= 0 && d < device_count(); }
 
 // ---- device memory -----------------------------------------------------------------
 
@@ -106,7 +118,17 @@ unsigned char poison_byte(uintptr_t addr) { return static_cast<unsigned char>(tl
 
 // The first byte of [from, to) that no longer holds the poison, or null.
 const char* first_unpoisoned(const char* from, const char* to) {
-    for (const char* p = from; p < to; ++p) {
+    const char* p = from;
+    for (; p < to && reinterpret_cast<uintptr_t>(p) % 4; ++p) {
+        if (static_cast<unsigned char>(*p) != poison_byte(reinterpret_cast<uintptr_t>(p))) return p;
+    }
+    // Whole words first (the common case: intact), bytes where a word differs.
+    for (; to - p >= 4; p += 4) {
+        uint32_t w;
+        memcpy(&w, p, 4);
+        if (w != tl_emu::POISON) break;
+    }
+    for (; p < to; ++p) {
         if (static_cast<unsigned char>(*p) != poison_byte(reinterpret_cast<uintptr_t>(p))) return p;
     }
     return nullptr;
@@ -201,7 +223,7 @@ std::deque<Function> functions;
 uint64_t launches = 0;
 
 // For the fault handler.
-thread_local const char* running_kernel = nullptr;
+const char* running_kernel = nullptr;
 
 void on_fault(int sig, siginfo_t* info, void*) {
     const uintptr_t addr = reinterpret_cast<uintptr_t>(info->si_addr);
@@ -334,7 +356,15 @@ CUresult launch(Function* f, dim3 grid, dim3 block, unsigned shared, void** para
 
 // ---- handles -----------------------------------------------------------------------
 
-int context_object, module_object, stream_object;
+// One primary context per device.
+int context_objects[64];
+int module_object, stream_object;
+
+// The device of context `ctx`, or -1.
+int context_device(CUcontext ctx) {
+    const int* c = static_cast<const int*>(ctx);
+    return c >= context_objects && c < context_objects + device_count() ? int(c - context_objects) : -1;
+}
 thread_local CUcontext current_context = nullptr;
 bool initialised = false;
 
@@ -356,6 +386,7 @@ const char* error_name(CUresult r) {
     case CUDA_ERROR_NOT_INITIALIZED: return "CUDA_ERROR_NOT_INITIALIZED";
     case CUDA_ERROR_INVALID_DEVICE: return "CUDA_ERROR_INVALID_DEVICE";
     case CUDA_ERROR_INVALID_IMAGE: return "CUDA_ERROR_INVALID_IMAGE";
+    case CUDA_ERROR_INVALID_CONTEXT: return "CUDA_ERROR_INVALID_CONTEXT";
     case CUDA_ERROR_INVALID_HANDLE: return "CUDA_ERROR_INVALID_HANDLE";
     case CUDA_ERROR_NOT_FOUND: return "CUDA_ERROR_NOT_FOUND";
     case CUDA_ERROR_ILLEGAL_ADDRESS: return "CUDA_ERROR_ILLEGAL_ADDRESS";
@@ -398,28 +429,28 @@ EXPORT CUresult cuGetErrorString(CUresult r, const char** s) {
 EXPORT CUresult cuDeviceGetCount(int* n) {
     if (!initialised) return CUDA_ERROR_NOT_INITIALIZED;
     if (!n) return CUDA_ERROR_INVALID_VALUE;
-    *n = 1;
+    *n = device_count();
     return CUDA_SUCCESS;
 }
 
 EXPORT CUresult cuDeviceGet(CUdevice* d, int ordinal) {
     if (!initialised) return CUDA_ERROR_NOT_INITIALIZED;
     if (!d) return CUDA_ERROR_INVALID_VALUE;
-    if (ordinal != 0) return CUDA_ERROR_INVALID_DEVICE;
-    *d = 0;
+    if (!valid_device(ordinal)) return CUDA_ERROR_INVALID_DEVICE;
+    *d = ordinal;
     return CUDA_SUCCESS;
 }
 
 EXPORT CUresult cuDeviceGetName(char* name, int len, CUdevice d) {
     if (!name || len <= 0) return CUDA_ERROR_INVALID_VALUE;
-    if (d != 0) return CUDA_ERROR_INVALID_DEVICE;
+    if (!valid_device(d)) return CUDA_ERROR_INVALID_DEVICE;
     snprintf(name, size_t(len), "tuneloop CUDA emulator on the CPU");
     return CUDA_SUCCESS;
 }
 
 EXPORT CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice d) {
     if (!bytes) return CUDA_ERROR_INVALID_VALUE;
-    if (d != 0) return CUDA_ERROR_INVALID_DEVICE;
+    if (!valid_device(d)) return CUDA_ERROR_INVALID_DEVICE;
     *bytes = TOTAL_MEMORY;
     return CUDA_SUCCESS;
 }
@@ -427,7 +458,7 @@ EXPORT CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice d) {
 // An H100's figures, for the attributes cudarc or the backend may ask about.
 EXPORT CUresult cuDeviceGetAttribute(int* v, int attribute, CUdevice d) {
     if (!v) return CUDA_ERROR_INVALID_VALUE;
-    if (d != 0) return CUDA_ERROR_INVALID_DEVICE;
+    if (!valid_device(d)) return CUDA_ERROR_INVALID_DEVICE;
     switch (attribute) {
     case 1: *v = 1024; break;                      // MAX_THREADS_PER_BLOCK
     case 5: *v = 0x7fffffff; break;                // MAX_GRID_DIM_X
@@ -449,15 +480,17 @@ EXPORT CUresult cuDeviceGetAttribute(int* v, int attribute, CUdevice d) {
 EXPORT CUresult cuDevicePrimaryCtxRetain(CUcontext* ctx, CUdevice d) {
     if (!initialised) return CUDA_ERROR_NOT_INITIALIZED;
     if (!ctx) return CUDA_ERROR_INVALID_VALUE;
-    if (d != 0) return CUDA_ERROR_INVALID_DEVICE;
-    *ctx = &context_object;
+    if (!valid_device(d)) return CUDA_ERROR_INVALID_DEVICE;
+    *ctx = &context_objects[d];
     return CUDA_SUCCESS;
 }
 
-EXPORT CUresult cuDevicePrimaryCtxRelease_v2(CUdevice d) { return d == 0 ? CUDA_SUCCESS : CUDA_ERROR_INVALID_DEVICE; }
+EXPORT CUresult cuDevicePrimaryCtxRelease_v2(CUdevice d) {
+    return valid_device(d) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_DEVICE;
+}
 
 EXPORT CUresult cuCtxSetCurrent(CUcontext ctx) {
-    if (ctx && ctx != &context_object) return CUDA_ERROR_INVALID_HANDLE;
+    if (ctx && context_device(ctx) < 0) return CUDA_ERROR_INVALID_HANDLE;
     current_context = ctx;
     return CUDA_SUCCESS;
 }
@@ -478,7 +511,8 @@ EXPORT CUresult cuCtxPopCurrent_v2(CUcontext* ctx) {
 
 EXPORT CUresult cuCtxGetDevice(CUdevice* d) {
     if (!d) return CUDA_ERROR_INVALID_VALUE;
-    *d = 0;
+    if (!current_context) return CUDA_ERROR_INVALID_CONTEXT;
+    *d = context_device(current_context);
     return CUDA_SUCCESS;
 }
 

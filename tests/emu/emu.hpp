@@ -5,6 +5,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include <string>
 
@@ -20,9 +21,12 @@ constexpr uint32_t POISON = 0x7FC07FC0u;
 // byte a % 4 of POISON), so any part of it can be checked on its own.
 inline void fill_poison(void* p, size_t bytes) {
     unsigned char* b = static_cast<unsigned char*>(p);
-    for (size_t i = 0; i < bytes; ++i) {
-        b[i] = static_cast<unsigned char>(POISON >> (8 * (reinterpret_cast<uintptr_t>(b + i) % 4)));
+    unsigned char* end = b + bytes;
+    for (; b < end && reinterpret_cast<uintptr_t>(b) % 4; ++b) {
+        *b = static_cast<unsigned char>(POISON >> (8 * (reinterpret_cast<uintptr_t>(b) % 4)));
     }
+    for (; end - b >= 4; b += 4) memcpy(b, &POISON, 4);  // x86-64: little-endian
+    for (; b < end; ++b) *b = static_cast<unsigned char>(POISON >> (8 * (reinterpret_cast<uintptr_t>(b) % 4)));
 }
 
 // Runs `kernel` over the grid; an empty string on success, else what went wrong. With

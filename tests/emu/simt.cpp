@@ -12,8 +12,10 @@
 
 namespace tl_emu {
 
-thread_local Fiber* current_fiber = nullptr;
-thread_local BlockState* current_block = nullptr;
+// Plain globals, not thread-locals: the driver runs one launch at a time (under its
+// lock), and a thread-local in a shared library costs a call on every access.
+Fiber* current_fiber = nullptr;
+BlockState* current_block = nullptr;
 
 namespace {
 
@@ -61,7 +63,7 @@ struct Launch {
     void** params;
     void* scheduler_sp;
 };
-thread_local Launch* current_launch = nullptr;
+Launch* current_launch = nullptr;
 
 [[noreturn]] void fiber_main() {
     Fiber* f = current_fiber;
@@ -118,7 +120,7 @@ struct Pool {
         return true;
     }
 };
-thread_local Pool pool;
+Pool pool;
 
 const char* op_name(WarpOp op) {
     switch (op) {
@@ -262,7 +264,10 @@ std::string run_block(size_t n, Rng& rng, bool shuffle) {
     for (size_t i = 0; i < n; ++i) order[i] = uint32_t(i);
     for (;;) {
         if (shuffle) {
-            for (size_t i = n; i > 1; --i) std::swap(order[i - 1], order[rng.next() % i]);
+            // Fisher-Yates with a multiply-shift in place of a division per draw.
+            for (size_t i = n; i > 1; --i) {
+                std::swap(order[i - 1], order[(uint64_t(uint32_t(rng.next() >> 32)) * i) >> 32]);
+            }
         }
         for (size_t i = 0; i < n; ++i) {
             Fiber& f = fibers[order[i]];

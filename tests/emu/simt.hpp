@@ -79,8 +79,9 @@ struct BlockState {
     void* dynamic_shared;
 };
 
-extern thread_local Fiber* current_fiber;
-extern thread_local BlockState* current_block;
+// Set while a launch runs; launches never overlap (see simt.cpp).
+extern Fiber* current_fiber;
+extern BlockState* current_block;
 
 // Suspends the calling fiber until the scheduler resumes it.
 void yield_to_scheduler();

@@ -6,10 +6,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::{base_model, free_port, train_losses, tuneloop_cmd as tuneloop};
 use tuneloop::dist::{DistEnv, Single, TcpGroup};
 use tuneloop::model::{Adapter, Decoder, Model};
 use tuneloop::ops::cpu::{CpuOps, CpuTensor};
@@ -18,10 +19,6 @@ use tuneloop::train::pack::Example;
 use tuneloop::train::trainer::{global_batch_gradients, train, train_data_parallel, TrainConfig};
 use tuneloop::train::{TokenBatch, Trainable};
 use tuneloop::util::rel_l2;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn env(rank: usize, world: usize, port: u16) -> DistEnv {
     DistEnv {
@@ -237,31 +234,6 @@ fn the_global_batch_must_split_evenly_over_the_ranks() {
 
 // ---- the CLI: launcher, torchrun variables, a dying rank ----
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn tuneloop() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tuneloop"));
-    c.current_dir(root());
-    for k in
-        ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"]
-    {
-        c.env_remove(k);
-    }
-    c
-}
-
-fn base_model(dir: &Path) -> PathBuf {
-    let base = dir.join("base");
-    let out = tuneloop()
-        .args(["init-model", "--tokenizer", "configs/quickstart/tokenizer", "--out", base.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    base
-}
-
 /// `finetune` with `flags` (before the recipe overrides, which take the rest of the line).
 fn finetune_args(base: &Path, out: &Path, steps: usize, flags: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = vec!["finetune".into(), "-c".into(), "configs/quickstart.yaml".into()];
@@ -317,13 +289,7 @@ fn launcher_and_torchrun_variables_run_the_same_training() {
     assert!(err.contains("all 2 ranks arrived"), "{err}");
     let e = rel_l2(&adapter_values(&launched, &base), &adapter_values(&plain, &base));
     assert!(e < 1e-4, "2 workers vs 1 process: adapters differ by {e:.2e}");
-    let metrics = |d: &Path| -> Vec<f64> {
-        String::from_utf8_lossy(&read(d, "metrics.jsonl"))
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
-            .collect()
-    };
-    let (got, want) = (metrics(&launched), metrics(&plain));
+    let (got, want) = (train_losses(&launched), train_losses(&plain));
     assert_eq!(got.len(), 4, "rank 0 alone writes metrics.jsonl");
     for (a, b) in got.iter().zip(&want) {
         assert!((a - b).abs() < 1e-5 * b.abs(), "{got:?} vs {want:?}");

@@ -3,9 +3,11 @@
 //! model directory), and bad input fails with the file and line before anything is
 //! written.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
+use std::path::PathBuf;
+
+use common::base_model;
 use tuneloop::model::{Adapter, Model};
 use tuneloop::ops::cpu::CpuOps;
 
@@ -14,20 +16,7 @@ fn root() -> PathBuf {
 }
 
 fn tuneloop(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_tuneloop")).current_dir(root()).args(args).output().expect("runs")
-}
-
-fn base_model(dir: &Path) -> PathBuf {
-    let base = dir.join("base");
-    let out = tuneloop(&[
-        "init-model",
-        "--tokenizer",
-        "configs/quickstart/tokenizer",
-        "--out",
-        base.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    base
+    common::tuneloop_cmd().args(args).output().expect("runs")
 }
 
 #[test]

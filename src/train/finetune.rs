@@ -102,15 +102,17 @@ pub fn finetune_distributed(
     env: &DistEnv,
 ) -> Result<FinetuneReport> {
     let backend = backend(recipe, env.local_rank)?;
+    let gpu = match backend {
+        AnyBackend::Cuda(_) => format!(", GPU {}", env.local_rank),
+        AnyBackend::Cpu(_) => String::new(),
+    };
     if env.launched {
-        let gpu = match backend {
-            AnyBackend::Cuda(_) => format!(", GPU {}", env.local_rank),
-            AnyBackend::Cpu(_) => String::new(),
-        };
         crate::dist::say(
             env.rank,
             format_args!("joining a world of {} on the {} backend{gpu}", env.world_size, backend.name()),
         );
+    } else {
+        eprintln!("backend: {}{gpu}", backend.name());
     }
     match &backend {
         AnyBackend::Cpu(ops) => {

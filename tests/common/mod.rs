@@ -87,3 +87,42 @@ pub fn run_ok(cmd: &mut std::process::Command, what: &str) -> (String, String) {
     );
     (stdout, stderr)
 }
+
+/// A port on loopback that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback").local_addr().expect("address").port()
+}
+
+/// The `tuneloop` binary, run from the repository root, with no launcher's variables
+/// (torchrun's or Slurm's) inherited from the test's environment.
+pub fn tuneloop_cmd() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_tuneloop"));
+    c.current_dir(env!("CARGO_MANIFEST_DIR"));
+    for k in
+        ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"]
+    {
+        c.env_remove(k);
+    }
+    c
+}
+
+/// A tiny random base model with the quickstart's tokenizer, made by `init-model` in
+/// `dir/base`.
+pub fn base_model(dir: &Path) -> PathBuf {
+    let base = dir.join("base");
+    let out = tuneloop_cmd()
+        .args(["init-model", "--tokenizer", "configs/quickstart/tokenizer", "--out"])
+        .arg(&base)
+        .output()
+        .expect("tuneloop runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    base
+}
+
+/// The training losses of `run_dir/metrics.jsonl`, step by step.
+pub fn train_losses(run_dir: &Path) -> Vec<f64> {
+    let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).expect("metrics.jsonl");
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line")["loss"].as_f64())
+        .collect()
+}

@@ -1,0 +1,206 @@
+//! The commands' CUDA paths end to end, on the CPU, through the test suite's CUDA
+//! emulator (tests/emu: stand-ins for libcuda, libcublasLt and libnccl that run
+//! kernels/*.cu on the CPU): `finetune --backend cuda` follows the CPU backend and resumes
+//! bit for bit, NCCL data parallelism (by hand with world size 1, and two workers on two
+//! emulated GPUs) follows one process, and `eval`, `bench` and `parity` run on it.
+//!
+//! These check the CUDA backend's host code, kernels and library calls for correctness,
+//! nothing about speed. Each test is skipped (and says so) in a build without kernels,
+//! which also has no emulator; CI always builds both.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{base_model, free_port, run_ok, train_losses, tuneloop_cmd};
+use tuneloop::model::{Adapter, Model};
+use tuneloop::ops::cpu::CpuOps;
+use tuneloop::ops::Ops;
+use tuneloop::util::rel_l2;
+
+/// `tuneloop` with the emulator first on the library path, or `None` (the test is
+/// skipped) in a build without it.
+fn emulated() -> Option<Command> {
+    let mut cmd = tuneloop_cmd();
+    common::on_emulator(&mut cmd)?;
+    Some(cmd)
+}
+
+fn skipped() {
+    eprintln!("skipped: this build has no CUDA emulator (it is built with the kernels, by nvcc)");
+}
+
+/// A short quickstart fine-tune: 3 steps of 2 rows of 64 tokens, 5% held out.
+fn finetune_args(base: &Path, out: &Path, backend: &str, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["finetune", "-c", "configs/quickstart.yaml"].map(String::from).to_vec();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend([
+        format!("--model.path={}", base.display()),
+        format!("--output_dir={}", out.display()),
+        format!("--backend={backend}"),
+        "--data.seq_len=64".into(),
+        "--data.val_fraction=0.05".into(),
+        "--step_scheduler.global_batch_size=2".into(),
+        "--step_scheduler.local_batch_size=1".into(),
+        "--step_scheduler.max_steps=3".into(),
+        "--step_scheduler.val_every_steps=3".into(),
+        "--step_scheduler.ckpt_every_steps=1".into(),
+    ]);
+    args
+}
+
+fn adapter_values(run: &Path, base: &Path) -> Vec<f32> {
+    let model = Model::load(&CpuOps, base).expect("base model");
+    let adapter = Adapter::load(&CpuOps, &run.join("adapter"), &model.cfg).expect("adapter");
+    adapter.named().into_iter().flat_map(|(_, t)| CpuOps.download(t).expect("download")).collect()
+}
+
+fn adapter_bytes(run: &Path) -> Vec<u8> {
+    std::fs::read(run.join("adapter/adapter_model.safetensors")).expect("adapter file")
+}
+
+fn close_losses(got: &[f64], want: &[f64], rel: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: {got:?} vs {want:?}");
+    for (a, b) in got.iter().zip(want) {
+        assert!((a - b).abs() <= rel * b.abs(), "{what}: losses {got:?} vs {want:?}");
+    }
+}
+
+#[test]
+fn finetune_on_cuda_follows_the_cpu_and_resumes_bit_for_bit() {
+    let Some(_) = emulated() else { return skipped() };
+    let tmp = tempfile::tempdir().unwrap();
+    let base = base_model(tmp.path());
+    let cpu = tmp.path().join("cpu");
+    run_ok(tuneloop_cmd().args(finetune_args(&base, &cpu, "cpu", &[])), "finetune on the CPU");
+
+    // f32 mode: the same training up to the order of additions
+    let f32_run = tmp.path().join("cuda-f32");
+    let (_, err) =
+        run_ok(emulated().unwrap().args(finetune_args(&base, &f32_run, "cuda", &[])), "finetune on CUDA f32");
+    assert!(err.contains("backend: cuda-f32, GPU 0"), "{err}");
+    close_losses(&train_losses(&f32_run), &train_losses(&cpu), 1e-5, "CUDA f32 vs CPU");
+    let e = rel_l2(&adapter_values(&f32_run, &base), &adapter_values(&cpu, &base));
+    assert!(e < 1e-4, "CUDA f32 vs CPU: adapters differ by {e:.2e}");
+
+    // bf16 mode: bf16 weights and activations, f32 masters
+    let bf16_run = tmp.path().join("cuda-bf16");
+    let (_, err) = run_ok(
+        emulated().unwrap().args(finetune_args(&base, &bf16_run, "cuda", &["--model.dtype=bf16"])),
+        "finetune on CUDA bf16",
+    );
+    assert!(err.contains("backend: cuda-bf16, GPU 0"), "{err}");
+    close_losses(&train_losses(&bf16_run), &train_losses(&cpu), 2e-2, "CUDA bf16 vs CPU");
+
+    // stopped after step 1 and resumed from its checkpoint: the uninterrupted run's bytes
+    let resumed = tmp.path().join("resumed");
+    let stop = ["--stop-after-steps", "1"];
+    run_ok(emulated().unwrap().args(finetune_args(&base, &resumed, "cuda", &stop)), "the first step on CUDA");
+    run_ok(
+        emulated().unwrap().args(finetune_args(&base, &resumed, "cuda", &["--resume"])),
+        "resuming on CUDA",
+    );
+    assert_eq!(adapter_bytes(&resumed), adapter_bytes(&f32_run), "resumed CUDA run vs uninterrupted");
+}
+
+#[test]
+fn nccl_data_parallel_follows_one_process() {
+    let Some(_) = emulated() else { return skipped() };
+    let tmp = tempfile::tempdir().unwrap();
+    let base = base_model(tmp.path());
+    let plain = tmp.path().join("plain");
+    run_ok(emulated().unwrap().args(finetune_args(&base, &plain, "cuda", &[])), "finetune on CUDA");
+
+    // RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT by hand, world size 1: the rendezvous and
+    // an NCCL communicator of one, and the plain run's adapter bit for bit
+    let by_hand = tmp.path().join("by-hand");
+    let mut cmd = emulated().unwrap();
+    cmd.args(finetune_args(&base, &by_hand, "cuda", &[]))
+        .envs([("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")])
+        .env("MASTER_PORT", free_port().to_string());
+    let (_, err) = run_ok(&mut cmd, "finetune with a world of 1");
+    assert!(
+        err.contains("all 1 ranks arrived") && err.contains("NCCL") && err.contains("communicator"),
+        "{err}"
+    );
+    assert!(err.contains("all-reduce over nccl"), "{err}");
+    assert_eq!(adapter_bytes(&by_hand), adapter_bytes(&plain), "NCCL world of 1 vs no NCCL");
+
+    // two workers on two GPUs: the same run up to the order of additions
+    let two = tmp.path().join("two");
+    let mut cmd = emulated().unwrap();
+    cmd.args(finetune_args(&base, &two, "cuda", &["--nproc-per-node", "2"])).env("TUNELOOP_EMU_DEVICES", "2");
+    let (_, err) = run_ok(&mut cmd, "finetune on two GPUs");
+    assert!(err.contains("all 2 ranks arrived") && err.contains("rank 1 of 2 on GPU 1"), "{err}");
+    close_losses(&train_losses(&two), &train_losses(&plain), 1e-5, "2 GPUs vs 1");
+    let e = rel_l2(&adapter_values(&two, &base), &adapter_values(&plain, &base));
+    assert!(e < 1e-4, "2 GPUs vs 1: adapters differ by {e:.2e}");
+}
+
+#[test]
+fn eval_bench_and_parity_run_on_cuda() {
+    let Some(_) = emulated() else { return skipped() };
+    let tmp = tempfile::tempdir().unwrap();
+    let base = base_model(tmp.path());
+    let run = tmp.path().join("run");
+    run_ok(tuneloop_cmd().args(finetune_args(&base, &run, "cpu", &[])), "finetune on the CPU");
+
+    // eval: held-out loss and the greedy decodes (through the KV cache) as on the CPU
+    let data = tmp.path().join("three.jsonl");
+    let lines: Vec<&str> = include_str!("../configs/quickstart/regression.jsonl").lines().take(3).collect();
+    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    let eval = |mut cmd: Command, backend: &str| -> serde_json::Value {
+        let out = tmp.path().join(format!("eval-{backend}.json"));
+        cmd.args(["eval", "--backend", backend, "--dtype", "f32", "--max-new-tokens", "6", "--model"])
+            .arg(&base)
+            .arg("--adapter")
+            .arg(run.join("adapter"))
+            .arg("--data")
+            .arg(&data)
+            .arg("--json")
+            .arg(&out);
+        run_ok(&mut cmd, &format!("eval on {backend}"));
+        serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap()
+    };
+    let (want, got) = (eval(tuneloop_cmd(), "cpu"), eval(emulated().unwrap(), "cuda"));
+    let loss = |v: &serde_json::Value| v["loss"].as_f64().expect("loss");
+    assert!((loss(&got) - loss(&want)).abs() < 1e-5 * loss(&want), "eval loss {got} vs {want}");
+    let decodes = |v: &serde_json::Value| -> Vec<String> {
+        v["samples"].as_array().expect("samples").iter().map(|s| s["generated"].to_string()).collect()
+    };
+    assert_eq!(decodes(&got), decodes(&want), "greedy decodes on CUDA f32 vs the CPU");
+
+    // bench: a full LoRA step, timed by CUDA events, one JSON line
+    let (stdout, _) = run_ok(
+        emulated()
+            .unwrap()
+            .args(["bench", "--preset", "tiny", "--seq", "48", "--batch", "2", "--packing"])
+            .args(["--warmup", "1", "--steps", "1", "--backend", "cuda", "--json"]),
+        "bench on CUDA",
+    );
+    let line = stdout.lines().last().expect("a JSON line");
+    let v: serde_json::Value = serde_json::from_str(line).expect("bench prints JSON");
+    assert_eq!(v["backend"], "cuda-f32");
+    assert_eq!(v["clock"], "CUDA events on the stream");
+    let (first, last) = (v["loss_first"].as_f64().unwrap(), v["loss_last"].as_f64().unwrap());
+    assert!(first.is_finite() && last < first, "bench's loss {first} -> {last}");
+    assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0 && v["peak_memory_bytes"].as_u64().unwrap() > 0);
+
+    // parity on the golden cases, both modes
+    for dtype in ["f32", "bf16"] {
+        let mut cmd = emulated().unwrap();
+        cmd.args(["parity", "--backend", "cuda", "--dtype", dtype, "--case"]);
+        for case in common::CASES {
+            cmd.arg(common::golden(case));
+        }
+        let (stdout, _) = run_ok(&mut cmd, &format!("parity --backend cuda --dtype {dtype}"));
+        let summary = stdout.lines().find(|l| l.starts_with("parity: ")).unwrap_or_default();
+        assert!(summary.ends_with(" passed, 0 failed") && !summary.contains(" 0 passed"), "{stdout}");
+        assert_eq!(
+            stdout.matches("\ncase ").count() + usize::from(stdout.starts_with("case ")),
+            3,
+            "{stdout}"
+        );
+    }
+}

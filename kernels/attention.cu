@@ -288,6 +288,162 @@ __device__ void bwd_dkdv(T* dk, T* dv, const T* dout, const T* q, const T* k, co
     }
 }
 
+
+// ---- forward on tensor cores (bf16, head_dim 64 or 128) ----------------------------
+//
+// A block of MMA_WARPS warps takes MMA_BR = 64 query rows of one (span, head), `tiles`
+// counting in steps of 64; warp w owns rows 16w .. 16w+15 and keeps them in registers:
+// its Q fragments, its [16, HD] output accumulator and each row's running max and sum.
+// Keys stream through shared memory in tiles of MMA_BC = 64: K and V as bf16, row stride
+// HD + 8 elements. S = Q·Kᵀ and O += P·V are mma.sync.m16n8k16 products (bf16 in, f32
+// accumulation); P is rounded to bf16 for the second product, as FlashAttention does,
+// while the row sums and the log-sum-exp come from the f32 probabilities.
+// Dynamic shared memory: 2 * MMA_BC * (HD + 8) bf16.
+
+constexpr int MMA_WARPS = 4, MMA_BR = 16 * MMA_WARPS, MMA_BC = 64;
+
+template <int HD>
+__device__ void fwd_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                        const __nv_bfloat16* v, const int* spans, const int* tiles, int n_heads, int n_kv_heads,
+                        float scale) {
+    constexpr int LD = HD + 8;
+    TL_DYNAMIC_SHARED(float, smem);
+    __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(smem);
+    __nv_bfloat16* v_s = k_s + MMA_BC * LD;
+    const int warp = threadIdx.x / tl::WARP_SIZE, lane = threadIdx.x % tl::WARP_SIZE;
+    const int g = lane / 4, t = lane % 4;
+
+    const Span sp = load_span(spans, tiles[2 * blockIdx.x]);
+    const int i0 = tiles[2 * blockIdx.x + 1];
+    const int h = blockIdx.y;
+    const int kvh = h / (n_heads / n_kv_heads);
+    const int wq = n_heads * HD, wk = n_kv_heads * HD;
+    const int shift = sp.k_len - sp.q_len;
+    const int r0 = i0 + 16 * warp;
+    const int nv_block = min(i0 + MMA_BR, sp.q_len) + shift;  // keys the block's last row sees
+    const int nv_warp = min(r0 + 16, sp.q_len) + shift;        // ... and the warp's
+    // This lane's two rows (span-relative): r0 + g and r0 + g + 8.
+    const int row[2] = {r0 + g, r0 + g + 8};
+
+    uint32_t qf[HD / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int r = row[j % 2], c = 16 * kk + 2 * t + 8 * (j / 2);
+            const __nv_bfloat16* src = q + (size_t)(sp.q_start + r) * wq + h * HD + c;
+            qf[kk][j] = r < sp.q_len ? tl::pack_bf16(src[0], src[1]) : 0u;
+        }
+    }
+    float o[HD / 8][4];
+#pragma unroll
+    for (int dn = 0; dn < HD / 8; ++dn) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.0f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+
+    for (int j0 = 0; j0 < nv_block; j0 += MMA_BC) {
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < MMA_BC * HD / 2; idx += blockDim.x) {
+            const int r = idx / (HD / 2), c = 2 * (idx % (HD / 2));
+            uint32_t kw = 0u, vw = 0u;
+            if (j0 + r < nv_block) {
+                const size_t src = (size_t)(sp.k_start + j0 + r) * wk + kvh * HD + c;
+                kw = tl::pack_bf16(k[src], k[src + 1]);
+                vw = tl::pack_bf16(v[src], v[src + 1]);
+            }
+            *reinterpret_cast<uint32_t*>(k_s + r * LD + c) = kw;
+            *reinterpret_cast<uint32_t*>(v_s + r * LD + c) = vw;
+        }
+        __syncthreads();
+        if (r0 >= sp.q_len || j0 >= nv_warp) continue;  // warp-uniform
+
+        float s[MMA_BC / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < MMA_BC / 8; ++nt) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+            const __nv_bfloat16* kr = k_s + (8 * nt + g) * LD + 2 * t;
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; ++kk) {
+                const uint32_t b[2] = {*reinterpret_cast<const uint32_t*>(kr + 16 * kk),
+                                       *reinterpret_cast<const uint32_t*>(kr + 16 * kk + 8)};
+                tl::mma_bf16_16816(s[nt], qf[kk], b);
+            }
+        }
+        // Scale, mask (causal, bottom-right aligned; rows past the span see nothing),
+        // then the online softmax per row: a row's 64 scores sit in the 4 lanes of a group.
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int nt = 0; nt < MMA_BC / 8; ++nt) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int r = row[j / 2], key = j0 + 8 * nt + 2 * t + j % 2;
+                const bool seen = r < sp.q_len && key <= r + shift;
+                s[nt][j] = seen ? s[nt][j] * scale : -INFINITY;
+                mx[j / 2] = fmaxf(mx[j / 2], s[nt][j]);
+            }
+        }
+        float corr[2], sum[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int x = 0; x < 2; ++x) {
+            mx[x] = fmaxf(mx[x], __shfl_xor_sync(tl::FULL_MASK, mx[x], 1));
+            mx[x] = fmaxf(mx[x], __shfl_xor_sync(tl::FULL_MASK, mx[x], 2));
+            const float m_new = fmaxf(m[x], mx[x]);
+            corr[x] = m[x] == -INFINITY ? 0.0f : expf(m[x] - m_new);
+            m[x] = m_new;
+        }
+#pragma unroll
+        for (int nt = 0; nt < MMA_BC / 8; ++nt) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float p = s[nt][j] == -INFINITY ? 0.0f : expf(s[nt][j] - m[j / 2]);
+                s[nt][j] = p;
+                sum[j / 2] += p;
+            }
+        }
+#pragma unroll
+        for (int x = 0; x < 2; ++x) {
+            sum[x] += __shfl_xor_sync(tl::FULL_MASK, sum[x], 1);
+            sum[x] += __shfl_xor_sync(tl::FULL_MASK, sum[x], 2);
+            l[x] = l[x] * corr[x] + sum[x];
+        }
+#pragma unroll
+        for (int dn = 0; dn < HD / 8; ++dn) {
+            o[dn][0] *= corr[0];
+            o[dn][1] *= corr[0];
+            o[dn][2] *= corr[1];
+            o[dn][3] *= corr[1];
+        }
+        // O += P·V: the accumulator layout of two adjacent S tiles is the A layout of
+        // one 16-key step; B is V's [16 keys, 8 columns] block.
+#pragma unroll
+        for (int ks = 0; ks < MMA_BC / 16; ++ks) {
+            const uint32_t a[4] = {tl::pack_bf16(s[2 * ks][0], s[2 * ks][1]),
+                                   tl::pack_bf16(s[2 * ks][2], s[2 * ks][3]),
+                                   tl::pack_bf16(s[2 * ks + 1][0], s[2 * ks + 1][1]),
+                                   tl::pack_bf16(s[2 * ks + 1][2], s[2 * ks + 1][3])};
+            const __nv_bfloat16* vr = v_s + (16 * ks + 2 * t) * LD + g;
+#pragma unroll
+            for (int dn = 0; dn < HD / 8; ++dn) {
+                const uint32_t b[2] = {tl::pack_bf16(vr[8 * dn], vr[LD + 8 * dn]),
+                                       tl::pack_bf16(vr[8 * LD + 8 * dn], vr[9 * LD + 8 * dn])};
+                tl::mma_bf16_16816(o[dn], a, b);
+            }
+        }
+    }
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+        if (row[x] >= sp.q_len) continue;
+        const size_t grow = (size_t)sp.q_start + row[x];
+        const float inv = 1.0f / l[x];
+#pragma unroll
+        for (int dn = 0; dn < HD / 8; ++dn) {
+            __nv_bfloat16* dst = out + grow * wq + h * HD + 8 * dn + 2 * t;
+            dst[0] = __float2bfloat16_rn(o[dn][2 * x] * inv);
+            dst[1] = __float2bfloat16_rn(o[dn][2 * x + 1] * inv);
+        }
+        if (t == 0) lse[grow * n_heads + h] = m[x] + logf(l[x]);
+    }
+}
+
 }  // namespace tl_attn
 
 // Entry points, written out (not macro-generated) so their names can be grepped and
@@ -371,4 +527,17 @@ extern "C" __global__ void attn_bwd_dot_f32(float* D, const float* dout, const f
 extern "C" __global__ void attn_bwd_dot_bf16(float* D, const __nv_bfloat16* dout, const __nv_bfloat16* out,
                                              int nq, int n_heads, int hd) {
     tl_attn::bwd_dot(D, dout, out, nq, n_heads, hd);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    attn_fwd_mma_bf16_hd64(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                           const __nv_bfloat16* v, const int* spans, const int* tiles, int n_heads, int n_kv_heads,
+                           float scale) {
+    tl_attn::fwd_mma<64>(out, lse, q, k, v, spans, tiles, n_heads, n_kv_heads, scale);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    attn_fwd_mma_bf16_hd128(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                            const __nv_bfloat16* v, const int* spans, const int* tiles, int n_heads, int n_kv_heads,
+                            float scale) {
+    tl_attn::fwd_mma<128>(out, lse, q, k, v, spans, tiles, n_heads, n_kv_heads, scale);
 }

@@ -17,6 +17,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stddef.h>
+#include <stdint.h>
 
 // Dynamic shared memory, `extern __shared__ T name[]`; a macro so that the test suite's
 // CPU emulator of the kernels (tests/emu) can provide it.
@@ -110,6 +111,35 @@ __device__ __forceinline__ float block_reduce_max(float v) {
     __syncthreads();
     return result;
 }
+
+// ---- tensor cores (sm_80+) ----------------------------------------------------------
+
+// Two bf16 in one 32-bit register, `lo` in the low half: an mma fragment register.
+__device__ __forceinline__ uint32_t pack_bf16(__nv_bfloat16 lo, __nv_bfloat16 hi) {
+    return uint32_t(__bfloat16_as_ushort(lo)) | (uint32_t(__bfloat16_as_ushort(hi)) << 16);
+}
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    return pack_bf16(__float2bfloat16_rn(lo), __float2bfloat16_rn(hi));
+}
+
+// d += a·b over one warp: mma.sync.m16n8k16.row.col.f32.bf16.bf16.f32. With group
+// g = lane / 4 and t = lane % 4, a[j] holds row g (+8 for odd j), columns 2t, 2t+1 (+8
+// for j >= 2) of the 16x16 A; b[j] rows 2t, 2t+1 (+8 for j = 1), column g of the 16x8 B;
+// d[j] row g (+8 for j >= 2), column 2t + j % 2 of the 16x8 accumulator. Every lane of
+// the warp must call it. The test suite's CPU emulator (tests/emu) provides its own.
+#if defined(__CUDACC__)
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#else
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    ::tl_emu::mma_m16n8k16_bf16(d, a, b);
+}
+#endif
 
 }  // namespace tl
 

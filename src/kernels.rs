@@ -59,6 +59,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "attn_bwd_dkdv_bf16_bc16",
     "attn_bwd_dot_f32",
     "attn_bwd_dot_bf16",
+    "attn_fwd_mma_bf16_hd64",
+    "attn_fwd_mma_bf16_hd128",
     // kernels/cross_entropy.cu
     "cross_entropy_f32",
     "cross_entropy_bf16",

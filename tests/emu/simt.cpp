@@ -3,6 +3,7 @@
 
 #include "simt.hpp"
 
+#include <string.h>
 #include <sys/mman.h>
 
 #include <string>
@@ -130,6 +131,7 @@ const char* op_name(WarpOp op) {
     case WarpOp::Down: return "__shfl_down_sync";
     case WarpOp::Up: return "__shfl_up_sync";
     case WarpOp::Ballot: return "__ballot_sync";
+    case WarpOp::Mma: return "mma.sync.m16n8k16";
     }
     return "?";
 }
@@ -159,6 +161,54 @@ int source_lane(const Fiber& f, int lane) {
 std::string where(const Fiber& f) {
     return "thread (" + std::to_string(f.tid.x) + "," + std::to_string(f.tid.y) + "," + std::to_string(f.tid.z) +
            ")";
+}
+
+float bf16_lo(uint32_t r) {
+    const uint32_t u = r << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+float bf16_hi(uint32_t r) {
+    const uint32_t u = r & 0xffff0000u;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+// One warp's mma.m16n8k16.row.col.f32.bf16.bf16.f32, with PTX's fragment layouts
+// (group g = lane / 4, t = lane % 4): A register j of a lane holds the pair of columns
+// 2t, 2t+1 (+8 for j >= 2) of row g (+8 for odd j); B register j the pair of rows 2t, 2t+1
+// (+8 for j = 1) of column g; accumulator j row g (+8 for j >= 2), column 2t + j % 2.
+// Products are exact in f32 and summed in k order, then added to the accumulator.
+void warp_mma(Fiber* warp) {
+    float A[16][16], B[16][8];
+    for (int lane = 0; lane < 32; ++lane) {
+        const int g = lane / 4, t = lane % 4;
+        const uint32_t* a = warp[lane].mma_a;
+        const uint32_t* b = warp[lane].mma_b;
+        for (int j = 0; j < 4; ++j) {
+            const int row = g + 8 * (j % 2), col = 2 * t + 8 * (j / 2);
+            A[row][col] = bf16_lo(a[j]);
+            A[row][col + 1] = bf16_hi(a[j]);
+        }
+        for (int j = 0; j < 2; ++j) {
+            const int row = 2 * t + 8 * j;
+            B[row][g] = bf16_lo(b[j]);
+            B[row + 1][g] = bf16_hi(b[j]);
+        }
+    }
+    for (int lane = 0; lane < 32; ++lane) {
+        const int g = lane / 4, t = lane % 4;
+        float* d = warp[lane].mma_d;
+        for (int j = 0; j < 4; ++j) {
+            const int row = g + 8 * (j / 2), col = 2 * t + j % 2;
+            float s = 0.0f;
+            for (int k = 0; k < 16; ++k) s += A[row][k] * B[k][col];
+            d[j] += s;
+        }
+    }
 }
 
 // Releases the warp operations whose every participant has arrived. Returns how many
@@ -199,6 +249,13 @@ int release_warps(Fiber* fibers, size_t n, std::string& error) {
             }
             handled |= members;
             if (!complete) continue;
+            if (f.op == WarpOp::Mma) {
+                if (lanes != 32 || members != 0xffffffffu) {
+                    error = std::string("mma.sync by ") + where(f) + " in a warp whose 32 lanes do not all take part";
+                    return -1;
+                }
+                warp_mma(warp);
+            }
             unsigned ballot = 0;
             for (size_t m = 0; m < lanes; ++m) {
                 if ((members >> m & 1) && warp[m].value != 0) ballot |= 1u << m;
@@ -208,7 +265,7 @@ int release_warps(Fiber* fibers, size_t n, std::string& error) {
                 Fiber& g = warp[m];
                 if (g.op == WarpOp::Ballot) {
                     g.result = ballot;
-                } else if (g.op != WarpOp::Sync) {
+                } else if (g.op != WarpOp::Sync && g.op != WarpOp::Mma) {
                     const int s = source_lane(g, int(m));
                     if (s < 0) {
                         g.result = g.value;

@@ -54,6 +54,7 @@ enum class WarpOp : int {
     Down,      // __shfl_down_sync: value of lane (lane + arg), or its own
     Up,        // __shfl_up_sync: value of lane (lane - arg), or its own
     Ballot,    // __ballot_sync: bit per lane whose value is non-zero
+    Mma,       // mma.sync.m16n8k16.row.col.f32.bf16.bf16.f32: see mma_m16n8k16_bf16
 };
 
 // One emulated thread. Only the scheduler (simt.cpp) writes these fields while the
@@ -69,6 +70,11 @@ struct Fiber {
     int arg, width;
     uint64_t value;    // what this lane contributes
     uint64_t result;   // what it receives
+    // An Mma's fragments, on the fiber's own stack (valid while it waits): A's 4 and B's
+    // 2 registers of bf16 pairs, and the 4 f32 accumulators it adds A·B to.
+    const uint32_t* mma_a;
+    const uint32_t* mma_b;
+    float* mma_d;
     void* sp;          // saved stack pointer while suspended
     void* stack;       // base of its stack mapping
 };
@@ -107,6 +113,17 @@ inline uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int w
     yield_to_scheduler();
     asm volatile("" ::: "memory");
     return f->result;
+}
+
+// The warp's D += A·B, A 16x16 and B 16x8 in bf16, D 16x8 in f32, each lane holding
+// the fragments PTX's mma.m16n8k16 (row.col) layout gives it. Every lane of the warp
+// takes part, as the instruction's .aligned requires.
+inline void mma_m16n8k16_bf16(float* d, const uint32_t* a, const uint32_t* b) {
+    Fiber* f = current_fiber;
+    f->mma_a = a;
+    f->mma_b = b;
+    f->mma_d = d;
+    warp_op(WarpOp::Mma, 0xffffffffu, 0, 0, 32);
 }
 
 template <typename T> inline uint64_t to_bits(T v) {

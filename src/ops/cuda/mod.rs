@@ -63,6 +63,13 @@ pub struct CudaOps {
 /// Rows of a tile of the attention kernels: warps per block (kernels/attention.cu).
 const ATTN_ROWS: usize = 4;
 
+/// Query rows of a tile of the tensor-core attention forward (`MMA_BR`, 16 per warp),
+/// and its warps.
+const ATTN_MMA_ROWS: usize = 64;
+const ATTN_MMA_WARPS: u32 = 4;
+/// Keys of the tile it streams through shared memory (`MMA_BC`).
+const ATTN_MMA_KEYS: usize = 64;
+
 /// PyTorch's `ignore_index`.
 const IGNORE_INDEX: i64 = -100;
 
@@ -263,8 +270,13 @@ impl CudaOps {
         Ok(out)
     }
 
-    /// The (span, first row) tiles of one side of an attention layout.
-    fn attn_tiles(&self, layout: &AttnLayout, keys: bool) -> Result<(CudaSlice<i32>, CudaSlice<i32>, u32)> {
+    /// The (span, first row) tiles of `rows` rows of one side of an attention layout.
+    fn attn_tiles(
+        &self,
+        layout: &AttnLayout,
+        keys: bool,
+        rows: usize,
+    ) -> Result<(CudaSlice<i32>, CudaSlice<i32>, u32)> {
         let mut spans = Vec::with_capacity(layout.seqs.len() * 4);
         let mut tiles = Vec::new();
         for (i, sp) in layout.seqs.iter().enumerate() {
@@ -272,7 +284,7 @@ impl CudaOps {
                 spans.push(int(v, "attention span bound")?);
             }
             let len = if keys { sp.k_len } else { sp.q_len };
-            for r0 in (0..len).step_by(ATTN_ROWS) {
+            for r0 in (0..len).step_by(rows) {
                 tiles.push(int(i, "sequence index")?);
                 tiles.push(int(r0, "row")?);
             }
@@ -823,7 +835,33 @@ impl Ops for CudaOps {
         let out = self.alloc_zeros_as(&q.shape, self.dtype)?;
         let mut lse = self.alloc_as(&[nq, shape.n_heads], DType::F32)?;
         self.fill(&mut lse, f32::NEG_INFINITY)?;
-        let (spans, tiles, n_tiles) = self.attn_tiles(layout, false)?;
+        if self.dtype == DType::Bf16 && (hd == 64 || hd == 128) {
+            // tensor cores: the head widths of the Llama and Qwen2 models
+            let (spans, tiles, n_tiles) = self.attn_tiles(layout, false, ATTN_MMA_ROWS)?;
+            let cfg = LaunchConfig {
+                grid_dim: (n_tiles, shape.n_heads as u32, 1),
+                block_dim: (ATTN_MMA_WARPS * 32, 1, 1),
+                shared_mem_bytes: (2 * ATTN_MMA_KEYS * (hd + 8) * 2) as u32,
+            };
+            self.rt.launch(
+                &format!("attn_fwd_mma_bf16_hd{hd}"),
+                cfg,
+                args![
+                    self.ptr(&out),
+                    self.ptr(&lse),
+                    self.ptr(&q),
+                    self.ptr(&k),
+                    self.ptr(&v),
+                    self.rt.ptr(&spans),
+                    self.rt.ptr(&tiles),
+                    int(shape.n_heads, "heads")?,
+                    int(shape.n_kv_heads, "kv heads")?,
+                    1.0 / (hd as f32).sqrt()
+                ],
+            )?;
+            return Ok((out, lse));
+        }
+        let (spans, tiles, n_tiles) = self.attn_tiles(layout, false, ATTN_ROWS)?;
         let (suffix, bc) = Self::attn_variant(hd);
         let smem = ATTN_ROWS * hd + bc * (hd + 1) + bc * hd;
         self.rt.launch(
@@ -881,7 +919,7 @@ impl Ops for CudaOps {
         let dk = self.alloc_zeros_as(&k.shape, self.dtype)?;
         let dv = self.alloc_zeros_as(&v.shape, self.dtype)?;
         let (suffix, bc) = Self::attn_variant(hd);
-        let (spans, q_tiles, n_q_tiles) = self.attn_tiles(layout, false)?;
+        let (spans, q_tiles, n_q_tiles) = self.attn_tiles(layout, false, ATTN_ROWS)?;
         self.rt.launch(
             &format!("{}_{suffix}", self.kernel("attn_bwd_dq")),
             attn_cfg(n_q_tiles, shape.n_heads, 2 * ATTN_ROWS * hd + 2 * bc * (hd + 1)),
@@ -901,7 +939,7 @@ impl Ops for CudaOps {
                 scale
             ],
         )?;
-        let (_, k_tiles, n_k_tiles) = self.attn_tiles(layout, true)?;
+        let (_, k_tiles, n_k_tiles) = self.attn_tiles(layout, true, ATTN_ROWS)?;
         self.rt.launch(
             &format!("{}_{suffix}", self.kernel("attn_bwd_dkdv")),
             attn_cfg(n_k_tiles, shape.n_kv_heads, 2 * ATTN_ROWS * hd + 2 * bc * (hd + 1) + 2 * bc),
@@ -1231,6 +1269,7 @@ mod tests {
             }
         }
         names.extend(["sum_squares_partial", "sum_squares_partial_bf16"].map(String::from));
+        names.extend(["attn_fwd_mma_bf16_hd64", "attn_fwd_mma_bf16_hd128"].map(String::from));
         for name in &names {
             assert!(KERNEL_NAMES.contains(&name.as_str()), "no kernel {name}");
         }

@@ -45,4 +45,6 @@ inline __nv_bfloat16::operator float() const { return __bfloat162float(*this); }
 
 inline __nv_bfloat16 __float2bfloat16(float f) { return __float2bfloat16_rn(f); }
 
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.__x; }
+
 #endif

@@ -289,18 +289,93 @@ __device__ void bwd_dkdv(T* dk, T* dv, const T* dout, const T* q, const T* k, co
 }
 
 
-// ---- forward on tensor cores (bf16, head_dim 64 or 128) ----------------------------
+// ---- tensor cores (bf16, head_dim 64 or 128) -----------------------------------------
 //
-// A block of MMA_WARPS warps takes MMA_BR = 64 query rows of one (span, head), `tiles`
-// counting in steps of 64; warp w owns rows 16w .. 16w+15 and keeps them in registers:
-// its Q fragments, its [16, HD] output accumulator and each row's running max and sum.
-// Keys stream through shared memory in tiles of MMA_BC = 64: K and V as bf16, row stride
-// HD + 8 elements. S = Q·Kᵀ and O += P·V are mma.sync.m16n8k16 products (bf16 in, f32
-// accumulation); P is rounded to bf16 for the second product, as FlashAttention does,
-// while the row sums and the log-sum-exp come from the f32 probabilities.
-// Dynamic shared memory: 2 * MMA_BC * (HD + 8) bf16.
+// A block has MMA_WARPS warps and takes 64 rows of one side (query rows in attn_fwd_mma
+// and attn_bwd_dq_mma, key rows in attn_bwd_dkdv_mma; `tiles` counts in steps of 64);
+// warp w owns rows 16w .. 16w+15. The other side streams through shared memory in tiles
+// of 64 rows, as bf16 with row stride HD + 8 elements. Every product is an mma.sync
+// m16n8k16 (bf16 in, f32 accumulation); probabilities and dS are rounded to bf16 for the
+// products that take them, as FlashAttention does, while softmax sums, the log-sum-exp
+// and dS = P (dP - D) are f32. Lane (g = lane / 4, t = lane % 4) of a warp holds rows g
+// and g + 8 of the warp's 16 (see tl::mma_bf16_16816 for the fragment layouts).
+//
+// Dynamic shared memory (bf16 elements, LD = HD + 8):
+//   attn_fwd_mma, attn_bwd_dq_mma: 2 * 64 * LD (K and V tiles)
+//   attn_bwd_dkdv_mma:             4 * 64 * LD (K, V of the block; Q, dO tiles) + 2 * 64 f32
 
-constexpr int MMA_WARPS = 4, MMA_BR = 16 * MMA_WARPS, MMA_BC = 64;
+constexpr int MMA_WARPS = 4, MMA_ROWS = 16 * MMA_WARPS, MMA_TILE = 64;
+
+// Copies rows row0 .. row0 + MMA_TILE of columns col0 .. col0 + HD of a [*, width] matrix
+// into shared memory (row stride HD + 8); rows at or past `valid` become zeros (a NaN
+// there would survive a zero probability in a product).
+template <int HD>
+__device__ __forceinline__ void mma_load_tile(__nv_bfloat16* dst, const __nv_bfloat16* src, int row0, int valid,
+                                              int width, int col0) {
+    for (int idx = threadIdx.x; idx < MMA_TILE * HD / 2; idx += blockDim.x) {
+        const int r = idx / (HD / 2), c = 2 * (idx % (HD / 2));
+        uint32_t w = 0u;
+        if (r < valid) {
+            const __nv_bfloat16* p = src + (size_t)(row0 + r) * width + col0 + c;
+            w = tl::pack_bf16(p[0], p[1]);
+        }
+        *reinterpret_cast<uint32_t*>(dst + r * (HD + 8) + c) = w;
+    }
+}
+
+// The A fragment of rows r0 .. r0 + 15, columns c0 .. c0 + 15 of a row-major bf16 matrix
+// in shared memory (row stride ld).
+__device__ __forceinline__ void mma_a_rows(uint32_t (&a)[4], const __nv_bfloat16* m, int ld, int r0, int c0) {
+    const int g = threadIdx.x % tl::WARP_SIZE / 4, t = threadIdx.x % 4;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        a[j] = *reinterpret_cast<const uint32_t*>(m + (r0 + g + 8 * (j % 2)) * ld + c0 + 2 * t + 8 * (j / 2));
+    }
+}
+
+// The B fragment of Mᵀ for a row-major M (B[k][n] = M[n0 + n][k0 + k]): pairs along k
+// lie in one row of M.
+__device__ __forceinline__ void mma_b_transposed(uint32_t (&b)[2], const __nv_bfloat16* m, int ld, int n0, int k0) {
+    const int g = threadIdx.x % tl::WARP_SIZE / 4, t = threadIdx.x % 4;
+    const __nv_bfloat16* p = m + (n0 + g) * ld + k0 + 2 * t;
+    b[0] = *reinterpret_cast<const uint32_t*>(p);
+    b[1] = *reinterpret_cast<const uint32_t*>(p + 8);
+}
+
+// The B fragment of a row-major M itself (B[k][n] = M[k0 + k][n0 + n]): pairs along k
+// span two rows.
+__device__ __forceinline__ void mma_b_rows(uint32_t (&b)[2], const __nv_bfloat16* m, int ld, int k0, int n0) {
+    const int g = threadIdx.x % tl::WARP_SIZE / 4, t = threadIdx.x % 4;
+    const __nv_bfloat16* p = m + (k0 + 2 * t) * ld + n0 + g;
+    b[0] = tl::pack_bf16(p[0], p[ld]);
+    b[1] = tl::pack_bf16(p[8 * ld], p[9 * ld]);
+}
+
+// The A fragment of a 16 x 16 block whose two 16 x 8 halves are accumulators `lo` and
+// `hi` (the accumulator layout of two adjacent n-tiles is the A layout of one k-step).
+__device__ __forceinline__ void mma_a_from_acc(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
+    a[0] = tl::pack_bf16(lo[0], lo[1]);
+    a[1] = tl::pack_bf16(lo[2], lo[3]);
+    a[2] = tl::pack_bf16(hi[0], hi[1]);
+    a[3] = tl::pack_bf16(hi[2], hi[3]);
+}
+
+// The A fragments of 16 rows (rows past `valid` zero) of one head of a [*, width] matrix
+// in global memory, straight into registers.
+template <int HD>
+__device__ __forceinline__ void mma_a_global(uint32_t (&a)[HD / 16][4], const __nv_bfloat16* m, int row0, int valid,
+                                             int width, int col0) {
+    const int g = threadIdx.x % tl::WARP_SIZE / 4, t = threadIdx.x % 4;
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int r = g + 8 * (j % 2), c = 16 * kk + 2 * t + 8 * (j / 2);
+            const __nv_bfloat16* p = m + (size_t)(row0 + r) * width + col0 + c;
+            a[kk][j] = r < valid ? tl::pack_bf16(p[0], p[1]) : 0u;
+        }
+    }
+}
 
 template <int HD>
 __device__ void fwd_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
@@ -309,7 +384,7 @@ __device__ void fwd_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, 
     constexpr int LD = HD + 8;
     TL_DYNAMIC_SHARED(float, smem);
     __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(smem);
-    __nv_bfloat16* v_s = k_s + MMA_BC * LD;
+    __nv_bfloat16* v_s = k_s + MMA_TILE * LD;
     const int warp = threadIdx.x / tl::WARP_SIZE, lane = threadIdx.x % tl::WARP_SIZE;
     const int g = lane / 4, t = lane % 4;
 
@@ -320,51 +395,32 @@ __device__ void fwd_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, 
     const int wq = n_heads * HD, wk = n_kv_heads * HD;
     const int shift = sp.k_len - sp.q_len;
     const int r0 = i0 + 16 * warp;
-    const int nv_block = min(i0 + MMA_BR, sp.q_len) + shift;  // keys the block's last row sees
-    const int nv_warp = min(r0 + 16, sp.q_len) + shift;        // ... and the warp's
-    // This lane's two rows (span-relative): r0 + g and r0 + g + 8.
-    const int row[2] = {r0 + g, r0 + g + 8};
+    const int nv_block = min(i0 + MMA_ROWS, sp.q_len) + shift;  // keys the block's last row sees
+    const int nv_warp = min(r0 + 16, sp.q_len) + shift;         // ... and the warp's
+    const int row[2] = {r0 + g, r0 + g + 8};                     // this lane's rows
 
     uint32_t qf[HD / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < HD / 16; ++kk) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int r = row[j % 2], c = 16 * kk + 2 * t + 8 * (j / 2);
-            const __nv_bfloat16* src = q + (size_t)(sp.q_start + r) * wq + h * HD + c;
-            qf[kk][j] = r < sp.q_len ? tl::pack_bf16(src[0], src[1]) : 0u;
-        }
-    }
+    mma_a_global<HD>(qf, q, sp.q_start + r0, sp.q_len - r0, wq, h * HD);
     float o[HD / 8][4];
 #pragma unroll
     for (int dn = 0; dn < HD / 8; ++dn) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.0f;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
 
-    for (int j0 = 0; j0 < nv_block; j0 += MMA_BC) {
+    for (int j0 = 0; j0 < nv_block; j0 += MMA_TILE) {
         __syncthreads();
-        for (int idx = threadIdx.x; idx < MMA_BC * HD / 2; idx += blockDim.x) {
-            const int r = idx / (HD / 2), c = 2 * (idx % (HD / 2));
-            uint32_t kw = 0u, vw = 0u;
-            if (j0 + r < nv_block) {
-                const size_t src = (size_t)(sp.k_start + j0 + r) * wk + kvh * HD + c;
-                kw = tl::pack_bf16(k[src], k[src + 1]);
-                vw = tl::pack_bf16(v[src], v[src + 1]);
-            }
-            *reinterpret_cast<uint32_t*>(k_s + r * LD + c) = kw;
-            *reinterpret_cast<uint32_t*>(v_s + r * LD + c) = vw;
-        }
+        mma_load_tile<HD>(k_s, k, sp.k_start + j0, nv_block - j0, wk, kvh * HD);
+        mma_load_tile<HD>(v_s, v, sp.k_start + j0, nv_block - j0, wk, kvh * HD);
         __syncthreads();
         if (r0 >= sp.q_len || j0 >= nv_warp) continue;  // warp-uniform
 
-        float s[MMA_BC / 8][4];
+        float s[MMA_TILE / 8][4];
 #pragma unroll
-        for (int nt = 0; nt < MMA_BC / 8; ++nt) {
+        for (int nt = 0; nt < MMA_TILE / 8; ++nt) {
             s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-            const __nv_bfloat16* kr = k_s + (8 * nt + g) * LD + 2 * t;
 #pragma unroll
             for (int kk = 0; kk < HD / 16; ++kk) {
-                const uint32_t b[2] = {*reinterpret_cast<const uint32_t*>(kr + 16 * kk),
-                                       *reinterpret_cast<const uint32_t*>(kr + 16 * kk + 8)};
+                uint32_t b[2];
+                mma_b_transposed(b, k_s, LD, 8 * nt, 16 * kk);
                 tl::mma_bf16_16816(s[nt], qf[kk], b);
             }
         }
@@ -372,12 +428,11 @@ __device__ void fwd_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, 
         // then the online softmax per row: a row's 64 scores sit in the 4 lanes of a group.
         float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-        for (int nt = 0; nt < MMA_BC / 8; ++nt) {
+        for (int nt = 0; nt < MMA_TILE / 8; ++nt) {
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 const int r = row[j / 2], key = j0 + 8 * nt + 2 * t + j % 2;
-                const bool seen = r < sp.q_len && key <= r + shift;
-                s[nt][j] = seen ? s[nt][j] * scale : -INFINITY;
+                s[nt][j] = r < sp.q_len && key <= r + shift ? s[nt][j] * scale : -INFINITY;
                 mx[j / 2] = fmaxf(mx[j / 2], s[nt][j]);
             }
         }
@@ -391,7 +446,7 @@ __device__ void fwd_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, 
             m[x] = m_new;
         }
 #pragma unroll
-        for (int nt = 0; nt < MMA_BC / 8; ++nt) {
+        for (int nt = 0; nt < MMA_TILE / 8; ++nt) {
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 const float p = s[nt][j] == -INFINITY ? 0.0f : expf(s[nt][j] - m[j / 2]);
@@ -412,19 +467,15 @@ __device__ void fwd_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, 
             o[dn][2] *= corr[1];
             o[dn][3] *= corr[1];
         }
-        // O += P·V: the accumulator layout of two adjacent S tiles is the A layout of
-        // one 16-key step; B is V's [16 keys, 8 columns] block.
+        // O += P·V, 16 keys a step
 #pragma unroll
-        for (int ks = 0; ks < MMA_BC / 16; ++ks) {
-            const uint32_t a[4] = {tl::pack_bf16(s[2 * ks][0], s[2 * ks][1]),
-                                   tl::pack_bf16(s[2 * ks][2], s[2 * ks][3]),
-                                   tl::pack_bf16(s[2 * ks + 1][0], s[2 * ks + 1][1]),
-                                   tl::pack_bf16(s[2 * ks + 1][2], s[2 * ks + 1][3])};
-            const __nv_bfloat16* vr = v_s + (16 * ks + 2 * t) * LD + g;
+        for (int ks = 0; ks < MMA_TILE / 16; ++ks) {
+            uint32_t a[4];
+            mma_a_from_acc(a, s[2 * ks], s[2 * ks + 1]);
 #pragma unroll
             for (int dn = 0; dn < HD / 8; ++dn) {
-                const uint32_t b[2] = {tl::pack_bf16(vr[8 * dn], vr[LD + 8 * dn]),
-                                       tl::pack_bf16(vr[8 * LD + 8 * dn], vr[9 * LD + 8 * dn])};
+                uint32_t b[2];
+                mma_b_rows(b, v_s, LD, 16 * ks, 8 * dn);
                 tl::mma_bf16_16816(o[dn], a, b);
             }
         }
@@ -441,6 +492,208 @@ __device__ void fwd_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, 
             dst[1] = __float2bfloat16_rn(o[dn][2 * x + 1] * inv);
         }
         if (t == 0) lse[grow * n_heads + h] = m[x] + logf(l[x]);
+    }
+}
+
+// dq: per warp 16 query rows in registers (Q and dO fragments, the dQ accumulator); key
+// tiles stream through shared memory, 16 keys at a time: S = Q·Kᵀ and dP = dO·Vᵀ for 16
+// keys, P = exp(S - lse), dS = P (dP - D), dQ += dS·K.
+template <int HD>
+__device__ void bwd_dq_mma(__nv_bfloat16* dq, const __nv_bfloat16* dout, const __nv_bfloat16* q,
+                           const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* D,
+                           const int* spans, const int* tiles, int n_heads, int n_kv_heads, float scale) {
+    constexpr int LD = HD + 8;
+    TL_DYNAMIC_SHARED(float, smem);
+    __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(smem);
+    __nv_bfloat16* v_s = k_s + MMA_TILE * LD;
+    const int warp = threadIdx.x / tl::WARP_SIZE, lane = threadIdx.x % tl::WARP_SIZE;
+    const int g = lane / 4, t = lane % 4;
+
+    const Span sp = load_span(spans, tiles[2 * blockIdx.x]);
+    const int i0 = tiles[2 * blockIdx.x + 1];
+    const int h = blockIdx.y;
+    const int kvh = h / (n_heads / n_kv_heads);
+    const int wq = n_heads * HD, wk = n_kv_heads * HD;
+    const int shift = sp.k_len - sp.q_len;
+    const int r0 = i0 + 16 * warp;
+    const int nv_block = min(i0 + MMA_ROWS, sp.q_len) + shift;
+    const int nv_warp = min(r0 + 16, sp.q_len) + shift;
+    const int row[2] = {r0 + g, r0 + g + 8};
+
+    uint32_t qf[HD / 16][4], of[HD / 16][4];
+    mma_a_global<HD>(qf, q, sp.q_start + r0, sp.q_len - r0, wq, h * HD);
+    mma_a_global<HD>(of, dout, sp.q_start + r0, sp.q_len - r0, wq, h * HD);
+    float row_lse[2], row_d[2];
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+        const bool ok = row[x] < sp.q_len;
+        const size_t at = ((size_t)sp.q_start + row[x]) * n_heads + h;
+        row_lse[x] = ok ? lse[at] : 0.0f;
+        row_d[x] = ok ? D[at] : 0.0f;
+    }
+    float acc[HD / 8][4];
+#pragma unroll
+    for (int dn = 0; dn < HD / 8; ++dn) acc[dn][0] = acc[dn][1] = acc[dn][2] = acc[dn][3] = 0.0f;
+
+    for (int j0 = 0; j0 < nv_block; j0 += MMA_TILE) {
+        __syncthreads();
+        mma_load_tile<HD>(k_s, k, sp.k_start + j0, nv_block - j0, wk, kvh * HD);
+        mma_load_tile<HD>(v_s, v, sp.k_start + j0, nv_block - j0, wk, kvh * HD);
+        __syncthreads();
+        if (r0 >= sp.q_len) continue;  // warp-uniform
+        for (int c0 = 0; c0 < MMA_TILE && j0 + c0 < nv_warp; c0 += 16) {
+            float s[2][4] = {}, dp[2][4] = {};
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+#pragma unroll
+                for (int kk = 0; kk < HD / 16; ++kk) {
+                    uint32_t b[2];
+                    mma_b_transposed(b, k_s, LD, c0 + 8 * half, 16 * kk);
+                    tl::mma_bf16_16816(s[half], qf[kk], b);
+                    mma_b_transposed(b, v_s, LD, c0 + 8 * half, 16 * kk);
+                    tl::mma_bf16_16816(dp[half], of[kk], b);
+                }
+            }
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const int x = j / 2, key = j0 + c0 + 8 * half + 2 * t + j % 2;
+                    const bool seen = row[x] < sp.q_len && key <= row[x] + shift;
+                    const float p = seen ? expf(s[half][j] * scale - row_lse[x]) : 0.0f;
+                    s[half][j] = p * (dp[half][j] - row_d[x]);  // dS
+                }
+            }
+            uint32_t a[4];
+            mma_a_from_acc(a, s[0], s[1]);
+#pragma unroll
+            for (int dn = 0; dn < HD / 8; ++dn) {
+                uint32_t b[2];
+                mma_b_rows(b, k_s, LD, c0, 8 * dn);
+                tl::mma_bf16_16816(acc[dn], a, b);
+            }
+        }
+    }
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+        if (row[x] >= sp.q_len) continue;
+        __nv_bfloat16* dst = dq + ((size_t)sp.q_start + row[x]) * wq + h * HD + 2 * t;
+#pragma unroll
+        for (int dn = 0; dn < HD / 8; ++dn) {
+            dst[8 * dn] = __float2bfloat16_rn(acc[dn][2 * x] * scale);
+            dst[8 * dn + 1] = __float2bfloat16_rn(acc[dn][2 * x + 1] * scale);
+        }
+    }
+}
+
+// dk, dv: per warp 16 key rows (K and V of the block stay in shared memory, dK and dV
+// accumulate in registers); for every query head of the group, query tiles stream
+// through shared memory with their lse and D, 16 queries at a time: Sᵀ = K·Qᵀ and
+// dPᵀ = V·dOᵀ, Pᵀ = exp(Sᵀ - lse), dSᵀ = Pᵀ (dPᵀ - D), dV += Pᵀ·dO, dK += dSᵀ·Q.
+template <int HD>
+__device__ void bwd_dkdv_mma(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout,
+                             const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
+                             const float* lse, const float* D, const int* spans, const int* tiles, int n_heads,
+                             int n_kv_heads, float scale) {
+    constexpr int LD = HD + 8;
+    TL_DYNAMIC_SHARED(float, smem);
+    __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(smem);
+    __nv_bfloat16* v_s = k_s + MMA_TILE * LD;
+    __nv_bfloat16* q_s = v_s + MMA_TILE * LD;
+    __nv_bfloat16* o_s = q_s + MMA_TILE * LD;
+    float* lse_s = reinterpret_cast<float*>(o_s + MMA_TILE * LD);
+    float* d_s = lse_s + MMA_TILE;
+    const int warp = threadIdx.x / tl::WARP_SIZE, lane = threadIdx.x % tl::WARP_SIZE;
+    const int g = lane / 4, t = lane % 4;
+
+    const Span sp = load_span(spans, tiles[2 * blockIdx.x]);
+    const int j0 = tiles[2 * blockIdx.x + 1];  // the block's first key
+    const int kvh = blockIdx.y;
+    const int group = n_heads / n_kv_heads;
+    const int wq = n_heads * HD, wk = n_kv_heads * HD;
+    const int shift = sp.k_len - sp.q_len;
+    const int c0 = 16 * warp;  // the warp's first key, in the block
+    const int key[2] = {j0 + c0 + g, j0 + c0 + g + 8};
+    // The first query that sees the block's first key: i + shift >= j0.
+    const int first_q = max(0, j0 - shift);
+
+    mma_load_tile<HD>(k_s, k, sp.k_start + j0, sp.k_len - j0, wk, kvh * HD);
+    mma_load_tile<HD>(v_s, v, sp.k_start + j0, sp.k_len - j0, wk, kvh * HD);
+    float dk_acc[HD / 8][4], dv_acc[HD / 8][4];
+#pragma unroll
+    for (int dn = 0; dn < HD / 8; ++dn) {
+        dk_acc[dn][0] = dk_acc[dn][1] = dk_acc[dn][2] = dk_acc[dn][3] = 0.0f;
+        dv_acc[dn][0] = dv_acc[dn][1] = dv_acc[dn][2] = dv_acc[dn][3] = 0.0f;
+    }
+
+    for (int gi = 0; gi < group; ++gi) {
+        const int h = kvh * group + gi;
+        for (int i0 = first_q; i0 < sp.q_len; i0 += MMA_TILE) {
+            __syncthreads();
+            mma_load_tile<HD>(q_s, q, sp.q_start + i0, sp.q_len - i0, wq, h * HD);
+            mma_load_tile<HD>(o_s, dout, sp.q_start + i0, sp.q_len - i0, wq, h * HD);
+            for (int r = threadIdx.x; r < MMA_TILE; r += blockDim.x) {
+                const bool ok = i0 + r < sp.q_len;
+                const size_t at = ((size_t)sp.q_start + i0 + r) * n_heads + h;
+                lse_s[r] = ok ? lse[at] : 0.0f;
+                d_s[r] = ok ? D[at] : 0.0f;
+            }
+            __syncthreads();
+            // warp-uniform: no query of this tile sees the warp's first key, or no key
+            if (j0 + c0 >= sp.k_len || i0 + MMA_TILE - 1 + shift < j0 + c0) continue;
+            for (int q0 = 0; q0 < MMA_TILE && i0 + q0 < sp.q_len; q0 += 16) {
+                float s[2][4] = {}, dp[2][4] = {};
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+#pragma unroll
+                    for (int kk = 0; kk < HD / 16; ++kk) {
+                        uint32_t a[4], b[2];
+                        mma_b_transposed(b, q_s, LD, q0 + 8 * half, 16 * kk);
+                        mma_a_rows(a, k_s, LD, c0, 16 * kk);
+                        tl::mma_bf16_16816(s[half], a, b);
+                        mma_b_transposed(b, o_s, LD, q0 + 8 * half, 16 * kk);
+                        mma_a_rows(a, v_s, LD, c0, 16 * kk);
+                        tl::mma_bf16_16816(dp[half], a, b);
+                    }
+                }
+                float ds[2][4];
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        const int qr = q0 + 8 * half + 2 * t + j % 2;  // query, in the tile
+                        const int kr = key[j / 2];
+                        const bool seen = i0 + qr < sp.q_len && kr < sp.k_len && kr <= i0 + qr + shift;
+                        const float p = seen ? expf(s[half][j] * scale - lse_s[qr]) : 0.0f;
+                        s[half][j] = p;
+                        ds[half][j] = p * (dp[half][j] - d_s[qr]);
+                    }
+                }
+                uint32_t pa[4], da[4];
+                mma_a_from_acc(pa, s[0], s[1]);
+                mma_a_from_acc(da, ds[0], ds[1]);
+#pragma unroll
+                for (int dn = 0; dn < HD / 8; ++dn) {
+                    uint32_t b[2];
+                    mma_b_rows(b, o_s, LD, q0, 8 * dn);
+                    tl::mma_bf16_16816(dv_acc[dn], pa, b);
+                    mma_b_rows(b, q_s, LD, q0, 8 * dn);
+                    tl::mma_bf16_16816(dk_acc[dn], da, b);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+        if (key[x] >= sp.k_len) continue;
+        const size_t at = ((size_t)sp.k_start + key[x]) * wk + kvh * HD + 2 * t;
+#pragma unroll
+        for (int dn = 0; dn < HD / 8; ++dn) {
+            dk[at + 8 * dn] = __float2bfloat16_rn(dk_acc[dn][2 * x] * scale);
+            dk[at + 8 * dn + 1] = __float2bfloat16_rn(dk_acc[dn][2 * x + 1] * scale);
+            dv[at + 8 * dn] = __float2bfloat16_rn(dv_acc[dn][2 * x]);
+            dv[at + 8 * dn + 1] = __float2bfloat16_rn(dv_acc[dn][2 * x + 1]);
+        }
     }
 }
 
@@ -532,12 +785,40 @@ extern "C" __global__ void attn_bwd_dot_bf16(float* D, const __nv_bfloat16* dout
 extern "C" __global__ void __launch_bounds__(128)
     attn_fwd_mma_bf16_hd64(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
                            const __nv_bfloat16* v, const int* spans, const int* tiles, int n_heads, int n_kv_heads,
-                           float scale) {
+                           int /* hd, always 64 */, float scale) {
     tl_attn::fwd_mma<64>(out, lse, q, k, v, spans, tiles, n_heads, n_kv_heads, scale);
 }
 extern "C" __global__ void __launch_bounds__(128)
     attn_fwd_mma_bf16_hd128(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
                             const __nv_bfloat16* v, const int* spans, const int* tiles, int n_heads, int n_kv_heads,
-                            float scale) {
+                            int /* hd, always 128 */, float scale) {
     tl_attn::fwd_mma<128>(out, lse, q, k, v, spans, tiles, n_heads, n_kv_heads, scale);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    attn_bwd_dq_mma_bf16_hd64(__nv_bfloat16* dq, const __nv_bfloat16* dout, const __nv_bfloat16* q,
+                              const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* D,
+                              const int* spans, const int* tiles, int n_heads, int n_kv_heads,
+                              int /* hd, always 64 */, float scale) {
+    tl_attn::bwd_dq_mma<64>(dq, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, scale);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    attn_bwd_dkdv_mma_bf16_hd64(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout,
+                                const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
+                                const float* lse, const float* D, const int* spans, const int* tiles,
+                                int n_heads, int n_kv_heads, int /* hd, always 64 */, float scale) {
+    tl_attn::bwd_dkdv_mma<64>(dk, dv, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, scale);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    attn_bwd_dq_mma_bf16_hd128(__nv_bfloat16* dq, const __nv_bfloat16* dout, const __nv_bfloat16* q,
+                              const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* D,
+                              const int* spans, const int* tiles, int n_heads, int n_kv_heads,
+                              int /* hd, always 128 */, float scale) {
+    tl_attn::bwd_dq_mma<128>(dq, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, scale);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    attn_bwd_dkdv_mma_bf16_hd128(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout,
+                                const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
+                                const float* lse, const float* D, const int* spans, const int* tiles,
+                                int n_heads, int n_kv_heads, int /* hd, always 128 */, float scale) {
+    tl_attn::bwd_dkdv_mma<128>(dk, dv, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, scale);
 }

@@ -171,17 +171,32 @@ fn eval_bench_and_parity_run_on_cuda() {
     };
     assert_eq!(decodes(&got), decodes(&want), "greedy decodes on CUDA f32 vs the CPU");
 
-    // bench: a full LoRA step, timed by CUDA events, one JSON line
-    let (stdout, _) = run_ok(
-        emulated()
-            .unwrap()
-            .args(["bench", "--preset", "tiny", "--seq", "48", "--batch", "2", "--packing"])
-            .args(["--warmup", "1", "--steps", "1", "--backend", "cuda", "--json"]),
-        "bench on CUDA",
-    );
+    // bench: full LoRA steps in the bf16 mode on head_dim 64 (the tensor-core attention
+    // kernels), packed documents, timed by CUDA events, one JSON line
+    let shapes = tmp.path().join("hd64");
+    std::fs::create_dir_all(&shapes).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(base.join("config.json")).unwrap()).unwrap();
+    for (key, value) in [("num_attention_heads", 2), ("num_key_value_heads", 1), ("head_dim", 64)] {
+        cfg[key] = value.into();
+    }
+    std::fs::write(shapes.join("config.json"), cfg.to_string()).unwrap();
+    let mut cmd = emulated().unwrap();
+    cmd.arg("bench").arg("--model").arg(&shapes).args(["--seq", "80", "--batch", "2", "--packing"]).args([
+        "--warmup",
+        "1",
+        "--steps",
+        "1",
+        "--backend",
+        "cuda",
+        "--dtype",
+        "bf16",
+        "--json",
+    ]);
+    let (stdout, _) = run_ok(&mut cmd, "bench on CUDA");
     let line = stdout.lines().last().expect("a JSON line");
     let v: serde_json::Value = serde_json::from_str(line).expect("bench prints JSON");
-    assert_eq!(v["backend"], "cuda-f32");
+    assert_eq!(v["backend"], "cuda-bf16");
     assert_eq!(v["clock"], "CUDA events on the stream");
     let (first, last) = (v["loss_first"].as_f64().unwrap(), v["loss_last"].as_f64().unwrap());
     assert!(first.is_finite() && last < first, "bench's loss {first} -> {last}");

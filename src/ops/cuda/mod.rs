@@ -63,11 +63,11 @@ pub struct CudaOps {
 /// Rows of a tile of the attention kernels: warps per block (kernels/attention.cu).
 const ATTN_ROWS: usize = 4;
 
-/// Query rows of a tile of the tensor-core attention forward (`MMA_BR`, 16 per warp),
-/// and its warps.
+/// Rows of a tile of the tensor-core attention kernels (`MMA_ROWS`, 16 per warp), and
+/// their warps.
 const ATTN_MMA_ROWS: usize = 64;
 const ATTN_MMA_WARPS: u32 = 4;
-/// Keys of the tile it streams through shared memory (`MMA_BC`).
+/// Rows of the tiles they stream through shared memory (`MMA_TILE`).
 const ATTN_MMA_KEYS: usize = 64;
 
 /// PyTorch's `ignore_index`.
@@ -835,38 +835,23 @@ impl Ops for CudaOps {
         let out = self.alloc_zeros_as(&q.shape, self.dtype)?;
         let mut lse = self.alloc_as(&[nq, shape.n_heads], DType::F32)?;
         self.fill(&mut lse, f32::NEG_INFINITY)?;
-        if self.dtype == DType::Bf16 && (hd == 64 || hd == 128) {
-            // tensor cores: the head widths of the Llama and Qwen2 models
-            let (spans, tiles, n_tiles) = self.attn_tiles(layout, false, ATTN_MMA_ROWS)?;
+        let (name, cfg, rows) = if self.dtype == DType::Bf16 && (hd == 64 || hd == 128) {
+            // tensor cores, for the head widths of the Llama and Qwen2 models
             let cfg = LaunchConfig {
-                grid_dim: (n_tiles, shape.n_heads as u32, 1),
+                grid_dim: (0, shape.n_heads as u32, 1),
                 block_dim: (ATTN_MMA_WARPS * 32, 1, 1),
                 shared_mem_bytes: (2 * ATTN_MMA_KEYS * (hd + 8) * 2) as u32,
             };
-            self.rt.launch(
-                &format!("attn_fwd_mma_bf16_hd{hd}"),
-                cfg,
-                args![
-                    self.ptr(&out),
-                    self.ptr(&lse),
-                    self.ptr(&q),
-                    self.ptr(&k),
-                    self.ptr(&v),
-                    self.rt.ptr(&spans),
-                    self.rt.ptr(&tiles),
-                    int(shape.n_heads, "heads")?,
-                    int(shape.n_kv_heads, "kv heads")?,
-                    1.0 / (hd as f32).sqrt()
-                ],
-            )?;
-            return Ok((out, lse));
-        }
-        let (spans, tiles, n_tiles) = self.attn_tiles(layout, false, ATTN_ROWS)?;
-        let (suffix, bc) = Self::attn_variant(hd);
-        let smem = ATTN_ROWS * hd + bc * (hd + 1) + bc * hd;
+            (format!("attn_fwd_mma_bf16_hd{hd}"), cfg, ATTN_MMA_ROWS)
+        } else {
+            let (suffix, bc) = Self::attn_variant(hd);
+            let smem = ATTN_ROWS * hd + bc * (hd + 1) + bc * hd;
+            (format!("{}_{suffix}", self.kernel("attn_fwd")), attn_cfg(0, shape.n_heads, smem), ATTN_ROWS)
+        };
+        let (spans, tiles, n_tiles) = self.attn_tiles(layout, false, rows)?;
         self.rt.launch(
-            &format!("{}_{suffix}", self.kernel("attn_fwd")),
-            attn_cfg(n_tiles, shape.n_heads, smem),
+            &name,
+            LaunchConfig { grid_dim: (n_tiles, cfg.grid_dim.1, 1), ..cfg },
             args![
                 self.ptr(&out),
                 self.ptr(&lse),
@@ -918,11 +903,37 @@ impl Ops for CudaOps {
         let dq = self.alloc_zeros_as(&q.shape, self.dtype)?;
         let dk = self.alloc_zeros_as(&k.shape, self.dtype)?;
         let dv = self.alloc_zeros_as(&v.shape, self.dtype)?;
-        let (suffix, bc) = Self::attn_variant(hd);
-        let (spans, q_tiles, n_q_tiles) = self.attn_tiles(layout, false, ATTN_ROWS)?;
+        // (dq kernel, its config, dkdv kernel, its config, rows of a tile)
+        let (dq_name, dq_cfg, dkdv_name, dkdv_cfg, rows) =
+            if self.dtype == DType::Bf16 && (hd == 64 || hd == 128) {
+                // tensor cores; dkdv keeps K and V of its 64 keys beside the streamed Q and dO
+                let tile = ATTN_MMA_KEYS * (hd + 8) * 2;
+                let mma_cfg = |heads: usize, bytes: usize| LaunchConfig {
+                    grid_dim: (0, heads as u32, 1),
+                    block_dim: (ATTN_MMA_WARPS * 32, 1, 1),
+                    shared_mem_bytes: bytes as u32,
+                };
+                (
+                    format!("attn_bwd_dq_mma_bf16_hd{hd}"),
+                    mma_cfg(shape.n_heads, 2 * tile),
+                    format!("attn_bwd_dkdv_mma_bf16_hd{hd}"),
+                    mma_cfg(shape.n_kv_heads, 4 * tile + 2 * ATTN_MMA_KEYS * 4),
+                    ATTN_MMA_ROWS,
+                )
+            } else {
+                let (suffix, bc) = Self::attn_variant(hd);
+                (
+                    format!("{}_{suffix}", self.kernel("attn_bwd_dq")),
+                    attn_cfg(0, shape.n_heads, 2 * ATTN_ROWS * hd + 2 * bc * (hd + 1)),
+                    format!("{}_{suffix}", self.kernel("attn_bwd_dkdv")),
+                    attn_cfg(0, shape.n_kv_heads, 2 * ATTN_ROWS * hd + 2 * bc * (hd + 1) + 2 * bc),
+                    ATTN_ROWS,
+                )
+            };
+        let (spans, q_tiles, n_q_tiles) = self.attn_tiles(layout, false, rows)?;
         self.rt.launch(
-            &format!("{}_{suffix}", self.kernel("attn_bwd_dq")),
-            attn_cfg(n_q_tiles, shape.n_heads, 2 * ATTN_ROWS * hd + 2 * bc * (hd + 1)),
+            &dq_name,
+            LaunchConfig { grid_dim: (n_q_tiles, dq_cfg.grid_dim.1, 1), ..dq_cfg },
             args![
                 self.ptr(&dq),
                 self.ptr(&dout),
@@ -939,10 +950,10 @@ impl Ops for CudaOps {
                 scale
             ],
         )?;
-        let (_, k_tiles, n_k_tiles) = self.attn_tiles(layout, true, ATTN_ROWS)?;
+        let (_, k_tiles, n_k_tiles) = self.attn_tiles(layout, true, rows)?;
         self.rt.launch(
-            &format!("{}_{suffix}", self.kernel("attn_bwd_dkdv")),
-            attn_cfg(n_k_tiles, shape.n_kv_heads, 2 * ATTN_ROWS * hd + 2 * bc * (hd + 1) + 2 * bc),
+            &dkdv_name,
+            LaunchConfig { grid_dim: (n_k_tiles, dkdv_cfg.grid_dim.1, 1), ..dkdv_cfg },
             args![
                 self.ptr(&dk),
                 self.ptr(&dv),
@@ -1269,7 +1280,9 @@ mod tests {
             }
         }
         names.extend(["sum_squares_partial", "sum_squares_partial_bf16"].map(String::from));
-        names.extend(["attn_fwd_mma_bf16_hd64", "attn_fwd_mma_bf16_hd128"].map(String::from));
+        for attn in ["attn_fwd_mma", "attn_bwd_dq_mma", "attn_bwd_dkdv_mma"] {
+            names.extend(["hd64", "hd128"].map(|hd| format!("{attn}_bf16_{hd}")));
+        }
         for name in &names {
             assert!(KERNEL_NAMES.contains(&name.as_str()), "no kernel {name}");
         }

@@ -131,6 +131,9 @@ impl From<f32> for Arg {
     }
 }
 
+/// The dynamic shared memory a kernel gets without opting in.
+const DEFAULT_DYNAMIC_SHARED: u32 = 48 << 10;
+
 impl Runtime {
     /// Launches kernel `name` on the stream. The caller has checked every shape, and
     /// `args` match the kernel's parameters in kernels/*.cu in order and type.
@@ -139,6 +142,15 @@ impl Runtime {
             return Ok(());
         }
         let f = self.function(name)?;
+        if cfg.shared_mem_bytes > DEFAULT_DYNAMIC_SHARED {
+            // beyond 48 KiB a kernel must opt in (up to 227 KiB on Hopper, 163 on A100)
+            let bytes = i32::try_from(cfg.shared_mem_bytes).context("dynamic shared memory size")?;
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes,
+            )
+            .with_context(|| format!("kernel {name}: allowing {bytes} bytes of dynamic shared memory"))?;
+        }
         let mut builder = self.stream.launch_builder(f);
         for a in args {
             match a {

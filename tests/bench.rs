@@ -114,6 +114,31 @@ fn profiled_cpu_gives_the_same_bits_and_times_every_op() {
             assert!(t.seconds > 0.0, "{op}: {t:?}");
         }
         assert!(times.windows(2).all(|w| w[0].seconds >= w[1].seconds), "sorted, most time first");
+
+        // model FLOPs per op, two steps of 96 tokens on tiny (hidden 128, intermediate
+        // 352, 4 heads of 32 and 2 kv heads, 4 layers, vocab 1024), LoRA r = 4
+        let flops = |op: &str| times.iter().find(|t| t.op == op).map_or(0.0, |t| t.flops);
+        let in_out = [(128, 128), (128, 64), (128, 64), (128, 128), (128, 352), (128, 352), (352, 128)];
+        let frozen: f64 =
+            4.0 * in_out.iter().map(|&(i, o)| (i * o) as f64).sum::<f64>() + (128 * 1024) as f64;
+        let low_rank: f64 = 4.0 * 4.0 * in_out.iter().map(|&(i, o)| (i + o) as f64).sum::<f64>();
+        let want = 2.0 * 2.0 * 96.0 * (frozen + low_rank);
+        assert!(close(flops("linear_fwd"), want, 1e-12), "linear_fwd {} vs {want}", flops("linear_fwd"));
+        let seq_lens = synthetic_batch(&preset("tiny").unwrap(), 48, 2, packing, 3).unwrap().seq_lens;
+        let pairs: f64 = seq_lens.iter().map(|&l| (l * (l + 1) / 2) as f64).sum();
+        let want = 2.0 * 4.0 * 4.0 * 128.0 * pairs;
+        assert!(
+            close(flops("attention_fwd"), want, 1e-12),
+            "attention_fwd {} vs {want}",
+            flops("attention_fwd")
+        );
+        assert!(close(flops("attention_bwd"), 2.5 * want, 1e-12));
+        // the backward: the LoRA gradients, and dx through both paths of every layer but
+        // layer 0's q, k and v (their dx would only reach the frozen embedding)
+        let qkv_dx = (128 * (128 + 64 + 64) + 4 * (256 + 192 + 192)) as f64;
+        let want = 2.0 * 2.0 * 96.0 * (frozen + 2.0 * low_rank - qkv_dx);
+        assert!(close(flops("linear_bwd"), want, 1e-12), "linear_bwd {} vs {want}", flops("linear_bwd"));
+        assert_eq!(flops("rmsnorm_fwd"), 0.0, "only matmuls are counted");
         assert_eq!(p.peak_memory(), None, "host tensors: no device memory to sample");
         p.reset();
         assert!(p.times().is_empty());

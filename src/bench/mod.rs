@@ -498,20 +498,33 @@ impl BenchReport {
             self.peak_memory,
         );
         if let Some(p) = &self.profile {
-            let _ = writeln!(s, "\n| op (one profiled step, {:.3} s) | calls | ms | share |", p.step_s);
-            let _ = writeln!(s, "| --- | --- | --- | --- |");
+            let _ = writeln!(
+                s,
+                "\n| op (one profiled step, {:.3} s) | calls | ms | share | model TFLOP/s | ms at the GEMM rate |",
+                p.step_s
+            );
+            let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- |");
             let share = |t: f64| 100.0 * t / p.step_s.max(1e-12);
             for o in &p.ops {
+                let (rate, floor) = if o.flops > 0.0 {
+                    (
+                        tflops_str(o.flops / o.seconds.max(1e-12) / 1e12),
+                        format!("{:.1}", 1e3 * o.flops / (self.gemm.tflops * 1e12).max(1e-12)),
+                    )
+                } else {
+                    ("-".into(), "-".into())
+                };
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {:.1} | {:.1}% |",
+                    "| {} | {} | {:.1} | {:.1}% | {rate} | {floor} |",
                     o.op,
                     o.calls,
                     1e3 * o.seconds,
                     share(o.seconds)
                 );
             }
-            let _ = writeln!(s, "| (outside ops) | | {:.1} | {:.1}% |", 1e3 * p.other_s, share(p.other_s));
+            let _ =
+                writeln!(s, "| (outside ops) | | {:.1} | {:.1}% | | |", 1e3 * p.other_s, share(p.other_s));
         }
         if !self.anchors.is_empty() {
             let _ = writeln!(

@@ -14,18 +14,40 @@ use crate::ops::{
     AdamWParams, AttnLayout, AttnShape, CrossEntropyOut, HostWeight, LinearGradRef, LoraGradRef, LoraRef, Ops,
 };
 
-/// Time spent in one op over the calls recorded.
+/// Time spent in one op over the calls recorded, and the model FLOPs of those calls
+/// (0 for the ops not counted: only the matmuls of linear layers and attention are).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct OpTime {
     pub op: &'static str,
     pub calls: u64,
     pub seconds: f64,
+    pub flops: f64,
 }
 
 #[derive(Default)]
 struct Record {
-    ops: BTreeMap<&'static str, (u64, f64)>,
+    /// calls, seconds, FLOPs
+    ops: BTreeMap<&'static str, (u64, f64, f64)>,
     peak_memory: Option<u64>,
+}
+
+/// Causal (query, key) pairs of a layout: query i of a span sees keys 0 ..= i + k_len - q_len.
+pub fn causal_pairs(layout: &AttnLayout) -> f64 {
+    layout
+        .seqs
+        .iter()
+        .map(|s| {
+            let (q, shift) = (s.q_len as f64, s.k_len as f64 - s.q_len as f64);
+            q * (q + 1.0) / 2.0 + q * shift
+        })
+        .sum()
+}
+
+/// Model FLOPs of an attention forward: Q·Kᵀ and P·V over the causal pairs, 2 FLOPs a
+/// multiply-add. The backward counts 2.5 times that (dV, dP, dQ, dK and half a
+/// recompute, as DESIGN.md's 3.5 × attention for a whole step).
+pub fn attention_fwd_flops(shape: AttnShape, layout: &AttnLayout) -> f64 {
+    4.0 * (shape.n_heads * shape.head_dim) as f64 * causal_pairs(layout)
 }
 
 /// `inner` with every op timed. Results are exactly the inner backend's: the tensors
@@ -46,8 +68,12 @@ impl<'a, O: Ops> Profiled<'a, O> {
 
     /// Every op called so far, the most time first.
     pub fn times(&self) -> Vec<OpTime> {
-        let mut v: Vec<OpTime> =
-            self.lock().ops.iter().map(|(&op, &(calls, seconds))| OpTime { op, calls, seconds }).collect();
+        let mut v: Vec<OpTime> = self
+            .lock()
+            .ops
+            .iter()
+            .map(|(&op, &(calls, seconds, flops))| OpTime { op, calls, seconds, flops })
+            .collect();
         v.sort_by(|a, b| b.seconds.total_cmp(&a.seconds).then(a.op.cmp(b.op)));
         v
     }
@@ -58,18 +84,38 @@ impl<'a, O: Ops> Profiled<'a, O> {
         self.lock().peak_memory
     }
 
+    /// (rows, in, out, LoRA rank) of a linear layer `x [rows, in] · w [out, in]ᵀ`, as f64.
+    fn linear_dims(
+        &self,
+        x: &O::Tensor,
+        w: &O::Tensor,
+        lora: Option<&LoraRef<O::Tensor>>,
+    ) -> (f64, f64, f64, f64) {
+        let (xs, ws) = (self.inner.shape(x), self.inner.shape(w));
+        let n = xs[..xs.len().saturating_sub(1)].iter().product::<usize>() as f64;
+        let (o, i) = (ws.first().copied().unwrap_or(0) as f64, ws.last().copied().unwrap_or(0) as f64);
+        let r = lora.map_or(0.0, |l| self.inner.shape(l.a).first().copied().unwrap_or(0) as f64);
+        (n, i, o, r)
+    }
+
     /// Forgets what was recorded.
     pub fn reset(&self) {
         *self.lock() = Record::default();
     }
 
     fn run<R>(&self, op: &'static str, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        self.run_counted(op, 0.0, f)
+    }
+
+    /// [`Self::run`] for an op of `flops` model FLOPs.
+    fn run_counted<R>(&self, op: &'static str, flops: f64, f: impl FnOnce() -> Result<R>) -> Result<R> {
         let (r, seconds) = self.inner.timed(f)?;
         let mem = self.inner.memory_in_use();
         let mut rec = self.lock();
-        let e = rec.ops.entry(op).or_insert((0, 0.0));
+        let e = rec.ops.entry(op).or_insert((0, 0.0, 0.0));
         e.0 += 1;
         e.1 += seconds;
+        e.2 += flops;
         if let Some(m) = mem {
             rec.peak_memory = Some(rec.peak_memory.map_or(m, |p| p.max(m)));
         }
@@ -167,7 +213,9 @@ impl<O: Ops> Ops for Profiled<'_, O> {
         bias: Option<&Self::Tensor>,
         lora: Option<LoraRef<Self::Tensor>>,
     ) -> Result<(Self::Tensor, Option<Self::Tensor>)> {
-        self.run("linear_fwd", || self.inner.linear_fwd(x, w, bias, lora))
+        let (n, i, o, r) = self.linear_dims(x, w, lora.as_ref());
+        let flops = 2.0 * n * i * o + 2.0 * n * r * (i + o);
+        self.run_counted("linear_fwd", flops, || self.inner.linear_fwd(x, w, bias, lora))
     }
 
     fn linear_bwd(
@@ -181,7 +229,15 @@ impl<O: Ops> Ops for Profiled<'_, O> {
         weight_grads: Option<LinearGradRef<Self::Tensor>>,
         need_dx: bool,
     ) -> Result<Option<Self::Tensor>> {
-        self.run("linear_bwd", || self.inner.linear_bwd(dy, x, w, lora, xa, grads, weight_grads, need_dx))
+        let (n, i, o, r) = self.linear_dims(x, w, lora.as_ref());
+        // dx through the frozen weight; the weight's own gradient (full fine-tuning); dx
+        // through the low-rank path; the LoRA gradients
+        let flops = if need_dx { 2.0 * n * i * o + 2.0 * n * r * (i + o) } else { 0.0 }
+            + if weight_grads.is_some() { 2.0 * n * i * o } else { 0.0 }
+            + if grads.is_some() { 2.0 * n * r * (i + o) } else { 0.0 };
+        self.run_counted("linear_bwd", flops, || {
+            self.inner.linear_bwd(dy, x, w, lora, xa, grads, weight_grads, need_dx)
+        })
     }
 
     fn rope_fwd(
@@ -212,7 +268,8 @@ impl<O: Ops> Ops for Profiled<'_, O> {
         shape: AttnShape,
         layout: &AttnLayout,
     ) -> Result<(Self::Tensor, Self::Tensor)> {
-        self.run("attention_fwd", || self.inner.attention_fwd(q, k, v, shape, layout))
+        let flops = attention_fwd_flops(shape, layout);
+        self.run_counted("attention_fwd", flops, || self.inner.attention_fwd(q, k, v, shape, layout))
     }
 
     fn attention_bwd(
@@ -226,7 +283,10 @@ impl<O: Ops> Ops for Profiled<'_, O> {
         shape: AttnShape,
         layout: &AttnLayout,
     ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)> {
-        self.run("attention_bwd", || self.inner.attention_bwd(dout, q, k, v, out, lse, shape, layout))
+        let flops = 2.5 * attention_fwd_flops(shape, layout);
+        self.run_counted("attention_bwd", flops, || {
+            self.inner.attention_bwd(dout, q, k, v, out, lse, shape, layout)
+        })
     }
 
     fn swiglu_fwd(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor> {

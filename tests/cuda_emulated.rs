@@ -27,10 +27,6 @@ fn emulated() -> Option<Command> {
     Some(cmd)
 }
 
-fn skipped() {
-    eprintln!("skipped: this build has no CUDA emulator (it is built with the kernels, by nvcc)");
-}
-
 /// A short quickstart fine-tune: 3 steps of 2 rows of 64 tokens, 5% held out.
 fn finetune_args(base: &Path, out: &Path, backend: &str, extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = ["finetune", "-c", "configs/quickstart.yaml"].map(String::from).to_vec();
@@ -69,7 +65,7 @@ fn close_losses(got: &[f64], want: &[f64], rel: f64, what: &str) {
 
 #[test]
 fn finetune_on_cuda_follows_the_cpu_and_resumes_bit_for_bit() {
-    let Some(_) = emulated() else { return skipped() };
+    let Some(_) = emulated() else { return common::skipped_without_emulator() };
     let tmp = tempfile::tempdir().unwrap();
     let base = base_model(tmp.path());
     let cpu = tmp.path().join("cpu");
@@ -106,7 +102,7 @@ fn finetune_on_cuda_follows_the_cpu_and_resumes_bit_for_bit() {
 
 #[test]
 fn nccl_data_parallel_follows_one_process() {
-    let Some(_) = emulated() else { return skipped() };
+    let Some(_) = emulated() else { return common::skipped_without_emulator() };
     let tmp = tempfile::tempdir().unwrap();
     let base = base_model(tmp.path());
     let plain = tmp.path().join("plain");
@@ -140,7 +136,7 @@ fn nccl_data_parallel_follows_one_process() {
 
 #[test]
 fn eval_bench_and_parity_run_on_cuda() {
-    let Some(_) = emulated() else { return skipped() };
+    let Some(_) = emulated() else { return common::skipped_without_emulator() };
     let tmp = tempfile::tempdir().unwrap();
     let base = base_model(tmp.path());
     let run = tmp.path().join("run");

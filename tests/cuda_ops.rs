@@ -190,8 +190,7 @@ fn every_gpu_test_passes_on_the_cuda_emulator() {
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["--ignored", "--test-threads=2"]);
     let Some(cmd) = common::on_emulator(&mut cmd) else {
-        eprintln!("skipped: this build has no CUDA emulator (it is built with the kernels, by nvcc)");
-        return;
+        return common::skipped_without_emulator();
     };
     let (stdout, _) = common::run_ok(cmd, "the GPU tests on the CUDA emulator");
     let summary = stdout.lines().find(|l| l.starts_with("test result:")).unwrap_or("no summary");
@@ -205,8 +204,7 @@ fn every_gpu_test_passes_on_the_cuda_emulator() {
 #[test]
 fn the_cublaslt_emulator_passes_its_self_test() {
     let Some(dir) = common::emulator_dir() else {
-        eprintln!("skipped: this build has no CUDA emulator (it is built with the kernels, by nvcc)");
-        return;
+        return common::skipped_without_emulator();
     };
     let dir = std::path::Path::new(dir);
     let mut cmd = std::process::Command::new(dir.join("selftest_blaslt"));

@@ -58,9 +58,15 @@ pub fn train_config(out: &Path) -> tuneloop::train::trainer::TrainConfig {
 
 /// The folder of the test suite's CUDA emulator (`tests/emu`: stand-ins for libcuda.so,
 /// libcublasLt.so and libnccl.so that run the kernels on the CPU), when the build made
-/// it (it does whenever it compiles the kernels).
+/// it (it does whenever it compiles the kernels) and it is still there (a test binary
+/// copied to a GPU machine runs without it).
 pub fn emulator_dir() -> Option<&'static str> {
-    option_env!("TUNELOOP_EMU_LIB_DIR")
+    option_env!("TUNELOOP_EMU_LIB_DIR").filter(|d| Path::new(d).join("libcuda.so").is_file())
+}
+
+/// What a test that needs the CUDA emulator says when it is skipped.
+pub fn skipped_without_emulator() {
+    eprintln!("skipped: no CUDA emulator here (a build compiles it with the kernels, by nvcc)");
 }
 
 /// Points `cmd`'s library search at the CUDA emulator, so a CUDA backend it starts runs

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine after scripts/gpu-bundle.sh, like scripts/gpu-check.sh (which
 # checks correctness first; keep the two in separate calls, each fits the 10-minute
-# limit): `tuneloop bench` on the shapes of DESIGN.md's anchor table, each as a markdown
-# table and a JSON line, into $OUT (or gpu-logs/). Copy the numbers into BENCHMARKS.md.
+# limit): `tuneloop bench --kernels` (each kernel against its floor) at the 1B and 8B
+# shapes, then `tuneloop bench` on the shapes of DESIGN.md's anchor table, as markdown
+# tables into $OUT (or gpu-logs/). Copy the numbers into BENCHMARKS.md.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bundle=gpu-bundle
@@ -21,7 +22,9 @@ bench() { # log name, timeout, args...
     echo "=== tuneloop bench $*"
     timeout "$limit" $bundle/tuneloop bench --backend cuda --dtype bf16 --lora-r 16 "$@" 2>&1 | tee "$logs/$log" || failed=1
 }
-bench bench-1b.log 200 --preset llama3.2-1b --seq 2048 --batch 4 --warmup 2 --steps 5
-bench bench-8b-2048.log 170 --preset llama3.1-8b --seq 2048 --batch 2 --warmup 1 --steps 3
-bench bench-8b-4096.log 200 --preset llama3.1-8b --seq 4096 --batch 2 --warmup 1 --steps 3
+bench kernels-1b.log 40 --kernels --preset llama3.2-1b --seq 2048 --batch 4 --steps 5
+bench kernels-8b.log 60 --kernels --preset llama3.1-8b --seq 4096 --batch 2 --steps 3
+bench bench-1b.log 170 --preset llama3.2-1b --seq 2048 --batch 4 --warmup 2 --steps 5
+bench bench-8b-2048.log 150 --preset llama3.1-8b --seq 2048 --batch 2 --warmup 1 --steps 3
+bench bench-8b-4096.log 170 --preset llama3.1-8b --seq 4096 --batch 2 --warmup 1 --steps 3
 exit $failed

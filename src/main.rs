@@ -211,6 +211,10 @@ enum Command {
         /// Print one JSON line instead of markdown tables.
         #[arg(long)]
         json: bool,
+        /// Time each kernel on its own at these shapes (--steps calls each) against its
+        /// floor, instead of whole training steps.
+        #[arg(long)]
+        kernels: bool,
     },
     /// Export a model with an adapter: `--merge` folds the LoRA weights into the base
     /// and writes a plain HF model directory (safetensors, config, tokenizer).
@@ -537,6 +541,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             backend,
             dtype,
             json,
+            kernels,
         } => {
             use tuneloop::bench::{BenchOptions, ModelSource};
             let source = match (preset, model) {
@@ -559,6 +564,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             // refuse what cannot run before opening a backend
             opts.check()?;
             let ops = tuneloop::ops::backend::select(backend, dtype)?;
+            if kernels {
+                let (name, cfg) = opts.model.load()?;
+                let gemm_n = gemm_size.unwrap_or(if ops.name() == "cpu" { 1024 } else { 4096 });
+                let report = tuneloop::with_backend!(&ops, |ops| {
+                    tuneloop::bench::kernels::run_kernels(ops, &name, &cfg, seq, batch, steps, gemm_n)
+                })?;
+                if json {
+                    println!("{}", report.json_line()?);
+                } else {
+                    print!("{}", report.markdown());
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             let report = tuneloop::with_backend!(&ops, |ops| tuneloop::bench::run(ops, &opts))?;
             if json {
                 println!("{}", report.json_line()?);

@@ -280,3 +280,46 @@ fn bench_on_cuda_without_a_gpu_is_a_clean_error() {
     let out = tuneloop(&["bench", "--preset", "tiny", "--seq", "16", "--batch", "1", "--backend", "cuda"]);
     assert_clean_error(&out, "error: ");
 }
+
+#[test]
+fn bench_kernels_times_every_kernel_against_its_floor() {
+    let out = tuneloop(&[
+        "bench",
+        "--kernels",
+        "--preset",
+        "tiny",
+        "--seq",
+        "32",
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+        "--backend",
+        "cpu",
+        "--gemm-size",
+        "128",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    assert_eq!(v["tokens"], 64);
+    let kernels = v["kernels"].as_array().expect("kernels");
+    let names: Vec<&str> = kernels.iter().map(|k| k["kernel"].as_str().unwrap()).collect();
+    for want in
+        ["attention_fwd", "attention_bwd", "linear_fwd q_proj", "rmsnorm_fwd", "swiglu_bwd", "adamw_step"]
+    {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    let (gemm, bw) = (v["gemm"]["tflops"].as_f64().unwrap() * 1e12, v["bandwidth"].as_f64().unwrap());
+    assert!(gemm > 0.0 && bw > 0.0);
+    for k in kernels {
+        let f = |key: &str| k[key].as_f64().unwrap();
+        assert!(f("seconds") > 0.0, "{k}");
+        // the floor is the larger of the compute and the memory time
+        assert!(close(f("floor_seconds"), (f("flops") / gemm).max(f("bytes") / bw), 1e-9), "{k}");
+    }
+    // two sequences of 32, 4 heads of 32: 4·128·(2·32·33/2) FLOPs forward, 2.5× backward
+    let attn = |name: &str| kernels.iter().find(|k| k["kernel"] == name).unwrap()["flops"].as_f64().unwrap();
+    assert_eq!(attn("attention_fwd"), 4.0 * 128.0 * 1056.0);
+    assert_eq!(attn("attention_bwd"), 2.5 * 4.0 * 128.0 * 1056.0);
+}

@@ -198,6 +198,26 @@ fn eval_bench_and_parity_run_on_cuda() {
     assert!(first.is_finite() && last < first, "bench's loss {first} -> {last}");
     assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0 && v["peak_memory_bytes"].as_u64().unwrap() > 0);
 
+    // the kernel micro-benchmarks, on the same shapes
+    let mut cmd = emulated().unwrap();
+    cmd.args(["bench", "--kernels", "--model"]).arg(&shapes).args(["--seq", "32", "--batch", "2"]).args([
+        "--steps",
+        "1",
+        "--backend",
+        "cuda",
+        "--dtype",
+        "bf16",
+        "--gemm-size",
+        "128",
+        "--json",
+    ]);
+    let (stdout, _) = run_ok(&mut cmd, "bench --kernels on CUDA");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("bench --kernels prints JSON");
+    assert_eq!(v["backend"], "cuda-bf16");
+    let kernels = v["kernels"].as_array().expect("kernels");
+    assert_eq!(kernels.len(), 10, "{v}");
+    assert!(kernels.iter().all(|k| k["seconds"].as_f64().unwrap() > 0.0), "{v}");
+
     // parity on the golden cases, both modes
     for dtype in ["f32", "bf16"] {
         let mut cmd = emulated().unwrap();

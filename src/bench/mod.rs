@@ -18,6 +18,7 @@
 //!   between synchronizes), apart from the timed steps so it does not slow them.
 
 pub mod anchors;
+pub mod kernels;
 pub mod profile;
 
 use std::fmt::Write as _;

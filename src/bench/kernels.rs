@@ -1,0 +1,255 @@
+//! Kernel micro-benchmarks (`tuneloop bench --kernels`, `cargo bench --bench kernels`):
+//! each op of a LoRA step timed on its own at a model's shapes for `seq × batch` tokens,
+//! against its floor: its FLOPs at the GEMM rate measured on the same backend, or its
+//! bytes at the memory bandwidth measured there (an elementwise add), whichever is
+//! longer. The ratio floor / time says how close an op comes to what the hardware allows.
+
+use std::fmt::Write as _;
+
+use anyhow::{ensure, Result};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use super::profile::attention_fwd_flops;
+use super::{gemm_rate, GemmRate};
+use crate::model::ModelConfig;
+use crate::ops::{AdamWParams, AttnLayout, AttnShape, HostWeight, LoraRef, Ops};
+
+/// One kernel's measurement.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct KernelTime {
+    pub kernel: &'static str,
+    pub shape: String,
+    /// Mean time of one call.
+    pub seconds: f64,
+    /// Model FLOPs of one call (0 for the memory-bound ops).
+    pub flops: f64,
+    /// Bytes one call must read and write at the least.
+    pub bytes: f64,
+    /// max(flops / GEMM rate, bytes / bandwidth).
+    pub floor_seconds: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct KernelReport {
+    pub model: String,
+    pub backend: String,
+    pub tokens: usize,
+    pub gemm: GemmRate,
+    /// Bytes per second of `add_assign` (two reads and a write) over a large tensor.
+    pub bandwidth: f64,
+    pub kernels: Vec<KernelTime>,
+}
+
+/// Mean seconds of one `f()` over `reps` calls after one untimed call.
+fn mean_time<O: Ops>(ops: &O, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let ((), s) = ops.timed(|| (0..reps).try_for_each(|_| f()))?;
+    Ok(s / reps as f64)
+}
+
+/// Runs the micro-benchmarks of `cfg`'s shapes at `seq × batch` tokens, `reps` calls each.
+pub fn run_kernels<O: Ops>(
+    ops: &O,
+    model: &str,
+    cfg: &ModelConfig,
+    seq: usize,
+    batch: usize,
+    reps: usize,
+    gemm_n: usize,
+) -> Result<KernelReport> {
+    ensure!(seq > 0 && batch > 0 && reps > 0, "--seq, --batch and --steps must be at least 1");
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let mut random =
+        |n: usize, amp: f32| -> Vec<f32> { (0..n).map(|_| rng.random_range(-amp..amp)).collect() };
+    // activations are 2 bytes in the CUDA backend's bf16 mode, 4 elsewhere; the optimizer
+    // state and the LoRA masters are f32 everywhere
+    let elem = if ops.name().ends_with("bf16") { 2.0 } else { 4.0 };
+    let t = seq * batch;
+    let (d, ff, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let (h, hkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+    let (qw, kw) = (h * hd, hkv * hd);
+    let tf = t as f64;
+
+    // Activations and frozen weights in the backend's activation type, as a step holds
+    // them (`upload_weight`: bf16 in the CUDA backend's bf16 mode); LoRA masters,
+    // optimizer state and the RoPE tables in f32 (`upload`).
+    let act = |shape: &[usize], data: &[f32]| {
+        ops.upload_weight(&HostWeight {
+            name: "bench",
+            shape: shape.to_vec(),
+            dtype: safetensors::Dtype::F32,
+            bytes: bytemuck::cast_slice(data),
+        })
+    };
+
+    let gemm = gemm_rate(ops, gemm_n)?;
+    let bw_n = if ops.name() == "cpu" { 1 << 22 } else { 1 << 27 };
+    let mut a = act(&[bw_n], &random(bw_n, 1.0))?;
+    let b = act(&[bw_n], &random(bw_n, 1.0))?;
+    let bw_s = mean_time(ops, reps, || ops.add_assign(&mut a, &b))?;
+    let bandwidth = 3.0 * bw_n as f64 * elem / bw_s;
+    drop((a, b));
+
+    let mut kernels = Vec::new();
+    let mut record = |kernel, shape: String, seconds: f64, flops: f64, bytes: f64| {
+        let floor_seconds = (flops / (gemm.tflops * 1e12)).max(bytes / bandwidth);
+        kernels.push(KernelTime { kernel, shape, seconds, flops, bytes, floor_seconds });
+    };
+
+    // attention over `batch` sequences of `seq`
+    let shape = AttnShape { n_heads: h, n_kv_heads: hkv, head_dim: hd };
+    let layout = AttnLayout::packed(&vec![seq; batch]);
+    let q = act(&[t, qw], &random(t * qw, 1.0))?;
+    let k = act(&[t, kw], &random(t * kw, 1.0))?;
+    let vv = act(&[t, kw], &random(t * kw, 1.0))?;
+    let attn_shape = format!("{batch}×{seq}, {h}/{hkv} heads of {hd}");
+    let io = (2.0 * tf * qw as f64 + 2.0 * tf * kw as f64) * elem + 4.0 * tf * h as f64;
+    let s = mean_time(ops, reps, || ops.attention_fwd(&q, &k, &vv, shape, &layout).map(drop))?;
+    record("attention_fwd", attn_shape.clone(), s, attention_fwd_flops(shape, &layout), io);
+    let (out, lse) = ops.attention_fwd(&q, &k, &vv, shape, &layout)?;
+    let dout = act(&[t, qw], &random(t * qw, 1.0))?;
+    let s =
+        mean_time(ops, reps, || ops.attention_bwd(&dout, &q, &k, &vv, &out, &lse, shape, &layout).map(drop))?;
+    record("attention_bwd", attn_shape, s, 2.5 * attention_fwd_flops(shape, &layout), 2.0 * io);
+    drop((k, vv, out, lse, dout));
+
+    // two projections with their LoRA path (r = 16): the widest input and a narrow one
+    let r = 16;
+    let x_d = act(&[t, d], &random(t * d, 1.0))?;
+    let x_ff = act(&[t, ff], &random(t * ff, 1.0))?;
+    for (name, x, inp, outp) in [("linear_fwd q_proj", &x_d, d, qw), ("linear_fwd down_proj", &x_ff, ff, d)] {
+        let w = act(&[outp, inp], &random(outp * inp, 0.02))?;
+        let la = ops.upload(&random(r * inp, 0.02), &[r, inp])?;
+        let lb = ops.upload(&random(outp * r, 0.02), &[outp, r])?;
+        let lora = || Some(LoraRef { a: &la, b: &lb, scale: 2.0, dropout: None });
+        let s = mean_time(ops, reps, || ops.linear_fwd(x, &w, None, lora()).map(drop))?;
+        let flops = 2.0 * tf * (inp * outp) as f64 + 2.0 * tf * (r * (inp + outp)) as f64;
+        let bytes = (tf * (inp + outp) as f64 + (inp * outp) as f64) * elem;
+        record(name, format!("[{t}, {inp}] → {outp}, r {r}"), s, flops, bytes);
+    }
+    drop(x_ff);
+
+    // the memory-bound ops
+    let norm_w = act(&[d], &vec![1.0; d])?;
+    let s = mean_time(ops, reps, || ops.rmsnorm_fwd(&x_d, &norm_w, 1e-5).map(drop))?;
+    record("rmsnorm_fwd", format!("[{t}, {d}]"), s, 0.0, 2.0 * tf * d as f64 * elem + 4.0 * tf);
+    drop(x_d);
+    let cos = ops.upload(&random(t * hd / 2, 1.0), &[t, hd / 2])?;
+    let sin = ops.upload(&random(t * hd / 2, 1.0), &[t, hd / 2])?;
+    let mut q = q;
+    let s = mean_time(ops, reps, || ops.rope_fwd(&mut q, &cos, &sin, hd))?;
+    record(
+        "rope_fwd (q)",
+        format!("[{t}, {qw}]"),
+        s,
+        0.0,
+        2.0 * tf * qw as f64 * elem + 4.0 * tf * hd as f64,
+    );
+    drop((q, cos, sin));
+    let gate = act(&[t, ff], &random(t * ff, 2.0))?;
+    let up = act(&[t, ff], &random(t * ff, 2.0))?;
+    let s = mean_time(ops, reps, || ops.swiglu_fwd(&gate, &up).map(drop))?;
+    record("swiglu_fwd", format!("[{t}, {ff}]"), s, 0.0, 3.0 * tf * ff as f64 * elem);
+    let dh = act(&[t, ff], &random(t * ff, 1.0))?;
+    let s = mean_time(ops, reps, || ops.swiglu_bwd(&dh, &gate, &up).map(drop))?;
+    record("swiglu_bwd", format!("[{t}, {ff}]"), s, 0.0, 5.0 * tf * ff as f64 * elem);
+    drop((gate, up, dh));
+    let rows = t.min(1024);
+    let logits = act(&[rows, v], &random(rows * v, 8.0))?;
+    let targets: Vec<i64> = (0..rows).map(|i| ((i * 7919) % v) as i64).collect();
+    let s = mean_time(ops, reps, || ops.cross_entropy(&logits, &targets, Some(1.0)).map(drop))?;
+    record("cross_entropy", format!("[{rows}, {v}]"), s, 0.0, 2.0 * (rows * v) as f64 * elem);
+    drop(logits);
+
+    // AdamW over every LoRA tensor of the model (r = 16 on all seven projections)
+    let dims = [(d, qw), (d, kw), (d, kw), (qw, d), (d, ff), (d, ff), (ff, d)];
+    let mut shapes = Vec::new();
+    for _ in 0..cfg.num_hidden_layers {
+        for &(inp, outp) in &dims {
+            shapes.push([r, inp]);
+            shapes.push([outp, r]);
+        }
+    }
+    let n_params: usize = shapes.iter().map(|s| s[0] * s[1]).sum();
+    let make = |amp: f32, rng: &mut ChaCha8Rng| -> Result<Vec<O::Tensor>> {
+        shapes
+            .iter()
+            .map(|s| {
+                let data: Vec<f32> = (0..s[0] * s[1]).map(|_| rng.random_range(-amp..amp)).collect();
+                ops.upload(&data, s)
+            })
+            .collect()
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let (mut p, g) = (make(0.02, &mut rng)?, make(1e-3, &mut rng)?);
+    let zeros = || shapes.iter().map(|s| ops.zeros(s)).collect::<Result<Vec<_>>>();
+    let (mut m, mut vs) = (zeros()?, zeros()?);
+    let hp = AdamWParams { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+    let mut step = 0;
+    let s = mean_time(ops, reps, || {
+        step += 1;
+        ops.adamw_step(
+            &mut p.iter_mut().collect::<Vec<_>>(),
+            &g.iter().collect::<Vec<_>>(),
+            &mut m.iter_mut().collect::<Vec<_>>(),
+            &mut vs.iter_mut().collect::<Vec<_>>(),
+            step,
+            hp,
+        )
+    })?;
+    record(
+        "adamw_step",
+        format!("{} tensors, {n_params} values", shapes.len()),
+        s,
+        0.0,
+        28.0 * n_params as f64,
+    );
+
+    Ok(KernelReport {
+        model: model.to_string(),
+        backend: ops.name().to_string(),
+        tokens: t,
+        gemm,
+        bandwidth,
+        kernels,
+    })
+}
+
+impl KernelReport {
+    pub fn json_line(&self) -> Result<String> {
+        Ok(serde_json::to_string(self)?)
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "{} on {}, {} tokens; GEMM {:.4} TFLOP/s ({}³), bandwidth {:.1} GB/s (add_assign)\n",
+            self.model,
+            self.backend,
+            self.tokens,
+            self.gemm.tflops,
+            self.gemm.n,
+            self.bandwidth / 1e9
+        );
+        let _ = writeln!(s, "| kernel | shape | ms | TFLOP/s | GB/s | floor ms | floor / time |");
+        let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- | --- |");
+        for k in &self.kernels {
+            let tflops =
+                if k.flops > 0.0 { format!("{:.4}", k.flops / k.seconds / 1e12) } else { "-".into() };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.3} | {tflops} | {:.1} | {:.3} | {:.1}% |",
+                k.kernel,
+                k.shape,
+                1e3 * k.seconds,
+                k.bytes / k.seconds / 1e9,
+                1e3 * k.floor_seconds,
+                100.0 * k.floor_seconds / k.seconds
+            );
+        }
+        s
+    }
+}

@@ -69,7 +69,11 @@ impl<O: Ops> StepInputs<O> {
 pub struct LayerActs<T> {
     /// The layer's input (the residual stream).
     pub x_in: T,
-    pub n1: T,
+    /// The normed inputs of the attention and MLP projections and the SwiGLU output:
+    /// `None` in the activations a forward keeps for the backward, which recomputes
+    /// them from `x_in`, `h`, `gate` and `up` (one elementwise pass each, the same bits)
+    /// rather than hold 2·hidden + intermediate values per token and layer.
+    pub n1: Option<T>,
     pub rstd1: T,
     /// After RoPE.
     pub q: T,
@@ -79,11 +83,11 @@ pub struct LayerActs<T> {
     pub lse: T,
     /// The residual stream after attention.
     pub h: T,
-    pub n2: T,
+    pub n2: Option<T>,
     pub rstd2: T,
     pub gate: T,
     pub up: T,
-    pub act: T,
+    pub act: Option<T>,
     /// `x·Aᵀ` of each LoRA projection, by `Proj as usize`.
     pub xa: [Option<T>; 7],
 }
@@ -192,7 +196,7 @@ impl<'a, O: Ops> Decoder<'a, O> {
             if keep && self.recompute {
                 inputs.push(acts.x_in);
             } else if keep {
-                layers.push(acts);
+                layers.push(LayerActs { n1: None, n2: None, act: None, ..acts });
             }
         }
         let (final_norm, final_rstd) = ops.rmsnorm_fwd(&x, &self.model.norm, c.rms_norm_eps)?;
@@ -242,6 +246,7 @@ impl<'a, O: Ops> Decoder<'a, O> {
         (xa[Proj::Gate as usize], xa[Proj::Up as usize], xa[Proj::Down as usize]) = (xa_g, xa_u, xa_d);
         let mut out = down;
         ops.add_assign(&mut out, &h)?;
+        let (n1, n2, act) = (Some(n1), Some(n2), Some(act));
         Ok((out, LayerActs { x_in: x, n1, rstd1, q, k, v, attn, lse, h, n2, rstd2, gate, up, act, xa }))
     }
 
@@ -337,13 +342,37 @@ impl<'a, O: Ops> Decoder<'a, O> {
             let layer = &self.model.layers[l];
             let need = |o: Option<O::Tensor>| o.context("linear backward gave no input gradient");
             // MLP: out = h + down(swiglu(gate(n2), up(n2)))
-            let dact = need(self.linear_bwd(l, Proj::Down, &dx, &a.act, a, &mut grads, true)?)?;
+            let eps = c.rms_norm_eps;
+            let dact = {
+                let recomputed;
+                let act = match &a.act {
+                    Some(t) => t,
+                    None => {
+                        recomputed = ops.swiglu_fwd(&a.gate, &a.up)?;
+                        &recomputed
+                    }
+                };
+                need(self.linear_bwd(l, Proj::Down, &dx, act, a, &mut grads, true)?)?
+            };
             let (dgate, dup) = ops.swiglu_bwd(&dact, &a.gate, &a.up)?;
-            let mut dn2 = need(self.linear_bwd(l, Proj::Gate, &dgate, &a.n2, a, &mut grads, true)?)?;
-            ops.add_assign(
-                &mut dn2,
-                &need(self.linear_bwd(l, Proj::Up, &dup, &a.n2, a, &mut grads, true)?)?,
-            )?;
+            drop(dact);
+            let dn2 = {
+                let recomputed;
+                let n2 = match &a.n2 {
+                    Some(t) => t,
+                    None => {
+                        recomputed = ops.rmsnorm_fwd(&a.h, &layer.post_attention_layernorm, eps)?.0;
+                        &recomputed
+                    }
+                };
+                let mut dn2 = need(self.linear_bwd(l, Proj::Gate, &dgate, n2, a, &mut grads, true)?)?;
+                ops.add_assign(
+                    &mut dn2,
+                    &need(self.linear_bwd(l, Proj::Up, &dup, n2, a, &mut grads, true)?)?,
+                )?;
+                dn2
+            };
+            drop((dgate, dup));
             let dw = grads.model.as_deref_mut().map(|g| &mut g.layers[l].post_attention_layernorm);
             let mut dh = ops.rmsnorm_bwd(&dn2, &a.h, &layer.post_attention_layernorm, &a.rstd2, dw)?;
             ops.add_assign(&mut dh, &dx)?;
@@ -356,9 +385,21 @@ impl<'a, O: Ops> Decoder<'a, O> {
             // The first layer's input gradient only feeds the embedding, which a LoRA
             // run does not train.
             let need_dx = l > 0 || full;
-            let dn1_q = self.linear_bwd(l, Proj::Q, &dq, &a.n1, a, &mut grads, need_dx)?;
-            let dn1_k = self.linear_bwd(l, Proj::K, &dk, &a.n1, a, &mut grads, need_dx)?;
-            let dn1_v = self.linear_bwd(l, Proj::V, &dv, &a.n1, a, &mut grads, need_dx)?;
+            let (dn1_q, dn1_k, dn1_v) = {
+                let recomputed;
+                let n1 = match &a.n1 {
+                    Some(t) => t,
+                    None => {
+                        recomputed = ops.rmsnorm_fwd(&a.x_in, &layer.input_layernorm, eps)?.0;
+                        &recomputed
+                    }
+                };
+                (
+                    self.linear_bwd(l, Proj::Q, &dq, n1, a, &mut grads, need_dx)?,
+                    self.linear_bwd(l, Proj::K, &dk, n1, a, &mut grads, need_dx)?,
+                    self.linear_bwd(l, Proj::V, &dv, n1, a, &mut grads, need_dx)?,
+                )
+            };
             if need_dx {
                 let mut dn1 = need(dn1_q)?;
                 ops.add_assign(&mut dn1, &need(dn1_k)?)?;

@@ -587,6 +587,25 @@ EXPORT CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, CUstream) { return all
 EXPORT CUresult cuMemFree_v2(CUdeviceptr p) { return release(p); }
 EXPORT CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) { return release(p); }
 
+// The stream-ordered pool: one per device; only its release threshold can be set (the
+// emulator's allocations never outlive their free anyway).
+int pool_objects[64];
+
+EXPORT CUresult cuDeviceGetDefaultMemPool(void** pool, CUdevice d) {
+    if (!pool) return CUDA_ERROR_INVALID_VALUE;
+    if (!valid_device(d)) return CUDA_ERROR_INVALID_DEVICE;
+    *pool = &pool_objects[d];
+    return CUDA_SUCCESS;
+}
+
+EXPORT CUresult cuMemPoolSetAttribute(void* pool, int attribute, void* value) {
+    const int* p = static_cast<const int*>(pool);
+    if (p < pool_objects || p >= pool_objects + device_count() || !value) return CUDA_ERROR_INVALID_VALUE;
+    if (attribute == 4) return CUDA_SUCCESS;  // CU_MEMPOOL_ATTR_RELEASE_THRESHOLD
+    say("cuMemPoolSetAttribute(%d) is not emulated", attribute);
+    return CUDA_ERROR_NOT_SUPPORTED;
+}
+
 EXPORT CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
     if (!free_bytes || !total) return CUDA_ERROR_INVALID_VALUE;
     std::lock_guard<std::recursive_mutex> lock(mu);

@@ -60,6 +60,7 @@ impl Runtime {
             "CUDA device {ordinal} requested but {count} device(s) are visible"
         );
         let ctx = CudaContext::new(ordinal).with_context(|| format!("cannot open CUDA device {ordinal}"))?;
+        keep_freed_memory(&ctx)?;
         // One stream, synchronised by hand: no per-buffer events.
         // SAFETY: called before any buffer exists, and all work goes to one stream.
         unsafe { ctx.disable_event_tracking() };
@@ -129,6 +130,36 @@ impl From<f32> for Arg {
     fn from(v: f32) -> Self {
         Arg::F32(v)
     }
+}
+
+/// Buffers come from the device's stream-ordered memory pool (cuMemAllocAsync), whose
+/// default returns freed memory to the driver at every synchronize, so that each step
+/// would map its activations afresh. A release threshold of "never" keeps it pooled, as
+/// PyTorch's caching allocator does; device memory in use then includes the pool.
+fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
+    use cudarc::driver::sys;
+    let pools = ctx
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED)
+        .context("asking whether the GPU has memory pools")?;
+    if pools == 0 {
+        return Ok(());
+    }
+    let mut pool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: `pool` is written by the driver; the attribute takes a u64 by pointer.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .context("the default memory pool")?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()
+        .context("setting the memory pool's release threshold")?;
+    }
+    Ok(())
 }
 
 /// The dynamic shared memory a kernel gets without opting in.

@@ -3,17 +3,14 @@
 //! peak memory and the time per op. `cargo bench --bench cpu_step`
 //! (optionally `-- PRESET SEQ BATCH STEPS`).
 
+mod common;
+
 use tuneloop::bench::{run, BenchOptions, ModelSource};
 use tuneloop::ops::cpu::CpuOps;
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-    let arg = |i: usize, default: usize| -> anyhow::Result<usize> {
-        match args.get(i) {
-            Some(s) => s.parse().map_err(|e| anyhow::anyhow!("argument {}: {s:?}: {e}", i + 1)),
-            None => Ok(default),
-        }
-    };
+    let args = common::positional();
+    let arg = |i: usize, default: usize| common::number(&args, i, default);
     let name = args.first().map(String::as_str).unwrap_or("smollm2-135m");
     let opts = BenchOptions {
         seq: arg(1, 256)?,

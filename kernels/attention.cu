@@ -377,6 +377,39 @@ __device__ __forceinline__ void mma_a_global(uint32_t (&a)[HD / 16][4], const __
     }
 }
 
+// The geometry of a block of a query-side kernel (attn_fwd_mma, attn_bwd_dq_mma): its
+// span and head, and the rows and visible keys of the calling warp and lane.
+struct MmaQueryBlock {
+    Span sp;
+    int h, kvh;    // query head, its K/V head
+    int wq, wk;    // row widths of q and of k/v
+    int shift;     // k_len - q_len: query i sees keys 0 ..= i + shift
+    int r0;        // the warp's first row, in the span
+    int nv_block;  // keys the block's last row sees
+    int nv_warp;   // keys the warp's last row sees
+    int row[2];    // this lane's two rows, in the span
+};
+
+template <int HD>
+__device__ __forceinline__ MmaQueryBlock mma_query_block(const int* spans, const int* tiles, int n_heads,
+                                                         int n_kv_heads) {
+    MmaQueryBlock b;
+    b.sp = load_span(spans, tiles[2 * blockIdx.x]);
+    const int i0 = tiles[2 * blockIdx.x + 1];
+    b.h = blockIdx.y;
+    b.kvh = b.h / (n_heads / n_kv_heads);
+    b.wq = n_heads * HD;
+    b.wk = n_kv_heads * HD;
+    b.shift = b.sp.k_len - b.sp.q_len;
+    b.r0 = i0 + 16 * (threadIdx.x / tl::WARP_SIZE);
+    b.nv_block = min(i0 + MMA_ROWS, b.sp.q_len) + b.shift;
+    b.nv_warp = min(b.r0 + 16, b.sp.q_len) + b.shift;
+    const int g = threadIdx.x % tl::WARP_SIZE / 4;
+    b.row[0] = b.r0 + g;
+    b.row[1] = b.r0 + g + 8;
+    return b;
+}
+
 template <int HD>
 __device__ void fwd_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
                         const __nv_bfloat16* v, const int* spans, const int* tiles, int n_heads, int n_kv_heads,
@@ -385,19 +418,12 @@ __device__ void fwd_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, 
     TL_DYNAMIC_SHARED(float, smem);
     __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(smem);
     __nv_bfloat16* v_s = k_s + MMA_TILE * LD;
-    const int warp = threadIdx.x / tl::WARP_SIZE, lane = threadIdx.x % tl::WARP_SIZE;
-    const int g = lane / 4, t = lane % 4;
-
-    const Span sp = load_span(spans, tiles[2 * blockIdx.x]);
-    const int i0 = tiles[2 * blockIdx.x + 1];
-    const int h = blockIdx.y;
-    const int kvh = h / (n_heads / n_kv_heads);
-    const int wq = n_heads * HD, wk = n_kv_heads * HD;
-    const int shift = sp.k_len - sp.q_len;
-    const int r0 = i0 + 16 * warp;
-    const int nv_block = min(i0 + MMA_ROWS, sp.q_len) + shift;  // keys the block's last row sees
-    const int nv_warp = min(r0 + 16, sp.q_len) + shift;         // ... and the warp's
-    const int row[2] = {r0 + g, r0 + g + 8};                     // this lane's rows
+    const int t = threadIdx.x % 4;
+    const MmaQueryBlock blk = mma_query_block<HD>(spans, tiles, n_heads, n_kv_heads);
+    const Span& sp = blk.sp;
+    const int h = blk.h, kvh = blk.kvh, wq = blk.wq, wk = blk.wk, shift = blk.shift;
+    const int r0 = blk.r0, nv_block = blk.nv_block, nv_warp = blk.nv_warp;
+    const int* row = blk.row;
 
     uint32_t qf[HD / 16][4];
     mma_a_global<HD>(qf, q, sp.q_start + r0, sp.q_len - r0, wq, h * HD);
@@ -506,19 +532,12 @@ __device__ void bwd_dq_mma(__nv_bfloat16* dq, const __nv_bfloat16* dout, const _
     TL_DYNAMIC_SHARED(float, smem);
     __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(smem);
     __nv_bfloat16* v_s = k_s + MMA_TILE * LD;
-    const int warp = threadIdx.x / tl::WARP_SIZE, lane = threadIdx.x % tl::WARP_SIZE;
-    const int g = lane / 4, t = lane % 4;
-
-    const Span sp = load_span(spans, tiles[2 * blockIdx.x]);
-    const int i0 = tiles[2 * blockIdx.x + 1];
-    const int h = blockIdx.y;
-    const int kvh = h / (n_heads / n_kv_heads);
-    const int wq = n_heads * HD, wk = n_kv_heads * HD;
-    const int shift = sp.k_len - sp.q_len;
-    const int r0 = i0 + 16 * warp;
-    const int nv_block = min(i0 + MMA_ROWS, sp.q_len) + shift;
-    const int nv_warp = min(r0 + 16, sp.q_len) + shift;
-    const int row[2] = {r0 + g, r0 + g + 8};
+    const int t = threadIdx.x % 4;
+    const MmaQueryBlock blk = mma_query_block<HD>(spans, tiles, n_heads, n_kv_heads);
+    const Span& sp = blk.sp;
+    const int h = blk.h, kvh = blk.kvh, wq = blk.wq, wk = blk.wk, shift = blk.shift;
+    const int r0 = blk.r0, nv_block = blk.nv_block, nv_warp = blk.nv_warp;
+    const int* row = blk.row;
 
     uint32_t qf[HD / 16][4], of[HD / 16][4];
     mma_a_global<HD>(qf, q, sp.q_start + r0, sp.q_len - r0, wq, h * HD);

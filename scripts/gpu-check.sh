@@ -10,7 +10,8 @@
 # It sets up the loader path for cuBLAS(Lt) and NCCL, then runs:
 #   - the GPU tests of tests/cuda_ops.rs (every op against the CPU op in the f32 and the
 #     bf16 mode, golden parity in both);
-#   - compute-sanitizer --tool memcheck over the op tests (if compute-sanitizer exists);
+#   - compute-sanitizer --tool memcheck over the op tests (if compute-sanitizer exists and
+#     TUNELOOP_MEMCHECK is not 0);
 #   - tuneloop parity --backend cuda --dtype f32 and --dtype bf16 on the golden cases;
 #   - a quickstart fine-tune on CUDA alone and as world size 1 over the rendezvous and
 #     NCCL, whose adapters must be identical;
@@ -62,7 +63,9 @@ run_step "cuda_ops tests (GPU, ignored ones)" cuda-ops.log \
     $bundle/cuda_ops --ignored --test-threads=1
 run_step "cuda_ops tests (no-GPU ones)" cuda-ops-plain.log $bundle/cuda_ops --test-threads=1
 
-if command -v compute-sanitizer >/dev/null 2>&1 || [[ -x /usr/local/cuda/bin/compute-sanitizer ]]; then
+if [[ ${TUNELOOP_MEMCHECK:-1} == 0 ]]; then
+    record "compute-sanitizer memcheck (op tests)" "skipped (TUNELOOP_MEMCHECK=0)"
+elif command -v compute-sanitizer >/dev/null 2>&1 || [[ -x /usr/local/cuda/bin/compute-sanitizer ]]; then
     cs="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
     run_step "compute-sanitizer memcheck (op tests)" memcheck.log \
         "$cs" --tool memcheck --error-exitcode 1 $bundle/cuda_ops --ignored --test-threads=1 \

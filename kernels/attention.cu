@@ -306,20 +306,32 @@ __device__ void bwd_dkdv(T* dk, T* dv, const T* dout, const T* q, const T* k, co
 
 constexpr int MMA_WARPS = 4, MMA_ROWS = 16 * MMA_WARPS, MMA_TILE = 64;
 
+// 16 bytes: 8 bf16, moved with one vector load or store.
+struct alignas(16) Bf16x8 {
+    uint32_t w[4];
+};
+
 // Copies rows row0 .. row0 + MMA_TILE of columns col0 .. col0 + HD of a [*, width] matrix
-// into shared memory (row stride HD + 8); rows at or past `valid` become zeros (a NaN
-// there would survive a zero probability in a product).
+// into shared memory (row stride HD + 8), 8 elements a thread at a time (16-byte loads
+// when the source rows are 16-byte aligned, as whole-buffer tensors are); rows at or
+// past `valid` become zeros (a NaN there would survive a zero probability in a product).
 template <int HD>
 __device__ __forceinline__ void mma_load_tile(__nv_bfloat16* dst, const __nv_bfloat16* src, int row0, int valid,
                                               int width, int col0) {
-    for (int idx = threadIdx.x; idx < MMA_TILE * HD / 2; idx += blockDim.x) {
-        const int r = idx / (HD / 2), c = 2 * (idx % (HD / 2));
-        uint32_t w = 0u;
+    const bool aligned = (reinterpret_cast<uintptr_t>(src) % 16 == 0) && width % 8 == 0 && col0 % 8 == 0;
+    for (int idx = threadIdx.x; idx < MMA_TILE * HD / 8; idx += blockDim.x) {
+        const int r = idx / (HD / 8), c = 8 * (idx % (HD / 8));
+        Bf16x8 v = {{0u, 0u, 0u, 0u}};
         if (r < valid) {
             const __nv_bfloat16* p = src + (size_t)(row0 + r) * width + col0 + c;
-            w = tl::pack_bf16(p[0], p[1]);
+            if (aligned) {
+                v = *reinterpret_cast<const Bf16x8*>(p);
+            } else {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) v.w[j] = tl::pack_bf16(p[2 * j], p[2 * j + 1]);
+            }
         }
-        *reinterpret_cast<uint32_t*>(dst + r * (HD + 8) + c) = w;
+        *reinterpret_cast<Bf16x8*>(dst + r * (HD + 8) + c) = v;
     }
 }
 

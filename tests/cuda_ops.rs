@@ -398,6 +398,15 @@ fn linear_with_lora(dtype: DType) {
         let (yg, xag) = p.gpu.linear_fwd(&xg, &wg, bias.then_some(&bg), Some(lg())).unwrap();
         close("linear_fwd y", &p.down(&yg), &yc.data, tol);
         close("linear_fwd xa", &p.down(xag.as_ref().unwrap()), &xac.as_ref().unwrap().data, tol);
+        // a training step's compute-type copies of A and B (bf16 mode) give the same bits
+        let (ac2, bc2) = (p.gpu.compute_copy(&ag).unwrap(), p.gpu.compute_copy(&bbg).unwrap());
+        assert_eq!(ac2.is_some(), p.bf16(), "compute copies exactly in the bf16 mode");
+        if let (Some(a2), Some(b2)) = (&ac2, &bc2) {
+            let l2 = LoraRef { a: a2, b: b2, scale: 2.0, dropout: drop };
+            let (y2, _) = p.gpu.linear_fwd(&xg, &wg, bias.then_some(&bg), Some(l2)).unwrap();
+            let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+            assert!(bits(p.down(&y2)) == bits(p.down(&yg)), "linear_fwd with compute copies");
+        }
 
         let (dyc, dyg) = p.both(&[n, out], 1.0);
         // gradients are f32 accumulators in both modes

@@ -33,6 +33,7 @@ use crate::model::decoder::Grads;
 use crate::model::presets::{lora_step_flops, preset};
 use crate::model::{Adapter, Decoder, LoraConfig, Model, ModelConfig, Proj};
 use crate::ops::{AdamWParams, HostWeight, Ops};
+use crate::train::Trainable as _;
 use crate::train::{clip_grad_norm, train_step, AdamW, TokenBatch};
 
 pub use anchors::{Anchor, ANCHORS};
@@ -193,7 +194,9 @@ impl<T> LoraStep<T> {
         for t in self.grads.tensors_mut() {
             ops.fill_zero(t)?;
         }
-        let mut dec = Decoder::new(ops, &self.model, Some(&self.adapter));
+        // as a training step: the adapter in the compute type once, not at every op
+        let copy = self.adapter.compute_copy(ops)?;
+        let mut dec = Decoder::new(ops, &self.model, Some(copy.as_ref().unwrap_or(&self.adapter)));
         dec.recompute = self.recompute;
         let r = train_step(&dec, &self.batch, Grads::adapter(&mut self.grads), None, None)?;
         let loss = r.loss_sum / r.n_counted.max(1) as f64;

@@ -346,4 +346,8 @@ impl<O: Ops> Ops for Profiled<'_, O> {
     fn memory_in_use(&self) -> Option<u64> {
         self.inner.memory_in_use()
     }
+
+    fn compute_copy(&self, t: &Self::Tensor) -> Result<Option<Self::Tensor>> {
+        self.run("compute_copy", || self.inner.compute_copy(t))
+    }
 }

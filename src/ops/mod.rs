@@ -331,6 +331,14 @@ pub trait Ops {
         hp: AdamWParams,
     ) -> Result<()>;
 
+    /// `t` in the type this backend computes with, where that differs from how `t` is
+    /// kept (the CUDA backend's bf16 mode: an f32 LoRA master as bf16); `None` where it
+    /// does not. A training step takes such copies of the adapter once, instead of every
+    /// op converting the masters again; the results are the same bits.
+    fn compute_copy(&self, _t: &Self::Tensor) -> Result<Option<Self::Tensor>> {
+        Ok(None)
+    }
+
     // ---- timing and memory (benchmarks) ----
     /// Waits until all work queued on the backend so far has finished (nothing to wait
     /// for on a synchronous backend).

@@ -35,6 +35,12 @@ pub trait Trainable<T>: Sized {
     fn save<O: Ops<Tensor = T>>(&self, ops: &O, dir: &Path) -> Result<()>;
     /// Reads back what [`Trainable::save`] wrote.
     fn load<O: Ops<Tensor = T>>(ops: &O, dir: &Path, frozen: &Self::Frozen) -> Result<Self>;
+    /// These tensors in the type `ops` computes with ([`Ops::compute_copy`]), for the
+    /// forwards and backwards until the next optimizer step; `None` when they already
+    /// are.
+    fn compute_copy<O: Ops<Tensor = T>>(&self, _ops: &O) -> Result<Option<Self>> {
+        Ok(None)
+    }
 }
 
 impl<T> Trainable<T> for Adapter<T> {
@@ -77,6 +83,23 @@ impl<T> Trainable<T> for Adapter<T> {
 
     fn load<O: Ops<Tensor = T>>(ops: &O, dir: &Path, base: &Model<T>) -> Result<Self> {
         Adapter::load(ops, dir, &base.cfg)
+    }
+
+    fn compute_copy<O: Ops<Tensor = T>>(&self, ops: &O) -> Result<Option<Self>> {
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let mut copies: [Option<LoraPair<T>>; 7] = Default::default();
+            for (c, pair) in copies.iter_mut().zip(layer) {
+                if let Some(p) = pair {
+                    let (Some(a), Some(b)) = (ops.compute_copy(&p.a)?, ops.compute_copy(&p.b)?) else {
+                        return Ok(None);
+                    };
+                    *c = Some(LoraPair { a, b });
+                }
+            }
+            layers.push(copies);
+        }
+        Ok(Some(Adapter { cfg: self.cfg.clone(), layers }))
     }
 }
 

@@ -179,6 +179,8 @@ pub fn global_batch_gradients<O: Ops, P: Trainable<O::Tensor>>(
         ops.fill_zero(t)?;
     }
     let mut host = [0.0f64, 0.0]; // loss sum, tokens
+    let copy = params.compute_copy(ops)?;
+    let params = copy.as_ref().unwrap_or(params);
     for i in shard(micro.len(), dist.rank(), dist.world_size()) {
         let mut dec = params.decoder(ops, frozen);
         prepare(i, &mut dec);
@@ -373,6 +375,8 @@ pub fn train_data_parallel<O: Ops, P: Trainable<O::Tensor>>(
 
     let validate = |params: &P| -> Result<(f64, f64)> {
         let _range = crate::profiling::range(c"validate");
+        let copy = params.compute_copy(ops)?;
+        let params = copy.as_ref().unwrap_or(params);
         evaluate_sharded(&params.decoder(ops, frozen), val, cfg.seq_len, cfg.local_batch, dist)
     };
     if state.step == 0 && !val.is_empty() && !log.history.iter().any(|m| m.val_loss.is_some()) {

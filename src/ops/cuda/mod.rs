@@ -1196,6 +1196,13 @@ impl Ops for CudaOps {
         let (free, total) = self.rt.ctx.mem_get_info().ok()?;
         Some(total.saturating_sub(free) as u64)
     }
+
+    fn compute_copy(&self, t: &CudaTensor) -> Result<Option<CudaTensor>> {
+        Ok(match self.act(t)? {
+            Operand::Converted(c) => Some(c),
+            Operand::Borrowed(_) => None,
+        })
+    }
 }
 
 impl CudaOps {

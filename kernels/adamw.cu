@@ -17,6 +17,11 @@
 // sum_squares_partial: partial[blockIdx.x] = sum of x^2 over the block's grid-strided
 // elements, accumulated in f64. The host adds the partials in order (deterministic).
 // Launch: 1-D, blockDim.x == 256 (both variants).
+//
+// sum_squares_multi: the same over many f32 tensors in one launch. Tensor t owns blocks
+// first_block .. first_block + blocks of a 1-D grid and grid-strides over its elements
+// with those alone, so every partial is what sum_squares_partial would give launched on
+// that tensor with `blocks` blocks.
 
 #include "common.cuh"
 
@@ -50,10 +55,13 @@ extern "C" __global__ void adamw_multi(const AdamWTensor* tensors, int n_tensors
 
 namespace tl_adamw {
 
-template <typename T> __device__ void sum_squares_partial(double* partial, const T* x, size_t n) {
+// partial[block] = the f64 sum of x^2 over elements block, block + blocks, ... (times
+// blockDim.x, plus the thread).
+template <typename T>
+__device__ void sum_squares_partial(double* partial, const T* x, size_t n, unsigned block, unsigned blocks) {
     __shared__ double s[256];
     double acc = 0.0;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    for (size_t i = (size_t)block * blockDim.x + threadIdx.x; i < n; i += (size_t)blocks * blockDim.x) {
         const double v = tl::load_f32(x + i);
         acc += v * v;
     }
@@ -63,16 +71,36 @@ template <typename T> __device__ void sum_squares_partial(double* partial, const
         if ((int)threadIdx.x < stride) s[threadIdx.x] += s[threadIdx.x + stride];
         __syncthreads();
     }
-    if (threadIdx.x == 0) partial[blockIdx.x] = s[0];
+    if (threadIdx.x == 0) partial[block] = s[0];
 }
 
 }  // namespace tl_adamw
 
 extern "C" __global__ void __launch_bounds__(256)
 sum_squares_partial(double* partial, const float* x, size_t n) {
-    tl_adamw::sum_squares_partial(partial, x, n);
+    tl_adamw::sum_squares_partial(partial, x, n, blockIdx.x, gridDim.x);
 }
 extern "C" __global__ void __launch_bounds__(256)
 sum_squares_partial_bf16(double* partial, const __nv_bfloat16* x, size_t n) {
-    tl_adamw::sum_squares_partial(partial, x, n);
+    tl_adamw::sum_squares_partial(partial, x, n, blockIdx.x, gridDim.x);
+}
+
+struct SumSquaresTensor {
+    const float* x;
+    unsigned long long n;
+    unsigned long long first_block;  // blocks first_block .. first_block + blocks are its own
+    unsigned long long blocks;
+};
+
+extern "C" __global__ void __launch_bounds__(256)
+sum_squares_multi(double* partial, const SumSquaresTensor* tensors, int n_tensors) {
+    // the tensor owning this block: the last whose first block is at or before it
+    int lo = 0, hi = n_tensors - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (tensors[mid].first_block <= blockIdx.x) lo = mid; else hi = mid - 1;
+    }
+    const SumSquaresTensor t = tensors[lo];
+    tl_adamw::sum_squares_partial(partial + t.first_block, t.x, t.n, blockIdx.x - (unsigned)t.first_block,
+                                  (unsigned)t.blocks);
 }

@@ -44,6 +44,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "adamw_multi",
     "sum_squares_partial",
     "sum_squares_partial_bf16",
+    "sum_squares_multi",
     // kernels/attention.cu
     "attn_fwd_f32_bc32",
     "attn_bwd_dq_f32_bc32",

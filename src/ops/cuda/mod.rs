@@ -1076,6 +1076,24 @@ impl Ops for CudaOps {
         }
         let partial = self.rt.stream.alloc_zeros::<f64>(total).context("CUDA allocation")?;
         let base = self.rt.ptr(&partial);
+        if ts.iter().all(|t| t.dtype() == DType::F32) {
+            // one launch for all (gradients are f32): the same partials, in the same order
+            let mut desc = Vec::with_capacity(ts.len() * 4);
+            let mut first = 0;
+            for (t, &b) in ts.iter().zip(&blocks) {
+                if b > 0 {
+                    desc.extend([self.ptr(t), t.numel() as u64, first as u64, b as u64]);
+                    first += b;
+                }
+            }
+            let n = i32::try_from(desc.len() / 4).context("sum_squares: too many tensors")?;
+            let desc = self.rt.stream.clone_htod(&desc).context("host-to-device copy")?;
+            let grid = u32::try_from(total).context("sum_squares: too many blocks")?;
+            let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+            self.rt.launch("sum_squares_multi", cfg, args![base, self.rt.ptr(&desc), n])?;
+            let partials = self.rt.stream.clone_dtoh(&partial).context("device-to-host copy")?;
+            return Ok(partials.iter().sum());
+        }
         let mut offset = 0;
         for (t, &b) in ts.iter().zip(&blocks) {
             if b == 0 {
@@ -1286,7 +1304,9 @@ mod tests {
                 }
             }
         }
-        names.extend(["sum_squares_partial", "sum_squares_partial_bf16"].map(String::from));
+        names.extend(
+            ["sum_squares_partial", "sum_squares_partial_bf16", "sum_squares_multi"].map(String::from),
+        );
         for attn in ["attn_fwd_mma", "attn_bwd_dq_mma", "attn_bwd_dkdv_mma"] {
             names.extend(["hd64", "hd128"].map(|hd| format!("{attn}_bf16_{hd}")));
         }

@@ -6,14 +6,19 @@
 mod common;
 
 use tuneloop::bench::kernels::run_kernels;
-use tuneloop::model::presets::preset;
+use tuneloop::bench::{BenchOptions, ModelSource};
 use tuneloop::ops::cpu::CpuOps;
 
 fn main() -> anyhow::Result<()> {
     let args = common::positional();
     let arg = |i: usize, default: usize| common::number(&args, i, default);
     let name = args.first().map(String::as_str).unwrap_or("smollm2-135m");
-    let cfg = preset(name)?;
-    print!("{}", run_kernels(&CpuOps, name, &cfg, arg(1, 256)?, arg(2, 2)?, 3, 1024)?.markdown());
+    let opts = BenchOptions {
+        seq: arg(1, 256)?,
+        batch: arg(2, 2)?,
+        steps: 3,
+        ..BenchOptions::new(ModelSource::Preset(name.to_string()))
+    };
+    print!("{}", run_kernels(&CpuOps, &opts)?.markdown());
     Ok(())
 }

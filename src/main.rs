@@ -565,11 +565,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             opts.check()?;
             let ops = tuneloop::ops::backend::select(backend, dtype)?;
             if kernels {
-                let (name, cfg) = opts.model.load()?;
-                let gemm_n = gemm_size.unwrap_or(if ops.name() == "cpu" { 1024 } else { 4096 });
-                let report = tuneloop::with_backend!(&ops, |ops| {
-                    tuneloop::bench::kernels::run_kernels(ops, &name, &cfg, seq, batch, steps, gemm_n)
-                })?;
+                let report =
+                    tuneloop::with_backend!(&ops, |ops| tuneloop::bench::kernels::run_kernels(ops, &opts))?;
                 if json {
                     println!("{}", report.json_line()?);
                 } else {

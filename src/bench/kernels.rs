@@ -11,10 +11,11 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use super::profile::attention_fwd_flops;
-use super::{gemm_rate, GemmRate};
-use crate::model::ModelConfig;
+use super::profile::{attention_fwd_flops, linear_fwd_flops};
+use super::{gemm_rate, BenchOptions, GemmRate};
+use crate::model::{Adapter, LoraConfig, Proj};
 use crate::ops::{AdamWParams, AttnLayout, AttnShape, HostWeight, LoraRef, Ops};
+use crate::train::AdamW;
 
 /// One kernel's measurement.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -49,17 +50,13 @@ fn mean_time<O: Ops>(ops: &O, reps: usize, mut f: impl FnMut() -> Result<()>) ->
     Ok(s / reps as f64)
 }
 
-/// Runs the micro-benchmarks of `cfg`'s shapes at `seq × batch` tokens, `reps` calls each.
-pub fn run_kernels<O: Ops>(
-    ops: &O,
-    model: &str,
-    cfg: &ModelConfig,
-    seq: usize,
-    batch: usize,
-    reps: usize,
-    gemm_n: usize,
-) -> Result<KernelReport> {
-    ensure!(seq > 0 && batch > 0 && reps > 0, "--seq, --batch and --steps must be at least 1");
+/// Runs the micro-benchmarks of `opts.model`'s shapes at `seq × batch` tokens, `steps`
+/// calls each (the other options are the training benchmark's).
+pub fn run_kernels<O: Ops>(ops: &O, opts: &BenchOptions) -> Result<KernelReport> {
+    opts.check()?;
+    let (model, cfg) = opts.model.load()?;
+    let (seq, batch, reps) = (opts.seq, opts.batch, opts.steps);
+    ensure!(reps > 0, "--steps must be at least 1");
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let mut random =
         |n: usize, amp: f32| -> Vec<f32> { (0..n).map(|_| rng.random_range(-amp..amp)).collect() };
@@ -84,7 +81,7 @@ pub fn run_kernels<O: Ops>(
         })
     };
 
-    let gemm = gemm_rate(ops, gemm_n)?;
+    let gemm = gemm_rate(ops, opts.gemm_n(ops))?;
     let bw_n = if ops.name() == "cpu" { 1 << 22 } else { 1 << 27 };
     let mut a = act(&[bw_n], &random(bw_n, 1.0))?;
     let b = act(&[bw_n], &random(bw_n, 1.0))?;
@@ -125,7 +122,7 @@ pub fn run_kernels<O: Ops>(
         let lb = ops.upload(&random(outp * r, 0.02), &[outp, r])?;
         let lora = || Some(LoraRef { a: &la, b: &lb, scale: 2.0, dropout: None });
         let s = mean_time(ops, reps, || ops.linear_fwd(x, &w, None, lora()).map(drop))?;
-        let flops = 2.0 * tf * (inp * outp) as f64 + 2.0 * tf * (r * (inp + outp)) as f64;
+        let flops = linear_fwd_flops(tf, inp as f64, outp as f64, r as f64);
         let bytes = (tf * (inp + outp) as f64 + (inp * outp) as f64) * elem;
         record(name, format!("[{t}, {inp}] → {outp}, r {r}"), s, flops, bytes);
     }
@@ -163,58 +160,22 @@ pub fn run_kernels<O: Ops>(
     record("cross_entropy", format!("[{rows}, {v}]"), s, 0.0, 2.0 * (rows * v) as f64 * elem);
     drop(logits);
 
-    // AdamW over every LoRA tensor of the model (r = 16 on all seven projections)
-    let dims = [(d, qw), (d, kw), (d, kw), (qw, d), (d, ff), (d, ff), (ff, d)];
-    let mut shapes = Vec::new();
-    for _ in 0..cfg.num_hidden_layers {
-        for &(inp, outp) in &dims {
-            shapes.push([r, inp]);
-            shapes.push([outp, r]);
-        }
-    }
-    let n_params: usize = shapes.iter().map(|s| s[0] * s[1]).sum();
-    let make = |amp: f32, rng: &mut ChaCha8Rng| -> Result<Vec<O::Tensor>> {
-        shapes
-            .iter()
-            .map(|s| {
-                let data: Vec<f32> = (0..s[0] * s[1]).map(|_| rng.random_range(-amp..amp)).collect();
-                ops.upload(&data, s)
-            })
-            .collect()
-    };
-    let mut rng = ChaCha8Rng::seed_from_u64(8);
-    let (mut p, g) = (make(0.02, &mut rng)?, make(1e-3, &mut rng)?);
-    let zeros = || shapes.iter().map(|s| ops.zeros(s)).collect::<Result<Vec<_>>>();
-    let (mut m, mut vs) = (zeros()?, zeros()?);
+    // AdamW over every LoRA tensor of the model (r = 16 on all seven projections), as a
+    // training step calls it
+    let lora = LoraConfig::new(r, 2.0 * r as f64, Proj::ALL.to_vec());
+    let mut adapter = Adapter::init(ops, &lora, &cfg, 8)?;
+    let grads = adapter.zeros_like(ops, &cfg)?;
     let hp = AdamWParams { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
-    let mut step = 0;
-    let s = mean_time(ops, reps, || {
-        step += 1;
-        ops.adamw_step(
-            &mut p.iter_mut().collect::<Vec<_>>(),
-            &g.iter().collect::<Vec<_>>(),
-            &mut m.iter_mut().collect::<Vec<_>>(),
-            &mut vs.iter_mut().collect::<Vec<_>>(),
-            step,
-            hp,
-        )
-    })?;
-    record(
-        "adamw_step",
-        format!("{} tensors, {n_params} values", shapes.len()),
-        s,
-        0.0,
-        28.0 * n_params as f64,
-    );
+    let mut opt = AdamW::new(ops, &adapter, hp)?;
+    let named = adapter.named();
+    let n_params: usize = named.iter().map(|(_, t)| ops.shape(t).iter().product::<usize>()).sum();
+    let n_tensors = named.len();
+    drop(named);
+    let s = mean_time(ops, reps, || opt.update(ops, &mut adapter, &grads, hp.lr))?;
+    // read p, g, m, v and write p, m, v: 7 f32 values a parameter
+    record("adamw_step", format!("{n_tensors} tensors, {n_params} values"), s, 0.0, 28.0 * n_params as f64);
 
-    Ok(KernelReport {
-        model: model.to_string(),
-        backend: ops.name().to_string(),
-        tokens: t,
-        gemm,
-        bandwidth,
-        kernels,
-    })
+    Ok(KernelReport { model, backend: ops.name().to_string(), tokens: t, gemm, bandwidth, kernels })
 }
 
 impl KernelReport {

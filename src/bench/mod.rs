@@ -115,6 +115,12 @@ impl BenchOptions {
         ensure!(self.gemm_size != Some(0), "--gemm-size must be at least 1");
         Ok(())
     }
+
+    /// The side of the square GEMM whose rate the figures are taken against:
+    /// `--gemm-size`, else 1024 on the CPU and 4096 on a GPU.
+    pub fn gemm_n<O: Ops>(&self, ops: &O) -> usize {
+        self.gemm_size.unwrap_or(if ops.name() == "cpu" { 1024 } else { 4096 })
+    }
 }
 
 /// Lengths of packed documents: uniformly random between `max_len / 8` and `max_len`
@@ -362,7 +368,7 @@ pub fn run<O: Ops>(ops: &O, opts: &BenchOptions) -> Result<BenchReport> {
         None
     };
 
-    let n = opts.gemm_size.unwrap_or(if ops.name() == "cpu" { 1024 } else { 4096 });
+    let n = opts.gemm_n(ops);
     let gemm = gemm_rate(ops, n)?;
     eprintln!("gemm {n}³: {:.4} TFLOP/s over {} products", gemm.tflops, gemm.reps);
 

@@ -50,6 +50,13 @@ pub fn attention_fwd_flops(shape: AttnShape, layout: &AttnLayout) -> f64 {
     4.0 * (shape.n_heads * shape.head_dim) as f64 * causal_pairs(layout)
 }
 
+/// Model FLOPs of a linear layer's forward, `x [n, i] · Wᵀ` to `o` outputs with a LoRA
+/// path of rank `r` (0 without): the frozen product and the two thin ones. A backward
+/// costs the same for dx, and the LoRA part again for the adapter's gradients.
+pub fn linear_fwd_flops(n: f64, i: f64, o: f64, r: f64) -> f64 {
+    2.0 * n * i * o + 2.0 * n * r * (i + o)
+}
+
 /// `inner` with every op timed. Results are exactly the inner backend's: the tensors
 /// are its tensors, and each call goes straight through.
 pub struct Profiled<'a, O: Ops> {
@@ -214,7 +221,7 @@ impl<O: Ops> Ops for Profiled<'_, O> {
         lora: Option<LoraRef<Self::Tensor>>,
     ) -> Result<(Self::Tensor, Option<Self::Tensor>)> {
         let (n, i, o, r) = self.linear_dims(x, w, lora.as_ref());
-        let flops = 2.0 * n * i * o + 2.0 * n * r * (i + o);
+        let flops = linear_fwd_flops(n, i, o, r);
         self.run_counted("linear_fwd", flops, || self.inner.linear_fwd(x, w, bias, lora))
     }
 
@@ -232,9 +239,13 @@ impl<O: Ops> Ops for Profiled<'_, O> {
         let (n, i, o, r) = self.linear_dims(x, w, lora.as_ref());
         // dx through the frozen weight; the weight's own gradient (full fine-tuning); dx
         // through the low-rank path; the LoRA gradients
-        let flops = if need_dx { 2.0 * n * i * o + 2.0 * n * r * (i + o) } else { 0.0 }
-            + if weight_grads.is_some() { 2.0 * n * i * o } else { 0.0 }
-            + if grads.is_some() { 2.0 * n * r * (i + o) } else { 0.0 };
+        let flops = if need_dx { linear_fwd_flops(n, i, o, r) } else { 0.0 }
+            + if weight_grads.is_some() { linear_fwd_flops(n, i, o, 0.0) } else { 0.0 }
+            + if grads.is_some() {
+                linear_fwd_flops(n, i, o, r) - linear_fwd_flops(n, i, o, 0.0)
+            } else {
+                0.0
+            };
         self.run_counted("linear_bwd", flops, || {
             self.inner.linear_bwd(dy, x, w, lora, xa, grads, weight_grads, need_dx)
         })

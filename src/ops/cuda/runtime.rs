@@ -3,6 +3,7 @@
 //! fatbin's functions, and launch helpers.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -43,11 +44,17 @@ pub fn probe_nccl() -> Result<()> {
     Ok(())
 }
 
+/// A kernel of the fatbin, and the dynamic shared memory it has been allowed so far.
+struct Kernel {
+    f: CudaFunction,
+    shared_allowed: AtomicU32,
+}
+
 /// The context, its stream and every kernel of the fatbin.
 pub struct Runtime {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
-    functions: HashMap<&'static str, CudaFunction>,
+    functions: HashMap<&'static str, Kernel>,
 }
 
 impl Runtime {
@@ -74,12 +81,12 @@ impl Runtime {
         for &name in KERNEL_NAMES {
             let f =
                 module.load_function(name).with_context(|| format!("kernel {name} is not in the fatbin"))?;
-            functions.insert(name, f);
+            functions.insert(name, Kernel { f, shared_allowed: AtomicU32::new(DEFAULT_DYNAMIC_SHARED) });
         }
         Ok(Self { ctx, stream, functions })
     }
 
-    pub fn function(&self, name: &str) -> Result<&CudaFunction> {
+    fn kernel(&self, name: &str) -> Result<&Kernel> {
         self.functions.get(name).with_context(|| format!("no kernel named {name}"))
     }
 
@@ -172,17 +179,19 @@ impl Runtime {
         if cfg.grid_dim.0 == 0 || cfg.grid_dim.1 == 0 {
             return Ok(());
         }
-        let f = self.function(name)?;
-        if cfg.shared_mem_bytes > DEFAULT_DYNAMIC_SHARED {
-            // beyond 48 KiB a kernel must opt in (up to 227 KiB on Hopper, 163 on A100)
+        let k = self.kernel(name)?;
+        if cfg.shared_mem_bytes > k.shared_allowed.load(Ordering::Relaxed) {
+            // beyond 48 KiB a kernel must opt in (up to 227 KiB on Hopper, 163 on A100),
+            // once per size it grows to
             let bytes = i32::try_from(cfg.shared_mem_bytes).context("dynamic shared memory size")?;
-            f.set_attribute(
+            k.f.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 bytes,
             )
             .with_context(|| format!("kernel {name}: allowing {bytes} bytes of dynamic shared memory"))?;
+            k.shared_allowed.fetch_max(cfg.shared_mem_bytes, Ordering::Relaxed);
         }
-        let mut builder = self.stream.launch_builder(f);
+        let mut builder = self.stream.launch_builder(&k.f);
         for a in args {
             match a {
                 Arg::U64(v) => builder.arg(v),

@@ -1,8 +1,8 @@
 // The optimizer's kernels: multi-tensor AdamW in one launch, and the sum of squares of
 // gradients for the global-norm clip. LoRA weights, their gradients and AdamW's moments
 // are f32 (DESIGN: f32 master weights and states), so adamw_multi has no bf16 variant.
-// The gradients whose norm is taken are f32 too; sum_squares_partial_bf16 serves a caller
-// that asks for the norm of bf16 tensors (activations) in the bf16 mode.
+// The gradients whose norm is taken are f32 too; sum_squares_multi also takes bf16 tensors
+// (activations) for a caller that asks for their norm in the bf16 mode.
 //
 // adamw_multi: torch.optim.AdamW's single-tensor arithmetic, in the CPU backend's order:
 //   p *= 1 - lr * wd
@@ -14,14 +14,10 @@
 // descriptors. Launch: grid (blocks_x, n_tensors), blockDim.x % 32 == 0; blockIdx.y picks
 // the tensor and its blocks grid-stride over it, so any blocks_x is correct.
 //
-// sum_squares_partial: partial[blockIdx.x] = sum of x^2 over the block's grid-strided
-// elements, accumulated in f64. The host adds the partials in order (deterministic).
-// Launch: 1-D, blockDim.x == 256 (both variants).
-//
-// sum_squares_multi: the same over many f32 tensors in one launch. Tensor t owns blocks
-// first_block .. first_block + blocks of a 1-D grid and grid-strides over its elements
-// with those alone, so every partial is what sum_squares_partial would give launched on
-// that tensor with `blocks` blocks.
+// sum_squares_multi: the sum of x^2 over many tensors in one launch, as f64 partials that
+// the host adds in order (deterministic). Tensor t owns blocks first_block ..
+// first_block + blocks of a 1-D grid; each of them writes partial[its block], the sum
+// over the elements it grid-strides over with those blocks alone. blockDim.x == 256.
 
 #include "common.cuh"
 
@@ -76,17 +72,9 @@ __device__ void sum_squares_partial(double* partial, const T* x, size_t n, unsig
 
 }  // namespace tl_adamw
 
-extern "C" __global__ void __launch_bounds__(256)
-sum_squares_partial(double* partial, const float* x, size_t n) {
-    tl_adamw::sum_squares_partial(partial, x, n, blockIdx.x, gridDim.x);
-}
-extern "C" __global__ void __launch_bounds__(256)
-sum_squares_partial_bf16(double* partial, const __nv_bfloat16* x, size_t n) {
-    tl_adamw::sum_squares_partial(partial, x, n, blockIdx.x, gridDim.x);
-}
-
 struct SumSquaresTensor {
-    const float* x;
+    const void* x;                   // f32, or bf16 when `bf16` is set
+    unsigned long long bf16;
     unsigned long long n;
     unsigned long long first_block;  // blocks first_block .. first_block + blocks are its own
     unsigned long long blocks;
@@ -101,6 +89,12 @@ sum_squares_multi(double* partial, const SumSquaresTensor* tensors, int n_tensor
         if (tensors[mid].first_block <= blockIdx.x) lo = mid; else hi = mid - 1;
     }
     const SumSquaresTensor t = tensors[lo];
-    tl_adamw::sum_squares_partial(partial + t.first_block, t.x, t.n, blockIdx.x - (unsigned)t.first_block,
-                                  (unsigned)t.blocks);
+    const unsigned block = blockIdx.x - (unsigned)t.first_block;
+    if (t.bf16) {
+        tl_adamw::sum_squares_partial(partial + t.first_block, static_cast<const __nv_bfloat16*>(t.x), t.n, block,
+                                      (unsigned)t.blocks);
+    } else {
+        tl_adamw::sum_squares_partial(partial + t.first_block, static_cast<const float*>(t.x), t.n, block,
+                                      (unsigned)t.blocks);
+    }
 }

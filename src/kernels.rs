@@ -42,8 +42,6 @@ pub const NO_KERNELS_HELP: &str = "this tuneloop was built without CUDA kernels 
 pub const KERNEL_NAMES: &[&str] = &[
     // kernels/adamw.cu
     "adamw_multi",
-    "sum_squares_partial",
-    "sum_squares_partial_bf16",
     "sum_squares_multi",
     // kernels/attention.cu
     "attn_fwd_f32_bc32",

@@ -63,10 +63,8 @@ pub struct CudaOps {
 /// Rows of a tile of the attention kernels: warps per block (kernels/attention.cu).
 const ATTN_ROWS: usize = 4;
 
-/// Rows of a tile of the tensor-core attention kernels (`MMA_ROWS`, 16 per warp), and
-/// their warps.
+/// Rows of a tile of the tensor-core attention kernels (`MMA_ROWS`, 16 per warp of 4).
 const ATTN_MMA_ROWS: usize = 64;
-const ATTN_MMA_WARPS: u32 = 4;
 /// Rows of the tiles they stream through shared memory (`MMA_TILE`).
 const ATTN_MMA_KEYS: usize = 64;
 
@@ -309,6 +307,12 @@ impl CudaOps {
         super::check_attention(&q.shape, &k.shape, &v.shape, s, layout)
     }
 
+    /// Whether attention with heads of `hd` runs on the tensor-core kernels: in the bf16
+    /// mode, at the head widths of the Llama and Qwen2 models.
+    fn attn_on_tensor_cores(&self, hd: usize) -> bool {
+        self.dtype == DType::Bf16 && (hd == 64 || hd == 128)
+    }
+
     /// (kernel suffix, rows of the streamed tile) for a head width.
     fn attn_variant(hd: usize) -> (&'static str, usize) {
         if hd <= 128 {
@@ -324,11 +328,13 @@ fn same_shape(a: &CudaTensor, b: &CudaTensor, what: &str) -> Result<()> {
     Ok(())
 }
 
-fn attn_cfg(tiles: u32, heads: usize, smem_floats: usize) -> LaunchConfig {
+/// An attention launch: `tiles` × `heads` blocks of 4 warps (one a row in the CUDA-core
+/// kernels, 16 rows each in the tensor-core ones).
+fn attn_cfg(tiles: u32, heads: usize, smem_bytes: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (tiles, heads as u32, 1),
         block_dim: ((ATTN_ROWS * 32) as u32, 1, 1),
-        shared_mem_bytes: (smem_floats * 4) as u32,
+        shared_mem_bytes: smem_bytes as u32,
     }
 }
 
@@ -835,23 +841,20 @@ impl Ops for CudaOps {
         let out = self.alloc_zeros_as(&q.shape, self.dtype)?;
         let mut lse = self.alloc_as(&[nq, shape.n_heads], DType::F32)?;
         self.fill(&mut lse, f32::NEG_INFINITY)?;
-        let (name, cfg, rows) = if self.dtype == DType::Bf16 && (hd == 64 || hd == 128) {
-            // tensor cores, for the head widths of the Llama and Qwen2 models
-            let cfg = LaunchConfig {
-                grid_dim: (0, shape.n_heads as u32, 1),
-                block_dim: (ATTN_MMA_WARPS * 32, 1, 1),
-                shared_mem_bytes: (2 * ATTN_MMA_KEYS * (hd + 8) * 2) as u32,
-            };
-            (format!("attn_fwd_mma_bf16_hd{hd}"), cfg, ATTN_MMA_ROWS)
+        let mma = self.attn_on_tensor_cores(hd);
+        let (spans, tiles, n_tiles) =
+            self.attn_tiles(layout, false, if mma { ATTN_MMA_ROWS } else { ATTN_ROWS })?;
+        let (name, cfg) = if mma {
+            let smem = 2 * ATTN_MMA_KEYS * (hd + 8) * 2;
+            (format!("attn_fwd_mma_bf16_hd{hd}"), attn_cfg(n_tiles, shape.n_heads, smem))
         } else {
             let (suffix, bc) = Self::attn_variant(hd);
-            let smem = ATTN_ROWS * hd + bc * (hd + 1) + bc * hd;
-            (format!("{}_{suffix}", self.kernel("attn_fwd")), attn_cfg(0, shape.n_heads, smem), ATTN_ROWS)
+            let smem = 4 * (ATTN_ROWS * hd + bc * (hd + 1) + bc * hd);
+            (format!("{}_{suffix}", self.kernel("attn_fwd")), attn_cfg(n_tiles, shape.n_heads, smem))
         };
-        let (spans, tiles, n_tiles) = self.attn_tiles(layout, false, rows)?;
         self.rt.launch(
             &name,
-            LaunchConfig { grid_dim: (n_tiles, cfg.grid_dim.1, 1), ..cfg },
+            cfg,
             args![
                 self.ptr(&out),
                 self.ptr(&lse),
@@ -903,37 +906,31 @@ impl Ops for CudaOps {
         let dq = self.alloc_zeros_as(&q.shape, self.dtype)?;
         let dk = self.alloc_zeros_as(&k.shape, self.dtype)?;
         let dv = self.alloc_zeros_as(&v.shape, self.dtype)?;
-        // (dq kernel, its config, dkdv kernel, its config, rows of a tile)
-        let (dq_name, dq_cfg, dkdv_name, dkdv_cfg, rows) =
-            if self.dtype == DType::Bf16 && (hd == 64 || hd == 128) {
-                // tensor cores; dkdv keeps K and V of its 64 keys beside the streamed Q and dO
-                let tile = ATTN_MMA_KEYS * (hd + 8) * 2;
-                let mma_cfg = |heads: usize, bytes: usize| LaunchConfig {
-                    grid_dim: (0, heads as u32, 1),
-                    block_dim: (ATTN_MMA_WARPS * 32, 1, 1),
-                    shared_mem_bytes: bytes as u32,
-                };
-                (
-                    format!("attn_bwd_dq_mma_bf16_hd{hd}"),
-                    mma_cfg(shape.n_heads, 2 * tile),
-                    format!("attn_bwd_dkdv_mma_bf16_hd{hd}"),
-                    mma_cfg(shape.n_kv_heads, 4 * tile + 2 * ATTN_MMA_KEYS * 4),
-                    ATTN_MMA_ROWS,
-                )
-            } else {
-                let (suffix, bc) = Self::attn_variant(hd);
-                (
-                    format!("{}_{suffix}", self.kernel("attn_bwd_dq")),
-                    attn_cfg(0, shape.n_heads, 2 * ATTN_ROWS * hd + 2 * bc * (hd + 1)),
-                    format!("{}_{suffix}", self.kernel("attn_bwd_dkdv")),
-                    attn_cfg(0, shape.n_kv_heads, 2 * ATTN_ROWS * hd + 2 * bc * (hd + 1) + 2 * bc),
-                    ATTN_ROWS,
-                )
-            };
+        let mma = self.attn_on_tensor_cores(hd);
+        let rows = if mma { ATTN_MMA_ROWS } else { ATTN_ROWS };
         let (spans, q_tiles, n_q_tiles) = self.attn_tiles(layout, false, rows)?;
+        let (_, k_tiles, n_k_tiles) = self.attn_tiles(layout, true, rows)?;
+        let (dq_name, dq_cfg, dkdv_name, dkdv_cfg) = if mma {
+            // dkdv keeps K and V of its 64 keys beside the streamed Q and dO tiles
+            let tile = ATTN_MMA_KEYS * (hd + 8) * 2;
+            (
+                format!("attn_bwd_dq_mma_bf16_hd{hd}"),
+                attn_cfg(n_q_tiles, shape.n_heads, 2 * tile),
+                format!("attn_bwd_dkdv_mma_bf16_hd{hd}"),
+                attn_cfg(n_k_tiles, shape.n_kv_heads, 4 * tile + 2 * ATTN_MMA_KEYS * 4),
+            )
+        } else {
+            let (suffix, bc) = Self::attn_variant(hd);
+            (
+                format!("{}_{suffix}", self.kernel("attn_bwd_dq")),
+                attn_cfg(n_q_tiles, shape.n_heads, 4 * (2 * ATTN_ROWS * hd + 2 * bc * (hd + 1))),
+                format!("{}_{suffix}", self.kernel("attn_bwd_dkdv")),
+                attn_cfg(n_k_tiles, shape.n_kv_heads, 4 * (2 * ATTN_ROWS * hd + 2 * bc * (hd + 1) + 2 * bc)),
+            )
+        };
         self.rt.launch(
             &dq_name,
-            LaunchConfig { grid_dim: (n_q_tiles, dq_cfg.grid_dim.1, 1), ..dq_cfg },
+            dq_cfg,
             args![
                 self.ptr(&dq),
                 self.ptr(&dout),
@@ -950,10 +947,9 @@ impl Ops for CudaOps {
                 scale
             ],
         )?;
-        let (_, k_tiles, n_k_tiles) = self.attn_tiles(layout, true, rows)?;
         self.rt.launch(
             &dkdv_name,
-            LaunchConfig { grid_dim: (n_k_tiles, dkdv_cfg.grid_dim.1, 1), ..dkdv_cfg },
+            dkdv_cfg,
             args![
                 self.ptr(&dk),
                 self.ptr(&dv),
@@ -1075,40 +1071,21 @@ impl Ops for CudaOps {
             return Ok(0.0);
         }
         let partial = self.rt.stream.alloc_zeros::<f64>(total).context("CUDA allocation")?;
-        let base = self.rt.ptr(&partial);
-        if ts.iter().all(|t| t.dtype() == DType::F32) {
-            // one launch for all (gradients are f32): the same partials, in the same order
-            let mut desc = Vec::with_capacity(ts.len() * 4);
-            let mut first = 0;
-            for (t, &b) in ts.iter().zip(&blocks) {
-                if b > 0 {
-                    desc.extend([self.ptr(t), t.numel() as u64, first as u64, b as u64]);
-                    first += b;
-                }
-            }
-            let n = i32::try_from(desc.len() / 4).context("sum_squares: too many tensors")?;
-            let desc = self.rt.stream.clone_htod(&desc).context("host-to-device copy")?;
-            let grid = u32::try_from(total).context("sum_squares: too many blocks")?;
-            let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-            self.rt.launch("sum_squares_multi", cfg, args![base, self.rt.ptr(&desc), n])?;
-            let partials = self.rt.stream.clone_dtoh(&partial).context("device-to-host copy")?;
-            return Ok(partials.iter().sum());
-        }
-        let mut offset = 0;
+        // one launch for all the tensors, each with its own blocks
+        let mut desc = Vec::with_capacity(ts.len() * 5);
+        let mut first = 0;
         for (t, &b) in ts.iter().zip(&blocks) {
-            if b == 0 {
-                continue;
+            if b > 0 {
+                let bf16 = u64::from(t.dtype() == DType::Bf16);
+                desc.extend([self.ptr(t), bf16, t.numel() as u64, first as u64, b as u64]);
+                first += b;
             }
-            let cfg =
-                LaunchConfig { grid_dim: (b as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-            let n = t.numel();
-            let kernel = match t.dtype() {
-                DType::F32 => "sum_squares_partial",
-                DType::Bf16 => "sum_squares_partial_bf16",
-            };
-            self.rt.launch(kernel, cfg, args![base + 8 * offset as u64, self.ptr(t), n as u64])?;
-            offset += b;
         }
+        let n = i32::try_from(desc.len() / 5).context("sum_squares: too many tensors")?;
+        let desc = self.rt.stream.clone_htod(&desc).context("host-to-device copy")?;
+        let grid = u32::try_from(total).context("sum_squares: too many blocks")?;
+        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+        self.rt.launch("sum_squares_multi", cfg, args![self.rt.ptr(&partial), self.rt.ptr(&desc), n])?;
         let partials = self.rt.stream.clone_dtoh(&partial).context("device-to-host copy")?;
         Ok(partials.iter().sum())
     }
@@ -1304,9 +1281,7 @@ mod tests {
                 }
             }
         }
-        names.extend(
-            ["sum_squares_partial", "sum_squares_partial_bf16", "sum_squares_multi"].map(String::from),
-        );
+        names.push("sum_squares_multi".to_string());
         for attn in ["attn_fwd_mma", "attn_bwd_dq_mma", "attn_bwd_dkdv_mma"] {
             names.extend(["hd64", "hd128"].map(|hd| format!("{attn}_bf16_{hd}")));
         }

@@ -344,27 +344,17 @@ impl<'a, O: Ops> Decoder<'a, O> {
             // MLP: out = h + down(swiglu(gate(n2), up(n2)))
             let eps = c.rms_norm_eps;
             let dact = {
-                let recomputed;
-                let act = match &a.act {
-                    Some(t) => t,
-                    None => {
-                        recomputed = ops.swiglu_fwd(&a.gate, &a.up)?;
-                        &recomputed
-                    }
-                };
+                let mut slot = None;
+                let act = kept_or(&a.act, &mut slot, || ops.swiglu_fwd(&a.gate, &a.up))?;
                 need(self.linear_bwd(l, Proj::Down, &dx, act, a, &mut grads, true)?)?
             };
             let (dgate, dup) = ops.swiglu_bwd(&dact, &a.gate, &a.up)?;
             drop(dact);
             let dn2 = {
-                let recomputed;
-                let n2 = match &a.n2 {
-                    Some(t) => t,
-                    None => {
-                        recomputed = ops.rmsnorm_fwd(&a.h, &layer.post_attention_layernorm, eps)?.0;
-                        &recomputed
-                    }
-                };
+                let mut slot = None;
+                let n2 = kept_or(&a.n2, &mut slot, || {
+                    Ok(ops.rmsnorm_fwd(&a.h, &layer.post_attention_layernorm, eps)?.0)
+                })?;
                 let mut dn2 = need(self.linear_bwd(l, Proj::Gate, &dgate, n2, a, &mut grads, true)?)?;
                 ops.add_assign(
                     &mut dn2,
@@ -386,14 +376,10 @@ impl<'a, O: Ops> Decoder<'a, O> {
             // run does not train.
             let need_dx = l > 0 || full;
             let (dn1_q, dn1_k, dn1_v) = {
-                let recomputed;
-                let n1 = match &a.n1 {
-                    Some(t) => t,
-                    None => {
-                        recomputed = ops.rmsnorm_fwd(&a.x_in, &layer.input_layernorm, eps)?.0;
-                        &recomputed
-                    }
-                };
+                let mut slot = None;
+                let n1 = kept_or(&a.n1, &mut slot, || {
+                    Ok(ops.rmsnorm_fwd(&a.x_in, &layer.input_layernorm, eps)?.0)
+                })?;
                 (
                     self.linear_bwd(l, Proj::Q, &dq, n1, a, &mut grads, need_dx)?,
                     self.linear_bwd(l, Proj::K, &dk, n1, a, &mut grads, need_dx)?,
@@ -415,6 +401,19 @@ impl<'a, O: Ops> Decoder<'a, O> {
             ops.embedding_bwd(&dx, &inp.ids, &mut g.embed_tokens)?;
         }
         Ok(())
+    }
+}
+
+/// The activation a forward kept, or else `recompute`'s, held in `slot` for the caller's
+/// scope (the backward's recomputed activations live only while one layer needs them).
+fn kept_or<'t, T>(
+    kept: &'t Option<T>,
+    slot: &'t mut Option<T>,
+    recompute: impl FnOnce() -> Result<T>,
+) -> Result<&'t T> {
+    match kept {
+        Some(t) => Ok(t),
+        None => Ok(slot.insert(recompute()?)),
     }
 }
 

@@ -243,6 +243,23 @@ impl<T> Adapter<T> {
         out
     }
 
+    /// An adapter of the same targets whose tensors are `f` of this one's, or `None` as
+    /// soon as `f` gives none.
+    pub fn try_map<U>(&self, mut f: impl FnMut(&T) -> Result<Option<U>>) -> Result<Option<Adapter<U>>> {
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let mut mapped: [Option<LoraPair<U>>; 7] = Default::default();
+            for (m, pair) in mapped.iter_mut().zip(layer) {
+                if let Some(p) = pair {
+                    let (Some(a), Some(b)) = (f(&p.a)?, f(&p.b)?) else { return Ok(None) };
+                    *m = Some(LoraPair { a, b });
+                }
+            }
+            layers.push(mapped);
+        }
+        Ok(Some(Adapter { cfg: self.cfg.clone(), layers }))
+    }
+
     pub fn tensors_mut(&mut self) -> Vec<&mut T> {
         let mut out = Vec::new();
         for layer in self.layers.iter_mut() {

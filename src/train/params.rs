@@ -5,10 +5,9 @@
 
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::model::decoder::Grads;
-use crate::model::lora::LoraPair;
 use crate::model::{Adapter, Decoder, Model};
 use crate::ops::Ops;
 
@@ -64,17 +63,8 @@ impl<T> Trainable<T> for Adapter<T> {
     }
 
     fn zeros<O: Ops<Tensor = T>>(&self, ops: &O) -> Result<Self> {
-        let mut layers = Vec::with_capacity(self.layers.len());
-        for layer in &self.layers {
-            let mut zeros: [Option<LoraPair<T>>; 7] = Default::default();
-            for (z, pair) in zeros.iter_mut().zip(layer) {
-                if let Some(p) = pair {
-                    *z = Some(LoraPair { a: ops.zeros(ops.shape(&p.a))?, b: ops.zeros(ops.shape(&p.b))? });
-                }
-            }
-            layers.push(zeros);
-        }
-        Ok(Adapter { cfg: self.cfg.clone(), layers })
+        let zeros = self.try_map(|t| ops.zeros(ops.shape(t)).map(Some))?;
+        zeros.context("zeros of an adapter")
     }
 
     fn save<O: Ops<Tensor = T>>(&self, ops: &O, dir: &Path) -> Result<()> {
@@ -86,20 +76,7 @@ impl<T> Trainable<T> for Adapter<T> {
     }
 
     fn compute_copy<O: Ops<Tensor = T>>(&self, ops: &O) -> Result<Option<Self>> {
-        let mut layers = Vec::with_capacity(self.layers.len());
-        for layer in &self.layers {
-            let mut copies: [Option<LoraPair<T>>; 7] = Default::default();
-            for (c, pair) in copies.iter_mut().zip(layer) {
-                if let Some(p) = pair {
-                    let (Some(a), Some(b)) = (ops.compute_copy(&p.a)?, ops.compute_copy(&p.b)?) else {
-                        return Ok(None);
-                    };
-                    *c = Some(LoraPair { a, b });
-                }
-            }
-            layers.push(copies);
-        }
-        Ok(Some(Adapter { cfg: self.cfg.clone(), layers }))
+        self.try_map(|t| ops.compute_copy(t))
     }
 }
 

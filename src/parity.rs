@@ -18,9 +18,8 @@ use std::path::Path;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
-use crate::model::lora::peft_name;
 use crate::model::safetensors_io::{decode_f32, decode_i64, TensorStore};
-use crate::model::{Adapter, Decoder, Model, Proj};
+use crate::model::{Adapter, Decoder, Model};
 use crate::ops::{AdamWParams, Ops};
 use crate::train::{forward_backward, grad_norm, AdamW, TokenBatch};
 use crate::util::rel_l2;
@@ -90,10 +89,21 @@ fn adamw_params(case: &Value) -> Result<AdamWParams> {
     })
 }
 
-/// PEFT's in-memory name of a LoRA tensor (with the `.default` adapter name).
-fn peft_param_name(layer: usize, p: Proj, which: char) -> String {
-    peft_name(layer, p, which)
-        .replace(&format!("lora_{which}.weight"), &format!("lora_{which}.default.weight"))
+/// `prefix.<name>` and the values of every tensor of `adapter`, `<name>` PEFT's in-memory
+/// name of it (the saved name with the `.default` adapter name).
+fn named_values<O: Ops>(
+    ops: &O,
+    adapter: &Adapter<O::Tensor>,
+    prefix: &str,
+) -> Result<Vec<(String, Vec<f32>)>> {
+    adapter
+        .named()
+        .into_iter()
+        .map(|(saved, t)| {
+            let stem = saved.strip_suffix(".weight").unwrap_or(&saved);
+            Ok((format!("{prefix}.{stem}.default.weight"), ops.download(t)?))
+        })
+        .collect()
 }
 
 /// How `greedy.output` is checked.
@@ -186,28 +196,14 @@ pub fn run_case_with<O: Ops>(ops: &O, dir: &Path, tol: f64, greedy: GreedyCheck)
         };
         (actual, greedy)
     };
-    for (l, layer) in grads.layers.iter().enumerate() {
-        for p in Proj::ALL {
-            if let Some(pair) = &layer[p as usize] {
-                actual.insert(format!("grad.{}", peft_param_name(l, p, 'A')), ops.download(&pair.a)?);
-                actual.insert(format!("grad.{}", peft_param_name(l, p, 'B')), ops.download(&pair.b)?);
-            }
-        }
-    }
+    actual.extend(named_values(ops, &grads, "grad")?);
     let own_step = match greedy {
         GreedyCheck::Exact => None,
         GreedyCheck::TeacherForced { .. } => Some(adamw_on_gradients(dir, &model.cfg, &actual, hp)?),
     };
     let mut opt = AdamW::new(ops, &adapter, hp)?;
     opt.update(ops, &mut adapter, &grads, hp.lr)?;
-    for (l, layer) in adapter.layers.iter().enumerate() {
-        for p in Proj::ALL {
-            if let Some(pair) = &layer[p as usize] {
-                actual.insert(format!("adamw.{}", peft_param_name(l, p, 'A')), ops.download(&pair.a)?);
-                actual.insert(format!("adamw.{}", peft_param_name(l, p, 'B')), ops.download(&pair.b)?);
-            }
-        }
-    }
+    actual.extend(named_values(ops, &adapter, "adamw")?);
 
     let mut checks = Vec::new();
     let mut unchecked = Vec::new();
@@ -284,30 +280,15 @@ fn adamw_on_gradients(
     let cpu = crate::ops::cpu::CpuOps;
     let mut adapter = Adapter::load(&cpu, &dir.join("adapter"), cfg)?;
     let mut grads = adapter.zeros_like(&cpu, cfg)?;
-    for (l, layer) in grads.layers.iter_mut().enumerate() {
-        for p in Proj::ALL {
-            if let Some(pair) = &mut layer[p as usize] {
-                for (t, ab) in [(&mut pair.a, 'A'), (&mut pair.b, 'B')] {
-                    let name = format!("grad.{}", peft_param_name(l, p, ab));
-                    let g = actual.get(&name).with_context(|| format!("no {name} from the backend"))?;
-                    ensure!(g.len() == t.data.len(), "{name}: {} values for {:?}", g.len(), t.shape);
-                    t.data.copy_from_slice(g);
-                }
-            }
-        }
+    let names: Vec<String> = named_values(&cpu, &grads, "grad")?.into_iter().map(|(n, _)| n).collect();
+    for (name, t) in names.iter().zip(grads.tensors_mut()) {
+        let g = actual.get(name).with_context(|| format!("no {name} from the backend"))?;
+        ensure!(g.len() == t.data.len(), "{name}: {} values for {:?}", g.len(), t.shape);
+        t.data.copy_from_slice(g);
     }
     let mut opt = AdamW::new(&cpu, &adapter, hp)?;
     opt.update(&cpu, &mut adapter, &grads, hp.lr)?;
-    let mut out = HashMap::new();
-    for (l, layer) in adapter.layers.iter().enumerate() {
-        for p in Proj::ALL {
-            if let Some(pair) = &layer[p as usize] {
-                out.insert(format!("adamw.{}", peft_param_name(l, p, 'A')), pair.a.data.clone());
-                out.insert(format!("adamw.{}", peft_param_name(l, p, 'B')), pair.b.data.clone());
-            }
-        }
-    }
-    Ok(out)
+    Ok(named_values(&cpu, &adapter, "adamw")?.into_iter().collect())
 }
 
 /// Teacher forcing over the reference decode `seq` (prompt of `prompt_len` tokens):

@@ -10,13 +10,10 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{base_model, free_port, run_ok, train_losses, tuneloop_cmd};
-use tuneloop::model::{Adapter, Model};
-use tuneloop::ops::cpu::CpuOps;
-use tuneloop::ops::Ops;
+use common::{adapter_values, base_model, free_port, run_ok, train_losses, tuneloop_cmd};
 use tuneloop::util::rel_l2;
 
 /// `tuneloop` with the emulator first on the library path, or `None` (the test is
@@ -46,12 +43,6 @@ fn finetune_args(base: &Path, out: &Path, backend: &str, extra: &[&str]) -> Vec<
     args
 }
 
-fn adapter_values(run: &Path, base: &Path) -> Vec<f32> {
-    let model = Model::load(&CpuOps, base).expect("base model");
-    let adapter = Adapter::load(&CpuOps, &run.join("adapter"), &model.cfg).expect("adapter");
-    adapter.named().into_iter().flat_map(|(_, t)| CpuOps.download(t).expect("download")).collect()
-}
-
 fn adapter_bytes(run: &Path) -> Vec<u8> {
     std::fs::read(run.join("adapter/adapter_model.safetensors")).expect("adapter file")
 }
@@ -63,13 +54,20 @@ fn close_losses(got: &[f64], want: &[f64], rel: f64, what: &str) {
     }
 }
 
+/// A tiny base model in `dir/base` and the short fine-tune's run on the CPU backend in
+/// `dir/cpu`.
+fn base_and_cpu_run(dir: &Path) -> (PathBuf, PathBuf) {
+    let base = base_model(dir);
+    let cpu = dir.join("cpu");
+    run_ok(tuneloop_cmd().args(finetune_args(&base, &cpu, "cpu", &[])), "finetune on the CPU");
+    (base, cpu)
+}
+
 #[test]
 fn finetune_on_cuda_follows_the_cpu_and_resumes_bit_for_bit() {
     let Some(_) = emulated() else { return common::skipped_without_emulator() };
     let tmp = tempfile::tempdir().unwrap();
-    let base = base_model(tmp.path());
-    let cpu = tmp.path().join("cpu");
-    run_ok(tuneloop_cmd().args(finetune_args(&base, &cpu, "cpu", &[])), "finetune on the CPU");
+    let (base, cpu) = base_and_cpu_run(tmp.path());
 
     // f32 mode: the same training up to the order of additions
     let f32_run = tmp.path().join("cuda-f32");
@@ -138,9 +136,7 @@ fn nccl_data_parallel_follows_one_process() {
 fn eval_bench_and_parity_run_on_cuda() {
     let Some(_) = emulated() else { return common::skipped_without_emulator() };
     let tmp = tempfile::tempdir().unwrap();
-    let base = base_model(tmp.path());
-    let run = tmp.path().join("run");
-    run_ok(tuneloop_cmd().args(finetune_args(&base, &run, "cpu", &[])), "finetune on the CPU");
+    let (base, run) = base_and_cpu_run(tmp.path());
 
     // eval: held-out loss and the greedy decodes (through the KV cache) as on the CPU
     let data = tmp.path().join("three.jsonl");

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{base_model, free_port, train_losses, tuneloop_cmd as tuneloop};
+use common::{adapter_values, base_model, free_port, train_losses, tuneloop_cmd as tuneloop};
 use tuneloop::dist::{DistEnv, Single, TcpGroup};
 use tuneloop::model::{Adapter, Decoder, Model};
 use tuneloop::ops::cpu::{CpuOps, CpuTensor};
@@ -247,11 +247,6 @@ fn finetune_args(base: &Path, out: &Path, steps: usize, flags: &[&str]) -> Vec<S
         "--backend=cpu".into(),
     ]);
     args
-}
-
-fn adapter_values(run: &Path, base: &Path) -> Vec<f32> {
-    let model = Model::load(&CpuOps, base).unwrap();
-    flat(&Adapter::load(&CpuOps, &run.join("adapter"), &model.cfg).unwrap())
 }
 
 #[test]

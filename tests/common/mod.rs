@@ -132,3 +132,14 @@ pub fn train_losses(run_dir: &Path) -> Vec<f64> {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line")["loss"].as_f64())
         .collect()
 }
+
+/// Every value of the adapter a run wrote to `run_dir/adapter`, for base model `base`,
+/// in the adapter's tensor order.
+pub fn adapter_values(run_dir: &Path, base: &Path) -> Vec<f32> {
+    use tuneloop::ops::Ops;
+    let cpu = tuneloop::ops::cpu::CpuOps;
+    let model = tuneloop::model::Model::load(&cpu, base).expect("base model");
+    let adapter =
+        tuneloop::model::Adapter::load(&cpu, &run_dir.join("adapter"), &model.cfg).expect("adapter");
+    adapter.named().into_iter().flat_map(|(_, t)| cpu.download(t).expect("download")).collect()
+}

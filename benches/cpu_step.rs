@@ -5,20 +5,10 @@
 
 mod common;
 
-use tuneloop::bench::{run, BenchOptions, ModelSource};
+use tuneloop::bench::run;
 use tuneloop::ops::cpu::CpuOps;
 
 fn main() -> anyhow::Result<()> {
-    let args = common::positional();
-    let arg = |i: usize, default: usize| common::number(&args, i, default);
-    let name = args.first().map(String::as_str).unwrap_or("smollm2-135m");
-    let opts = BenchOptions {
-        seq: arg(1, 256)?,
-        batch: arg(2, 2)?,
-        steps: arg(3, 3)?,
-        warmup: 1,
-        ..BenchOptions::new(ModelSource::Preset(name.to_string()))
-    };
-    print!("{}", run(&CpuOps, &opts)?.markdown());
+    print!("{}", run(&CpuOps, &common::options()?)?.markdown());
     Ok(())
 }

@@ -48,13 +48,11 @@ enum Command {
         /// Case directories (`model/`, `adapter/`, `case.json`, `expected.safetensors`).
         #[arg(long = "case", num_args = 1.., required = true)]
         cases: Vec<PathBuf>,
-        #[arg(long, value_enum, default_value = "auto")]
-        backend: BackendKind,
-        /// Storage type of activations and base weights on the CUDA backend.
-        #[arg(long, value_enum, default_value = "f32")]
-        dtype: DType,
-        /// Relative L2 tolerance for every float tensor (default 1e-4 in f32, 2e-2 in
-        /// bf16, where the greedy decode is checked by teacher forcing).
+        #[command(flatten)]
+        backend: BackendArgs,
+        /// Relative L2 tolerance for every float tensor (default 1e-4 in f32, which the
+        /// CPU backend always computes in, 2e-2 in bf16, where the greedy decode is
+        /// checked by teacher forcing).
         #[arg(long)]
         tol: Option<f64>,
     },
@@ -204,10 +202,8 @@ enum Command {
         /// Size of the square GEMM the MFU is taken against (default 4096 on CUDA, 1024 on CPU).
         #[arg(long)]
         gemm_size: Option<usize>,
-        #[arg(long, value_enum, default_value = "auto")]
-        backend: BackendKind,
-        #[arg(long, value_enum, default_value = "f32")]
-        dtype: DType,
+        #[command(flatten)]
+        backend: BackendArgs,
         /// Print one JSON line instead of markdown tables.
         #[arg(long)]
         json: bool,
@@ -351,8 +347,9 @@ enum DataCommand {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Parity { cases, backend, dtype, tol } => {
-            let ops = tuneloop::ops::backend::select(backend, dtype)?;
+        Command::Parity { cases, backend, tol } => {
+            let ops = backend.open()?;
+            let dtype = ops.dtype();
             let tol = tol.unwrap_or(if dtype == tuneloop::ops::cuda::DType::F32 { 1e-4 } else { 2e-2 });
             let greedy = tuneloop::parity::GreedyCheck::for_dtype(dtype);
             let (mut passed, mut failed) = (0, 0);
@@ -539,7 +536,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
             no_profile,
             gemm_size,
             backend,
-            dtype,
             json,
             kernels,
         } => {
@@ -563,7 +559,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             // refuse what cannot run before opening a backend
             opts.check()?;
-            let ops = tuneloop::ops::backend::select(backend, dtype)?;
+            let ops = backend.open()?;
             if kernels {
                 let report =
                     tuneloop::with_backend!(&ops, |ops| tuneloop::bench::kernels::run_kernels(ops, &opts))?;

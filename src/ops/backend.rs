@@ -56,6 +56,14 @@ impl AnyBackend {
         use super::Ops;
         crate::with_backend!(self, |ops| ops.name())
     }
+
+    /// What this backend computes in: the CPU backend always in f32.
+    pub fn dtype(&self) -> DType {
+        match self {
+            AnyBackend::Cpu(_) => DType::F32,
+            AnyBackend::Cuda(cuda) => cuda.dtype(),
+        }
+    }
 }
 
 /// Opens the backend `kind` asks for. `dtype` applies to CUDA; the CPU backend is f32

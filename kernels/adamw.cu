@@ -5,6 +5,8 @@
 // (activations) for a caller that asks for their norm in the bf16 mode.
 //
 // adamw_multi: torch.optim.AdamW's single-tensor arithmetic, in the CPU backend's order:
+//   g  = grad * grad_scale   (the clip's coefficient, 1 without one: clip_grad_norm_'s
+//                             in-place scaling folded into the read, the same bits)
 //   p *= 1 - lr * wd
 //   m += (g - m) * (1 - beta1)
 //   v  = v * beta2 + (1 - beta2) * g * g
@@ -31,12 +33,12 @@ struct AdamWTensor {
 
 extern "C" __global__ void adamw_multi(const AdamWTensor* tensors, int n_tensors, float lr, float beta1,
                                        float beta2, float eps, float weight_decay, float step_size,
-                                       float bc2_sqrt) {
+                                       float bc2_sqrt, float grad_scale) {
     if ((int)blockIdx.y >= n_tensors) return;
     const AdamWTensor t = tensors[blockIdx.y];
     const float decay = 1.0f - lr * weight_decay;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < t.n; i += (size_t)gridDim.x * blockDim.x) {
-        const float g = t.g[i];
+        const float g = t.g[i] * grad_scale;
         float p = t.p[i] * decay;
         float m = t.m[i];
         m += (g - m) * (1.0f - beta1);

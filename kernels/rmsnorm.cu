@@ -3,7 +3,8 @@
 //   forward:   rstd = 1 / sqrt(mean(x^2) + eps)
 //              y    = w * round_T(x * rstd)        (HF: weight * hidden.to(input_dtype))
 //   backward:  xhat = x * rstd,  g = dy * w
-//              dx   = rstd * (g - xhat * mean(g * xhat))
+//              dx   = rstd * (g - xhat * mean(g * xhat))   (+ dx's own value with
+//                     `accumulate`: the residual stream's gradient, added in this pass)
 //              dw  += sum over rows of dy * round_T(xhat)
 //
 // round_T is the identity for f32 and a round trip through bf16 for bf16, so the bf16
@@ -61,7 +62,8 @@ template <typename T>
 __device__ __forceinline__ void rmsnorm_bwd_impl(T* __restrict__ dx, float* __restrict__ dw_partial,
                                                  const T* __restrict__ dy, const T* __restrict__ x,
                                                  const T* __restrict__ w,
-                                                 const float* __restrict__ rstd, int rows, int d) {
+                                                 const float* __restrict__ rstd, int rows, int d,
+                                                 int accumulate) {
     float* dw_row = dw_partial == nullptr ? nullptr : dw_partial + (size_t)blockIdx.x * d;
     if (dw_row != nullptr && (int)blockIdx.x >= rows) {
         // More blocks than rows: this block's scratch row must still read as zero.
@@ -86,7 +88,8 @@ __device__ __forceinline__ void rmsnorm_bwd_impl(T* __restrict__ dx, float* __re
             const float dyv = tl::load_f32(dyr + c);
             const float xhat = tl::load_f32(xr + c) * r;
             const float g = dyv * tl::load_f32(w + c);
-            tl::store_f32(dxr + c, r * (g - xhat * mean_g_xhat));
+            const float grad = r * (g - xhat * mean_g_xhat);
+            tl::store_f32(dxr + c, accumulate ? tl::load_f32(dxr + c) + grad : grad);
             if (dw_row != nullptr) {
                 // Thread t always owns the same columns of dw_row: no race.
                 const float contrib = dyv * tl::round_to<T>(xhat);
@@ -109,15 +112,15 @@ rmsnorm_fwd_bf16(__nv_bfloat16* y, float* rstd, const __nv_bfloat16* x, const __
 
 extern "C" __global__ void __launch_bounds__(1024)
 rmsnorm_bwd_f32(float* dx, float* dw_partial, const float* dy, const float* x, const float* w,
-                const float* rstd, int rows, int d) {
-    rmsnorm_bwd_impl(dx, dw_partial, dy, x, w, rstd, rows, d);
+                const float* rstd, int rows, int d, int accumulate) {
+    rmsnorm_bwd_impl(dx, dw_partial, dy, x, w, rstd, rows, d, accumulate);
 }
 
 extern "C" __global__ void __launch_bounds__(1024)
 rmsnorm_bwd_bf16(__nv_bfloat16* dx, float* dw_partial, const __nv_bfloat16* dy,
                  const __nv_bfloat16* x, const __nv_bfloat16* w, const float* rstd, int rows,
-                 int d) {
-    rmsnorm_bwd_impl(dx, dw_partial, dy, x, w, rstd, rows, d);
+                 int d, int accumulate) {
+    rmsnorm_bwd_impl(dx, dw_partial, dy, x, w, rstd, rows, d, accumulate);
 }
 
 // dw[c] += sum over b < num_partials of dw_partial[b, c]   (both f32; dw_partial [num_partials, d])

@@ -202,7 +202,7 @@ pub fn run_case_with<O: Ops>(ops: &O, dir: &Path, tol: f64, greedy: GreedyCheck)
         GreedyCheck::TeacherForced { .. } => Some(adamw_on_gradients(dir, &model.cfg, &actual, hp)?),
     };
     let mut opt = AdamW::new(ops, &adapter, hp)?;
-    opt.update(ops, &mut adapter, &grads, hp.lr)?;
+    opt.update(ops, &mut adapter, &grads, hp.lr, 1.0)?;
     actual.extend(named_values(ops, &adapter, "adamw")?);
 
     let mut checks = Vec::new();
@@ -287,7 +287,7 @@ fn adamw_on_gradients(
         t.data.copy_from_slice(g);
     }
     let mut opt = AdamW::new(&cpu, &adapter, hp)?;
-    opt.update(&cpu, &mut adapter, &grads, hp.lr)?;
+    opt.update(&cpu, &mut adapter, &grads, hp.lr, 1.0)?;
     Ok(named_values(&cpu, &adapter, "adamw")?.into_iter().collect())
 }
 

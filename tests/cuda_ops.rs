@@ -23,8 +23,8 @@ use tuneloop::ops::backend::{select, AnyBackend, BackendKind};
 use tuneloop::ops::cpu::{CpuOps, CpuTensor};
 use tuneloop::ops::cuda::{CudaOps, CudaTensor, DType};
 use tuneloop::ops::{
-    AdamWParams, AttnLayout, AttnShape, Dropout, HostWeight, LinearGradRef, LoraGradRef, LoraRef, Ops,
-    SeqSpan,
+    AdamWParams, AttnLayout, AttnShape, Dropout, HostWeight, InputGrad, LinearGradRef, LoraGradRef, LoraRef,
+    Ops, SeqSpan,
 };
 
 /// The f32 mode's tolerance, and that of f32-only ops in either mode.
@@ -235,15 +235,12 @@ fn pointwise_ops(dtype: DType) {
     let mut p = Pair::new(1, dtype);
     let tol = p.tol();
     for &(n, d) in &[(1, 1), (3, 7), (17, 33), (129, 1000), (64, 4096)] {
-        // add_assign, scale, swiglu
+        // add_assign, swiglu
         let (mut ac, mut ag) = p.both(&[n, d], 1.0);
         let (bc, bg) = p.both(&[n, d], 1.0);
         p.cpu.add_assign(&mut ac, &bc).unwrap();
         p.gpu.add_assign(&mut ag, &bg).unwrap();
         close("add_assign", &p.down(&ag), &ac.data, tol);
-        p.cpu.scale(&mut ac, 0.37).unwrap();
-        p.gpu.scale(&mut ag, 0.37).unwrap();
-        close("scale", &p.down(&ag), &ac.data, tol);
         // an f32 accumulator plus an activation, and the other way round (the same
         // types in the f32 mode)
         let (mut fc, mut fg) = p.both_f32(&[n, d], 1.0);
@@ -291,16 +288,22 @@ fn pointwise_ops(dtype: DType) {
         };
         poison_pool(&p);
         if p.bf16() {
-            refused_in_bf16("rmsnorm_bwd dw", p.gpu.rmsnorm_bwd(&dyg, &xg, &wg, &rg, Some(&mut dwg)));
-            let dxc = p.cpu.rmsnorm_bwd(&dyc, &xc, &wc, &rc, None).unwrap();
-            let dxg = p.gpu.rmsnorm_bwd(&dyg, &xg, &wg, &rg, None).unwrap();
+            refused_in_bf16("rmsnorm_bwd dw", p.gpu.rmsnorm_bwd(&dyg, &xg, &wg, &rg, Some(&mut dwg), None));
+            let dxc = p.cpu.rmsnorm_bwd(&dyc, &xc, &wc, &rc, None, None).unwrap();
+            let dxg = p.gpu.rmsnorm_bwd(&dyg, &xg, &wg, &rg, None, None).unwrap();
             close_dx(&p.down(&dxg), &dxc.data, tol);
         } else {
-            let dxc = p.cpu.rmsnorm_bwd(&dyc, &xc, &wc, &rc, Some(&mut dwc)).unwrap();
-            let dxg = p.gpu.rmsnorm_bwd(&dyg, &xg, &wg, &rg, Some(&mut dwg)).unwrap();
+            let dxc = p.cpu.rmsnorm_bwd(&dyc, &xc, &wc, &rc, Some(&mut dwc), None).unwrap();
+            let dxg = p.gpu.rmsnorm_bwd(&dyg, &xg, &wg, &rg, Some(&mut dwg), None).unwrap();
             close_dx(&p.down(&dxg), &dxc.data, TOL);
             close("rmsnorm_bwd dw", &p.down(&dwg), &dwc.data, TOL);
         }
+        // with the residual stream's gradient added in the same pass
+        let (resc, resg) = p.both(&[n, d], 1.0);
+        poison_pool(&p);
+        let dxc = p.cpu.rmsnorm_bwd(&dyc, &xc, &wc, &rc, None, Some(resc)).unwrap();
+        let dxg = p.gpu.rmsnorm_bwd(&dyg, &xg, &wg, &rg, None, Some(resg)).unwrap();
+        close_dx(&p.down(&dxg), &dxc.data, tol);
 
         // rows: moved, never rounded
         let rows: Vec<usize> = (0..n + 3).map(|i| (i * 7) % n).collect();
@@ -389,21 +392,27 @@ fn linear_with_lora(dtype: DType) {
         let lg = || LoraRef { a: &ag, b: &bbg, scale: 2.0, dropout: drop };
         // the base projection alone (bias fused into the GEMM in the bf16 mode)
         poison_pool(&p);
-        let (yc, _) = p.cpu.linear_fwd(&xc, &wc, bias.then_some(&bc), None).unwrap();
-        let (yg, none) = p.gpu.linear_fwd(&xg, &wg, bias.then_some(&bg), None).unwrap();
+        let (yc, _) = p.cpu.linear_fwd(&xc, &wc, bias.then_some(&bc), None, None).unwrap();
+        let (yg, none) = p.gpu.linear_fwd(&xg, &wg, bias.then_some(&bg), None, None).unwrap();
         assert!(none.is_none());
         close("linear_fwd y without LoRA", &p.down(&yg), &yc.data, tol);
         poison_pool(&p);
-        let (yc, xac) = p.cpu.linear_fwd(&xc, &wc, bias.then_some(&bc), Some(lc())).unwrap();
-        let (yg, xag) = p.gpu.linear_fwd(&xg, &wg, bias.then_some(&bg), Some(lg())).unwrap();
+        let (yc, xac) = p.cpu.linear_fwd(&xc, &wc, bias.then_some(&bc), Some(lc()), None).unwrap();
+        let (yg, xag) = p.gpu.linear_fwd(&xg, &wg, bias.then_some(&bg), Some(lg()), None).unwrap();
         close("linear_fwd y", &p.down(&yg), &yc.data, tol);
         close("linear_fwd xa", &p.down(xag.as_ref().unwrap()), &xac.as_ref().unwrap().data, tol);
+        // added to the residual stream (the product's addend where the backend can)
+        let (resc, resg) = p.both(&[n, out], 1.0);
+        poison_pool(&p);
+        let (y_res_c, _) = p.cpu.linear_fwd(&xc, &wc, bias.then_some(&bc), Some(lc()), Some(&resc)).unwrap();
+        let (y_res_g, _) = p.gpu.linear_fwd(&xg, &wg, bias.then_some(&bg), Some(lg()), Some(&resg)).unwrap();
+        close("linear_fwd y + residual", &p.down(&y_res_g), &y_res_c.data, tol);
         // a training step's compute-type copies of A and B (bf16 mode) give the same bits
         let (ac2, bc2) = (p.gpu.compute_copy(&ag).unwrap(), p.gpu.compute_copy(&bbg).unwrap());
         assert_eq!(ac2.is_some(), p.bf16(), "compute copies exactly in the bf16 mode");
         if let (Some(a2), Some(b2)) = (&ac2, &bc2) {
             let l2 = LoraRef { a: a2, b: b2, scale: 2.0, dropout: drop };
-            let (y2, _) = p.gpu.linear_fwd(&xg, &wg, bias.then_some(&bg), Some(l2)).unwrap();
+            let (y2, _) = p.gpu.linear_fwd(&xg, &wg, bias.then_some(&bg), Some(l2), None).unwrap();
             let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
             assert!(bits(p.down(&y2)) == bits(p.down(&yg)), "linear_fwd with compute copies");
         }
@@ -427,7 +436,7 @@ fn linear_with_lora(dtype: DType) {
                     xag.as_ref(),
                     Some(LoraGradRef { da: &mut dag, db: &mut dbg }),
                     Some(LinearGradRef { dw: &mut dwg, db: bias.then_some(&mut dbiasg) }),
-                    true,
+                    InputGrad::New,
                 ),
             );
             // refused before touching anything
@@ -448,7 +457,7 @@ fn linear_with_lora(dtype: DType) {
                 } else {
                     None
                 },
-                true,
+                InputGrad::New,
             )
             .unwrap()
             .unwrap();
@@ -466,7 +475,7 @@ fn linear_with_lora(dtype: DType) {
                 } else {
                     None
                 },
-                true,
+                InputGrad::New,
             )
             .unwrap()
             .unwrap();
@@ -477,6 +486,20 @@ fn linear_with_lora(dtype: DType) {
             close("linear_bwd dW", &p.down(&dwg), &dwc.data, TOL);
             close("linear_bwd dbias", &p.down(&dbiasg), &dbiasc.data, TOL);
         }
+        // added into another projection's input gradient (q, k and v share their input)
+        let (accc, accg) = p.both(&[n, inp], 1.0);
+        poison_pool(&p);
+        let sum_c = p
+            .cpu
+            .linear_bwd(&dyc, &xc, &wc, Some(lc()), xac.as_ref(), None, None, InputGrad::AddTo(accc))
+            .unwrap()
+            .unwrap();
+        let sum_g = p
+            .gpu
+            .linear_bwd(&dyg, &xg, &wg, Some(lg()), xag.as_ref(), None, None, InputGrad::AddTo(accg))
+            .unwrap()
+            .unwrap();
+        close("linear_bwd dx added to another", &p.down(&sum_g), &sum_c.data, tol);
         // no dx wanted (the first layer's input): the LoRA gradients still accumulate
         let none = p
             .gpu
@@ -488,7 +511,7 @@ fn linear_with_lora(dtype: DType) {
                 xag.as_ref(),
                 Some(LoraGradRef { da: &mut dag, db: &mut dbg }),
                 None,
-                false,
+                InputGrad::Skip,
             )
             .unwrap();
         assert!(none.is_none());
@@ -501,7 +524,7 @@ fn linear_with_lora(dtype: DType) {
                 xac.as_ref(),
                 Some(LoraGradRef { da: &mut dac, db: &mut dbc }),
                 None,
-                false,
+                InputGrad::Skip,
             )
             .unwrap();
         close("linear_bwd dA (no dx)", &p.down(&dag), &dac.data, tol);
@@ -645,12 +668,13 @@ fn optimizer_ops(dtype: DType) {
         let hp = AdamWParams { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
         refused_in_bf16(
             "adamw on a bf16 weight",
-            p.gpu.adamw_step(&mut [&mut w], &[&g], &mut [&mut m], &mut [&mut v], 1, hp),
+            p.gpu.adamw_step(&mut [&mut w], &[&g], &mut [&mut m], &mut [&mut v], 1, hp, 1.0),
         );
     }
 
     let hp = AdamWParams { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
-    for step in 1..=3 {
+    // the second step with a clip's coefficient folded in
+    for (step, grad_scale) in [(1, 1.0), (2, 0.37), (3, 1.0)] {
         let split = |ts: &mut Vec<Vec<CpuTensor>>| {
             let mut ps = Vec::new();
             let mut gs = Vec::new();
@@ -676,6 +700,7 @@ fn optimizer_ops(dtype: DType) {
                     &mut vs.iter().map(|&x| &mut *x).collect::<Vec<_>>(),
                     step,
                     hp,
+                    grad_scale,
                 )
                 .unwrap();
         }
@@ -690,7 +715,7 @@ fn optimizer_ops(dtype: DType) {
             ms.push(c);
             vs.push(d);
         }
-        p.gpu.adamw_step(&mut ps, &gs, &mut ms, &mut vs, step, hp).unwrap();
+        p.gpu.adamw_step(&mut ps, &gs, &mut ms, &mut vs, step, hp, grad_scale).unwrap();
     }
     for (c, g) in cpu_t.iter().zip(&gpu_t) {
         close("adamw param", &p.down(&g[0]), &c[0].data, TOL);

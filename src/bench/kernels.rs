@@ -121,7 +121,7 @@ pub fn run_kernels<O: Ops>(ops: &O, opts: &BenchOptions) -> Result<KernelReport>
         let la = ops.upload(&random(r * inp, 0.02), &[r, inp])?;
         let lb = ops.upload(&random(outp * r, 0.02), &[outp, r])?;
         let lora = || Some(LoraRef { a: &la, b: &lb, scale: 2.0, dropout: None });
-        let s = mean_time(ops, reps, || ops.linear_fwd(x, &w, None, lora()).map(drop))?;
+        let s = mean_time(ops, reps, || ops.linear_fwd(x, &w, None, lora(), None).map(drop))?;
         let flops = linear_fwd_flops(tf, inp as f64, outp as f64, r as f64);
         let bytes = (tf * (inp + outp) as f64 + (inp * outp) as f64) * elem;
         record(name, format!("[{t}, {inp}] → {outp}, r {r}"), s, flops, bytes);
@@ -171,7 +171,7 @@ pub fn run_kernels<O: Ops>(ops: &O, opts: &BenchOptions) -> Result<KernelReport>
     let n_params: usize = named.iter().map(|(_, t)| ops.shape(t).iter().product::<usize>()).sum();
     let n_tensors = named.len();
     drop(named);
-    let s = mean_time(ops, reps, || opt.update(ops, &mut adapter, &grads, hp.lr))?;
+    let s = mean_time(ops, reps, || opt.update(ops, &mut adapter, &grads, hp.lr, 1.0))?;
     // read p, g, m, v and write p, m, v: 7 f32 values a parameter
     record("adamw_step", format!("{n_tensors} tensors, {n_params} values"), s, 0.0, 28.0 * n_params as f64);
 

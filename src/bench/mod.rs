@@ -34,7 +34,7 @@ use crate::model::presets::{lora_step_flops, preset};
 use crate::model::{Adapter, Decoder, LoraConfig, Model, ModelConfig, Proj};
 use crate::ops::{AdamWParams, HostWeight, Ops};
 use crate::train::Trainable as _;
-use crate::train::{clip_grad_norm, train_step, AdamW, TokenBatch};
+use crate::train::{clip_scale, grad_norm, train_step, AdamW, TokenBatch};
 
 pub use anchors::{Anchor, ANCHORS};
 pub use profile::{OpTime, Profiled};
@@ -206,9 +206,9 @@ impl<T> LoraStep<T> {
         dec.recompute = self.recompute;
         let r = train_step(&dec, &self.batch, Grads::adapter(&mut self.grads), None, None)?;
         let loss = r.loss_sum / r.n_counted.max(1) as f64;
-        clip_grad_norm(ops, &mut self.grads, self.max_grad_norm)?;
+        let clip = clip_scale(grad_norm(ops, &self.grads)?, Some(self.max_grad_norm));
         let lr = self.opt.hp.lr;
-        self.opt.update(ops, &mut self.adapter, &self.grads, lr)?;
+        self.opt.update(ops, &mut self.adapter, &self.grads, lr, clip)?;
         Ok(loss)
     }
 
@@ -245,7 +245,7 @@ pub fn gemm_rate<O: Ops>(ops: &O, n: usize) -> Result<GemmRate> {
     };
     let x = ops.upload_weight(&host("gemm.x"))?;
     let w = ops.upload_weight(&host("gemm.weight"))?;
-    let product = || ops.linear_fwd(&x, &w, None, None).map(drop);
+    let product = || ops.linear_fwd(&x, &w, None, None, None).map(drop);
     let ((), once) = ops.timed(product)?;
     let reps = ((0.5 / once.max(1e-9)).ceil() as usize).clamp(3, 200);
     let ((), seconds) = ops.timed(|| (0..reps).try_for_each(|_| product()))?;

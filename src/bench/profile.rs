@@ -11,7 +11,8 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::ops::{
-    AdamWParams, AttnLayout, AttnShape, CrossEntropyOut, HostWeight, LinearGradRef, LoraGradRef, LoraRef, Ops,
+    AdamWParams, AttnLayout, AttnShape, CrossEntropyOut, HostWeight, InputGrad, LinearGradRef, LoraGradRef,
+    LoraRef, Ops,
 };
 
 /// Time spent in one op over the calls recorded, and the model FLOPs of those calls
@@ -209,8 +210,9 @@ impl<O: Ops> Ops for Profiled<'_, O> {
         w: &Self::Tensor,
         rstd: &Self::Tensor,
         dw: Option<&mut Self::Tensor>,
+        residual: Option<Self::Tensor>,
     ) -> Result<Self::Tensor> {
-        self.run("rmsnorm_bwd", || self.inner.rmsnorm_bwd(dy, x, w, rstd, dw))
+        self.run("rmsnorm_bwd", || self.inner.rmsnorm_bwd(dy, x, w, rstd, dw, residual))
     }
 
     fn linear_fwd(
@@ -219,10 +221,11 @@ impl<O: Ops> Ops for Profiled<'_, O> {
         w: &Self::Tensor,
         bias: Option<&Self::Tensor>,
         lora: Option<LoraRef<Self::Tensor>>,
+        residual: Option<&Self::Tensor>,
     ) -> Result<(Self::Tensor, Option<Self::Tensor>)> {
         let (n, i, o, r) = self.linear_dims(x, w, lora.as_ref());
         let flops = linear_fwd_flops(n, i, o, r);
-        self.run_counted("linear_fwd", flops, || self.inner.linear_fwd(x, w, bias, lora))
+        self.run_counted("linear_fwd", flops, || self.inner.linear_fwd(x, w, bias, lora, residual))
     }
 
     fn linear_bwd(
@@ -234,11 +237,12 @@ impl<O: Ops> Ops for Profiled<'_, O> {
         xa: Option<&Self::Tensor>,
         grads: Option<LoraGradRef<Self::Tensor>>,
         weight_grads: Option<LinearGradRef<Self::Tensor>>,
-        need_dx: bool,
+        dx_to: InputGrad<Self::Tensor>,
     ) -> Result<Option<Self::Tensor>> {
         let (n, i, o, r) = self.linear_dims(x, w, lora.as_ref());
         // dx through the frozen weight; the weight's own gradient (full fine-tuning); dx
         // through the low-rank path; the LoRA gradients
+        let need_dx = !matches!(dx_to, InputGrad::Skip);
         let flops = if need_dx { linear_fwd_flops(n, i, o, r) } else { 0.0 }
             + if weight_grads.is_some() { linear_fwd_flops(n, i, o, 0.0) } else { 0.0 }
             + if grads.is_some() {
@@ -247,7 +251,7 @@ impl<O: Ops> Ops for Profiled<'_, O> {
                 0.0
             };
         self.run_counted("linear_bwd", flops, || {
-            self.inner.linear_bwd(dy, x, w, lora, xa, grads, weight_grads, need_dx)
+            self.inner.linear_bwd(dy, x, w, lora, xa, grads, weight_grads, dx_to)
         })
     }
 
@@ -326,10 +330,6 @@ impl<O: Ops> Ops for Profiled<'_, O> {
         self.run("sum_squares", || self.inner.sum_squares(ts))
     }
 
-    fn scale(&self, t: &mut Self::Tensor, s: f32) -> Result<()> {
-        self.run("scale", || self.inner.scale(t, s))
-    }
-
     fn adamw_step(
         &self,
         params: &mut [&mut Self::Tensor],
@@ -338,8 +338,9 @@ impl<O: Ops> Ops for Profiled<'_, O> {
         v: &mut [&mut Self::Tensor],
         step: u64,
         hp: AdamWParams,
+        grad_scale: f32,
     ) -> Result<()> {
-        self.run("adamw_step", || self.inner.adamw_step(params, grads, m, v, step, hp))
+        self.run("adamw_step", || self.inner.adamw_step(params, grads, m, v, step, hp, grad_scale))
     }
 
     fn synchronize(&self) -> Result<()> {

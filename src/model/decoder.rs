@@ -17,7 +17,7 @@ use super::generate::KvCache;
 use super::lora::{Adapter, Proj};
 use super::rope::Rope;
 use super::weights::Model;
-use crate::ops::{AttnLayout, AttnShape, Dropout, LinearGradRef, LoraRef, Ops};
+use crate::ops::{AttnLayout, AttnShape, Dropout, InputGrad, LinearGradRef, LoraRef, Ops};
 
 /// Where a backward accumulates (`+=`) its gradients, each buffer shaped like the
 /// tensor it is the gradient of: the adapter's LoRA tensors, the model's own tensors
@@ -145,10 +145,17 @@ impl<'a, O: Ops> Decoder<'a, O> {
         Some(lora)
     }
 
-    fn linear_fwd(&self, l: usize, p: Proj, x: &O::Tensor) -> Result<(O::Tensor, Option<O::Tensor>)> {
+    /// Projection `p` of layer `l` on `x`, added to `residual` when given.
+    fn linear_fwd(
+        &self,
+        l: usize,
+        p: Proj,
+        x: &O::Tensor,
+        residual: Option<&O::Tensor>,
+    ) -> Result<(O::Tensor, Option<O::Tensor>)> {
         let lin = &self.model.layers[l].proj[p as usize];
         let lora = self.lora(l, p);
-        self.ops.linear_fwd(x, &lin.w, lin.b.as_ref(), lora)
+        self.ops.linear_fwd(x, &lin.w, lin.b.as_ref(), lora, residual)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -160,13 +167,13 @@ impl<'a, O: Ops> Decoder<'a, O> {
         x: &O::Tensor,
         acts: &LayerActs<O::Tensor>,
         grads: &mut Grads<O::Tensor>,
-        need_dx: bool,
+        dx_to: InputGrad<O::Tensor>,
     ) -> Result<Option<O::Tensor>> {
         let lin = &self.model.layers[l].proj[p as usize];
         let lora = self.lora(l, p);
         let g = grads.adapter.as_deref_mut().and_then(|g| g.grad_ref(l, p));
         let wg = grads.model.as_deref_mut().map(|m| m.layers[l].proj[p as usize].grad_ref());
-        self.ops.linear_bwd(dy, x, &lin.w, lora, acts.xa[p as usize].as_ref(), g, wg, need_dx)
+        self.ops.linear_bwd(dy, x, &lin.w, lora, acts.xa[p as usize].as_ref(), g, wg, dx_to)
     }
 
     /// Forward over all layers. With a cache, this step's K/V rows are appended to it
@@ -218,9 +225,9 @@ impl<'a, O: Ops> Decoder<'a, O> {
         let layer = &self.model.layers[l];
         let mut xa: [Option<O::Tensor>; 7] = Default::default();
         let (n1, rstd1) = ops.rmsnorm_fwd(&x, &layer.input_layernorm, c.rms_norm_eps)?;
-        let (mut q, xa_q) = self.linear_fwd(l, Proj::Q, &n1)?;
-        let (mut k, xa_k) = self.linear_fwd(l, Proj::K, &n1)?;
-        let (v, xa_v) = self.linear_fwd(l, Proj::V, &n1)?;
+        let (mut q, xa_q) = self.linear_fwd(l, Proj::Q, &n1, None)?;
+        let (mut k, xa_k) = self.linear_fwd(l, Proj::K, &n1, None)?;
+        let (v, xa_v) = self.linear_fwd(l, Proj::V, &n1, None)?;
         (xa[Proj::Q as usize], xa[Proj::K as usize], xa[Proj::V as usize]) = (xa_q, xa_k, xa_v);
         ops.rope_fwd(&mut q, &inp.cos, &inp.sin, c.head_dim)?;
         ops.rope_fwd(&mut k, &inp.cos, &inp.sin, c.head_dim)?;
@@ -234,18 +241,15 @@ impl<'a, O: Ops> Decoder<'a, O> {
                 ops.attention_fwd(&q, &cache.k[l], &cache.v[l], shape, &inp.layout)?
             }
         };
-        let (o, xa_o) = self.linear_fwd(l, Proj::O, &attn)?;
+        // the residual adds happen in the projections' products
+        let (h, xa_o) = self.linear_fwd(l, Proj::O, &attn, Some(&x))?;
         xa[Proj::O as usize] = xa_o;
-        let mut h = o;
-        ops.add_assign(&mut h, &x)?;
         let (n2, rstd2) = ops.rmsnorm_fwd(&h, &layer.post_attention_layernorm, c.rms_norm_eps)?;
-        let (gate, xa_g) = self.linear_fwd(l, Proj::Gate, &n2)?;
-        let (up, xa_u) = self.linear_fwd(l, Proj::Up, &n2)?;
+        let (gate, xa_g) = self.linear_fwd(l, Proj::Gate, &n2, None)?;
+        let (up, xa_u) = self.linear_fwd(l, Proj::Up, &n2, None)?;
         let act = ops.swiglu_fwd(&gate, &up)?;
-        let (down, xa_d) = self.linear_fwd(l, Proj::Down, &act)?;
+        let (out, xa_d) = self.linear_fwd(l, Proj::Down, &act, Some(&h))?;
         (xa[Proj::Gate as usize], xa[Proj::Up as usize], xa[Proj::Down as usize]) = (xa_g, xa_u, xa_d);
-        let mut out = down;
-        ops.add_assign(&mut out, &h)?;
         let (n1, n2, act) = (Some(n1), Some(n2), Some(act));
         Ok((out, LayerActs { x_in: x, n1, rstd1, q, k, v, attn, lse, h, n2, rstd2, gate, up, act, xa }))
     }
@@ -261,7 +265,7 @@ impl<'a, O: Ops> Decoder<'a, O> {
                 &gathered
             }
         };
-        Ok(self.ops.linear_fwd(x, self.model.lm_head(), None, None)?.0)
+        Ok(self.ops.linear_fwd(x, self.model.lm_head(), None, None, None)?.0)
     }
 
     /// Backward from `dlogits [N, V]` through every layer; gradients are accumulated
@@ -288,7 +292,7 @@ impl<'a, O: Ops> Decoder<'a, O> {
         self.check_grads(grads)?;
         let head_grad = grads.model.as_deref_mut().map(|g| LinearGradRef { dw: g.lm_head_mut(), db: None });
         self.ops
-            .linear_bwd(dlogits, x, self.model.lm_head(), None, None, None, head_grad, true)?
+            .linear_bwd(dlogits, x, self.model.lm_head(), None, None, None, head_grad, InputGrad::New)?
             .context("lm_head backward gave no input gradient")
     }
 
@@ -326,8 +330,12 @@ impl<'a, O: Ops> Decoder<'a, O> {
         self.check_grads(&grads)?;
         let full = grads.model.is_some();
         let dw = grads.model.as_deref_mut().map(|g| &mut g.norm);
-        let mut dx = ops.rmsnorm_bwd(dnorm, &state.x_out, &self.model.norm, &state.final_rstd, dw)?;
+        // the gradient of the current layer's output; None once a LoRA run's first layer
+        // has no input gradient to give
+        let mut dx =
+            Some(ops.rmsnorm_bwd(dnorm, &state.x_out, &self.model.norm, &state.final_rstd, dw, None)?);
         for l in (0..c.num_hidden_layers).rev() {
+            let dx_out = dx.take().context("backward past a layer that gave no input gradient")?;
             let _span = tracing::trace_span!("layer_bwd", l).entered();
             let recomputed;
             let a = if recompute {
@@ -346,7 +354,7 @@ impl<'a, O: Ops> Decoder<'a, O> {
             let dact = {
                 let mut slot = None;
                 let act = kept_or(&a.act, &mut slot, || ops.swiglu_fwd(&a.gate, &a.up))?;
-                need(self.linear_bwd(l, Proj::Down, &dx, act, a, &mut grads, true)?)?
+                need(self.linear_bwd(l, Proj::Down, &dx_out, act, a, &mut grads, InputGrad::New)?)?
             };
             let (dgate, dup) = ops.swiglu_bwd(&dact, &a.gate, &a.up)?;
             drop(dact);
@@ -355,19 +363,17 @@ impl<'a, O: Ops> Decoder<'a, O> {
                 let n2 = kept_or(&a.n2, &mut slot, || {
                     Ok(ops.rmsnorm_fwd(&a.h, &layer.post_attention_layernorm, eps)?.0)
                 })?;
-                let mut dn2 = need(self.linear_bwd(l, Proj::Gate, &dgate, n2, a, &mut grads, true)?)?;
-                ops.add_assign(
-                    &mut dn2,
-                    &need(self.linear_bwd(l, Proj::Up, &dup, n2, a, &mut grads, true)?)?,
-                )?;
-                dn2
+                // the two input gradients summed in the second product
+                let dn2 = need(self.linear_bwd(l, Proj::Gate, &dgate, n2, a, &mut grads, InputGrad::New)?)?;
+                need(self.linear_bwd(l, Proj::Up, &dup, n2, a, &mut grads, InputGrad::AddTo(dn2))?)?
             };
             drop((dgate, dup));
             let dw = grads.model.as_deref_mut().map(|g| &mut g.layers[l].post_attention_layernorm);
-            let mut dh = ops.rmsnorm_bwd(&dn2, &a.h, &layer.post_attention_layernorm, &a.rstd2, dw)?;
-            ops.add_assign(&mut dh, &dx)?;
+            // dh = dx_out (the residual stream's) + the norm's, in one pass
+            let dh =
+                ops.rmsnorm_bwd(&dn2, &a.h, &layer.post_attention_layernorm, &a.rstd2, dw, Some(dx_out))?;
             // attention: h = x + o(attn(q, k, v))
-            let dattn = need(self.linear_bwd(l, Proj::O, &dh, &a.attn, a, &mut grads, true)?)?;
+            let dattn = need(self.linear_bwd(l, Proj::O, &dh, &a.attn, a, &mut grads, InputGrad::New)?)?;
             let (mut dq, mut dk, dv) =
                 ops.attention_bwd(&dattn, &a.q, &a.k, &a.v, &a.attn, &a.lse, shape, &inp.layout)?;
             ops.rope_bwd(&mut dq, &inp.cos, &inp.sin, c.head_dim)?;
@@ -375,29 +381,28 @@ impl<'a, O: Ops> Decoder<'a, O> {
             // The first layer's input gradient only feeds the embedding, which a LoRA
             // run does not train.
             let need_dx = l > 0 || full;
-            let (dn1_q, dn1_k, dn1_v) = {
+            let dn1 = {
                 let mut slot = None;
                 let n1 = kept_or(&a.n1, &mut slot, || {
                     Ok(ops.rmsnorm_fwd(&a.x_in, &layer.input_layernorm, eps)?.0)
                 })?;
-                (
-                    self.linear_bwd(l, Proj::Q, &dq, n1, a, &mut grads, need_dx)?,
-                    self.linear_bwd(l, Proj::K, &dk, n1, a, &mut grads, need_dx)?,
-                    self.linear_bwd(l, Proj::V, &dv, n1, a, &mut grads, need_dx)?,
-                )
+                // q's, k's and v's input gradients summed in the products
+                let first = if need_dx { InputGrad::New } else { InputGrad::Skip };
+                let dn1 = self.linear_bwd(l, Proj::Q, &dq, n1, a, &mut grads, first)?;
+                let then = |dn1: Option<O::Tensor>| dn1.map_or(InputGrad::Skip, InputGrad::AddTo);
+                let dn1 = self.linear_bwd(l, Proj::K, &dk, n1, a, &mut grads, then(dn1))?;
+                self.linear_bwd(l, Proj::V, &dv, n1, a, &mut grads, then(dn1))?
             };
             if need_dx {
-                let mut dn1 = need(dn1_q)?;
-                ops.add_assign(&mut dn1, &need(dn1_k)?)?;
-                ops.add_assign(&mut dn1, &need(dn1_v)?)?;
+                let dn1 = need(dn1)?;
                 let dw = grads.model.as_deref_mut().map(|g| &mut g.layers[l].input_layernorm);
-                let mut dx_in = ops.rmsnorm_bwd(&dn1, &a.x_in, &layer.input_layernorm, &a.rstd1, dw)?;
-                ops.add_assign(&mut dx_in, &dh)?;
-                dx = dx_in;
+                // dx = dh (the residual stream's) + the norm's, in one pass
+                dx = Some(ops.rmsnorm_bwd(&dn1, &a.x_in, &layer.input_layernorm, &a.rstd1, dw, Some(dh))?);
             }
         }
         if let Some(g) = grads.model.as_deref_mut() {
             // dx is now the gradient of the embedding's output
+            let dx = dx.context("full fine-tuning's backward gave no embedding gradient")?;
             ops.embedding_bwd(&dx, &inp.ids, &mut g.embed_tokens)?;
         }
         Ok(())

@@ -133,6 +133,18 @@ impl Dropout {
     }
 }
 
+/// Where a linear backward puts its input gradient `dx`.
+pub enum InputGrad<T> {
+    /// Not needed (the first layer's input in a LoRA run): no product for it at all.
+    Skip,
+    /// A new tensor.
+    New,
+    /// Added (`+=`) into this tensor, shaped like the input, which is returned: the
+    /// input gradients of projections that share an input (q/k/v, gate/up) summed in
+    /// the products themselves, without a separate pass.
+    AddTo(T),
+}
+
 /// Gradient buffers of one LoRA pair, accumulated into (`+=`), so micro-batches sum.
 pub struct LoraGradRef<'a, T> {
     pub da: &'a mut T,
@@ -213,7 +225,9 @@ pub trait Ops {
         w: &Self::Tensor,
         eps: f32,
     ) -> Result<(Self::Tensor, Self::Tensor)>;
-    /// Returns `dx`; accumulates the weight gradient into `dw` when given.
+    /// Returns `dx`, or `residual + dx` with `residual` (the gradient that reaches `x`
+    /// along the residual stream, added in the same pass); accumulates the weight
+    /// gradient into `dw` when given.
     fn rmsnorm_bwd(
         &self,
         dy: &Self::Tensor,
@@ -221,22 +235,26 @@ pub trait Ops {
         w: &Self::Tensor,
         rstd: &Self::Tensor,
         dw: Option<&mut Self::Tensor>,
+        residual: Option<Self::Tensor>,
     ) -> Result<Self::Tensor>;
 
     // ---- linear with the LoRA path ----
-    /// `y = x·Wᵀ + b + scale·(x·Aᵀ)·Bᵀ`; W `[out, in]`. Returns `(y, x·Aᵀ)`, the second
-    /// kept for the backward when there is a LoRA path.
+    /// `y = x·Wᵀ + b + scale·(x·Aᵀ)·Bᵀ (+ residual)`; W `[out, in]`. Returns
+    /// `(y, x·Aᵀ)`, the second kept for the backward when there is a LoRA path. The
+    /// residual (`[N, out]`, the residual stream a projection is added to) is added in
+    /// the product itself where the backend can.
     fn linear_fwd(
         &self,
         x: &Self::Tensor,
         w: &Self::Tensor,
         bias: Option<&Self::Tensor>,
         lora: Option<LoraRef<Self::Tensor>>,
+        residual: Option<&Self::Tensor>,
     ) -> Result<(Self::Tensor, Option<Self::Tensor>)>;
-    /// Returns `dx` (None when `need_dx` is false) and accumulates the LoRA gradients
-    /// into `grads`. W and b get a gradient only when `weight_grads` is given
-    /// (`dW += dyᵀ·x`, `db += Σ_rows dy`); a LoRA step leaves it out and pays nothing
-    /// for it.
+    /// Returns `dx` as `dx_to` asks (None for [`InputGrad::Skip`]) and accumulates the
+    /// LoRA gradients into `grads`. W and b get a gradient only when `weight_grads` is
+    /// given (`dW += dyᵀ·x`, `db += Σ_rows dy`); a LoRA step leaves it out and pays
+    /// nothing for it.
     #[allow(clippy::too_many_arguments)]
     fn linear_bwd(
         &self,
@@ -247,7 +265,7 @@ pub trait Ops {
         xa: Option<&Self::Tensor>,
         grads: Option<LoraGradRef<Self::Tensor>>,
         weight_grads: Option<LinearGradRef<Self::Tensor>>,
-        need_dx: bool,
+        dx_to: InputGrad<Self::Tensor>,
     ) -> Result<Option<Self::Tensor>>;
 
     // ---- RoPE (rotate-half convention, as HF) ----
@@ -319,8 +337,10 @@ pub trait Ops {
     // ---- optimizer ----
     /// Σ x² over all tensors, in f64.
     fn sum_squares(&self, ts: &[&Self::Tensor]) -> Result<f64>;
-    fn scale(&self, t: &mut Self::Tensor, s: f32) -> Result<()>;
-    /// One `torch.optim.AdamW` step over all tensors; `step` counts from 1.
+    /// One `torch.optim.AdamW` step over all tensors; `step` counts from 1. Every
+    /// gradient is multiplied by `grad_scale` as it is read (the clip's coefficient, 1
+    /// without one): the same bits as scaling the gradients first, without a pass.
+    #[allow(clippy::too_many_arguments)]
     fn adamw_step(
         &self,
         params: &mut [&mut Self::Tensor],
@@ -329,6 +349,7 @@ pub trait Ops {
         v: &mut [&mut Self::Tensor],
         step: u64,
         hp: AdamWParams,
+        grad_scale: f32,
     ) -> Result<()>;
 
     /// `t` in the type this backend computes with, where that differs from how `t` is

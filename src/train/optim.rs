@@ -24,9 +24,17 @@ impl<P> AdamW<P> {
         Ok(Self { hp, m: params.zeros(ops)?, v: params.zeros(ops)?, step: 0 })
     }
 
-    /// One update of `params` from `grads` at learning rate `lr`. Biases and norm
-    /// weights get no weight decay (see [`decays`]).
-    pub fn update<O: Ops>(&mut self, ops: &O, params: &mut P, grads: &P, lr: f32) -> Result<()>
+    /// One update of `params` from `grads` times `grad_scale` (the clip's coefficient,
+    /// [`clip_scale`]; 1 for none) at learning rate `lr`. Biases and norm weights get no
+    /// weight decay (see [`decays`]).
+    pub fn update<O: Ops>(
+        &mut self,
+        ops: &O,
+        params: &mut P,
+        grads: &P,
+        lr: f32,
+        grad_scale: f32,
+    ) -> Result<()>
     where
         P: Trainable<O::Tensor>,
     {
@@ -51,6 +59,7 @@ impl<P> AdamW<P> {
                 &mut select(self.v.tensors_mut(), &decay, with_decay),
                 self.step,
                 hp,
+                grad_scale,
             )?;
         }
         Ok(())
@@ -68,15 +77,13 @@ pub fn grad_norm<O: Ops, P: Trainable<O::Tensor>>(ops: &O, grads: &P) -> Result<
     Ok(ops.sum_squares(&ts)?.sqrt())
 }
 
-/// `torch.nn.utils.clip_grad_norm_`: scales all gradients by `max / (norm + 1e-6)` when
-/// that is below 1. Returns the norm before clipping.
-pub fn clip_grad_norm<O: Ops, P: Trainable<O::Tensor>>(ops: &O, grads: &mut P, max_norm: f64) -> Result<f64> {
-    let norm = grad_norm(ops, grads)?;
-    let coef = max_norm / (norm + 1e-6);
-    if coef < 1.0 {
-        for t in grads.tensors_mut() {
-            ops.scale(t, coef as f32)?;
-        }
+/// `torch.nn.utils.clip_grad_norm_`'s coefficient for gradients of global norm `norm`:
+/// `max / (norm + 1e-6)` when that is below 1, else 1 (no clip). [`AdamW::update`]
+/// multiplies the gradients by it as it reads them, instead of a pass that scales them
+/// first: the same bits.
+pub fn clip_scale(norm: f64, max_norm: Option<f64>) -> f32 {
+    match max_norm {
+        Some(max) if max / (norm + 1e-6) < 1.0 => (max / (norm + 1e-6)) as f32,
+        _ => 1.0,
     }
-    Ok(norm)
 }

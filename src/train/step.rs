@@ -168,7 +168,7 @@ pub fn train_step<O: Ops>(
             }
             let rows: Vec<usize> = (r0..r1).collect();
             let x = ops.gather_rows(&state.final_norm, &rows)?;
-            let logits = ops.linear_fwd(&x, dec.model.lm_head(), None, None)?.0;
+            let logits = ops.linear_fwd(&x, dec.model.lm_head(), None, None, None)?.0;
             let ce = ops.cross_entropy(&logits, &targets[r0..r1], Some(scale))?;
             drop(logits);
             let dlogits = ce.dlogits.context("cross-entropy gave no gradient")?;

@@ -13,7 +13,7 @@ use rand::SeedableRng;
 use serde::Serialize;
 
 use super::checkpoint::{self, TrainerState};
-use super::optim::{clip_grad_norm, AdamW};
+use super::optim::{clip_scale, grad_norm, AdamW};
 use super::pack::{batch_of, rows, Example};
 use super::params::Trainable;
 use super::schedule::Schedule;
@@ -429,12 +429,9 @@ pub fn train_data_parallel<O: Ops, P: Trainable<O::Tensor>>(
             bail!("loss is {loss} at step {}: stopping before the weights are damaged", state.step + 1);
         }
         let opt_range = crate::profiling::range(c"optimizer");
-        let gnorm = match cfg.clip_grad_norm {
-            Some(max) => clip_grad_norm(ops, &mut grads, max)?,
-            None => super::optim::grad_norm(ops, &grads)?,
-        };
+        let gnorm = grad_norm(ops, &grads)?;
         let lr = sched.lr_at(state.step);
-        opt.update(ops, &mut params, &grads, lr as f32)?;
+        opt.update(ops, &mut params, &grads, lr as f32, clip_scale(gnorm, cfg.clip_grad_norm))?;
         drop(opt_range);
         state.step += 1;
         state.tokens_seen += tokens as u64;

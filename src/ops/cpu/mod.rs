@@ -11,11 +11,19 @@ use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
 use super::{
-    AdamWParams, AttnLayout, AttnShape, CrossEntropyOut, Dropout, HostWeight, LinearGradRef, LoraGradRef,
-    LoraRef, Ops,
+    AdamWParams, AttnLayout, AttnShape, CrossEntropyOut, Dropout, HostWeight, InputGrad, LinearGradRef,
+    LoraGradRef, LoraRef, Ops,
 };
 use crate::model::safetensors_io::decode_f32;
 use gemm::{matmul, Mat};
+
+/// `acc + t` (in that order, as `acc += t`), or `t` without `acc`.
+fn added_to(acc: Option<CpuTensor>, t: CpuTensor, what: &str) -> Result<CpuTensor> {
+    let Some(mut acc) = acc else { return Ok(t) };
+    same_shape(&acc, &t, what)?;
+    acc.data.par_iter_mut().zip(&t.data).for_each(|(a, b)| *a += b);
+    Ok(acc)
+}
 
 /// A row-major f32 tensor in host memory.
 #[derive(Clone, Debug, PartialEq)]
@@ -168,12 +176,13 @@ impl Ops for CpuOps {
         w: &CpuTensor,
         rstd: &CpuTensor,
         dw: Option<&mut CpuTensor>,
+        residual: Option<CpuTensor>,
     ) -> Result<CpuTensor> {
         same_shape(dy, x, "rmsnorm_bwd")?;
         let (_, d) = x.rows_cols();
         let dx =
             pointwise::rmsnorm_bwd(&dy.data, &x.data, &w.data, &rstd.data, d, dw.map(|t| &mut t.data[..]));
-        Ok(CpuTensor::new(dx, &x.shape))
+        added_to(residual, CpuTensor::new(dx, &x.shape), "rmsnorm_bwd residual")
     }
 
     fn linear_fwd(
@@ -182,6 +191,7 @@ impl Ops for CpuOps {
         w: &CpuTensor,
         bias: Option<&CpuTensor>,
         lora: Option<LoraRef<CpuTensor>>,
+        residual: Option<&CpuTensor>,
     ) -> Result<(CpuTensor, Option<CpuTensor>)> {
         let (n, inp) = x.rows_cols();
         let (out, w_in) = w.rows_cols();
@@ -209,6 +219,10 @@ impl Ops for CpuOps {
                 Some(CpuTensor::new(xa, &[n, r]))
             }
         };
+        if let Some(res) = residual {
+            ensure!(res.data.len() == y.len(), "linear: residual {:?} for [{n}, {out}]", res.shape);
+            y.par_iter_mut().zip(&res.data).for_each(|(y, r)| *y += r);
+        }
         let mut shape = x.shape.clone();
         if let Some(last) = shape.last_mut() {
             *last = out;
@@ -225,7 +239,7 @@ impl Ops for CpuOps {
         xa: Option<&CpuTensor>,
         grads: Option<LoraGradRef<CpuTensor>>,
         weight_grads: Option<LinearGradRef<CpuTensor>>,
-        need_dx: bool,
+        dx_to: InputGrad<CpuTensor>,
     ) -> Result<Option<CpuTensor>> {
         let (n, inp) = x.rows_cols();
         let (out, _) = w.rows_cols();
@@ -246,7 +260,7 @@ impl Ops for CpuOps {
                 }
             }
         }
-        let mut dx = if need_dx {
+        let mut dx = if !matches!(dx_to, InputGrad::Skip) {
             let mut dx = vec![0.0; n * inp];
             matmul(&mut dx, Mat::rm(&dy.data, n, out), Mat::rm(&w.data, out, inp), 1.0, 0.0);
             Some(dx)
@@ -279,7 +293,13 @@ impl Ops for CpuOps {
                 }
             }
         }
-        Ok(dx.map(|d| CpuTensor::new(d, &x.shape)))
+        let dx = dx.map(|d| CpuTensor::new(d, &x.shape));
+        match (dx_to, dx) {
+            (InputGrad::AddTo(acc), Some(dx)) => {
+                added_to(Some(acc), dx, "linear_bwd input gradient").map(Some)
+            }
+            (_, dx) => Ok(dx),
+        }
     }
 
     fn rope_fwd(&self, x: &mut CpuTensor, cos: &CpuTensor, sin: &CpuTensor, head_dim: usize) -> Result<()> {
@@ -359,11 +379,6 @@ impl Ops for CpuOps {
         Ok(ts.iter().flat_map(|t| chunk_sums(t)).sum())
     }
 
-    fn scale(&self, t: &mut CpuTensor, s: f32) -> Result<()> {
-        t.data.par_iter_mut().for_each(|x| *x *= s);
-        Ok(())
-    }
-
     fn adamw_step(
         &self,
         params: &mut [&mut CpuTensor],
@@ -372,13 +387,22 @@ impl Ops for CpuOps {
         v: &mut [&mut CpuTensor],
         step: u64,
         hp: AdamWParams,
+        grad_scale: f32,
     ) -> Result<()> {
         let n = params.len();
         ensure!(grads.len() == n && m.len() == n && v.len() == n, "adamw: tensor lists differ in length");
         ensure!(step >= 1, "adamw: steps count from 1");
         for i in 0..n {
             same_shape(params[i], grads[i], "adamw")?;
-            pointwise::adamw(&mut params[i].data, &grads[i].data, &mut m[i].data, &mut v[i].data, step, hp);
+            pointwise::adamw(
+                &mut params[i].data,
+                &grads[i].data,
+                &mut m[i].data,
+                &mut v[i].data,
+                step,
+                hp,
+                grad_scale,
+            );
         }
         Ok(())
     }

@@ -186,15 +186,17 @@ impl BlasLt {
         Ok(Plan { desc, layouts, algo: heuristic.algo })
     }
 
-    /// `C = alpha·op(A)·op(B) + beta·C (+ bias)` on the stream. `a`, `b`, `c` are device
-    /// addresses of buffers holding at least `m·k`, `k·n`, `m·n` elements of `s.dtype`'s
-    /// types, `bias` (given exactly when `s.bias`) one of `n` elements of C's type (the
-    /// caller checks). `beta = 0` ignores what C held. Every address is the start of an
-    /// allocation (cuBLASLt's heuristic assumes 256-byte alignment by default).
+    /// `D = alpha·op(A)·op(B) + beta·C (+ bias)` on the stream. `a`, `b`, `c`, `d` are
+    /// device addresses of buffers holding at least `m·k`, `k·n`, `m·n`, `m·n` elements of
+    /// `s.dtype`'s types, `bias` (given exactly when `s.bias`) one of `n` elements of C's
+    /// type (the caller checks). `c == d` is in place; otherwise C must not overlap D.
+    /// `beta = 0` ignores what C held. Every address is the start of an allocation
+    /// (cuBLASLt's heuristic assumes 256-byte alignment by default).
     #[allow(clippy::too_many_arguments)]
     pub fn matmul(
         &mut self,
         s: GemmShape,
+        d: u64,
         c: u64,
         a: u64,
         b: u64,
@@ -238,7 +240,7 @@ impl BlasLt {
                 plan.layouts[1],
                 c as *const c_void,
                 plan.layouts[2],
-                c as *mut c_void,
+                d as *mut c_void,
                 plan.layouts[2],
                 &plan.algo,
                 ws as *mut c_void,

@@ -36,8 +36,8 @@ use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use super::{
-    AdamWParams, AttnLayout, AttnShape, CrossEntropyOut, Dropout, HostWeight, LinearGradRef, LoraGradRef,
-    LoraRef, Ops,
+    AdamWParams, AttnLayout, AttnShape, CrossEntropyOut, Dropout, HostWeight, InputGrad, LinearGradRef,
+    LoraGradRef, LoraRef, Ops,
 };
 use crate::model::safetensors_io::decode_f32;
 use blaslt::{BlasLt, GemmDtype, GemmShape};
@@ -196,15 +196,17 @@ impl CudaOps {
         alpha: f32,
         beta: f32,
     ) -> Result<()> {
-        self.gemm_bias(c, a, trans_a, b, trans_b, mnk, alpha, beta, None)
+        self.gemm_full(c, None, a, trans_a, b, trans_b, mnk, alpha, beta, None)
     }
 
-    /// [`CudaOps::gemm`] with an optional bias of `n` elements of c's type added to every
-    /// row of c (cuBLASLt's epilogue; with `beta = 0` only).
+    /// [`CudaOps::gemm`] into `d` (a different tensor from `c` when `c_in` is given: `d =
+    /// alpha·op(a)·op(b) + beta·c_in`), with an optional bias of `n` elements of d's type
+    /// added to every row (cuBLASLt's epilogue; with `beta = 0` only).
     #[allow(clippy::too_many_arguments)]
-    fn gemm_bias(
+    fn gemm_full(
         &self,
         c: &CudaTensor,
+        c_in: Option<&CudaTensor>,
         a: &CudaTensor,
         trans_a: bool,
         b: &CudaTensor,
@@ -221,6 +223,16 @@ impl CudaOps {
             b.shape,
             c.shape
         );
+        if let Some(c_in) = c_in {
+            ensure!(
+                c_in.numel() == m * n && c_in.dtype() == c.dtype() && k > 0 && self.ptr(c_in) != self.ptr(c),
+                "matmul [{m}, {k}]·[{k}, {n}]: addend {:?} of {:?} for {:?} of {:?}",
+                c_in.shape,
+                c_in.dtype(),
+                c.shape,
+                c.dtype()
+            );
+        }
         let dtype = match (a.dtype(), b.dtype(), c.dtype()) {
             (DType::F32, DType::F32, DType::F32) => GemmDtype::F32,
             (DType::Bf16, DType::Bf16, DType::Bf16) => GemmDtype::Bf16,
@@ -253,7 +265,8 @@ impl CudaOps {
         }
         let s = GemmShape { m, n, k, trans_a, trans_b, dtype, bias: bias.is_some() };
         let bias = bias.map(|t| self.ptr(t));
-        self.blas().matmul(s, self.ptr(c), self.ptr(a), self.ptr(b), alpha, beta, bias)
+        let (d, c) = (self.ptr(c), c_in.map_or(self.ptr(c), |t| self.ptr(t)));
+        self.blas().matmul(s, d, c, self.ptr(a), self.ptr(b), alpha, beta, bias)
     }
 
     /// The dropped-out copy of `x`, in x's type.
@@ -589,6 +602,7 @@ impl Ops for CudaOps {
         w: &CudaTensor,
         rstd: &CudaTensor,
         dw: Option<&mut CudaTensor>,
+        residual: Option<CudaTensor>,
     ) -> Result<CudaTensor> {
         let _range = crate::profiling::range(c"rmsnorm_bwd");
         same_shape(dy, x, "rmsnorm_bwd")?;
@@ -601,7 +615,20 @@ impl Ops for CudaOps {
         );
         ensure!(dw.is_none() || self.dtype == DType::F32, "rmsnorm_bwd weight gradient: {NO_FULL_BF16}");
         let (dy, x, w, rstd) = (self.act(dy)?, self.act(x)?, self.act(w)?, self.to_type(rstd, DType::F32)?);
-        let dx = self.alloc(&x.shape)?;
+        let accumulate = residual.is_some();
+        let dx = match residual {
+            Some(r) => {
+                same_shape(&r, &x, "rmsnorm_bwd residual")?;
+                ensure!(
+                    r.dtype() == self.dtype,
+                    "rmsnorm_bwd: residual of {:?} in the {:?} mode",
+                    r.dtype(),
+                    self.dtype
+                );
+                r
+            }
+            None => self.alloc(&x.shape)?,
+        };
         if n == 0 {
             return Ok(dx);
         }
@@ -632,7 +659,8 @@ impl Ops for CudaOps {
                 self.ptr(&w),
                 self.ptr(&rstd),
                 int(n, "rows")?,
-                int(d, "width")?
+                int(d, "width")?,
+                accumulate as i32
             ],
         )?;
         if let (Some(dw), Some(p)) = (dw, partial) {
@@ -658,6 +686,7 @@ impl Ops for CudaOps {
         w: &CudaTensor,
         bias: Option<&CudaTensor>,
         lora: Option<LoraRef<CudaTensor>>,
+        residual: Option<&CudaTensor>,
     ) -> Result<(CudaTensor, Option<CudaTensor>)> {
         let _range = crate::profiling::range(c"linear_fwd");
         let (n, inp) = x.rows_cols();
@@ -668,16 +697,32 @@ impl Ops for CudaOps {
             *last = out;
         }
         let (x, w) = (self.act(x)?, self.act(w)?);
-        let y = self.alloc(&shape)?;
+        let mut y = self.alloc(&shape)?;
+        let residual = residual.map(|r| self.act(r)).transpose()?;
+        if let Some(r) = &residual {
+            ensure!(r.numel() == n * out, "linear: residual {:?} for [{n}, {out}]", r.shape);
+        }
+        // The residual is the product's addend (`beta = 1`), except beside the bf16 mode's
+        // bias epilogue, which needs `beta = 0`: then it is added after.
+        let mut add_residual_after = None;
         match (self.dtype, bias) {
             (DType::Bf16, Some(b)) => {
                 ensure!(b.numel() == out, "linear: bias of {} for {out} outputs", b.numel());
                 let b = self.act(b)?;
-                self.gemm_bias(&y, &x, false, &w, true, (n, out, inp), 1.0, 0.0, Some(&b))?;
+                self.gemm_full(&y, None, &x, false, &w, true, (n, out, inp), 1.0, 0.0, Some(&b))?;
+                add_residual_after = residual.as_deref();
             }
             _ => {
                 // The f32 mode adds the bias after the product, as the CPU backend does.
-                self.gemm(&y, &x, false, &w, true, (n, out, inp), 1.0, 0.0)?;
+                match (&residual, inp) {
+                    (Some(r), 1..) => {
+                        self.gemm_full(&y, Some(r), &x, false, &w, true, (n, out, inp), 1.0, 1.0, None)?
+                    }
+                    _ => {
+                        self.gemm(&y, &x, false, &w, true, (n, out, inp), 1.0, 0.0)?;
+                        add_residual_after = residual.as_deref();
+                    }
+                }
                 if let Some(b) = bias {
                     ensure!(b.numel() == out, "linear: bias of {} for {out} outputs", b.numel());
                     let b = self.act(b)?;
@@ -708,6 +753,9 @@ impl Ops for CudaOps {
                 Some(xa)
             }
         };
+        if let Some(r) = add_residual_after {
+            self.add_assign(&mut y, r)?;
+        }
         Ok((y, xa))
     }
 
@@ -723,7 +771,7 @@ impl Ops for CudaOps {
         xa: Option<&CudaTensor>,
         grads: Option<LoraGradRef<CudaTensor>>,
         weight_grads: Option<LinearGradRef<CudaTensor>>,
-        need_dx: bool,
+        dx_to: InputGrad<CudaTensor>,
     ) -> Result<Option<CudaTensor>> {
         let _range = crate::profiling::range(c"linear_bwd");
         let (n, inp) = x.rows_cols();
@@ -753,13 +801,24 @@ impl Ops for CudaOps {
                 )?;
             }
         }
-        let dx = if need_dx {
-            let w = self.act(w)?;
-            let dx = self.alloc(&x.shape)?;
-            self.gemm(&dx, &dy, false, &w, false, (n, inp, out), 1.0, 0.0)?;
-            Some(dx)
-        } else {
-            None
+        let dx = match dx_to {
+            InputGrad::Skip => None,
+            InputGrad::New => {
+                let dx = self.alloc(&x.shape)?;
+                self.gemm(&dx, &dy, false, &*self.act(w)?, false, (n, inp, out), 1.0, 0.0)?;
+                Some(dx)
+            }
+            InputGrad::AddTo(acc) => {
+                same_shape(&acc, &x, "linear_bwd input gradient")?;
+                ensure!(
+                    acc.dtype() == self.dtype,
+                    "linear_bwd: input gradient of {:?} in the {:?} mode",
+                    acc.dtype(),
+                    self.dtype
+                );
+                self.gemm(&acc, &dy, false, &*self.act(w)?, false, (n, inp, out), 1.0, 1.0)?;
+                Some(acc)
+            }
         };
         if let Some(l) = lora {
             let Some(xa) = xa else { bail!("linear_bwd: LoRA path without its saved x·Aᵀ") };
@@ -1090,13 +1149,6 @@ impl Ops for CudaOps {
         Ok(partials.iter().sum())
     }
 
-    fn scale(&self, t: &mut CudaTensor, s: f32) -> Result<()> {
-        let _range = crate::profiling::range(c"scale");
-        let n = t.numel();
-        let kernel = format!("scale_{}", t.dtype().suffix());
-        self.rt.launch(&kernel, grid_1d(n), args![self.ptr(t), n as u64, s])
-    }
-
     fn adamw_step(
         &self,
         params: &mut [&mut CudaTensor],
@@ -1105,6 +1157,7 @@ impl Ops for CudaOps {
         v: &mut [&mut CudaTensor],
         step: u64,
         hp: AdamWParams,
+        grad_scale: f32,
     ) -> Result<()> {
         let _range = crate::profiling::range(c"adamw_step");
         let n = params.len();
@@ -1161,7 +1214,8 @@ impl Ops for CudaOps {
                 hp.eps,
                 hp.weight_decay,
                 step_size,
-                bc2_sqrt
+                bc2_sqrt,
+                grad_scale
             ],
         )
     }

@@ -353,20 +353,23 @@ fn embedding_and_rope(dtype: DType) {
         let bad = p.gpu.upload_ids(&[0, v as u32]).unwrap();
         assert!(p.gpu.embedding_fwd(&tg, &bad).is_err());
     }
-    for &(n, heads, hd) in &[(1, 1, 2), (5, 3, 6), (37, 4, 64), (100, 2, 128)] {
+    for &(n, heads, kv_heads, hd) in &[(1, 1, 1, 2), (5, 3, 1, 6), (37, 4, 2, 64), (100, 2, 2, 128)] {
         let (mut xc, mut xg) = p.both(&[n, heads * hd], 2.0);
+        let (mut kc, mut kg) = p.both(&[n, kv_heads * hd], 2.0);
         let angles = p.rand(n * hd / 2, 10.0);
         let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
         let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
         // the tables are f32 in both modes, as the decoder uploads them
         let (cc, sc) = (p.cpu.upload(&cos, &[n, hd / 2]).unwrap(), p.cpu.upload(&sin, &[n, hd / 2]).unwrap());
         let (cg, sg) = (p.gpu.upload(&cos, &[n, hd / 2]).unwrap(), p.gpu.upload(&sin, &[n, hd / 2]).unwrap());
-        p.cpu.rope_fwd(&mut xc, &cc, &sc, hd).unwrap();
-        p.gpu.rope_fwd(&mut xg, &cg, &sg, hd).unwrap();
-        close("rope_fwd", &p.down(&xg), &xc.data, tol);
-        p.cpu.rope_bwd(&mut xc, &cc, &sc, hd).unwrap();
-        p.gpu.rope_bwd(&mut xg, &cg, &sg, hd).unwrap();
-        close("rope_bwd", &p.down(&xg), &xc.data, tol);
+        p.cpu.rope_fwd(&mut xc, &mut kc, &cc, &sc, hd).unwrap();
+        p.gpu.rope_fwd(&mut xg, &mut kg, &cg, &sg, hd).unwrap();
+        close("rope_fwd q", &p.down(&xg), &xc.data, tol);
+        close("rope_fwd k", &p.down(&kg), &kc.data, tol);
+        p.cpu.rope_bwd(&mut xc, &mut kc, &cc, &sc, hd).unwrap();
+        p.gpu.rope_bwd(&mut xg, &mut kg, &cg, &sg, hd).unwrap();
+        close("rope_bwd dq", &p.down(&xg), &xc.data, tol);
+        close("rope_bwd dk", &p.down(&kg), &kc.data, tol);
     }
 }
 

@@ -110,7 +110,7 @@ pub fn run_kernels<O: Ops>(ops: &O, opts: &BenchOptions) -> Result<KernelReport>
     let s =
         mean_time(ops, reps, || ops.attention_bwd(&dout, &q, &k, &vv, &out, &lse, shape, &layout).map(drop))?;
     record("attention_bwd", attn_shape, s, 2.5 * attention_fwd_flops(shape, &layout), 2.0 * io);
-    drop((k, vv, out, lse, dout));
+    drop((vv, out, lse, dout));
 
     // two projections with their LoRA path (r = 16): the widest input and a narrow one
     let r = 16;
@@ -135,16 +135,16 @@ pub fn run_kernels<O: Ops>(ops: &O, opts: &BenchOptions) -> Result<KernelReport>
     drop(x_d);
     let cos = ops.upload(&random(t * hd / 2, 1.0), &[t, hd / 2])?;
     let sin = ops.upload(&random(t * hd / 2, 1.0), &[t, hd / 2])?;
-    let mut q = q;
-    let s = mean_time(ops, reps, || ops.rope_fwd(&mut q, &cos, &sin, hd))?;
+    let (mut q, mut k) = (q, k);
+    let s = mean_time(ops, reps, || ops.rope_fwd(&mut q, &mut k, &cos, &sin, hd))?;
     record(
-        "rope_fwd (q)",
-        format!("[{t}, {qw}]"),
+        "rope_fwd (q and k)",
+        format!("[{t}, {qw}] and [{t}, {kw}]"),
         s,
         0.0,
-        2.0 * tf * qw as f64 * elem + 4.0 * tf * hd as f64,
+        2.0 * tf * (qw + kw) as f64 * elem + 4.0 * tf * hd as f64,
     );
-    drop((q, cos, sin));
+    drop((q, k, cos, sin));
     let gate = act(&[t, ff], &random(t * ff, 2.0))?;
     let up = act(&[t, ff], &random(t * ff, 2.0))?;
     let s = mean_time(ops, reps, || ops.swiglu_fwd(&gate, &up).map(drop))?;

@@ -257,22 +257,24 @@ impl<O: Ops> Ops for Profiled<'_, O> {
 
     fn rope_fwd(
         &self,
-        x: &mut Self::Tensor,
+        q: &mut Self::Tensor,
+        k: &mut Self::Tensor,
         cos: &Self::Tensor,
         sin: &Self::Tensor,
         head_dim: usize,
     ) -> Result<()> {
-        self.run("rope_fwd", || self.inner.rope_fwd(x, cos, sin, head_dim))
+        self.run("rope_fwd", || self.inner.rope_fwd(q, k, cos, sin, head_dim))
     }
 
     fn rope_bwd(
         &self,
-        dx: &mut Self::Tensor,
+        dq: &mut Self::Tensor,
+        dk: &mut Self::Tensor,
         cos: &Self::Tensor,
         sin: &Self::Tensor,
         head_dim: usize,
     ) -> Result<()> {
-        self.run("rope_bwd", || self.inner.rope_bwd(dx, cos, sin, head_dim))
+        self.run("rope_bwd", || self.inner.rope_bwd(dq, dk, cos, sin, head_dim))
     }
 
     fn attention_fwd(

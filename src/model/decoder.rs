@@ -229,8 +229,7 @@ impl<'a, O: Ops> Decoder<'a, O> {
         let (mut k, xa_k) = self.linear_fwd(l, Proj::K, &n1, None)?;
         let (v, xa_v) = self.linear_fwd(l, Proj::V, &n1, None)?;
         (xa[Proj::Q as usize], xa[Proj::K as usize], xa[Proj::V as usize]) = (xa_q, xa_k, xa_v);
-        ops.rope_fwd(&mut q, &inp.cos, &inp.sin, c.head_dim)?;
-        ops.rope_fwd(&mut k, &inp.cos, &inp.sin, c.head_dim)?;
+        ops.rope_fwd(&mut q, &mut k, &inp.cos, &inp.sin, c.head_dim)?;
         let (attn, lse) = match cache {
             None => ops.attention_fwd(&q, &k, &v, shape, &inp.layout)?,
             Some(cache) => {
@@ -376,8 +375,7 @@ impl<'a, O: Ops> Decoder<'a, O> {
             let dattn = need(self.linear_bwd(l, Proj::O, &dh, &a.attn, a, &mut grads, InputGrad::New)?)?;
             let (mut dq, mut dk, dv) =
                 ops.attention_bwd(&dattn, &a.q, &a.k, &a.v, &a.attn, &a.lse, shape, &inp.layout)?;
-            ops.rope_bwd(&mut dq, &inp.cos, &inp.sin, c.head_dim)?;
-            ops.rope_bwd(&mut dk, &inp.cos, &inp.sin, c.head_dim)?;
+            ops.rope_bwd(&mut dq, &mut dk, &inp.cos, &inp.sin, c.head_dim)?;
             // The first layer's input gradient only feeds the embedding, which a LoRA
             // run does not train.
             let need_dx = l > 0 || full;

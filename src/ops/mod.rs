@@ -269,19 +269,22 @@ pub trait Ops {
     ) -> Result<Option<Self::Tensor>>;
 
     // ---- RoPE (rotate-half convention, as HF) ----
-    /// Rotates every head of `x [N, heads·head_dim]` in place by the angles whose cosine
-    /// and sine are `cos, sin [N, head_dim/2]`.
+    /// Rotates every head of `q [N, heads·head_dim]` and of `k [N, kv_heads·head_dim]` in
+    /// place by the angles whose cosine and sine are `cos, sin [N, head_dim/2]` (both in
+    /// one pass where the backend can).
     fn rope_fwd(
         &self,
-        x: &mut Self::Tensor,
+        q: &mut Self::Tensor,
+        k: &mut Self::Tensor,
         cos: &Self::Tensor,
         sin: &Self::Tensor,
         head_dim: usize,
     ) -> Result<()>;
-    /// The transpose rotation, applied in place to the gradient.
+    /// The transpose rotation, applied in place to the gradients of q and k.
     fn rope_bwd(
         &self,
-        dx: &mut Self::Tensor,
+        dq: &mut Self::Tensor,
+        dk: &mut Self::Tensor,
         cos: &Self::Tensor,
         sin: &Self::Tensor,
         head_dim: usize,

@@ -302,12 +302,28 @@ impl Ops for CpuOps {
         }
     }
 
-    fn rope_fwd(&self, x: &mut CpuTensor, cos: &CpuTensor, sin: &CpuTensor, head_dim: usize) -> Result<()> {
-        pointwise::rope(&mut x.data, &cos.data, &sin.data, head_dim, 1.0)
+    fn rope_fwd(
+        &self,
+        q: &mut CpuTensor,
+        k: &mut CpuTensor,
+        cos: &CpuTensor,
+        sin: &CpuTensor,
+        head_dim: usize,
+    ) -> Result<()> {
+        pointwise::rope(&mut q.data, &cos.data, &sin.data, head_dim, 1.0)?;
+        pointwise::rope(&mut k.data, &cos.data, &sin.data, head_dim, 1.0)
     }
 
-    fn rope_bwd(&self, dx: &mut CpuTensor, cos: &CpuTensor, sin: &CpuTensor, head_dim: usize) -> Result<()> {
-        pointwise::rope(&mut dx.data, &cos.data, &sin.data, head_dim, -1.0)
+    fn rope_bwd(
+        &self,
+        dq: &mut CpuTensor,
+        dk: &mut CpuTensor,
+        cos: &CpuTensor,
+        sin: &CpuTensor,
+        head_dim: usize,
+    ) -> Result<()> {
+        pointwise::rope(&mut dq.data, &cos.data, &sin.data, head_dim, -1.0)?;
+        pointwise::rope(&mut dk.data, &cos.data, &sin.data, head_dim, -1.0)
     }
 
     fn attention_fwd(

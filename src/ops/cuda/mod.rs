@@ -864,24 +864,26 @@ impl Ops for CudaOps {
 
     fn rope_fwd(
         &self,
-        x: &mut CudaTensor,
+        q: &mut CudaTensor,
+        k: &mut CudaTensor,
         cos: &CudaTensor,
         sin: &CudaTensor,
         head_dim: usize,
     ) -> Result<()> {
         let _range = crate::profiling::range(c"rope_fwd");
-        self.rope(x, cos, sin, head_dim, 1.0)
+        self.rope(q, k, cos, sin, head_dim, 1.0)
     }
 
     fn rope_bwd(
         &self,
-        dx: &mut CudaTensor,
+        dq: &mut CudaTensor,
+        dk: &mut CudaTensor,
         cos: &CudaTensor,
         sin: &CudaTensor,
         head_dim: usize,
     ) -> Result<()> {
         let _range = crate::profiling::range(c"rope_bwd");
-        self.rope(dx, cos, sin, head_dim, -1.0)
+        self.rope(dq, dk, cos, sin, head_dim, -1.0)
     }
 
     fn attention_fwd(
@@ -1255,9 +1257,11 @@ impl Ops for CudaOps {
 }
 
 impl CudaOps {
+    /// Q and K rotated in one launch.
     fn rope(
         &self,
-        x: &mut CudaTensor,
+        q: &mut CudaTensor,
+        k: &mut CudaTensor,
         cos: &CudaTensor,
         sin: &CudaTensor,
         head_dim: usize,
@@ -1270,23 +1274,29 @@ impl CudaOps {
             cos.shape == sin.shape && rows > 0 && cos.numel() == rows * half,
             "rope: cos/sin tables differ"
         );
-        ensure!(
-            x.numel() % (rows * head_dim) == 0,
-            "rope: {} values for {rows} rows of {head_dim}-wide heads",
-            x.numel()
-        );
-        let heads = x.numel() / (rows * head_dim);
-        // In place in x's own type; the tables are f32 (made by `upload`).
+        let heads = |x: &CudaTensor, what: &str| {
+            ensure!(
+                x.numel() % (rows * head_dim) == 0,
+                "rope: {} values of {what} for {rows} rows of {head_dim}-wide heads",
+                x.numel()
+            );
+            Ok(x.numel() / (rows * head_dim))
+        };
+        let (heads_q, heads_k) = (heads(q, "q")?, heads(k, "k")?);
+        ensure!(q.dtype() == k.dtype(), "rope: q of {:?}, k of {:?}", q.dtype(), k.dtype());
+        // In place in q's and k's own type; the tables are f32 (made by `upload`).
         let (cos, sin) = (self.to_type(cos, DType::F32)?, self.to_type(sin, DType::F32)?);
         self.rt.launch(
-            &format!("rope_{}", x.dtype().suffix()),
-            grid_1d(rows * heads * half),
+            &format!("rope_{}", q.dtype().suffix()),
+            grid_1d(rows * (heads_q + heads_k) * half),
             args![
-                self.ptr(x),
+                self.ptr(q),
+                int(heads_q, "heads")?,
+                self.ptr(k),
+                int(heads_k, "kv heads")?,
                 self.ptr(&cos),
                 self.ptr(&sin),
                 int(rows, "rows")?,
-                int(heads, "heads")?,
                 int(head_dim, "head_dim")?,
                 sign
             ],

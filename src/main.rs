@@ -186,9 +186,10 @@ enum Command {
         /// LoRA rank on all seven projections (alpha = 2r).
         #[arg(long, default_value_t = 16)]
         lora_r: usize,
-        /// Keep only each layer's input and recompute its activations in the backward.
-        #[arg(long)]
-        recompute: bool,
+        /// Keep only each layer's input and recompute its activations in the backward;
+        /// `--recompute K` does it in every K-th layer only (layers 0, K, 2K, ...).
+        #[arg(long, value_name = "K", num_args = 0..=1, default_missing_value = "1")]
+        recompute: Option<usize>,
         /// Pack the batch's tokens as one run of documents of random lengths up to --seq.
         #[arg(long)]
         packing: bool,
@@ -549,7 +550,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 seq,
                 batch,
                 lora_r,
-                recompute,
+                recompute: match recompute {
+                    None => tuneloop::model::decoder::Recompute::Off,
+                    Some(0) => anyhow::bail!("bench: --recompute K needs K >= 1 (every K-th layer)"),
+                    Some(k) => tuneloop::model::decoder::Recompute::Every(k),
+                },
                 packing,
                 warmup,
                 steps,

@@ -163,7 +163,7 @@ pub fn run_case_with<O: Ops>(ops: &O, dir: &Path, tol: f64, greedy: GreedyCheck)
         let step = forward_backward(&dec, &batch, Some(&mut grads), None)?;
         let mut actual: HashMap<String, Vec<f32>> = HashMap::new();
         let st = &step.state;
-        actual.insert("embed_out".into(), ops.download(&st.layers[0].x_in)?);
+        actual.insert("embed_out".into(), ops.download(st.layers[0].x_in())?);
         for i in 0..model.cfg.num_hidden_layers {
             actual.insert(format!("layer_out.{i}"), ops.download(st.layer_out(i))?);
         }

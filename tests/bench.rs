@@ -3,6 +3,7 @@
 use std::process::{Command, Output};
 
 use tuneloop::bench::{anchors, packed_lengths, synthetic_batch, LoraStep, Profiled};
+use tuneloop::model::decoder::Recompute;
 use tuneloop::model::presets::{linear_params, lora_step_flops, lora_step_flops_per_token, preset};
 use tuneloop::model::{LoraConfig, Proj};
 use tuneloop::ops::cpu::{CpuOps, CpuTensor};
@@ -153,20 +154,30 @@ fn recompute_trains_the_same_bits() {
     let batch = synthetic_batch(&cfg, 40, 2, true, 1).unwrap();
     let lora = LoraConfig::new(4, 8.0, Proj::ALL.to_vec());
     let mut kept = LoraStep::new(&CpuOps, cfg.clone(), &lora, batch.clone(), 2).unwrap();
-    let mut recomputed = LoraStep::new(&CpuOps, cfg, &lora, batch, 2).unwrap();
-    recomputed.recompute = true;
+    let mut recomputed = LoraStep::new(&CpuOps, cfg.clone(), &lora, batch.clone(), 2).unwrap();
+    recomputed.recompute = Recompute::Every(1);
+    let mut half = LoraStep::new(&CpuOps, cfg, &lora, batch, 2).unwrap();
+    half.recompute = Recompute::Every(2);
     for _ in 0..2 {
-        assert_eq!(kept.step(&CpuOps).unwrap().to_bits(), recomputed.step(&CpuOps).unwrap().to_bits());
+        let loss = kept.step(&CpuOps).unwrap().to_bits();
+        assert_eq!(loss, recomputed.step(&CpuOps).unwrap().to_bits());
+        assert_eq!(loss, half.step(&CpuOps).unwrap().to_bits());
     }
-    for ((n, a), (_, b)) in kept.grads.named().iter().zip(recomputed.grads.named()) {
+    for ((n, a), ((_, b), (_, c))) in
+        kept.grads.named().iter().zip(recomputed.grads.named().iter().zip(half.grads.named()))
+    {
         assert!(bits(a) == bits(b), "{n} differs with recompute");
+        assert!(bits(a) == bits(c), "{n} differs with recompute in every other layer");
     }
-    // the recomputing step runs every layer's forward twice
-    let p = Profiled::new(&CpuOps);
-    recomputed.step(&p).unwrap();
-    let calls = |op: &str| p.times().iter().find(|t| t.op == op).map_or(0, |t| t.calls);
-    assert_eq!(calls("attention_fwd"), 2 * 4);
-    assert_eq!(calls("attention_bwd"), 4);
+    // the recomputing step runs every layer's forward twice; every other layer's: layers
+    // 0 and 2 of the 4
+    for (step, forwards) in [(&mut recomputed, 2 * 4), (&mut half, 4 + 2)] {
+        let p = Profiled::new(&CpuOps);
+        step.step(&p).unwrap();
+        let calls = |op: &str| p.times().iter().find(|t| t.op == op).map_or(0, |t| t.calls);
+        assert_eq!(calls("attention_fwd"), forwards);
+        assert_eq!(calls("attention_bwd"), 4);
+    }
 }
 
 fn tuneloop(args: &[&str]) -> Output {
@@ -205,7 +216,7 @@ fn bench_json_is_one_consistent_line() {
     assert!(close(f("mfu"), f("tflops") / j["gemm"]["tflops"].as_f64().unwrap(), 1e-9));
     assert_eq!(j["gemm"]["n"], 1024);
     assert!(j["peak_memory_bytes"].as_u64().unwrap() > 0);
-    assert_eq!(j["recompute"], false);
+    assert_eq!(j["recompute"], "off");
     assert!(f("loss_first").is_finite() && f("loss_last").is_finite());
     let ops = j["profile"]["ops"].as_array().expect("profile");
     assert!(ops.iter().any(|o| o["op"] == "linear_fwd" && o["seconds"].as_f64().unwrap() > 0.0));
@@ -245,7 +256,7 @@ fn bench_reads_a_model_directory_config_only() {
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(j["model"], d);
     assert_eq!(j["packing"], true);
-    assert_eq!(j["recompute"], true);
+    assert_eq!(j["recompute"], "every layer");
     assert_eq!(j["tokens_per_step"], 48);
     assert!(j["documents"].as_u64().unwrap() > 3);
     assert!(j["profile"].is_null());

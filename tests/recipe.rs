@@ -173,6 +173,28 @@ fn all_linear_string_is_accepted() {
 }
 
 #[test]
+fn activation_checkpointing_takes_a_bool_or_a_layer_interval() {
+    use tuneloop::model::decoder::Recompute;
+    for (value, want) in [
+        ("false", Recompute::Off),
+        ("true", Recompute::Every(1)),
+        ("1", Recompute::Every(1)),
+        ("3", Recompute::Every(3)),
+    ] {
+        let r = minimal_with(&[("activation_checkpointing", value)]).expect(value);
+        assert_eq!(r.activation_checkpointing, want, "{value}");
+        let back = Recipe::parse(&r.to_yaml(), "printed.yaml", &[]).expect("printed config parses");
+        assert_eq!(back.activation_checkpointing, want, "{value} printed and read back");
+    }
+    for bad in ["0", "-2", "sometimes", "1.5"] {
+        let e = err_of(minimal_with(&[("activation_checkpointing", bad)]));
+        assert!(e.contains("activation_checkpointing") && e.contains("every k-th layer"), "{bad}: {e}");
+    }
+    let e = err_of(Recipe::parse(&format!("{MINIMAL}activation_checkpointing: 0\n"), "ac.yaml", &[]));
+    assert!(e.starts_with("ac.yaml:6:") && e.contains("every k-th layer"), "{e}");
+}
+
+#[test]
 fn unknown_key_in_file_names_file_line_and_key() {
     let (_dir, path) =
         write_recipe("# a comment\nmodel:\n  pathh: models/tiny\ndata: {train: t}\noutput_dir: o\n");

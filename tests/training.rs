@@ -4,7 +4,7 @@
 
 mod common;
 
-use tuneloop::model::decoder::Grads;
+use tuneloop::model::decoder::{Grads, Recompute};
 use tuneloop::model::{Adapter, Decoder, LoraConfig, Model, Proj};
 use tuneloop::ops::{cpu::CpuOps, cpu::CpuTensor, AdamWParams, Ops};
 use tuneloop::train::{
@@ -285,7 +285,7 @@ fn recomputed_activations_give_the_same_gradients() {
     let ops = CpuOps;
     for case in common::CASES {
         let (model, adapter, batch) = golden_with_docs(case);
-        let run = |recompute: bool| {
+        let run = |recompute: Recompute| {
             let mut dec = Decoder::new(&ops, &model, Some(&adapter));
             dec.lora_dropout = Some(tuneloop::ops::Dropout { p: 0.2, seed: 11 });
             dec.recompute = recompute;
@@ -302,9 +302,16 @@ fn recomputed_activations_give_the_same_gradients() {
             let full: Vec<f32> = full.named().into_iter().flat_map(|(_, t)| t.data.clone()).collect();
             (r, grads_of(&ops, &lora), full)
         };
-        let (kept, recomputed) = (run(false), run(true));
-        assert_eq!(kept.0, recomputed.0, "{case}: loss");
-        assert_eq!(kept.1, recomputed.1, "{case}: LoRA gradients (dropout masks included)");
-        assert_eq!(kept.2, recomputed.2, "{case}: model gradients");
+        let kept = run(Recompute::Off);
+        // every layer, and every other one (layer 0 recomputed, layer 1 kept)
+        for every in [1, 2] {
+            let recomputed = run(Recompute::Every(every));
+            assert_eq!(kept.0, recomputed.0, "{case}, every {every}: loss");
+            assert_eq!(
+                kept.1, recomputed.1,
+                "{case}, every {every}: LoRA gradients (dropout masks included)"
+            );
+            assert_eq!(kept.2, recomputed.2, "{case}, every {every}: model gradients");
+        }
     }
 }

@@ -29,7 +29,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::model::decoder::Grads;
+use crate::model::decoder::{Grads, Recompute};
 use crate::model::presets::{lora_step_flops, preset};
 use crate::model::{Adapter, Decoder, LoraConfig, Model, ModelConfig, Proj};
 use crate::ops::{AdamWParams, HostWeight, Ops};
@@ -74,9 +74,9 @@ pub struct BenchOptions {
     pub batch: usize,
     /// LoRA rank on all seven projections; alpha is 2r.
     pub lora_r: usize,
-    /// Keep only each layer's input and recompute its activations in the backward
-    /// ([`Decoder::recompute`]).
-    pub recompute: bool,
+    /// Which layers keep only their input and recompute their activations in the
+    /// backward ([`Decoder::recompute`]).
+    pub recompute: Recompute,
     /// The batch's `batch × seq` tokens as one packed run of documents of random
     /// lengths up to `seq`, instead of `batch` rows of `seq`.
     pub packing: bool,
@@ -97,7 +97,7 @@ impl BenchOptions {
             seq: 2048,
             batch: 4,
             lora_r: 16,
-            recompute: false,
+            recompute: Recompute::Off,
             packing: false,
             warmup: 2,
             steps: 10,
@@ -172,8 +172,8 @@ pub struct LoraStep<T> {
     pub batch: TokenBatch,
     /// Clip the gradient norm to this, as HF's Trainer does by default (1.0).
     pub max_grad_norm: f64,
-    /// Activation recompute in every layer.
-    pub recompute: bool,
+    /// Which layers recompute their activations.
+    pub recompute: Recompute,
 }
 
 impl<T> LoraStep<T> {
@@ -191,7 +191,7 @@ impl<T> LoraStep<T> {
         let grads = adapter.zeros_like(ops, &model.cfg)?;
         let hp = AdamWParams { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
         let opt = AdamW::new(ops, &adapter, hp)?;
-        Ok(Self { model, adapter, grads, opt, batch, max_grad_norm: 1.0, recompute: false })
+        Ok(Self { model, adapter, grads, opt, batch, max_grad_norm: 1.0, recompute: Recompute::Off })
     }
 
     /// One training step: zero the gradients, forward, chunked lm_head and loss,
@@ -290,7 +290,8 @@ pub struct BenchReport {
     pub lora_r: usize,
     pub lora_alpha: f64,
     pub trainable_params: u64,
-    pub recompute: bool,
+    /// Which layers recomputed their activations, in words ("off", "every layer", ...).
+    pub recompute: String,
     pub warmup: usize,
     pub steps: usize,
     /// How the steps were timed.
@@ -332,6 +333,7 @@ pub fn run<O: Ops>(ops: &O, opts: &BenchOptions) -> Result<BenchReport> {
     let flops = lora_step_flops(&cfg, &batch.seq_lens);
     let tokens = batch.ids.len();
     let lora = LoraConfig::new(opts.lora_r, 2.0 * opts.lora_r as f64, Proj::ALL.to_vec());
+    let cfg_layers = cfg.num_hidden_layers;
     let mut st = LoraStep::new(ops, cfg, &lora, batch, opts.seed)?;
     st.recompute = opts.recompute;
     let mut device_peak = ops.memory_in_use();
@@ -413,7 +415,7 @@ pub fn run<O: Ops>(ops: &O, opts: &BenchOptions) -> Result<BenchReport> {
         lora_r: lora.r,
         lora_alpha: lora.lora_alpha,
         trainable_params: st.trainable_params(ops),
-        recompute: opts.recompute,
+        recompute: opts.recompute.describe(cfg_layers),
         warmup: opts.warmup,
         steps: opts.steps,
         clock: ops.clock(),
@@ -458,8 +460,8 @@ impl BenchReport {
         let mut s = String::new();
         let mut layout =
             if self.packing { format!("packed, {} docs", self.documents) } else { "rows".into() };
-        if self.recompute {
-            layout.push_str(", recompute");
+        if self.recompute != "off" {
+            layout.push_str(&format!(", recompute {}", self.recompute));
         }
         let backend = if self.backend == "cpu" {
             format!("cpu ({} threads)", self.threads)
@@ -485,10 +487,9 @@ impl BenchReport {
             self.gemm.n,
             100.0 * self.mfu,
         );
-        let recompute = if self.recompute {
-            "activation recompute on (each layer's forward runs again in the backward)"
-        } else {
-            "activation recompute off"
+        let recompute = match self.recompute.as_str() {
+            "off" => "activation recompute off".to_string(),
+            layers => format!("activation recompute in {layers} (its forward runs again in the backward)"),
         };
         let _ = writeln!(
             s,

@@ -92,12 +92,72 @@ pub struct LayerActs<T> {
     pub xa: [Option<T>; 7],
 }
 
+/// Which layers' activations a training forward recomputes in the backward instead of
+/// keeping them (activation checkpointing): such a layer keeps only its input, and the
+/// backward runs its forward again (the same dropout masks, the same bits) first.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Recompute {
+    /// Every layer keeps its activations.
+    #[default]
+    Off,
+    /// Layers 0, k, 2k, ... are recomputed (torchtune's selective checkpointing): 1 is
+    /// every layer, 2 every other one. Each recomputed layer trades its kept activations
+    /// for one more forward of it.
+    Every(usize),
+}
+
+impl Recompute {
+    /// Whether layer `l` is recomputed.
+    pub fn layer(self, l: usize) -> bool {
+        match self {
+            Recompute::Off => false,
+            Recompute::Every(k) => k > 0 && l % k == 0,
+        }
+    }
+
+    /// How many of `n` layers are recomputed.
+    pub fn count(self, n: usize) -> usize {
+        (0..n).filter(|&l| self.layer(l)).count()
+    }
+
+    /// For reports: "off", "every layer", "every 2nd layer (8 of 16)".
+    pub fn describe(self, n: usize) -> String {
+        match self {
+            Recompute::Off | Recompute::Every(0) => "off".into(),
+            Recompute::Every(1) => "every layer".into(),
+            Recompute::Every(k) => {
+                let nth = match (k % 10, k % 100) {
+                    (1, r) if r != 11 => "st",
+                    (2, r) if r != 12 => "nd",
+                    (3, r) if r != 13 => "rd",
+                    _ => "th",
+                };
+                format!("every {k}{nth} layer ({} of {n})", self.count(n))
+            }
+        }
+    }
+}
+
+/// What a training forward keeps of one layer for the backward.
+pub enum Kept<T> {
+    Acts(LayerActs<T>),
+    /// Only the layer's input: the backward recomputes the rest.
+    Input(T),
+}
+
+impl<T> Kept<T> {
+    /// The layer's input (the residual stream before it).
+    pub fn x_in(&self) -> &T {
+        match self {
+            Kept::Acts(a) => &a.x_in,
+            Kept::Input(x) => x,
+        }
+    }
+}
+
 pub struct ForwardState<T> {
-    /// Every layer's activations (a forward that keeps them, without recompute).
-    pub layers: Vec<LayerActs<T>>,
-    /// Only every layer's input (a forward that keeps activations with recompute on):
-    /// the backward runs each layer's forward again.
-    pub inputs: Vec<T>,
+    /// What every layer kept, for a forward that keeps activations (empty otherwise).
+    pub layers: Vec<Kept<T>>,
     /// The last layer's output.
     pub x_out: T,
     pub final_norm: T,
@@ -107,7 +167,7 @@ pub struct ForwardState<T> {
 impl<T> ForwardState<T> {
     /// The output of decoder layer `i` (the input of layer `i + 1`).
     pub fn layer_out(&self, i: usize) -> &T {
-        self.layers.get(i + 1).map(|l| &l.x_in).unwrap_or(&self.x_out)
+        self.layers.get(i + 1).map(Kept::x_in).unwrap_or(&self.x_out)
     }
 }
 
@@ -119,15 +179,21 @@ pub struct Decoder<'a, O: Ops> {
     /// LoRA dropout for a training step: probability and the step's seed (each
     /// layer and projection draws its own mask from it).
     pub lora_dropout: Option<Dropout>,
-    /// Activation recompute: a forward for a backward keeps only each layer's input,
-    /// and the backward runs the layer's forward again (the same dropout masks) before
-    /// its backward. Less memory for one more forward.
-    pub recompute: bool,
+    /// Activation recompute: which layers a forward for a backward keeps only the
+    /// input of, their forward run again in the backward. Less memory for more compute.
+    pub recompute: Recompute,
 }
 
 impl<'a, O: Ops> Decoder<'a, O> {
     pub fn new(ops: &'a O, model: &'a Model<O::Tensor>, adapter: Option<&'a Adapter<O::Tensor>>) -> Self {
-        Self { ops, model, adapter, rope: Rope::new(&model.cfg), lora_dropout: None, recompute: false }
+        Self {
+            ops,
+            model,
+            adapter,
+            rope: Rope::new(&model.cfg),
+            lora_dropout: None,
+            recompute: Recompute::Off,
+        }
     }
 
     pub fn attn_shape(&self) -> AttnShape {
@@ -189,25 +255,19 @@ impl<'a, O: Ops> Decoder<'a, O> {
         let ops = self.ops;
         let c = &self.model.cfg;
         let mut x = ops.embedding_fwd(&self.model.embed_tokens, &inp.ids)?;
-        let n_keep = if keep { c.num_hidden_layers } else { 0 };
-        let (mut layers, mut inputs) = (Vec::new(), Vec::new());
-        if self.recompute {
-            inputs.reserve(n_keep);
-        } else {
-            layers.reserve(n_keep);
-        }
+        let mut layers = Vec::with_capacity(if keep { c.num_hidden_layers } else { 0 });
         for l in 0..c.num_hidden_layers {
             let _span = tracing::trace_span!("layer_fwd", l).entered();
             let (out, acts) = self.layer_forward(l, x, inp, cache.as_deref_mut())?;
             x = out;
-            if keep && self.recompute {
-                inputs.push(acts.x_in);
+            if keep && self.recompute.layer(l) {
+                layers.push(Kept::Input(acts.x_in));
             } else if keep {
-                layers.push(LayerActs { n1: None, n2: None, act: None, ..acts });
+                layers.push(Kept::Acts(LayerActs { n1: None, n2: None, act: None, ..acts }));
             }
         }
         let (final_norm, final_rstd) = ops.rmsnorm_fwd(&x, &self.model.norm, c.rms_norm_eps)?;
-        Ok(ForwardState { layers, inputs, x_out: x, final_norm, final_rstd })
+        Ok(ForwardState { layers, x_out: x, final_norm, final_rstd })
     }
 
     /// Decoder layer `l` on its input `x`: its output and its activations (`x` among
@@ -321,9 +381,8 @@ impl<'a, O: Ops> Decoder<'a, O> {
         let ops = self.ops;
         let c = &self.model.cfg;
         let shape = self.attn_shape();
-        let recompute = state.layers.is_empty() && state.inputs.len() == c.num_hidden_layers;
         ensure!(
-            state.layers.len() == c.num_hidden_layers || recompute,
+            state.layers.len() == c.num_hidden_layers,
             "backward needs a forward that kept its activations"
         );
         self.check_grads(&grads)?;
@@ -337,14 +396,14 @@ impl<'a, O: Ops> Decoder<'a, O> {
             let dx_out = dx.take().context("backward past a layer that gave no input gradient")?;
             let _span = tracing::trace_span!("layer_bwd", l).entered();
             let recomputed;
-            let a = if recompute {
-                let _range = crate::profiling::range(c"recompute");
-                let x = &state.inputs[l];
-                let rows: Vec<usize> = (0..crate::ops::rows_cols(ops.shape(x)).0).collect();
-                recomputed = self.layer_forward(l, ops.gather_rows(x, &rows)?, inp, None)?.1;
-                &recomputed
-            } else {
-                &state.layers[l]
+            let a = match &state.layers[l] {
+                Kept::Acts(a) => a,
+                Kept::Input(x) => {
+                    let _range = crate::profiling::range(c"recompute");
+                    let rows: Vec<usize> = (0..crate::ops::rows_cols(ops.shape(x)).0).collect();
+                    recomputed = self.layer_forward(l, ops.gather_rows(x, &rows)?, inp, None)?.1;
+                    &recomputed
+                }
             };
             let layer = &self.model.layers[l];
             let need = |o: Option<O::Tensor>| o.context("linear backward gave no input gradient");

@@ -60,3 +60,45 @@ pub(super) fn target_modules<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Stri
     }
     d.deserialize_any(Modules)
 }
+
+/// `activation_checkpointing`: `false`, `true` (every layer) or `k` (layers 0, k, 2k, ...,
+/// torchtune's selective checkpointing).
+pub(super) mod recompute {
+    use super::*;
+    use crate::model::decoder::Recompute;
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(r: &Recompute, s: S) -> Result<S::Ok, S::Error> {
+        match *r {
+            Recompute::Off => s.serialize_bool(false),
+            Recompute::Every(1) => s.serialize_bool(true),
+            Recompute::Every(k) => s.serialize_u64(k as u64),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Recompute, D::Error> {
+        struct Every;
+        impl<'de> Visitor<'de> for Every {
+            type Value = Recompute;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("true, false, or k >= 1 to recompute every k-th layer")
+            }
+            fn visit_bool<E: de::Error>(self, b: bool) -> Result<Self::Value, E> {
+                Ok(if b { Recompute::Every(1) } else { Recompute::Off })
+            }
+            fn visit_u64<E: de::Error>(self, k: u64) -> Result<Self::Value, E> {
+                match usize::try_from(k) {
+                    Ok(k) if k >= 1 => Ok(Recompute::Every(k)),
+                    _ => Err(E::invalid_value(Unexpected::Unsigned(k), &self)),
+                }
+            }
+            fn visit_i64<E: de::Error>(self, k: i64) -> Result<Self::Value, E> {
+                match u64::try_from(k) {
+                    Ok(k) => self.visit_u64(k),
+                    Err(_) => Err(E::invalid_value(Unexpected::Signed(k), &self)),
+                }
+            }
+        }
+        d.deserialize_any(Every)
+    }
+}

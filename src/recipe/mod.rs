@@ -20,6 +20,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
+use crate::model::decoder::Recompute;
 use crate::model::lora::{LoraConfig, Proj};
 
 pub use overrides::split_overrides;
@@ -40,9 +41,11 @@ pub struct Recipe {
     pub lr_scheduler: LrScheduler,
     /// Max global L2 norm of the adapter gradients; `null` turns clipping off.
     pub clip_grad_norm: Option<f64>,
-    /// Recompute each layer's activations in the backward instead of keeping them
-    /// (less memory, one more forward per step).
-    pub activation_checkpointing: bool,
+    /// Recompute layers' activations in the backward instead of keeping them (less
+    /// memory, one more forward of each such layer per step): `false`, `true` (every
+    /// layer) or `k` (every k-th layer: layers 0, k, 2k, ...).
+    #[serde(with = "fields::recompute")]
+    pub activation_checkpointing: Recompute,
     pub output_dir: PathBuf,
     pub checkpoint: CheckpointSection,
     pub backend: BackendKind,
@@ -61,7 +64,7 @@ impl Default for Recipe {
             optimizer: Optimizer::default(),
             lr_scheduler: LrScheduler::default(),
             clip_grad_norm: Some(1.0),
-            activation_checkpointing: false,
+            activation_checkpointing: Recompute::Off,
             output_dir: PathBuf::new(),
             checkpoint: CheckpointSection::default(),
             backend: BackendKind::Auto,

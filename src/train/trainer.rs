@@ -19,6 +19,7 @@ use super::params::Trainable;
 use super::schedule::Schedule;
 use super::step::{forward_backward, train_step, TokenBatch};
 use crate::dist::{Collective, Single};
+use crate::model::decoder::Recompute;
 use crate::model::Decoder;
 use crate::ops::{AdamWParams, Dropout, Ops};
 
@@ -40,8 +41,8 @@ pub struct TrainConfig {
     pub min_lr_ratio: f64,
     pub clip_grad_norm: Option<f64>,
     pub lora_dropout: f32,
-    /// Activation recompute in every layer (see [`Decoder::recompute`]).
-    pub recompute: bool,
+    /// Which layers recompute their activations (see [`Decoder::recompute`]).
+    pub recompute: Recompute,
     pub seed: u64,
     pub output_dir: PathBuf,
     /// Stop (after checkpointing) once this many steps are done, leaving the schedule

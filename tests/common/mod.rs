@@ -48,7 +48,7 @@ pub fn train_config(out: &Path) -> tuneloop::train::trainer::TrainConfig {
         min_lr_ratio: 0.0,
         clip_grad_norm: Some(1.0),
         lora_dropout: 0.1,
-        recompute: false,
+        recompute: tuneloop::model::decoder::Recompute::Off,
         seed: 7,
         output_dir: out.to_path_buf(),
         stop_after: None,

@@ -202,3 +202,22 @@ fn shard_index_naming_a_tensor_its_file_lacks_is_an_error() {
     let e = load_err(dir.path());
     assert!(e.contains("model.safetensors"), "{e}");
 }
+
+#[test]
+fn random_weights_are_the_same_on_any_number_of_threads() {
+    // a tensor of more than one chunk of draws (the embedding: 300 × 4096 > 2^20 values)
+    let mut cfg = tuneloop::model::presets::preset("tiny").unwrap();
+    cfg.vocab_size = 300;
+    cfg.hidden_size = 4096;
+    cfg.num_hidden_layers = 1;
+    let draw = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let m = pool.install(|| Model::random(&CpuOps, cfg.clone(), 5, 0.02).unwrap());
+        CpuOps.download(&m.embed_tokens).unwrap()
+    };
+    let one = draw(1);
+    assert!(one.len() > 1 << 20 && one.iter().all(|x| x.abs() <= 0.02 * 3f32.sqrt()));
+    let rest = one.len() - (1 << 20);
+    assert!(one[..rest] != one[1 << 20..], "every chunk draws its own values");
+    assert!(one.iter().map(|x| x.to_bits()).eq(draw(3).iter().map(|x| x.to_bits())));
+}

@@ -134,10 +134,16 @@ pub fn decide(
             fmt(regression.candidate),
             fmt(regression.reference)
         ),
-        (true, Some(i)) => format!(
-            "regression {rm}: {} vs {} for the base, within tolerance {} (change {i:+.4})",
+        (true, Some(i)) if i >= 0.0 => format!(
+            "regression {rm}: {} vs {} for the base, better by {i:.4}",
             fmt(regression.candidate),
             fmt(regression.reference),
+        ),
+        (true, Some(i)) => format!(
+            "regression {rm}: {} vs {} for the base, worse by {:.4}, within tolerance {}",
+            fmt(regression.candidate),
+            fmt(regression.reference),
+            -i,
             cfg.tolerance
         ),
         (false, Some(i)) => format!(
@@ -250,6 +256,18 @@ mod tests {
         );
         assert!(r.passed, "{}", r.markdown());
         assert!(r.markdown().contains("PASSED"));
+        // the regression loss rose within the tolerance: said as worse, not as a change
+        assert!(r.reasons[1].contains("worse by 0.0500, within tolerance 0.1"), "{:?}", r.reasons);
+        let lower = decide(
+            &cfg("tool_call_accuracy", 0.05, 0.1),
+            "v2",
+            "v1",
+            &rep(1.0, Some(0.8)),
+            &rep(1.2, Some(0.7)),
+            &rep(1.5, None),
+            &rep(2.0, None),
+        );
+        assert!(lower.passed && lower.reasons[1].contains("1.5000 vs 2.0000 for the base, better by 0.5000"));
     }
 
     #[test]

@@ -21,6 +21,7 @@ use std::ops::Deref;
 use anyhow::{bail, ensure, Result};
 use cudarc::driver::CudaSlice;
 use half::{bf16, f16};
+use rayon::prelude::*;
 use safetensors::Dtype;
 
 use crate::ops::HostWeight;
@@ -137,13 +138,14 @@ pub fn host_bf16(w: &HostWeight) -> Result<Vec<bf16>> {
     );
     let b = w.bytes;
     Ok(match w.dtype {
-        Dtype::BF16 => b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]])).collect(),
+        Dtype::BF16 => b.par_chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]])).collect(),
         Dtype::F16 => {
-            b.chunks_exact(2).map(|c| bf16::from_f32(f16::from_le_bytes([c[0], c[1]]).to_f32())).collect()
+            b.par_chunks_exact(2).map(|c| bf16::from_f32(f16::from_le_bytes([c[0], c[1]]).to_f32())).collect()
         }
-        _ => {
-            b.chunks_exact(4).map(|c| bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect()
-        }
+        _ => b
+            .par_chunks_exact(4)
+            .map(|c| bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+            .collect(),
     })
 }
 

@@ -269,6 +269,14 @@ impl CudaOps {
         self.blas().matmul(s, d, c, self.ptr(a), self.ptr(b), alpha, beta, bias)
     }
 
+    /// A gradient that an op adds its own into (`acc += ...`): shaped like `like` and of
+    /// the activation type.
+    fn check_accumulator(&self, acc: &CudaTensor, like: &CudaTensor, what: &str) -> Result<()> {
+        same_shape(acc, like, what)?;
+        ensure!(acc.dtype() == self.dtype, "{what}: {:?} in the {:?} mode", acc.dtype(), self.dtype);
+        Ok(())
+    }
+
     /// The dropped-out copy of `x`, in x's type.
     fn dropout(&self, x: &CudaTensor, d: Dropout) -> Result<CudaTensor> {
         let n = x.numel();
@@ -618,13 +626,7 @@ impl Ops for CudaOps {
         let accumulate = residual.is_some();
         let dx = match residual {
             Some(r) => {
-                same_shape(&r, &x, "rmsnorm_bwd residual")?;
-                ensure!(
-                    r.dtype() == self.dtype,
-                    "rmsnorm_bwd: residual of {:?} in the {:?} mode",
-                    r.dtype(),
-                    self.dtype
-                );
+                self.check_accumulator(&r, &x, "rmsnorm_bwd residual")?;
                 r
             }
             None => self.alloc(&x.shape)?,
@@ -809,13 +811,7 @@ impl Ops for CudaOps {
                 Some(dx)
             }
             InputGrad::AddTo(acc) => {
-                same_shape(&acc, &x, "linear_bwd input gradient")?;
-                ensure!(
-                    acc.dtype() == self.dtype,
-                    "linear_bwd: input gradient of {:?} in the {:?} mode",
-                    acc.dtype(),
-                    self.dtype
-                );
+                self.check_accumulator(&acc, &x, "linear_bwd input gradient")?;
                 self.gemm(&acc, &dy, false, &*self.act(w)?, false, (n, inp, out), 1.0, 1.0)?;
                 Some(acc)
             }

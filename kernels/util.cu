@@ -108,3 +108,33 @@ extern "C" __global__ void col_sum_acc_f32(float* db, const float* dy, int rows,
     for (int r = 0; r < rows; ++r) s += dy[(size_t)r * cols + c];
     db[c] = s;
 }
+
+// Many tensors in one launch (a training step's LoRA tensors are a few hundred small
+// ones): `tensors` is a device array of descriptors; blockIdx.y picks the tensor and its
+// blocks grid-stride over it along x, so any grid.x is correct. Launch: grid (blocks_x,
+// n_tensors), blockDim.x a multiple of 32.
+//
+// cast_f32_to_bf16_multi: out = in rounded to nearest even, as cast_f32_to_bf16 (the same
+//   bits). zero_multi: n 16-bit words of zeros from ptr (f32 and bf16 tensors alike).
+struct CastTensor {
+    __nv_bfloat16* out;
+    const float* in;
+    unsigned long long n;
+};
+
+extern "C" __global__ void cast_f32_to_bf16_multi(const CastTensor* tensors, int n_tensors) {
+    if ((int)blockIdx.y >= n_tensors) return;
+    const CastTensor t = tensors[blockIdx.y];
+    tl_util::cast(t.out, t.in, t.n);
+}
+
+struct ZeroTensor {
+    unsigned short* ptr;
+    unsigned long long n;
+};
+
+extern "C" __global__ void zero_multi(const ZeroTensor* tensors, int n_tensors) {
+    if ((int)blockIdx.y >= n_tensors) return;
+    const ZeroTensor t = tensors[blockIdx.y];
+    for (size_t i = tl_util::global_tid(); i < t.n; i += tl_util::grid_stride()) t.ptr[i] = 0;
+}

@@ -107,6 +107,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "add_bias_rows_f32",
     "add_bias_rows_bf16",
     "col_sum_acc_f32",
+    "cast_f32_to_bf16_multi",
+    "zero_multi",
 ];
 
 #[cfg(test)]

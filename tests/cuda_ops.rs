@@ -639,6 +639,34 @@ both_modes!(optimizer_ops: optimizer_ops_match_the_cpu, optimizer_ops_match_the_
 fn optimizer_ops(dtype: DType) {
     let mut p = Pair::new(6, dtype);
     let shapes: [&[usize]; 4] = [&[1], &[16, 33], &[8, 4096], &[4096, 16]];
+    // many tensors' compute copies in one launch: the bits of one copy each
+    let masters: Vec<_> = shapes.iter().map(|s| p.both_f32(s, 1.0).1).collect();
+    let refs: Vec<&CudaTensor> = masters.iter().collect();
+    poison_pool(&p);
+    match p.gpu.compute_copies(&refs).unwrap() {
+        None => assert!(!p.bf16(), "the bf16 mode copies the f32 masters"),
+        Some(copies) => {
+            assert!(p.bf16(), "the f32 mode computes with the masters themselves");
+            for (m, c) in masters.iter().zip(&copies) {
+                let one = p.gpu.compute_copy(m).unwrap().unwrap();
+                let bits = |t: &CudaTensor| p.down(t).into_iter().map(f32::to_bits).collect::<Vec<_>>();
+                assert_eq!((c.shape.as_slice(), bits(c)), (one.shape.as_slice(), bits(&one)));
+            }
+            // a tensor already in the compute type: no copies at all
+            let act = p.both(&[3, 5], 1.0).1;
+            assert!(p.gpu.compute_copies(&[&masters[0], &act]).unwrap().is_none());
+        }
+    }
+    // many tensors zeroed in one launch, of both types; a tensor left out keeps its values
+    let mut zeroed: Vec<CudaTensor> = shapes.iter().map(|s| p.both_f32(s, 1.0).1).collect();
+    zeroed.push(p.both(&[70_001], 1.0).1);
+    let kept = p.both_f32(&[4096, 16], 1.0).1;
+    let before = p.down(&kept);
+    p.gpu.fill_zero_all(&mut zeroed.iter_mut().collect::<Vec<_>>()).unwrap();
+    for t in &zeroed {
+        assert!(p.down(t).iter().all(|&x| x.to_bits() == 0), "fill_zero_all {:?}", t.shape);
+    }
+    assert_eq!(p.down(&kept), before);
     let mut cpu_t = Vec::new();
     let mut gpu_t = Vec::new();
     for s in shapes {

@@ -197,9 +197,7 @@ impl<T> LoraStep<T> {
     /// One training step: zero the gradients, forward, chunked lm_head and loss,
     /// backward, clip, AdamW. Returns the batch's mean loss.
     pub fn step<O: Ops<Tensor = T>>(&mut self, ops: &O) -> Result<f64> {
-        for t in self.grads.tensors_mut() {
-            ops.fill_zero(t)?;
-        }
+        ops.fill_zero_all(&mut self.grads.tensors_mut())?;
         // as a training step: the adapter in the compute type once, not at every op
         let copy = self.adapter.compute_copy(ops)?;
         let mut dec = Decoder::new(ops, &self.model, Some(copy.as_ref().unwrap_or(&self.adapter)));

@@ -345,6 +345,14 @@ impl<O: Ops> Ops for Profiled<'_, O> {
         self.run("adamw_step", || self.inner.adamw_step(params, grads, m, v, step, hp, grad_scale))
     }
 
+    fn compute_copies(&self, ts: &[&Self::Tensor]) -> Result<Option<Vec<Self::Tensor>>> {
+        self.run("compute_copies", || self.inner.compute_copies(ts))
+    }
+
+    fn fill_zero_all(&self, ts: &mut [&mut Self::Tensor]) -> Result<()> {
+        self.run("fill_zero_all", || self.inner.fill_zero_all(ts))
+    }
+
     fn synchronize(&self) -> Result<()> {
         self.inner.synchronize()
     }

@@ -362,6 +362,22 @@ pub trait Ops {
     fn compute_copy(&self, _t: &Self::Tensor) -> Result<Option<Self::Tensor>> {
         Ok(None)
     }
+    /// [`Ops::compute_copy`] of many tensors, in one launch where the backend can: all
+    /// the copies, or `None` as soon as one tensor needs none.
+    fn compute_copies(&self, ts: &[&Self::Tensor]) -> Result<Option<Vec<Self::Tensor>>> {
+        let mut out = Vec::with_capacity(ts.len());
+        for t in ts {
+            match self.compute_copy(t)? {
+                Some(c) => out.push(c),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(out))
+    }
+    /// [`Ops::fill_zero`] of many tensors, in one launch where the backend can.
+    fn fill_zero_all(&self, ts: &mut [&mut Self::Tensor]) -> Result<()> {
+        ts.iter_mut().try_for_each(|t| self.fill_zero(t))
+    }
 
     // ---- timing and memory (benchmarks) ----
     /// Waits until all work queued on the backend so far has finished (nothing to wait

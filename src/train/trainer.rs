@@ -176,9 +176,7 @@ pub fn global_batch_gradients<O: Ops, P: Trainable<O::Tensor>>(
     dist: &dyn Collective<O>,
 ) -> Result<BatchStats> {
     let denom: usize = micro.iter().map(|b| b.n_targets()).sum();
-    for t in grads.tensors_mut() {
-        ops.fill_zero(t)?;
-    }
+    ops.fill_zero_all(&mut grads.tensors_mut())?;
     let mut host = [0.0f64, 0.0]; // loss sum, tokens
     let copy = params.compute_copy(ops)?;
     let params = copy.as_ref().unwrap_or(params);

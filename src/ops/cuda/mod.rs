@@ -277,6 +277,22 @@ impl CudaOps {
         Ok(())
     }
 
+    /// A multi-tensor kernel over `n` tensors whose descriptors (u64 fields, in the
+    /// kernel's struct order) are `desc`: grid (blocks along the longest, `n`).
+    fn launch_multi(&self, kernel: &str, desc: &[u64], n: usize, max_len: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        ensure!(n <= 65_535, "{kernel}: {n} tensors in one launch (at most 65535)");
+        let desc = self.rt.stream.clone_htod(desc).context("host-to-device copy")?;
+        let cfg = LaunchConfig {
+            grid_dim: (max_len.div_ceil(BLOCK as usize).clamp(1, 1024) as u32, n as u32, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.rt.launch(kernel, cfg, args![self.rt.ptr(&desc), int(n, "tensors")?])
+    }
+
     /// The dropped-out copy of `x`, in x's type.
     fn dropout(&self, x: &CudaTensor, d: Dropout) -> Result<CudaTensor> {
         let n = x.numel();
@@ -1249,6 +1265,33 @@ impl Ops for CudaOps {
             Operand::Converted(c) => Some(c),
             Operand::Borrowed(_) => None,
         })
+    }
+
+    /// The bf16 mode's copies of f32 tensors in one launch (`cast_f32_to_bf16_multi`).
+    fn compute_copies(&self, ts: &[&CudaTensor]) -> Result<Option<Vec<CudaTensor>>> {
+        let _range = crate::profiling::range(c"compute_copies");
+        if self.dtype == DType::F32 || ts.iter().any(|t| t.dtype() != DType::F32) {
+            return Ok(None);
+        }
+        let mut out = Vec::with_capacity(ts.len());
+        let mut desc = Vec::with_capacity(3 * ts.len());
+        for t in ts {
+            let c = self.alloc_as(&t.shape, DType::Bf16)?;
+            desc.extend([self.ptr(&c), self.ptr(t), t.numel() as u64]);
+            out.push(c);
+        }
+        let max_len = ts.iter().map(|t| t.numel()).max().unwrap_or(0);
+        self.launch_multi("cast_f32_to_bf16_multi", &desc, ts.len(), max_len)?;
+        Ok(Some(out))
+    }
+
+    /// One launch (`zero_multi`) for every tensor.
+    fn fill_zero_all(&self, ts: &mut [&mut CudaTensor]) -> Result<()> {
+        let _range = crate::profiling::range(c"fill_zero_all");
+        let words = |t: &CudaTensor| t.numel() * if t.dtype() == DType::F32 { 2 } else { 1 };
+        let desc: Vec<u64> = ts.iter().flat_map(|t| [self.ptr(t), words(t) as u64]).collect();
+        let max_len = ts.iter().map(|t| words(t)).max().unwrap_or(0);
+        self.launch_multi("zero_multi", &desc, ts.len(), max_len)
     }
 }
 

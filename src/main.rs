@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use std::io::{IsTerminal, Write};
@@ -552,8 +552,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 lora_r,
                 recompute: match recompute {
                     None => tuneloop::model::decoder::Recompute::Off,
-                    Some(0) => anyhow::bail!("bench: --recompute K needs K >= 1 (every K-th layer)"),
-                    Some(k) => tuneloop::model::decoder::Recompute::Every(k),
+                    Some(k) => tuneloop::model::decoder::Recompute::every(k)
+                        .context("bench: --recompute K needs K >= 1 (every K-th layer)")?,
                 },
                 packing,
                 warmup,

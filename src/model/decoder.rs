@@ -107,6 +107,11 @@ pub enum Recompute {
 }
 
 impl Recompute {
+    /// Every `k`-th layer; `None` for 0, which names no layer interval.
+    pub fn every(k: usize) -> Option<Self> {
+        (k >= 1).then_some(Recompute::Every(k))
+    }
+
     /// Whether layer `l` is recomputed.
     pub fn layer(self, l: usize) -> bool {
         match self {

@@ -243,8 +243,13 @@ impl<T> Adapter<T> {
         out
     }
 
+    /// Every tensor, in the order [`Adapter::try_map`] visits them.
+    pub fn tensors(&self) -> Vec<&T> {
+        self.layers.iter().flat_map(|layer| layer.iter().flatten()).flat_map(|p| [&p.a, &p.b]).collect()
+    }
+
     /// An adapter of the same targets whose tensors are `f` of this one's, or `None` as
-    /// soon as `f` gives none.
+    /// soon as `f` gives none. Visits layer by layer, projection slot by slot, A then B.
     pub fn try_map<U>(&self, mut f: impl FnMut(&T) -> Result<Option<U>>) -> Result<Option<Adapter<U>>> {
         let mut layers = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {

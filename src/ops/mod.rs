@@ -168,6 +168,17 @@ pub struct AdamWParams {
     pub weight_decay: f32,
 }
 
+impl AdamWParams {
+    /// `(lr / (1 − β1^step), sqrt(1 − β2^step))`, computed in f64 and rounded once, as
+    /// every backend's update uses them: `p −= step_size · m / (sqrt(v) / bc2_sqrt + eps)`.
+    pub fn bias_corrections(&self, step: u64) -> Result<(f32, f32)> {
+        let step = i32::try_from(step).map_err(|_| anyhow::anyhow!("adamw: step count {step} too large"))?;
+        let bc1 = 1.0 - (self.beta1 as f64).powi(step);
+        let bc2 = 1.0 - (self.beta2 as f64).powi(step);
+        Ok(((self.lr as f64 / bc1) as f32, bc2.sqrt() as f32))
+    }
+}
+
 /// A model tensor as stored in a checkpoint, before it goes to a backend.
 pub struct HostWeight<'a> {
     pub name: &'a str,

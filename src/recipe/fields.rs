@@ -87,10 +87,10 @@ pub(super) mod recompute {
                 Ok(if b { Recompute::Every(1) } else { Recompute::Off })
             }
             fn visit_u64<E: de::Error>(self, k: u64) -> Result<Self::Value, E> {
-                match usize::try_from(k) {
-                    Ok(k) if k >= 1 => Ok(Recompute::Every(k)),
-                    _ => Err(E::invalid_value(Unexpected::Unsigned(k), &self)),
-                }
+                usize::try_from(k)
+                    .ok()
+                    .and_then(Recompute::every)
+                    .ok_or_else(|| E::invalid_value(Unexpected::Unsigned(k), &self))
             }
             fn visit_i64<E: de::Error>(self, k: i64) -> Result<Self::Value, E> {
                 match u64::try_from(k) {

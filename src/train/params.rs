@@ -75,19 +75,14 @@ impl<T> Trainable<T> for Adapter<T> {
         Adapter::load(ops, dir, &base.cfg)
     }
 
-    /// All the copies in one [`Ops::compute_copies`] call, each put back in its tensor's
-    /// place (found by address, whatever order the adapter is walked in).
+    /// All the copies in one [`Ops::compute_copies`] call, put back in the order
+    /// [`Adapter::tensors`] gave them.
     fn compute_copy<O: Ops<Tensor = T>>(&self, ops: &O) -> Result<Option<Self>> {
-        let ts: Vec<&T> = self.named().into_iter().map(|(_, t)| t).collect();
+        let ts = self.tensors();
         let Some(copies) = ops.compute_copies(&ts)? else { return Ok(None) };
         anyhow::ensure!(copies.len() == ts.len(), "{} compute copies of {} tensors", copies.len(), ts.len());
-        let place: std::collections::HashMap<*const T, usize> =
-            ts.iter().enumerate().map(|(i, &t)| (t as *const T, i)).collect();
-        let mut copies: Vec<Option<T>> = copies.into_iter().map(Some).collect();
-        self.try_map(|t| {
-            let i = place.get(&(t as *const T)).context("an adapter tensor without a name")?;
-            Ok(copies[*i].take())
-        })
+        let mut copies = copies.into_iter();
+        self.try_map(|_| Ok(copies.next()))
     }
 }
 

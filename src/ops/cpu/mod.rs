@@ -17,11 +17,17 @@ use super::{
 use crate::model::safetensors_io::decode_f32;
 use gemm::{matmul, Mat};
 
+/// `a += b`, shapes checked.
+fn add_into(a: &mut CpuTensor, b: &CpuTensor, what: &str) -> Result<()> {
+    same_shape(a, b, what)?;
+    a.data.par_iter_mut().zip(&b.data).for_each(|(x, y)| *x += y);
+    Ok(())
+}
+
 /// `acc + t` (in that order, as `acc += t`), or `t` without `acc`.
 fn added_to(acc: Option<CpuTensor>, t: CpuTensor, what: &str) -> Result<CpuTensor> {
     let Some(mut acc) = acc else { return Ok(t) };
-    same_shape(&acc, &t, what)?;
-    acc.data.par_iter_mut().zip(&t.data).for_each(|(a, b)| *a += b);
+    add_into(&mut acc, &t, what)?;
     Ok(acc)
 }
 
@@ -134,9 +140,7 @@ impl Ops for CpuOps {
     }
 
     fn add_assign(&self, a: &mut CpuTensor, b: &CpuTensor) -> Result<()> {
-        same_shape(a, b, "add")?;
-        a.data.par_iter_mut().zip(&b.data).for_each(|(x, y)| *x += y);
-        Ok(())
+        add_into(a, b, "add")
     }
 
     fn embedding_fwd(&self, table: &CpuTensor, ids: &Vec<u32>) -> Result<CpuTensor> {
@@ -219,15 +223,15 @@ impl Ops for CpuOps {
                 Some(CpuTensor::new(xa, &[n, r]))
             }
         };
-        if let Some(res) = residual {
-            ensure!(res.data.len() == y.len(), "linear: residual {:?} for [{n}, {out}]", res.shape);
-            y.par_iter_mut().zip(&res.data).for_each(|(y, r)| *y += r);
-        }
         let mut shape = x.shape.clone();
         if let Some(last) = shape.last_mut() {
             *last = out;
         }
-        Ok((CpuTensor::new(y, &shape), xa))
+        let mut y = CpuTensor::new(y, &shape);
+        if let Some(res) = residual {
+            add_into(&mut y, res, "linear residual")?;
+        }
+        Ok((y, xa))
     }
 
     fn linear_bwd(
@@ -408,17 +412,11 @@ impl Ops for CpuOps {
         let n = params.len();
         ensure!(grads.len() == n && m.len() == n && v.len() == n, "adamw: tensor lists differ in length");
         ensure!(step >= 1, "adamw: steps count from 1");
+        let corrections = hp.bias_corrections(step)?;
         for i in 0..n {
             same_shape(params[i], grads[i], "adamw")?;
-            pointwise::adamw(
-                &mut params[i].data,
-                &grads[i].data,
-                &mut m[i].data,
-                &mut v[i].data,
-                step,
-                hp,
-                grad_scale,
-            );
+            let moments = (&mut m[i].data[..], &mut v[i].data[..]);
+            pointwise::adamw(&mut params[i].data, &grads[i].data, moments, hp, corrections, grad_scale);
         }
         Ok(())
     }

@@ -96,21 +96,16 @@ pub fn swiglu_bwd(dh: &[f32], gate: &[f32], up: &[f32]) -> (Vec<f32>, Vec<f32>) 
 }
 
 /// `torch.optim.AdamW` (single-tensor path): decoupled decay, then the bias-corrected
-/// Adam update.
-/// Each gradient is multiplied by `grad_scale` as it is read.
+/// Adam update with `(step_size, bc2_sqrt)` of [`AdamWParams::bias_corrections`]. Each
+/// gradient is multiplied by `grad_scale` as it is read.
 pub fn adamw(
     p: &mut [f32],
     g: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    step: u64,
+    (m, v): (&mut [f32], &mut [f32]),
     hp: AdamWParams,
+    (step_size, bc2_sqrt): (f32, f32),
     grad_scale: f32,
 ) {
-    let bc1 = 1.0 - (hp.beta1 as f64).powi(step as i32);
-    let bc2 = 1.0 - (hp.beta2 as f64).powi(step as i32);
-    let step_size = (hp.lr as f64 / bc1) as f32;
-    let bc2_sqrt = bc2.sqrt() as f32;
     let decay = 1.0 - hp.lr * hp.weight_decay;
     p.par_iter_mut().zip(g).zip(m.par_iter_mut().zip(v.par_iter_mut())).for_each(|((p, &g), (m, v))| {
         let g = g * grad_scale;

@@ -277,12 +277,16 @@ impl CudaOps {
         Ok(())
     }
 
-    /// A multi-tensor kernel over `n` tensors whose descriptors (u64 fields, in the
-    /// kernel's struct order) are `desc`: grid (blocks along the longest, `n`).
-    fn launch_multi(&self, kernel: &str, desc: &[u64], n: usize, max_len: usize) -> Result<()> {
-        if n == 0 {
-            return Ok(());
-        }
+    /// A multi-tensor kernel's descriptors on the device (`desc`: u64 fields in the
+    /// kernel's struct order, for `n` tensors) and its launch: blockIdx.y picks the
+    /// tensor, blocks along x cover the longest (`max_len` elements).
+    fn multi_tensor_launch(
+        &self,
+        kernel: &str,
+        desc: &[u64],
+        n: usize,
+        max_len: usize,
+    ) -> Result<(CudaSlice<u64>, LaunchConfig)> {
         ensure!(n <= 65_535, "{kernel}: {n} tensors in one launch (at most 65535)");
         let desc = self.rt.stream.clone_htod(desc).context("host-to-device copy")?;
         let cfg = LaunchConfig {
@@ -290,6 +294,15 @@ impl CudaOps {
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
+        Ok((desc, cfg))
+    }
+
+    /// A multi-tensor kernel whose only arguments are the descriptors and their count.
+    fn launch_multi(&self, kernel: &str, desc: &[u64], n: usize, max_len: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let (desc, cfg) = self.multi_tensor_launch(kernel, desc, n, max_len)?;
         self.rt.launch(kernel, cfg, args![self.rt.ptr(&desc), int(n, "tensors")?])
     }
 
@@ -1180,7 +1193,6 @@ impl Ops for CudaOps {
         if n == 0 {
             return Ok(());
         }
-        ensure!(n <= 65_535, "adamw: {n} tensors in one launch (at most 65535)");
         let mut desc = Vec::with_capacity(n * 5);
         let mut max_len = 0;
         for i in 0..n {
@@ -1205,17 +1217,8 @@ impl Ops for CudaOps {
                 len as u64,
             ]);
         }
-        let desc = self.rt.stream.clone_htod(&desc).context("host-to-device copy")?;
-        let step_i = i32::try_from(step).context("adamw: step count too large")?;
-        let bc1 = 1.0 - (hp.beta1 as f64).powi(step_i);
-        let bc2 = 1.0 - (hp.beta2 as f64).powi(step_i);
-        let step_size = (hp.lr as f64 / bc1) as f32;
-        let bc2_sqrt = bc2.sqrt() as f32;
-        let cfg = LaunchConfig {
-            grid_dim: (max_len.div_ceil(BLOCK as usize).clamp(1, 1024) as u32, n as u32, 1),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let (step_size, bc2_sqrt) = hp.bias_corrections(step)?;
+        let (desc, cfg) = self.multi_tensor_launch("adamw_multi", &desc, n, max_len)?;
         self.rt.launch(
             "adamw_multi",
             cfg,

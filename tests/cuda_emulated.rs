@@ -26,11 +26,7 @@ fn emulated() -> Option<Command> {
 
 /// A short quickstart fine-tune: 3 steps of 2 rows of 64 tokens, 5% held out.
 fn finetune_args(base: &Path, out: &Path, backend: &str, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = ["finetune", "-c", "configs/quickstart.yaml"].map(String::from).to_vec();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args.extend([
-        format!("--model.path={}", base.display()),
-        format!("--output_dir={}", out.display()),
+    let overrides = [
         format!("--backend={backend}"),
         "--data.seq_len=64".into(),
         "--data.val_fraction=0.05".into(),
@@ -39,8 +35,8 @@ fn finetune_args(base: &Path, out: &Path, backend: &str, extra: &[&str]) -> Vec<
         "--step_scheduler.max_steps=3".into(),
         "--step_scheduler.val_every_steps=3".into(),
         "--step_scheduler.ckpt_every_steps=1".into(),
-    ]);
-    args
+    ];
+    common::quickstart_finetune(base, out, extra, &overrides)
 }
 
 fn adapter_bytes(run: &Path) -> Vec<u8> {
@@ -52,6 +48,13 @@ fn close_losses(got: &[f64], want: &[f64], rel: f64, what: &str) {
     for (a, b) in got.iter().zip(want) {
         assert!((a - b).abs() <= rel * b.abs(), "{what}: losses {got:?} vs {want:?}");
     }
+}
+
+/// Run `got` trained as run `want` did: losses to `loss_rel`, adapters to 1e-4.
+fn follows(got: &Path, want: &Path, base: &Path, loss_rel: f64, what: &str) {
+    close_losses(&train_losses(got), &train_losses(want), loss_rel, what);
+    let e = rel_l2(&adapter_values(got, base), &adapter_values(want, base));
+    assert!(e < 1e-4, "{what}: adapters differ by {e:.2e}");
 }
 
 /// A tiny base model in `dir/base` and the short fine-tune's run on the CPU backend in
@@ -74,9 +77,7 @@ fn finetune_on_cuda_follows_the_cpu_and_resumes_bit_for_bit() {
     let (_, err) =
         run_ok(emulated().unwrap().args(finetune_args(&base, &f32_run, "cuda", &[])), "finetune on CUDA f32");
     assert!(err.contains("backend: cuda-f32, GPU 0"), "{err}");
-    close_losses(&train_losses(&f32_run), &train_losses(&cpu), 1e-5, "CUDA f32 vs CPU");
-    let e = rel_l2(&adapter_values(&f32_run, &base), &adapter_values(&cpu, &base));
-    assert!(e < 1e-4, "CUDA f32 vs CPU: adapters differ by {e:.2e}");
+    follows(&f32_run, &cpu, &base, 1e-5, "CUDA f32 vs CPU");
 
     // bf16 mode: bf16 weights and activations, f32 masters
     let bf16_run = tmp.path().join("cuda-bf16");
@@ -127,9 +128,7 @@ fn nccl_data_parallel_follows_one_process() {
     cmd.args(finetune_args(&base, &two, "cuda", &["--nproc-per-node", "2"])).env("TUNELOOP_EMU_DEVICES", "2");
     let (_, err) = run_ok(&mut cmd, "finetune on two GPUs");
     assert!(err.contains("all 2 ranks arrived") && err.contains("rank 1 of 2 on GPU 1"), "{err}");
-    close_losses(&train_losses(&two), &train_losses(&plain), 1e-5, "2 GPUs vs 1");
-    let e = rel_l2(&adapter_values(&two, &base), &adapter_values(&plain, &base));
-    assert!(e < 1e-4, "2 GPUs vs 1: adapters differ by {e:.2e}");
+    follows(&two, &plain, &base, 1e-5, "2 GPUs vs 1");
 }
 
 #[test]

@@ -236,17 +236,13 @@ fn the_global_batch_must_split_evenly_over_the_ranks() {
 
 /// `finetune` with `flags` (before the recipe overrides, which take the rest of the line).
 fn finetune_args(base: &Path, out: &Path, steps: usize, flags: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = vec!["finetune".into(), "-c".into(), "configs/quickstart.yaml".into()];
-    args.extend(flags.iter().map(|f| f.to_string()));
-    args.extend([
-        format!("--model.path={}", base.display()),
-        format!("--output_dir={}", out.display()),
+    let overrides = [
         format!("--step_scheduler.max_steps={steps}"),
         "--step_scheduler.val_every_steps=2".into(),
         "--step_scheduler.ckpt_every_steps=1".into(),
         "--backend=cpu".into(),
-    ]);
-    args
+    ];
+    common::quickstart_finetune(base, out, flags, &overrides)
 }
 
 #[test]

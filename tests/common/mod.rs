@@ -112,6 +112,17 @@ pub fn tuneloop_cmd() -> std::process::Command {
     c
 }
 
+/// `finetune -c configs/quickstart.yaml` of base model `base` into `out`, with `flags`
+/// (before the recipe overrides, which take the rest of the line) and then `overrides`.
+pub fn quickstart_finetune(base: &Path, out: &Path, flags: &[&str], overrides: &[String]) -> Vec<String> {
+    let mut args: Vec<String> = ["finetune", "-c", "configs/quickstart.yaml"].map(String::from).to_vec();
+    args.extend(flags.iter().map(|f| f.to_string()));
+    args.push(format!("--model.path={}", base.display()));
+    args.push(format!("--output_dir={}", out.display()));
+    args.extend_from_slice(overrides);
+    args
+}
+
 /// A tiny random base model with the quickstart's tokenizer, made by `init-model` in
 /// `dir/base`.
 pub fn base_model(dir: &Path) -> PathBuf {

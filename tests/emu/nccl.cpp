@@ -1064,6 +1064,34 @@ ncclResult_t init_rank(Comm** out, int nranks, const ncclUniqueId& id, int rank)
     return ncclSuccess;
 }
 
+// ncclCommDestroy and ncclCommAbort: an abort first wakes any thread blocked on the
+// sockets and waits for it to leave before the communicator is freed.
+ncclResult_t release(const char* fn, Comm* comm, bool abort) {
+    if (!comm) return ncclSuccess;
+    if (!is_comm(comm))
+        return fail(nullptr, ncclInvalidArgument, "%s: comm %p is not a live communicator (destroyed twice?)", fn,
+                    static_cast<void*>(comm));
+    if (abort) {
+        breaks(comm, ncclRemoteError);
+        shutdown_all(comm);
+    }
+    {
+        std::lock_guard<std::mutex> g(comm->mu);
+        close_all(comm);
+    }
+    free_comm(comm);
+    return ncclSuccess;
+}
+
+// The communicator queries: *out = field(comm), after checking both.
+template <typename T, typename F> ncclResult_t query(const char* fn, Comm* comm, T* out, F field) {
+    if (!is_comm(comm) || !out)
+        return fail(nullptr, ncclInvalidArgument, "%s: invalid comm %p or NULL output", fn,
+                    static_cast<void*>(comm));
+    *out = T(field(comm));
+    return ncclSuccess;
+}
+
 }  // namespace
 
 // ---- The exported C ABI ----
@@ -1187,65 +1215,24 @@ API ncclResult_t ncclCommFinalize(ncclComm_t comm) {
     return ncclSuccess;
 }
 
-API ncclResult_t ncclCommDestroy(ncclComm_t comm) {
-    if (!comm) return ncclSuccess;
-    if (!is_comm(comm))
-        return fail(nullptr, ncclInvalidArgument, "ncclCommDestroy: comm %p is not a live communicator (destroyed "
-                    "twice?)", static_cast<void*>(comm));
-    {
-        std::lock_guard<std::mutex> g(comm->mu);
-        close_all(comm);
-    }
-    free_comm(comm);
-    return ncclSuccess;
-}
+API ncclResult_t ncclCommDestroy(ncclComm_t comm) { return release("ncclCommDestroy", comm, false); }
 
-API ncclResult_t ncclCommAbort(ncclComm_t comm) {
-    if (!comm) return ncclSuccess;
-    if (!is_comm(comm))
-        return fail(nullptr, ncclInvalidArgument, "ncclCommAbort: comm %p is not a live communicator (destroyed "
-                    "twice?)", static_cast<void*>(comm));
-    // Wake any thread blocked on the sockets, then wait for it to leave before freeing.
-    breaks(comm, ncclRemoteError);
-    shutdown_all(comm);
-    {
-        std::lock_guard<std::mutex> g(comm->mu);
-        close_all(comm);
-    }
-    free_comm(comm);
-    return ncclSuccess;
-}
+API ncclResult_t ncclCommAbort(ncclComm_t comm) { return release("ncclCommAbort", comm, true); }
 
 API ncclResult_t ncclCommGetAsyncError(ncclComm_t comm, ncclResult_t* asyncError) {
-    if (!is_comm(comm) || !asyncError)
-        return fail(nullptr, ncclInvalidArgument, "ncclCommGetAsyncError: invalid comm %p or NULL asyncError",
-                    static_cast<void*>(comm));
-    *asyncError = ncclResult_t(comm->async_error.load());
-    return ncclSuccess;
+    return query("ncclCommGetAsyncError", comm, asyncError, [](Comm* c) { return c->async_error.load(); });
 }
 
 API ncclResult_t ncclCommCount(ncclComm_t comm, int* count) {
-    if (!is_comm(comm) || !count)
-        return fail(nullptr, ncclInvalidArgument, "ncclCommCount: invalid comm %p or NULL count",
-                    static_cast<void*>(comm));
-    *count = comm->nranks;
-    return ncclSuccess;
+    return query("ncclCommCount", comm, count, [](Comm* c) { return c->nranks; });
 }
 
 API ncclResult_t ncclCommCuDevice(ncclComm_t comm, int* device) {
-    if (!is_comm(comm) || !device)
-        return fail(nullptr, ncclInvalidArgument, "ncclCommCuDevice: invalid comm %p or NULL device",
-                    static_cast<void*>(comm));
-    *device = comm->cudev;
-    return ncclSuccess;
+    return query("ncclCommCuDevice", comm, device, [](Comm* c) { return c->cudev; });
 }
 
 API ncclResult_t ncclCommUserRank(ncclComm_t comm, int* rank) {
-    if (!is_comm(comm) || !rank)
-        return fail(nullptr, ncclInvalidArgument, "ncclCommUserRank: invalid comm %p or NULL rank",
-                    static_cast<void*>(comm));
-    *rank = comm->rank;
-    return ncclSuccess;
+    return query("ncclCommUserRank", comm, rank, [](Comm* c) { return c->rank; });
 }
 
 API ncclResult_t ncclAllReduce(const void* sendbuff, void* recvbuff, size_t count, uint32_t datatype, uint32_t op,

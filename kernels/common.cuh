@@ -38,15 +38,6 @@ __device__ __forceinline__ float load_f32(const __nv_bfloat16* p) { return __bfl
 __device__ __forceinline__ void store_f32(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store_f32(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
-// The value `v` takes after a round trip through storage type T. PyTorch rounds
-// intermediate tensors to the model dtype (e.g. HF's `hidden_states.to(input_dtype)`);
-// kernels call this where they must reproduce such a rounding exactly.
-template <typename T> __device__ __forceinline__ float round_to(float v);
-template <> __device__ __forceinline__ float round_to<float>(float v) { return v; }
-template <> __device__ __forceinline__ float round_to<__nv_bfloat16>(float v) {
-    return __bfloat162float(__float2bfloat16_rn(v));
-}
-
 // ---- reductions -------------------------------------------------------------------
 
 // Sum over the 32 lanes of a warp; every lane gets the total. All 32 lanes must call it.

@@ -7,7 +7,17 @@
 //   dropout_bwd_acc:  dx[i] += g[i] * factor(i)     (g: gradient of the dropped input)
 //
 // Launch: 1-D, any grid (grid-stride), blockDim.x a multiple of 32. The element index i
-// is the flat index into the [rows, in] input, as on the CPU.
+// is the flat index into the [rows, in] input, as on the CPU. The forward's x may have
+// rows `ldx` >= in elements apart (an input with room for the LoRA path, below); out is
+// dense.
+//
+// The LoRA path inside the frozen product. With x [n, in] stored in rows of ldx >= in + r
+// and W [out, in] in rows of ldw >= in + r, one GEMM over K = in + r computes
+//     [x | scale·(x·Aᵀ)] · [W | B]ᵀ = x·Wᵀ + scale·(x·Aᵀ)·Bᵀ
+// so the low-rank update needs no second pass over y. lora_tails fills the room:
+//   x[i, in + j] = scale · xa[i, j]   (xa [n, r], dense)
+//   w[o, in + j] = b[o, j]            (b [out, r], dense)
+// every element rounded once to the tensor's type. Launch: 1-D, any grid.
 
 #include "common.cuh"
 
@@ -23,9 +33,25 @@ __device__ __forceinline__ float dropout_factor(unsigned long long seed, unsigne
 }
 
 template <typename T>
-__device__ void dropout_fwd(T* out, const T* x, size_t n, float p, unsigned long long seed) {
+__device__ void dropout_fwd(T* out, const T* x, size_t n, int in, int ldx, float p, unsigned long long seed) {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        tl::store_f32(out + i, tl::load_f32(x + i) * dropout_factor(seed, i, p));
+        const size_t at = ldx == in ? i : i / in * ldx + i % in;
+        tl::store_f32(out + i, tl::load_f32(x + at) * dropout_factor(seed, i, p));
+    }
+}
+
+template <typename T>
+__device__ void tails(T* x, int ldx, int in, const T* xa, int n, int r, float scale, T* w, int ldw, const T* b,
+                      int out) {
+    const size_t nx = (size_t)n * r, total = nx + (size_t)out * r;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        if (i < nx) {
+            tl::store_f32(x + i / r * ldx + in + i % r, scale * tl::load_f32(xa + i));
+        } else {
+            const size_t j = i - nx;
+            w[j / r * ldw + in + j % r] = b[j];
+        }
     }
 }
 
@@ -38,13 +64,22 @@ __device__ void dropout_bwd_acc(T* dx, const T* g, size_t n, float p, unsigned l
 
 }  // namespace tl_lora
 
-extern "C" __global__ void lora_dropout_fwd_f32(float* out, const float* x, size_t n, float p,
+extern "C" __global__ void lora_dropout_fwd_f32(float* out, const float* x, size_t n, int in, int ldx, float p,
                                                 unsigned long long seed) {
-    tl_lora::dropout_fwd(out, x, n, p, seed);
+    tl_lora::dropout_fwd(out, x, n, in, ldx, p, seed);
 }
-extern "C" __global__ void lora_dropout_fwd_bf16(__nv_bfloat16* out, const __nv_bfloat16* x, size_t n,
-                                                 float p, unsigned long long seed) {
-    tl_lora::dropout_fwd(out, x, n, p, seed);
+extern "C" __global__ void lora_dropout_fwd_bf16(__nv_bfloat16* out, const __nv_bfloat16* x, size_t n, int in,
+                                                 int ldx, float p, unsigned long long seed) {
+    tl_lora::dropout_fwd(out, x, n, in, ldx, p, seed);
+}
+extern "C" __global__ void lora_tails_f32(float* x, int ldx, int in, const float* xa, int n, int r, float scale,
+                                          float* w, int ldw, const float* b, int out) {
+    tl_lora::tails(x, ldx, in, xa, n, r, scale, w, ldw, b, out);
+}
+extern "C" __global__ void lora_tails_bf16(__nv_bfloat16* x, int ldx, int in, const __nv_bfloat16* xa, int n,
+                                           int r, float scale, __nv_bfloat16* w, int ldw, const __nv_bfloat16* b,
+                                           int out) {
+    tl_lora::tails(x, ldx, in, xa, n, r, scale, w, ldw, b, out);
 }
 extern "C" __global__ void lora_dropout_bwd_acc_f32(float* dx, const float* g, size_t n, float p,
                                                     unsigned long long seed) {

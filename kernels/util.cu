@@ -39,6 +39,16 @@ __device__ void gather_rows(T* out, const T* x, const int* rows, int n_rows, int
     }
 }
 
+// dst[r, c] = src[r, c] for c < cols, rows `ld_dst` and `ld_src` elements apart (a
+// tensor with room after its rows made dense, or given room)
+template <typename T> __device__ void copy_2d(T* dst, int ld_dst, const T* src, int ld_src, int rows, int cols) {
+    const size_t n = (size_t)rows * cols;
+    for (size_t i = global_tid(); i < n; i += grid_stride()) {
+        const size_t r = i / cols, c = i % cols;
+        dst[r * ld_dst + c] = src[r * ld_src + c];
+    }
+}
+
 // y[r, c] += b[c]
 template <typename T> __device__ void add_bias_rows(T* y, const T* b, int rows, int cols) {
     const size_t n = (size_t)rows * cols;
@@ -89,6 +99,14 @@ extern "C" __global__ void gather_rows_f32(float* out, const float* x, const int
 extern "C" __global__ void gather_rows_bf16(__nv_bfloat16* out, const __nv_bfloat16* x, const int* rows,
                                            int n_rows, int cols) {
     tl_util::gather_rows(out, x, rows, n_rows, cols);
+}
+
+extern "C" __global__ void copy_2d_f32(float* dst, int ld_dst, const float* src, int ld_src, int rows, int cols) {
+    tl_util::copy_2d(dst, ld_dst, src, ld_src, rows, cols);
+}
+extern "C" __global__ void copy_2d_bf16(__nv_bfloat16* dst, int ld_dst, const __nv_bfloat16* src, int ld_src,
+                                        int rows, int cols) {
+    tl_util::copy_2d(dst, ld_dst, src, ld_src, rows, cols);
 }
 
 extern "C" __global__ void add_bias_rows_f32(float* y, const float* b, int rows, int cols) {

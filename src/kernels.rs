@@ -77,6 +77,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "lora_dropout_fwd_bf16",
     "lora_dropout_bwd_acc_f32",
     "lora_dropout_bwd_acc_bf16",
+    "lora_tails_f32",
+    "lora_tails_bf16",
     // kernels/rmsnorm.cu
     "rmsnorm_fwd_f32",
     "rmsnorm_fwd_bf16",
@@ -93,6 +95,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "swiglu_bwd_bf16",
     // kernels/util.cu
     "add_assign_f32",
+    "copy_2d_f32",
+    "copy_2d_bf16",
     "add_assign_bf16",
     "add_assign_f32_bf16",
     "add_assign_bf16_f32",

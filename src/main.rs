@@ -410,8 +410,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let set = tuneloop::eval::load_set(&data)?;
             let backend = on.open()?;
             let report = tuneloop::with_backend!(&backend, |ops| {
-                let base = Model::load(ops, &model)?;
+                let mut base = Model::load(ops, &model)?;
                 let lora = adapter.as_ref().map(|a| Adapter::load(ops, a, &base.cfg)).transpose()?;
+                if let Some(a) = &lora {
+                    base.reserve_lora_tails(ops, a)?;
+                }
                 tuneloop::eval::evaluate(ops, &base, lora.as_ref(), &chat, &set, &gen.options(true))?
             });
             println!("{}", report.table());

@@ -139,8 +139,9 @@ pub fn run_case_with<O: Ops>(ops: &O, dir: &Path, tol: f64, greedy: GreedyCheck)
     let case_path = dir.join("case.json");
     let case = crate::util::read_json(&case_path)?;
     let hp = adamw_params(&case)?;
-    let model = Model::load(ops, &dir.join("model"))?;
+    let mut model = Model::load(ops, &dir.join("model"))?;
     let mut adapter = Adapter::load(ops, &dir.join("adapter"), &model.cfg)?;
+    model.reserve_lora_tails(ops, &adapter)?;
     let expected = TensorStore::open_file(&dir.join("expected.safetensors"))?;
     let exp_f32 = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
         let w = expected.get(name)?;

@@ -319,7 +319,9 @@ fn bench_kernels_times_every_kernel_against_its_floor() {
     let kernels = v["kernels"].as_array().expect("kernels");
     let names: Vec<&str> = kernels.iter().map(|k| k["kernel"].as_str().unwrap()).collect();
     for want in
-        ["attention_fwd", "attention_bwd", "linear_fwd q_proj", "rmsnorm_fwd", "swiglu_bwd", "adamw_step"]
+        ["attention_fwd", "attention_bwd", "linear_fwd q_proj, LoRA folded", "linear_fwd q_proj, LoRA apart"]
+            .into_iter()
+            .chain(["rmsnorm_fwd", "swiglu_bwd", "adamw_step"])
     {
         assert!(names.contains(&want), "{want} missing from {names:?}");
     }

@@ -210,7 +210,7 @@ fn eval_bench_and_parity_run_on_cuda() {
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("bench --kernels prints JSON");
     assert_eq!(v["backend"], "cuda-bf16");
     let kernels = v["kernels"].as_array().expect("kernels");
-    assert_eq!(kernels.len(), 10, "{v}");
+    assert_eq!(kernels.len(), 12, "{v}");
     assert!(kernels.iter().all(|k| k["seconds"].as_f64().unwrap() > 0.0), "{v}");
 
     // parity on the golden cases, both modes

@@ -256,8 +256,8 @@ fn pointwise_ops(dtype: DType) {
         poison_pool(&p);
         close(
             "swiglu_fwd",
-            &p.down(&p.gpu.swiglu_fwd(&gg, &ug).unwrap()),
-            &p.cpu.swiglu_fwd(&gc, &uc).unwrap().data,
+            &p.down(&p.gpu.swiglu_fwd(&gg, &ug, 0).unwrap()),
+            &p.cpu.swiglu_fwd(&gc, &uc, 0).unwrap().data,
             tol,
         );
         let (dc, dg) = p.both(&[n, d], 1.0);
@@ -271,8 +271,8 @@ fn pointwise_ops(dtype: DType) {
         let (xc, xg) = p.both(&[n, d], 3.0);
         let (wc, wg) = p.both(&[d], 1.0);
         poison_pool(&p);
-        let (yc, rc) = p.cpu.rmsnorm_fwd(&xc, &wc, 1e-6).unwrap();
-        let (yg, rg) = p.gpu.rmsnorm_fwd(&xg, &wg, 1e-6).unwrap();
+        let (yc, rc) = p.cpu.rmsnorm_fwd(&xc, &wc, 1e-6, 0).unwrap();
+        let (yg, rg) = p.gpu.rmsnorm_fwd(&xg, &wg, 1e-6, 0).unwrap();
         close("rmsnorm_fwd y", &p.down(&yg), &yc.data, tol);
         // rstd is f32 in both modes, from the same input values
         close("rmsnorm_fwd rstd", &p.down(&rg), &rc.data, TOL);
@@ -532,6 +532,114 @@ fn linear_with_lora(dtype: DType) {
             .unwrap();
         close("linear_bwd dA (no dx)", &p.down(&dag), &dac.data, tol);
         close("linear_bwd dB (no dx)", &p.down(&dbg), &dbc.data, tol);
+    }
+}
+
+both_modes!(lora_in_the_frozen_product: lora_in_the_frozen_product_matches_the_cpu, lora_in_the_frozen_product_matches_the_cpu_bf16);
+/// The LoRA path folded into the frozen product: inputs made by `rmsnorm_fwd` and
+/// `swiglu_fwd` with room after their rows, weights given room by `reserve_lora_tail`,
+/// and the projection's forward and backward on them against the CPU ops on dense
+/// tensors. Also: such tensors read by ops that want dense ones (a copy is made).
+fn lora_in_the_frozen_product(dtype: DType) {
+    let mut p = Pair::new(11, dtype);
+    let tol = p.tol();
+    for &(n, inp, out, r, bias, dropout) in &[
+        (1, 8, 4, 2, false, false),
+        (13, 33, 65, 4, true, true),
+        (70, 256, 130, 16, false, false),
+        (257, 96, 1024, 8, true, false),
+    ] {
+        // the input, as a norm gives it to q/k/v and gate/up
+        let (xc, xg) = p.both(&[n, inp], 3.0);
+        let (nwc, nwg) = p.both(&[inp], 1.0);
+        poison_pool(&p);
+        let (yc, _) = p.cpu.rmsnorm_fwd(&xc, &nwc, 1e-6, r).unwrap();
+        let (yg, _) = p.gpu.rmsnorm_fwd(&xg, &nwg, 1e-6, r).unwrap();
+        assert!(yg.tail >= r && yg.shape == [n, inp], "room {} for rank {r}", yg.tail);
+        close("rmsnorm_fwd y with room", &p.down(&yg), &yc.data, tol);
+        // the CPU op gets the values the device holds (bf16-rounded in that mode)
+        let yc = p.cpu.upload(&p.down(&yg), &[n, inp]).unwrap();
+
+        let (wc, mut wg) = p.both(&[out, inp], 0.1);
+        let w_before = p.down(&wg);
+        p.gpu.reserve_lora_tail(&mut wg, r).unwrap();
+        assert!(wg.tail >= r && wg.shape == [out, inp], "weight room {} for rank {r}", wg.tail);
+        assert!(p.down(&wg) == w_before, "a weight given room keeps its values");
+        let (bc, bg) = p.both(&[out], 0.1);
+        let (ac, ag) = p.both_f32(&[r, inp], 0.1);
+        let (bbc, bbg) = p.both_f32(&[out, r], 0.1);
+        let drop = dropout.then_some(Dropout { p: 0.1, seed: 7 });
+        let lc = || LoraRef { a: &ac, b: &bbc, scale: 2.0, dropout: drop };
+        let lg = || LoraRef { a: &ag, b: &bbg, scale: 2.0, dropout: drop };
+        let (resc, resg) = p.both(&[n, out], 1.0);
+        for residual in [false, true] {
+            poison_pool(&p);
+            let (want, xac) = p
+                .cpu
+                .linear_fwd(&yc, &wc, bias.then_some(&bc), Some(lc()), residual.then_some(&resc))
+                .unwrap();
+            let (got, xag) = p
+                .gpu
+                .linear_fwd(&yg, &wg, bias.then_some(&bg), Some(lg()), residual.then_some(&resg))
+                .unwrap();
+            close(&format!("folded linear_fwd y (residual {residual})"), &p.down(&got), &want.data, tol);
+            close("folded linear_fwd xa", &p.down(xag.as_ref().unwrap()), &xac.as_ref().unwrap().data, tol);
+        }
+        // without a LoRA path, and a projection whose weight has no room: plain products
+        let (want, _) = p.cpu.linear_fwd(&yc, &wc, None, None, None).unwrap();
+        let (got, _) = p.gpu.linear_fwd(&yg, &wg, None, None, None).unwrap();
+        close("linear_fwd on an input with room, no LoRA", &p.down(&got), &want.data, tol);
+        let (wc2, wg2) = p.both(&[out, inp], 0.1);
+        let (want, xac) = p.cpu.linear_fwd(&yc, &wc2, None, Some(lc()), None).unwrap();
+        let (got, xag) = p.gpu.linear_fwd(&yg, &wg2, None, Some(lg()), None).unwrap();
+        close("linear_fwd, weight without room", &p.down(&got), &want.data, tol);
+
+        // the backward on the same tensors: dx through W with room, dA through x with room
+        let (dyc, dyg) = p.both(&[n, out], 1.0);
+        let (mut dac, mut dag) = p.both_f32(&[r, inp], 1.0);
+        let (mut dbc, mut dbg) = p.both_f32(&[out, r], 1.0);
+        let (accc, accg) = p.both(&[n, inp], 1.0);
+        poison_pool(&p);
+        let gc = Some(LoraGradRef { da: &mut dac, db: &mut dbc });
+        let dxc =
+            p.cpu.linear_bwd(&dyc, &yc, &wc, Some(lc()), xac.as_ref(), gc, None, InputGrad::AddTo(accc));
+        let gg = Some(LoraGradRef { da: &mut dag, db: &mut dbg });
+        let dxg =
+            p.gpu.linear_bwd(&dyg, &yg, &wg, Some(lg()), xag.as_ref(), gg, None, InputGrad::AddTo(accg));
+        close(
+            "linear_bwd dx, weight with room",
+            &p.down(&dxg.unwrap().unwrap()),
+            &dxc.unwrap().unwrap().data,
+            tol,
+        );
+        close("linear_bwd dA, input with room", &p.down(&dag), &dac.data, tol);
+        close("linear_bwd dB", &p.down(&dbg), &dbc.data, tol);
+
+        // down_proj's input: SwiGLU's output with room
+        let (gc, gg) = p.both(&[n, inp], 4.0);
+        let (uc, ug) = p.both(&[n, inp], 2.0);
+        poison_pool(&p);
+        let hg = p.gpu.swiglu_fwd(&gg, &ug, r).unwrap();
+        assert!(hg.tail >= r, "swiglu room {} for rank {r}", hg.tail);
+        close("swiglu_fwd with room", &p.down(&hg), &p.cpu.swiglu_fwd(&gc, &uc, r).unwrap().data, tol);
+        let hc = p.cpu.upload(&p.down(&hg), &[n, inp]).unwrap();
+        let (want, _) = p.cpu.linear_fwd(&hc, &wc, None, Some(lc()), Some(&resc)).unwrap();
+        let (got, _) = p.gpu.linear_fwd(&hg, &wg, None, Some(lg()), Some(&resg)).unwrap();
+        close("folded linear_fwd on SwiGLU's output", &p.down(&got), &want.data, tol);
+
+        // ops that read dense tensors get a copy: the same values
+        let rows: Vec<usize> = (0..n).rev().collect();
+        let gathered = p.gpu.gather_rows(&hg, &rows).unwrap();
+        close(
+            "gather_rows of a tensor with room",
+            &p.down(&gathered),
+            &p.cpu.gather_rows(&hc, &rows).unwrap().data,
+            0.0,
+        );
+        let (mut sc, mut sg) = p.both(&[n, inp], 1.0);
+        p.cpu.add_assign(&mut sc, &hc).unwrap();
+        p.gpu.add_assign(&mut sg, &hg).unwrap();
+        close("add_assign of a tensor with room", &p.down(&sg), &sc.data, tol);
     }
 }
 

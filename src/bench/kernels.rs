@@ -20,7 +20,7 @@ use crate::train::AdamW;
 /// One kernel's measurement.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct KernelTime {
-    pub kernel: &'static str,
+    pub kernel: String,
     pub shape: String,
     /// Mean time of one call.
     pub seconds: f64,
@@ -90,8 +90,9 @@ pub fn run_kernels<O: Ops>(ops: &O, opts: &BenchOptions) -> Result<KernelReport>
     drop((a, b));
 
     let mut kernels = Vec::new();
-    let mut record = |kernel, shape: String, seconds: f64, flops: f64, bytes: f64| {
+    let mut record = |kernel: &str, shape: String, seconds: f64, flops: f64, bytes: f64| {
         let floor_seconds = (flops / (gemm.tflops * 1e12)).max(bytes / bandwidth);
+        let kernel = kernel.to_string();
         kernels.push(KernelTime { kernel, shape, seconds, flops, bytes, floor_seconds });
     };
 
@@ -112,25 +113,35 @@ pub fn run_kernels<O: Ops>(ops: &O, opts: &BenchOptions) -> Result<KernelReport>
     record("attention_bwd", attn_shape, s, 2.5 * attention_fwd_flops(shape, &layout), 2.0 * io);
     drop((vv, out, lse, dout));
 
-    // two projections with their LoRA path (r = 16): the widest input and a narrow one
+    // two projections with their LoRA path (r = 16): the widest input and a narrow one,
+    // each with the LoRA update folded into the frozen product (inputs and weight with
+    // room for it, as a training step has them) and as a second product
     let r = 16;
     let x_d = act(&[t, d], &random(t * d, 1.0))?;
     let x_ff = act(&[t, ff], &random(t * ff, 1.0))?;
-    for (name, x, inp, outp) in [("linear_fwd q_proj", &x_d, d, qw), ("linear_fwd down_proj", &x_ff, ff, d)] {
-        let w = act(&[outp, inp], &random(outp * inp, 0.02))?;
+    let norm_w = act(&[d], &vec![1.0; d])?;
+    let norm_ff = act(&[ff], &vec![1.0; ff])?;
+    for (name, x, nw, inp, outp) in
+        [("linear_fwd q_proj", &x_d, &norm_w, d, qw), ("linear_fwd down_proj", &x_ff, &norm_ff, ff, d)]
+    {
+        let mut w = act(&[outp, inp], &random(outp * inp, 0.02))?;
         let la = ops.upload(&random(r * inp, 0.02), &[r, inp])?;
         let lb = ops.upload(&random(outp * r, 0.02), &[outp, r])?;
         let lora = || Some(LoraRef { a: &la, b: &lb, scale: 2.0, dropout: None });
-        let s = mean_time(ops, reps, || ops.linear_fwd(x, &w, None, lora(), None).map(drop))?;
         let flops = linear_fwd_flops(tf, inp as f64, outp as f64, r as f64);
         let bytes = (tf * (inp + outp) as f64 + (inp * outp) as f64) * elem;
-        record(name, format!("[{t}, {inp}] → {outp}, r {r}"), s, flops, bytes);
+        let shape = format!("[{t}, {inp}] → {outp}, r {r}");
+        let s = mean_time(ops, reps, || ops.linear_fwd(x, &w, None, lora(), None).map(drop))?;
+        record(&format!("{name}, LoRA apart"), shape.clone(), s, flops, bytes);
+        let x_room = ops.rmsnorm_fwd(x, nw, 1e-5, r)?.0;
+        ops.reserve_lora_tail(&mut w, r)?;
+        let s = mean_time(ops, reps, || ops.linear_fwd(&x_room, &w, None, lora(), None).map(drop))?;
+        record(&format!("{name}, LoRA folded"), shape, s, flops, bytes);
     }
-    drop(x_ff);
+    drop((x_ff, norm_ff));
 
     // the memory-bound ops
-    let norm_w = act(&[d], &vec![1.0; d])?;
-    let s = mean_time(ops, reps, || ops.rmsnorm_fwd(&x_d, &norm_w, 1e-5).map(drop))?;
+    let s = mean_time(ops, reps, || ops.rmsnorm_fwd(&x_d, &norm_w, 1e-5, 0).map(drop))?;
     record("rmsnorm_fwd", format!("[{t}, {d}]"), s, 0.0, 2.0 * tf * d as f64 * elem + 4.0 * tf);
     drop(x_d);
     let cos = ops.upload(&random(t * hd / 2, 1.0), &[t, hd / 2])?;
@@ -147,7 +158,7 @@ pub fn run_kernels<O: Ops>(ops: &O, opts: &BenchOptions) -> Result<KernelReport>
     drop((q, k, cos, sin));
     let gate = act(&[t, ff], &random(t * ff, 2.0))?;
     let up = act(&[t, ff], &random(t * ff, 2.0))?;
-    let s = mean_time(ops, reps, || ops.swiglu_fwd(&gate, &up).map(drop))?;
+    let s = mean_time(ops, reps, || ops.swiglu_fwd(&gate, &up, 0).map(drop))?;
     record("swiglu_fwd", format!("[{t}, {ff}]"), s, 0.0, 3.0 * tf * ff as f64 * elem);
     let dh = act(&[t, ff], &random(t * ff, 1.0))?;
     let s = mean_time(ops, reps, || ops.swiglu_bwd(&dh, &gate, &up).map(drop))?;

@@ -186,8 +186,9 @@ impl<T> LoraStep<T> {
         batch: TokenBatch,
         seed: u64,
     ) -> Result<Self> {
-        let model = Model::random(ops, cfg, seed, 0.02)?;
+        let mut model = Model::random(ops, cfg, seed, 0.02)?;
         let adapter = Adapter::init(ops, lora, &model.cfg, seed)?;
+        model.reserve_lora_tails(ops, &adapter)?;
         let grads = adapter.zeros_like(ops, &model.cfg)?;
         let hp = AdamWParams { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
         let opt = AdamW::new(ops, &adapter, hp)?;

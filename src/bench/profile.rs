@@ -199,8 +199,9 @@ impl<O: Ops> Ops for Profiled<'_, O> {
         x: &Self::Tensor,
         w: &Self::Tensor,
         eps: f32,
+        tail: usize,
     ) -> Result<(Self::Tensor, Self::Tensor)> {
-        self.run("rmsnorm_fwd", || self.inner.rmsnorm_fwd(x, w, eps))
+        self.run("rmsnorm_fwd", || self.inner.rmsnorm_fwd(x, w, eps, tail))
     }
 
     fn rmsnorm_bwd(
@@ -306,8 +307,8 @@ impl<O: Ops> Ops for Profiled<'_, O> {
         })
     }
 
-    fn swiglu_fwd(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor> {
-        self.run("swiglu_fwd", || self.inner.swiglu_fwd(gate, up))
+    fn swiglu_fwd(&self, gate: &Self::Tensor, up: &Self::Tensor, tail: usize) -> Result<Self::Tensor> {
+        self.run("swiglu_fwd", || self.inner.swiglu_fwd(gate, up, tail))
     }
 
     fn swiglu_bwd(
@@ -343,6 +344,10 @@ impl<O: Ops> Ops for Profiled<'_, O> {
         grad_scale: f32,
     ) -> Result<()> {
         self.run("adamw_step", || self.inner.adamw_step(params, grads, m, v, step, hp, grad_scale))
+    }
+
+    fn reserve_lora_tail(&self, w: &mut Self::Tensor, r: usize) -> Result<()> {
+        self.run("reserve_lora_tail", || self.inner.reserve_lora_tail(w, r))
     }
 
     fn compute_copies(&self, ts: &[&Self::Tensor]) -> Result<Option<Vec<Self::Tensor>>> {

@@ -214,10 +214,13 @@ pub fn run<O: crate::ops::Ops>(
     opts: &super::EvalOptions,
 ) -> Result<GateReport> {
     use crate::model::{Adapter, Model};
-    let model = Model::load(ops, model_dir)?;
+    let mut model = Model::load(ops, model_dir)?;
     let chat = crate::data::ChatModel::load(model_dir)?;
     let cand = Adapter::load(ops, candidate, &model.cfg)?;
     let cur = current.map(|c| Adapter::load(ops, c, &model.cfg)).transpose()?;
+    for a in std::iter::once(&cand).chain(&cur) {
+        model.reserve_lora_tails(ops, a)?;
+    }
     let task_set = super::load_set(task)?;
     let reg_set = super::load_set(regression)?;
     let task_opts = super::EvalOptions { generate: needs_generation(&cfg.task_metric), ..opts.clone() };

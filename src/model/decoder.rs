@@ -216,6 +216,13 @@ impl<'a, O: Ops> Decoder<'a, O> {
         Some(lora)
     }
 
+    /// The largest LoRA rank among projections `ps` of layer `l` (0 without any): the
+    /// room [`Ops::rmsnorm_fwd`] and [`Ops::swiglu_fwd`] leave for their LoRA paths.
+    fn lora_rank(&self, l: usize, ps: &[Proj]) -> usize {
+        let rank = |p: Proj| self.adapter.and_then(|a| a.pair(l, p)).map(|pair| self.ops.shape(&pair.a)[0]);
+        ps.iter().filter_map(|&p| rank(p)).max().unwrap_or(0)
+    }
+
     /// Projection `p` of layer `l` on `x`, added to `residual` when given.
     fn linear_fwd(
         &self,
@@ -271,7 +278,7 @@ impl<'a, O: Ops> Decoder<'a, O> {
                 layers.push(Kept::Acts(LayerActs { n1: None, n2: None, act: None, ..acts }));
             }
         }
-        let (final_norm, final_rstd) = ops.rmsnorm_fwd(&x, &self.model.norm, c.rms_norm_eps)?;
+        let (final_norm, final_rstd) = ops.rmsnorm_fwd(&x, &self.model.norm, c.rms_norm_eps, 0)?;
         Ok(ForwardState { layers, x_out: x, final_norm, final_rstd })
     }
 
@@ -289,7 +296,8 @@ impl<'a, O: Ops> Decoder<'a, O> {
         let shape = self.attn_shape();
         let layer = &self.model.layers[l];
         let mut xa: [Option<O::Tensor>; 7] = Default::default();
-        let (n1, rstd1) = ops.rmsnorm_fwd(&x, &layer.input_layernorm, c.rms_norm_eps)?;
+        let tail = self.lora_rank(l, &[Proj::Q, Proj::K, Proj::V]);
+        let (n1, rstd1) = ops.rmsnorm_fwd(&x, &layer.input_layernorm, c.rms_norm_eps, tail)?;
         let (mut q, xa_q) = self.linear_fwd(l, Proj::Q, &n1, None)?;
         let (mut k, xa_k) = self.linear_fwd(l, Proj::K, &n1, None)?;
         let (v, xa_v) = self.linear_fwd(l, Proj::V, &n1, None)?;
@@ -308,10 +316,11 @@ impl<'a, O: Ops> Decoder<'a, O> {
         // the residual adds happen in the projections' products
         let (h, xa_o) = self.linear_fwd(l, Proj::O, &attn, Some(&x))?;
         xa[Proj::O as usize] = xa_o;
-        let (n2, rstd2) = ops.rmsnorm_fwd(&h, &layer.post_attention_layernorm, c.rms_norm_eps)?;
+        let tail = self.lora_rank(l, &[Proj::Gate, Proj::Up]);
+        let (n2, rstd2) = ops.rmsnorm_fwd(&h, &layer.post_attention_layernorm, c.rms_norm_eps, tail)?;
         let (gate, xa_g) = self.linear_fwd(l, Proj::Gate, &n2, None)?;
         let (up, xa_u) = self.linear_fwd(l, Proj::Up, &n2, None)?;
-        let act = ops.swiglu_fwd(&gate, &up)?;
+        let act = ops.swiglu_fwd(&gate, &up, self.lora_rank(l, &[Proj::Down]))?;
         let (out, xa_d) = self.linear_fwd(l, Proj::Down, &act, Some(&h))?;
         (xa[Proj::Gate as usize], xa[Proj::Up as usize], xa[Proj::Down as usize]) = (xa_g, xa_u, xa_d);
         let (n1, n2, act) = (Some(n1), Some(n2), Some(act));
@@ -416,7 +425,7 @@ impl<'a, O: Ops> Decoder<'a, O> {
             let eps = c.rms_norm_eps;
             let dact = {
                 let mut slot = None;
-                let act = kept_or(&a.act, &mut slot, || ops.swiglu_fwd(&a.gate, &a.up))?;
+                let act = kept_or(&a.act, &mut slot, || ops.swiglu_fwd(&a.gate, &a.up, 0))?;
                 need(self.linear_bwd(l, Proj::Down, &dx_out, act, a, &mut grads, InputGrad::New)?)?
             };
             let (dgate, dup) = ops.swiglu_bwd(&dact, &a.gate, &a.up)?;
@@ -424,7 +433,7 @@ impl<'a, O: Ops> Decoder<'a, O> {
             let dn2 = {
                 let mut slot = None;
                 let n2 = kept_or(&a.n2, &mut slot, || {
-                    Ok(ops.rmsnorm_fwd(&a.h, &layer.post_attention_layernorm, eps)?.0)
+                    Ok(ops.rmsnorm_fwd(&a.h, &layer.post_attention_layernorm, eps, 0)?.0)
                 })?;
                 // the two input gradients summed in the second product
                 let dn2 = need(self.linear_bwd(l, Proj::Gate, &dgate, n2, a, &mut grads, InputGrad::New)?)?;
@@ -446,7 +455,7 @@ impl<'a, O: Ops> Decoder<'a, O> {
             let dn1 = {
                 let mut slot = None;
                 let n1 = kept_or(&a.n1, &mut slot, || {
-                    Ok(ops.rmsnorm_fwd(&a.x_in, &layer.input_layernorm, eps)?.0)
+                    Ok(ops.rmsnorm_fwd(&a.x_in, &layer.input_layernorm, eps, 0)?.0)
                 })?;
                 // q's, k's and v's input gradients summed in the products
                 let first = if need_dx { InputGrad::New } else { InputGrad::Skip };

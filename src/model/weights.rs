@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use super::config::ModelConfig;
-use super::lora::Proj;
+use super::lora::{Adapter, Proj};
 use super::safetensors_io::TensorStore;
 use crate::ops::{LinearGradRef, Ops};
 
@@ -53,6 +53,20 @@ impl<T> Model<T> {
             Some(h) => h,
             None => &mut self.embed_tokens,
         }
+    }
+
+    /// Gives every projection that `adapter` puts a LoRA pair on room for it
+    /// ([`Ops::reserve_lora_tail`]), so a backend that can folds the low-rank update into
+    /// the frozen product. The weights' values stay the same.
+    pub fn reserve_lora_tails<O: Ops<Tensor = T>>(&mut self, ops: &O, adapter: &Adapter<T>) -> Result<()> {
+        for (layer, pairs) in self.layers.iter_mut().zip(&adapter.layers) {
+            for (lin, pair) in layer.proj.iter_mut().zip(pairs) {
+                if let Some(pair) = pair {
+                    ops.reserve_lora_tail(&mut lin.w, ops.shape(&pair.a)[0])?;
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn has_bias(cfg: &ModelConfig, p: Proj) -> bool {

@@ -229,12 +229,16 @@ pub trait Ops {
     fn embedding_bwd(&self, dy: &Self::Tensor, ids: &Self::Ids, dtable: &mut Self::Tensor) -> Result<()>;
 
     // ---- RMSNorm (HF LlamaRMSNorm: y = w · x / sqrt(mean(x²) + eps)) ----
-    /// Returns `(y, rstd [N])`.
+    /// Returns `(y, rstd [N])`. `tail` is the largest LoRA rank among the projections
+    /// that read y (0 for none): a backend that folds the LoRA path into the frozen
+    /// product (see [`Ops::reserve_lora_tail`]) leaves that much room after y's rows. The
+    /// values are the same either way.
     fn rmsnorm_fwd(
         &self,
         x: &Self::Tensor,
         w: &Self::Tensor,
         eps: f32,
+        tail: usize,
     ) -> Result<(Self::Tensor, Self::Tensor)>;
     /// Returns `dx`, or `residual + dx` with `residual` (the gradient that reaches `x`
     /// along the residual stream, added in the same pass); accumulates the weight
@@ -278,6 +282,15 @@ pub trait Ops {
         weight_grads: Option<LinearGradRef<Self::Tensor>>,
         dx_to: InputGrad<Self::Tensor>,
     ) -> Result<Option<Self::Tensor>>;
+
+    /// Gives a frozen weight `w [out, in]` room after each row for a rank-`r` LoRA path,
+    /// where the backend folds the low-rank update into the frozen product: `linear_fwd`
+    /// on an input with as much room (from [`Ops::rmsnorm_fwd`]'s or
+    /// [`Ops::swiglu_fwd`]'s `tail`) then computes `[x | s·x·Aᵀ]·[W | B]ᵀ` in one
+    /// product. W's values and every result stay the same; by default nothing happens.
+    fn reserve_lora_tail(&self, _w: &mut Self::Tensor, _r: usize) -> Result<()> {
+        Ok(())
+    }
 
     // ---- RoPE (rotate-half convention, as HF) ----
     /// Rotates every head of `q [N, heads·head_dim]` and of `k [N, kv_heads·head_dim]` in
@@ -327,7 +340,8 @@ pub trait Ops {
     ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)>;
 
     // ---- SwiGLU: h = silu(gate) · up ----
-    fn swiglu_fwd(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `tail`: down_proj's LoRA rank, as [`Ops::rmsnorm_fwd`]'s.
+    fn swiglu_fwd(&self, gate: &Self::Tensor, up: &Self::Tensor, tail: usize) -> Result<Self::Tensor>;
     /// Returns `(dgate, dup)`.
     fn swiglu_bwd(
         &self,

@@ -145,7 +145,7 @@ fn run<O: Ops>(
             model_dir.display()
         );
     }
-    let model = Model::load(ops, model_dir)?;
+    let mut model = Model::load(ops, model_dir)?;
     let chat = ChatModel::load(model_dir)
         .with_context(|| format!("loading the tokenizer of {}", model_dir.display()))?;
 
@@ -176,7 +176,9 @@ fn run<O: Ops>(
         }
         None
     } else {
-        Some(lora_adapter(ops, recipe, &model, model_dir)?)
+        let adapter = lora_adapter(ops, recipe, &model, model_dir)?;
+        model.reserve_lora_tails(ops, &adapter)?;
+        Some(adapter)
     };
 
     let out = &recipe.output_dir;

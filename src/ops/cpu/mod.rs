@@ -166,7 +166,13 @@ impl Ops for CpuOps {
         Ok(())
     }
 
-    fn rmsnorm_fwd(&self, x: &CpuTensor, w: &CpuTensor, eps: f32) -> Result<(CpuTensor, CpuTensor)> {
+    fn rmsnorm_fwd(
+        &self,
+        x: &CpuTensor,
+        w: &CpuTensor,
+        eps: f32,
+        _tail: usize,
+    ) -> Result<(CpuTensor, CpuTensor)> {
         let (n, d) = x.rows_cols();
         ensure!(w.data.len() == d, "rmsnorm: weight of {} for width {d}", w.data.len());
         let (y, rstd) = pointwise::rmsnorm_fwd(&x.data, &w.data, d, eps);
@@ -362,7 +368,7 @@ impl Ops for CpuOps {
         Ok((CpuTensor::new(dq, &q.shape), CpuTensor::new(dk, &k.shape), CpuTensor::new(dv, &v.shape)))
     }
 
-    fn swiglu_fwd(&self, gate: &CpuTensor, up: &CpuTensor) -> Result<CpuTensor> {
+    fn swiglu_fwd(&self, gate: &CpuTensor, up: &CpuTensor, _tail: usize) -> Result<CpuTensor> {
         same_shape(gate, up, "swiglu")?;
         Ok(CpuTensor::new(pointwise::swiglu_fwd(&gate.data, &up.data), &gate.shape))
     }

@@ -42,10 +42,11 @@ impl GemmDtype {
 }
 
 /// `C [m, n] = alpha · op(A) · op(B) + beta · C (+ bias)`, all row-major. `op(A)` is
-/// `[m, k]`: A is stored `[m, k]`, or `[k, m]` when `trans_a`. `op(B)` is `[k, n]`: B is
-/// stored `[k, n]`, or `[n, k]` when `trans_b`. With `bias`, a vector of `n` elements of
-/// C's type is added to every row of C by cuBLASLt's `BIAS` epilogue (in f32, before the
-/// one rounding to C's type).
+/// `[m, k]`: A is stored `[m, k]`, or `[k, m]` when `trans_a`, its rows `lda` elements
+/// apart (at least the stored width). `op(B)` is `[k, n]`: B is stored `[k, n]`, or
+/// `[n, k]` when `trans_b`, rows `ldb` apart. C is dense. With `bias`, a vector of `n`
+/// elements of C's type is added to every row of C by cuBLASLt's `BIAS` epilogue (in
+/// f32, before the one rounding to C's type).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GemmShape {
     pub m: usize,
@@ -53,6 +54,8 @@ pub struct GemmShape {
     pub k: usize,
     pub trans_a: bool,
     pub trans_b: bool,
+    pub lda: usize,
+    pub ldb: usize,
     pub dtype: GemmDtype,
     pub bias: bool,
 }
@@ -151,10 +154,11 @@ impl BlasLt {
             }
         }
         let (m, n, k) = (s.m as u64, s.n as u64, s.k as u64);
-        // cuBLASLt's A = our B, stored column-major [n, k] (ld n), or [k, n] (ld k) when
-        // transposed; its B = our A, [k, m] (ld k) or [m, k] (ld m); D = [n, m] (ld n).
-        let a_layout = if s.trans_b { (k, n, k) } else { (n, k, n) };
-        let b_layout = if s.trans_a { (m, k, m) } else { (k, m, k) };
+        let (lda, ldb) = (s.lda as u64, s.ldb as u64);
+        // cuBLASLt's A = our B, stored column-major [n, k], or [k, n] when transposed, with
+        // our row stride as its ld; its B = our A, [k, m] or [m, k]; D = [n, m] (ld n).
+        let a_layout = if s.trans_b { (k, n, ldb) } else { (n, k, ldb) };
+        let b_layout = if s.trans_a { (m, k, lda) } else { (k, m, lda) };
         let mk = |dt, (r, c, ld): (u64, u64, u64)| {
             lt::create_matrix_layout(dt, r, c, ld as i64).map_err(err("cublasLtMatrixLayoutCreate"))
         };
@@ -187,8 +191,8 @@ impl BlasLt {
     }
 
     /// `D = alpha·op(A)·op(B) + beta·C (+ bias)` on the stream. `a`, `b`, `c`, `d` are
-    /// device addresses of buffers holding at least `m·k`, `k·n`, `m·n`, `m·n` elements of
-    /// `s.dtype`'s types, `bias` (given exactly when `s.bias`) one of `n` elements of C's
+    /// device addresses of buffers holding A's and B's stored rows at their strides, and
+    /// `m·n`, `m·n` elements, of `s.dtype`'s types, `bias` (given exactly when `s.bias`) one of `n` elements of C's
     /// type (the caller checks). `c == d` is in place; otherwise C must not overlap D.
     /// `beta = 0` ignores what C held. Every address is the start of an allocation
     /// (cuBLASLt's heuristic assumes 256-byte alignment by default).

@@ -123,7 +123,20 @@ impl CudaOps {
                 }
             }
         };
-        Ok(CudaTensor { buf, shape: shape.to_vec() })
+        Ok(CudaTensor::new(buf, shape.to_vec()))
+    }
+
+    /// An uninitialised tensor of type `dtype` whose rows have `tail` elements of room
+    /// after them.
+    fn alloc_with_tail(&self, shape: &[usize], tail: usize, dtype: DType) -> Result<CudaTensor> {
+        if tail == 0 {
+            return self.alloc_as(shape, dtype);
+        }
+        let (rows, cols) = crate::ops::rows_cols(shape);
+        let mut t = self.alloc_as(&[rows, cols + tail], dtype)?;
+        t.shape = shape.to_vec();
+        t.tail = tail;
+        Ok(t)
     }
 
     /// A zeroed tensor of type `dtype`.
@@ -134,7 +147,7 @@ impl CudaOps {
             DType::F32 => CudaBuf::F32(s.alloc_zeros::<f32>(n).context("CUDA allocation")?),
             DType::Bf16 => CudaBuf::Bf16(s.alloc_zeros::<half::bf16>(n).context("CUDA allocation")?),
         };
-        Ok(CudaTensor { buf, shape: shape.to_vec() })
+        Ok(CudaTensor::new(buf, shape.to_vec()))
     }
 
     fn upload_i32(&self, v: &[i32]) -> Result<CudaSlice<i32>> {
@@ -144,29 +157,87 @@ impl CudaOps {
         self.rt.stream.clone_htod(v).context("host-to-device copy")
     }
 
-    /// The device address of a tensor's first element.
+    /// The device address of a dense tensor's first element: every launcher that reads or
+    /// writes a tensor as `numel` consecutive elements. A tensor with room after its rows
+    /// reaches those only as a dense copy ([`CudaOps::dense`]); this asserts it.
     fn ptr(&self, t: &CudaTensor) -> u64 {
+        assert!(t.tail == 0, "a tensor with room after its rows ({:?} + {}) read as dense", t.shape, t.tail);
+        self.base_ptr(t)
+    }
+
+    /// The device address of a tensor's first element, whatever its row stride.
+    fn base_ptr(&self, t: &CudaTensor) -> u64 {
         match &t.buf {
             CudaBuf::F32(b) => self.rt.ptr(b),
             CudaBuf::Bf16(b) => self.rt.ptr(b),
         }
     }
 
-    /// `t` as type `to`: itself, or a converted copy (one cast kernel).
-    fn to_type<'a>(&self, t: &'a CudaTensor, to: DType) -> Result<Operand<'a>> {
-        if t.dtype() == to {
+    /// `t` without room after its rows: itself, or a dense copy.
+    fn dense<'a>(&self, t: &'a CudaTensor) -> Result<Operand<'a>> {
+        if t.tail == 0 {
             return Ok(Operand::Borrowed(t));
+        }
+        let (rows, cols) = t.rows_cols();
+        let out = self.alloc_as(&t.shape, t.dtype())?;
+        self.copy_2d(&out, cols, t, t.ld(), rows, cols)?;
+        Ok(Operand::Converted(out))
+    }
+
+    /// `dst[r, c] = src[r, c]` for the first `cols` columns of `rows` rows, rows `ld_dst`
+    /// and `ld_src` elements apart (one type).
+    fn copy_2d(
+        &self,
+        dst: &CudaTensor,
+        ld_dst: usize,
+        src: &CudaTensor,
+        ld_src: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        ensure!(src.dtype() == dst.dtype(), "copy_2d: {:?} into {:?}", src.dtype(), dst.dtype());
+        if rows * cols == 0 {
+            return Ok(());
+        }
+        self.rt.launch(
+            &format!("copy_2d_{}", src.dtype().suffix()),
+            grid_1d(rows * cols),
+            args![
+                self.base_ptr(dst),
+                int(ld_dst, "row stride")?,
+                self.base_ptr(src),
+                int(ld_src, "row stride")?,
+                int(rows, "rows")?,
+                int(cols, "width")?
+            ],
+        )
+    }
+
+    /// `t` as a dense tensor of type `to`: itself, or a converted copy (one cast kernel).
+    fn to_type<'a>(&self, t: &'a CudaTensor, to: DType) -> Result<Operand<'a>> {
+        let t = self.dense(t)?;
+        if t.dtype() == to {
+            return Ok(t);
         }
         let out = self.alloc_as(&t.shape, to)?;
         let n = t.numel();
         let kernel = format!("cast_{}_to_{}", t.dtype().suffix(), to.suffix());
-        self.rt.launch(&kernel, grid_1d(n), args![self.ptr(&out), self.ptr(t), n as u64])?;
+        self.rt.launch(&kernel, grid_1d(n), args![self.ptr(&out), self.ptr(&t), n as u64])?;
         Ok(Operand::Converted(out))
     }
 
-    /// `t` in the activation type (what the kernels of this mode read).
+    /// `t` as a dense tensor of the activation type (what the kernels of this mode read).
     fn act<'a>(&self, t: &'a CudaTensor) -> Result<Operand<'a>> {
         self.to_type(t, self.dtype)
+    }
+
+    /// `t` in the activation type for a GEMM, which reads rows with room after them as
+    /// they are: itself when it has that type, else a converted dense copy.
+    fn act_ld<'a>(&self, t: &'a CudaTensor) -> Result<Operand<'a>> {
+        if t.dtype() == self.dtype {
+            return Ok(Operand::Borrowed(t));
+        }
+        self.act(t)
     }
 
     /// The kernel `base` for the activation type: `rope` -> `rope_bf16` in the bf16 mode.
@@ -211,18 +282,48 @@ impl CudaOps {
         trans_a: bool,
         b: &CudaTensor,
         trans_b: bool,
+        mnk: (usize, usize, usize),
+        alpha: f32,
+        beta: f32,
+        bias: Option<&CudaTensor>,
+    ) -> Result<()> {
+        self.gemm_in(&mut self.blas(), c, c_in, a, trans_a, b, trans_b, mnk, alpha, beta, bias)
+    }
+
+    /// [`CudaOps::gemm_full`] through a cuBLASLt handle the caller holds (to enqueue
+    /// other work between products that no other thread may interleave with). An `a` or
+    /// `b` with room after its rows is read in place, its rows `ld` apart, and its stored
+    /// rows may reach into the room (the LoRA path's extended K).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_in(
+        &self,
+        blas: &mut BlasLt,
+        c: &CudaTensor,
+        c_in: Option<&CudaTensor>,
+        a: &CudaTensor,
+        trans_a: bool,
+        b: &CudaTensor,
+        trans_b: bool,
         (m, n, k): (usize, usize, usize),
         alpha: f32,
         beta: f32,
         bias: Option<&CudaTensor>,
     ) -> Result<()> {
-        ensure!(
-            c.numel() == m * n && a.numel() == m * k && b.numel() == k * n,
-            "matmul [{m}, {k}]·[{k}, {n}]: operands {:?} {:?} -> {:?}",
-            a.shape,
-            b.shape,
-            c.shape
-        );
+        let what =
+            || format!("matmul [{m}, {k}]·[{k}, {n}]: operands {:?} {:?} -> {:?}", a.shape, b.shape, c.shape);
+        ensure!(c.numel() == m * n, "{}", what());
+        // the stored [rows, cols] of each operand and the row stride it is read with
+        let ld = |t: &CudaTensor, (rows, cols): (usize, usize)| -> Result<usize> {
+            if t.tail == 0 {
+                ensure!(t.numel() == rows * cols, "{}", what());
+                Ok(cols)
+            } else {
+                ensure!(t.rows_cols().0 == rows && cols <= t.ld(), "{} (rows {} apart)", what(), t.ld());
+                Ok(t.ld())
+            }
+        };
+        let lda = ld(a, if trans_a { (k, m) } else { (m, k) })?;
+        let ldb = ld(b, if trans_b { (n, k) } else { (k, n) })?;
         if let Some(c_in) = c_in {
             ensure!(
                 c_in.numel() == m * n && c_in.dtype() == c.dtype() && k > 0 && self.ptr(c_in) != self.ptr(c),
@@ -263,10 +364,10 @@ impl CudaOps {
             }
             return Ok(());
         }
-        let s = GemmShape { m, n, k, trans_a, trans_b, dtype, bias: bias.is_some() };
+        let s = GemmShape { m, n, k, trans_a, trans_b, lda, ldb, dtype, bias: bias.is_some() };
         let bias = bias.map(|t| self.ptr(t));
         let (d, c) = (self.ptr(c), c_in.map_or(self.ptr(c), |t| self.ptr(t)));
-        self.blas().matmul(s, d, c, self.ptr(a), self.ptr(b), alpha, beta, bias)
+        blas.matmul(s, d, c, self.base_ptr(a), self.base_ptr(b), alpha, beta, bias)
     }
 
     /// A gradient that an op adds its own into (`acc += ...`): shaped like `like` and of
@@ -306,14 +407,23 @@ impl CudaOps {
         self.rt.launch(kernel, cfg, args![self.rt.ptr(&desc), int(n, "tensors")?])
     }
 
-    /// The dropped-out copy of `x`, in x's type.
+    /// The dropped-out copy of `x` (dense), in x's type.
     fn dropout(&self, x: &CudaTensor, d: Dropout) -> Result<CudaTensor> {
         let n = x.numel();
         let out = self.alloc_as(&x.shape, x.dtype())?;
+        let cols = x.rows_cols().1;
         self.rt.launch(
             &format!("lora_dropout_fwd_{}", x.dtype().suffix()),
             grid_1d(n),
-            args![self.ptr(&out), self.ptr(x), n as u64, d.p, d.seed],
+            args![
+                self.ptr(&out),
+                self.base_ptr(x),
+                n as u64,
+                int(cols.max(1), "width")?,
+                int(x.ld().max(1), "row stride")?,
+                d.p,
+                d.seed
+            ],
         )?;
         Ok(out)
     }
@@ -373,6 +483,12 @@ impl CudaOps {
     }
 }
 
+/// The room kept after each row for a LoRA path of rank `r`: r rounded up to 8 elements,
+/// so rows stay 16-byte aligned in bf16 (as cuBLASLt's fast kernels want their ld).
+fn room(r: usize) -> usize {
+    r.next_multiple_of(8)
+}
+
 fn same_shape(a: &CudaTensor, b: &CudaTensor, what: &str) -> Result<()> {
     ensure!(a.shape == b.shape, "{what}: shapes {:?} and {:?} differ", a.shape, b.shape);
     Ok(())
@@ -411,7 +527,7 @@ impl Ops for CudaOps {
             return self.zeros(shape);
         }
         let buf = self.rt.stream.clone_htod(data).context("host-to-device copy")?;
-        Ok(CudaTensor { buf: CudaBuf::F32(buf), shape: shape.to_vec() })
+        Ok(CudaTensor::new(CudaBuf::F32(buf), shape.to_vec()))
     }
 
     /// In the activation type: f32 as before in the f32 mode; bf16 in the bf16 mode, a
@@ -426,7 +542,7 @@ impl Ops for CudaOps {
                     return self.alloc_zeros_as(&w.shape, DType::Bf16);
                 }
                 let buf = self.rt.stream.clone_htod(&data).context("host-to-device copy")?;
-                Ok(CudaTensor { buf: CudaBuf::Bf16(buf), shape: w.shape.clone() })
+                Ok(CudaTensor::new(CudaBuf::Bf16(buf), w.shape.clone()))
             }
         }
     }
@@ -452,6 +568,10 @@ impl Ops for CudaOps {
                 h.into_iter().map(half::bf16::to_f32).collect()
             }
         };
+        if t.tail > 0 {
+            let (ld, cols) = (t.ld(), t.rows_cols().1);
+            return Ok(v.chunks(ld).take(t.rows_cols().0).flat_map(|row| &row[..cols]).copied().collect());
+        }
         v.truncate(t.numel());
         Ok(v)
     }
@@ -493,12 +613,13 @@ impl Ops for CudaOps {
         if n == 0 || dc == 0 {
             return Ok(());
         }
+        let src = self.dense(src)?;
         let (from, to) = (src_row * sc..(src_row + n) * sc, dst_row * dc..(dst_row + n) * dc);
         let (st, dt) = (src.dtype(), dst.dtype());
         if st != dt {
             // Both ranges are in bounds (checked above); the cast reads and writes n·dc
             // elements from the two element offsets.
-            let src_at = self.ptr(src) + (from.start * st.size()) as u64;
+            let src_at = self.ptr(&src) + (from.start * st.size()) as u64;
             let dst_at = self.ptr(dst) + (to.start * dt.size()) as u64;
             let len = n * dc;
             let kernel = format!("cast_{}_to_{}", st.suffix(), dt.suffix());
@@ -525,12 +646,19 @@ impl Ops for CudaOps {
             ensure!(r < n, "gather_rows: row {r} of {n}");
             idx.push(int(r, "row")?);
         }
+        let x = self.dense(x)?;
         let out = self.alloc_as(&[rows.len(), d], x.dtype())?;
         let idx = self.upload_i32(&idx)?;
         self.rt.launch(
             &format!("gather_rows_{}", x.dtype().suffix()),
             grid_1d(rows.len() * d),
-            args![self.ptr(&out), self.ptr(x), self.rt.ptr(&idx), int(rows.len(), "rows")?, int(d, "width")?],
+            args![
+                self.ptr(&out),
+                self.ptr(&x),
+                self.rt.ptr(&idx),
+                int(rows.len(), "rows")?,
+                int(d, "width")?
+            ],
         )?;
         Ok(out)
     }
@@ -539,12 +667,13 @@ impl Ops for CudaOps {
     fn add_assign(&self, a: &mut CudaTensor, b: &CudaTensor) -> Result<()> {
         let _range = crate::profiling::range(c"add_assign");
         same_shape(a, b, "add")?;
+        let b = self.dense(b)?;
         let n = a.numel();
         let kernel = match (a.dtype(), b.dtype()) {
             (ta, tb) if ta == tb => format!("add_assign_{}", ta.suffix()),
             (ta, tb) => format!("add_assign_{}_{}", ta.suffix(), tb.suffix()),
         };
-        self.rt.launch(&kernel, grid_1d(n), args![self.ptr(a), self.ptr(b), n as u64])
+        self.rt.launch(&kernel, grid_1d(n), args![self.ptr(a), self.ptr(&b), n as u64])
     }
 
     fn embedding_fwd(&self, table: &CudaTensor, ids: &CudaIds) -> Result<CudaTensor> {
@@ -601,12 +730,19 @@ impl Ops for CudaOps {
         )
     }
 
-    fn rmsnorm_fwd(&self, x: &CudaTensor, w: &CudaTensor, eps: f32) -> Result<(CudaTensor, CudaTensor)> {
+    /// `tail`: y's rows get room for the LoRA path of the projections that read it.
+    fn rmsnorm_fwd(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        eps: f32,
+        tail: usize,
+    ) -> Result<(CudaTensor, CudaTensor)> {
         let _range = crate::profiling::range(c"rmsnorm_fwd");
         let (n, d) = x.rows_cols();
         ensure!(w.numel() == d, "rmsnorm: weight of {} for width {d}", w.numel());
         let (x, w) = (self.act(x)?, self.act(w)?);
-        let y = self.alloc(&x.shape)?;
+        let y = self.alloc_with_tail(&x.shape, room(tail), self.dtype)?;
         let rstd = self.alloc_as(&[n], DType::F32)?;
         let cfg = LaunchConfig {
             grid_dim: (n.clamp(1, 65_535) as u32, 1, 1),
@@ -618,12 +754,13 @@ impl Ops for CudaOps {
                 &self.kernel("rmsnorm_fwd"),
                 cfg,
                 args![
-                    self.ptr(&y),
+                    self.base_ptr(&y),
                     self.ptr(&rstd),
                     self.ptr(&x),
                     self.ptr(&w),
                     int(n, "rows")?,
                     int(d, "width")?,
+                    int(y.ld(), "row stride")?,
                     eps
                 ],
             )?;
@@ -710,7 +847,11 @@ impl Ops for CudaOps {
     }
 
     /// In the bf16 mode the bias is cuBLASLt's epilogue and the LoRA path runs on bf16
-    /// copies of A and B (tiny: r rows or columns), `x·Aᵀ` kept in bf16.
+    /// copies of A and B (tiny: r rows or columns), `x·Aᵀ` kept in bf16. When x and W both
+    /// have room for r more columns after their rows (x from `rmsnorm_fwd`/`swiglu_fwd`
+    /// with a tail, W given one by `reserve_lora_tail`), the low-rank update is folded
+    /// into the frozen product: `[x | scale·x·Aᵀ]·[W | B]ᵀ`, one GEMM over K = in + r
+    /// (kernels/lora.cu), so y is written once and never read back.
     fn linear_fwd(
         &self,
         x: &CudaTensor,
@@ -727,44 +868,22 @@ impl Ops for CudaOps {
         if let Some(last) = shape.last_mut() {
             *last = out;
         }
-        let (x, w) = (self.act(x)?, self.act(w)?);
-        let mut y = self.alloc(&shape)?;
+        let (x, w) = (self.act_ld(x)?, self.act_ld(w)?);
         let residual = residual.map(|r| self.act(r)).transpose()?;
         if let Some(r) = &residual {
             ensure!(r.numel() == n * out, "linear: residual {:?} for [{n}, {out}]", r.shape);
         }
-        // The residual is the product's addend (`beta = 1`), except beside the bf16 mode's
-        // bias epilogue, which needs `beta = 0`: then it is added after.
-        let mut add_residual_after = None;
-        match (self.dtype, bias) {
-            (DType::Bf16, Some(b)) => {
-                ensure!(b.numel() == out, "linear: bias of {} for {out} outputs", b.numel());
-                let b = self.act(b)?;
-                self.gemm_full(&y, None, &x, false, &w, true, (n, out, inp), 1.0, 0.0, Some(&b))?;
-                add_residual_after = residual.as_deref();
-            }
-            _ => {
-                // The f32 mode adds the bias after the product, as the CPU backend does.
-                match (&residual, inp) {
-                    (Some(r), 1..) => {
-                        self.gemm_full(&y, Some(r), &x, false, &w, true, (n, out, inp), 1.0, 1.0, None)?
-                    }
-                    _ => {
-                        self.gemm(&y, &x, false, &w, true, (n, out, inp), 1.0, 0.0)?;
-                        add_residual_after = residual.as_deref();
-                    }
-                }
-                if let Some(b) = bias {
-                    ensure!(b.numel() == out, "linear: bias of {} for {out} outputs", b.numel());
-                    let b = self.act(b)?;
-                    self.rt.launch(
-                        &self.kernel("add_bias_rows"),
-                        grid_1d(n * out),
-                        args![self.ptr(&y), self.ptr(&b), int(n, "rows")?, int(out, "width")?],
-                    )?;
-                }
-            }
+        if let Some(b) = bias {
+            ensure!(b.numel() == out, "linear: bias of {} for {out} outputs", b.numel());
         }
+        let bias = bias.map(|b| self.act(b)).transpose()?;
+        // One handle for the whole op: no other thread's product can refill W's room
+        // between this op's filling it and its product.
+        let mut blas = self.blas();
+        // The LoRA path's x·Aᵀ; then either its room filled (`k` grows by r) or the
+        // update left for a second product (`unfused`: B and the scale).
+        let mut k = inp;
+        let mut unfused = None;
         let xa = match lora {
             None => None,
             Some(l) => {
@@ -779,11 +898,75 @@ impl Ops for CudaOps {
                 let dropped = l.dropout.map(|d| self.dropout(&x, d)).transpose()?;
                 let xd = dropped.as_ref().unwrap_or(&x);
                 let xa = self.alloc(&[n, r])?;
-                self.gemm(&xa, xd, false, &a, true, (n, r, inp), 1.0, 0.0)?;
-                self.gemm(&y, &xa, false, &b, true, (n, out, r), l.scale, 1.0)?;
+                self.gemm_in(&mut blas, &xa, None, xd, false, &a, true, (n, r, inp), 1.0, 0.0, None)?;
+                if r > 0 && inp > 0 && x.tail >= r && w.tail >= r {
+                    self.rt.launch(
+                        &self.kernel("lora_tails"),
+                        grid_1d((n + out) * r),
+                        args![
+                            self.base_ptr(&x),
+                            int(x.ld(), "row stride")?,
+                            int(inp, "width")?,
+                            self.ptr(&xa),
+                            int(n, "rows")?,
+                            int(r, "rank")?,
+                            l.scale,
+                            self.base_ptr(&w),
+                            int(w.ld(), "row stride")?,
+                            self.ptr(&b),
+                            int(out, "outputs")?
+                        ],
+                    )?;
+                    k = inp + r;
+                } else {
+                    unfused = Some((b, r, l.scale));
+                }
                 Some(xa)
             }
         };
+        let mut y = self.alloc(&shape)?;
+        // The residual is the product's addend (`beta = 1`), except beside the bf16 mode's
+        // bias epilogue, which needs `beta = 0`: then it is added after.
+        let mut add_residual_after = None;
+        match (self.dtype, &bias) {
+            (DType::Bf16, Some(b)) => {
+                self.gemm_in(&mut blas, &y, None, &x, false, &w, true, (n, out, k), 1.0, 0.0, Some(b))?;
+                add_residual_after = residual.as_deref();
+            }
+            _ => {
+                // The f32 mode adds the bias after the product, as the CPU backend does.
+                match (&residual, k) {
+                    (Some(r), 1..) => self.gemm_in(
+                        &mut blas,
+                        &y,
+                        Some(r),
+                        &x,
+                        false,
+                        &w,
+                        true,
+                        (n, out, k),
+                        1.0,
+                        1.0,
+                        None,
+                    )?,
+                    _ => {
+                        self.gemm_in(&mut blas, &y, None, &x, false, &w, true, (n, out, k), 1.0, 0.0, None)?;
+                        add_residual_after = residual.as_deref();
+                    }
+                }
+                if let Some(b) = &bias {
+                    self.rt.launch(
+                        &self.kernel("add_bias_rows"),
+                        grid_1d(n * out),
+                        args![self.ptr(&y), self.ptr(b), int(n, "rows")?, int(out, "width")?],
+                    )?;
+                }
+            }
+        }
+        if let (Some(xa), Some((b, r, scale))) = (&xa, &unfused) {
+            self.gemm_in(&mut blas, &y, None, xa, false, b, true, (n, out, *r), *scale, 1.0, None)?;
+        }
+        drop(blas);
         if let Some(r) = add_residual_after {
             self.add_assign(&mut y, r)?;
         }
@@ -813,7 +996,7 @@ impl Ops for CudaOps {
             weight_grads.is_none() || self.dtype == DType::F32,
             "linear_bwd weight gradient: {NO_FULL_BF16}"
         );
-        let (dy, x) = (self.act(dy)?, self.act(x)?);
+        let (dy, x) = (self.act(dy)?, self.act_ld(x)?);
         if let Some(g) = weight_grads {
             same_shape(g.dw, w, "linear_bwd weight gradient")?;
             // dW += dyᵀ·x  [out, in]
@@ -836,12 +1019,12 @@ impl Ops for CudaOps {
             InputGrad::Skip => None,
             InputGrad::New => {
                 let dx = self.alloc(&x.shape)?;
-                self.gemm(&dx, &dy, false, &*self.act(w)?, false, (n, inp, out), 1.0, 0.0)?;
+                self.gemm(&dx, &dy, false, &*self.act_ld(w)?, false, (n, inp, out), 1.0, 0.0)?;
                 Some(dx)
             }
             InputGrad::AddTo(acc) => {
                 self.check_accumulator(&acc, &x, "linear_bwd input gradient")?;
-                self.gemm(&acc, &dy, false, &*self.act(w)?, false, (n, inp, out), 1.0, 1.0)?;
+                self.gemm(&acc, &dy, false, &*self.act_ld(w)?, false, (n, inp, out), 1.0, 1.0)?;
                 Some(acc)
             }
         };
@@ -1056,16 +1239,25 @@ impl Ops for CudaOps {
         Ok((dq, dk, dv))
     }
 
-    fn swiglu_fwd(&self, gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor> {
+    /// `tail`: h's rows get room for down_proj's LoRA path.
+    fn swiglu_fwd(&self, gate: &CudaTensor, up: &CudaTensor, tail: usize) -> Result<CudaTensor> {
         let _range = crate::profiling::range(c"swiglu_fwd");
         same_shape(gate, up, "swiglu")?;
         let (gate, up) = (self.act(gate)?, self.act(up)?);
         let n = gate.numel();
-        let h = self.alloc(&gate.shape)?;
+        let h = self.alloc_with_tail(&gate.shape, room(tail), self.dtype)?;
+        let width = h.rows_cols().1.max(1);
         self.rt.launch(
             &self.kernel("swiglu_fwd"),
             grid_1d(n),
-            args![self.ptr(&h), self.ptr(&gate), self.ptr(&up), n as u64],
+            args![
+                self.base_ptr(&h),
+                self.ptr(&gate),
+                self.ptr(&up),
+                n as u64,
+                int(width, "width")?,
+                int(h.ld().max(1), "row stride")?
+            ],
         )?;
         Ok(h)
     }
@@ -1261,6 +1453,20 @@ impl Ops for CudaOps {
     fn memory_in_use(&self) -> Option<u64> {
         let (free, total) = self.rt.ctx.mem_get_info().ok()?;
         Some(total.saturating_sub(free) as u64)
+    }
+
+    /// W in rows of `in + room(r)` (the room zeroed), when it is in the activation type.
+    fn reserve_lora_tail(&self, w: &mut CudaTensor, r: usize) -> Result<()> {
+        if w.tail >= r || w.dtype() != self.dtype || w.shape.len() != 2 {
+            return Ok(());
+        }
+        let (rows, cols) = w.rows_cols();
+        let tail = room(r);
+        let mut t = self.alloc_zeros_as(&[rows, cols + tail], w.dtype())?;
+        self.copy_2d(&t, cols + tail, w, w.ld(), rows, cols)?;
+        (t.shape, t.tail) = (w.shape.clone(), tail);
+        *w = t;
+        Ok(())
     }
 
     fn compute_copy(&self, t: &CudaTensor) -> Result<Option<CudaTensor>> {

@@ -7,8 +7,11 @@
 //!   the mode's **activation type**: f32 in the f32 mode, bf16 in the bf16 mode. The
 //!   exceptions are f32 by nature: RMSNorm's `rstd`, attention's log-sum-exp, losses.
 //! - An op converts an operand of the other type to the one its kernel wants (a cast into
-//!   a temporary, see [`Operand`]); in-place and data-movement ops (`add_assign`, `scale`,
-//!   `rope`, `copy_rows`, `gather_rows`, `fill_zero`) work on the tensor's own type.
+//!   a temporary, see [`Operand`]); in-place and data-movement ops (`add_assign`, `rope`,
+//!   `copy_rows`, `gather_rows`, `fill_zero`) work on the tensor's own type.
+//! - Room after the rows (`CudaTensor::tail`): only the outputs of RMSNorm and SwiGLU
+//!   asked for it and the frozen weights given it by `reserve_lora_tail` have any; the
+//!   GEMMs and the LoRA dropout read them in place, every other op through a dense copy.
 //!
 //! In the f32 mode every tensor is f32, so no conversion ever happens there. In the bf16
 //! mode a conversion costs a cast kernel and a temporary on every use, so what is used
@@ -77,12 +80,28 @@ pub enum CudaBuf {
 
 /// A row-major tensor in device memory. The buffer holds at least one element so that
 /// empty tensors need no special case in cudarc; `shape` says how many count.
+///
+/// A tensor may have `tail` spare elements after each row (rows `cols + tail` apart): the
+/// room an input of a LoRA projection, or a frozen weight, keeps for the low-rank path
+/// folded into the frozen product (see `kernels/lora.cu`). Only the GEMMs, the dropout
+/// and `download` read such a tensor as it is; every other op gets a dense copy.
 pub struct CudaTensor {
     pub buf: CudaBuf,
     pub shape: Vec<usize>,
+    pub tail: usize,
 }
 
 impl CudaTensor {
+    /// A dense tensor (no room after its rows).
+    pub fn new(buf: CudaBuf, shape: Vec<usize>) -> Self {
+        Self { buf, shape, tail: 0 }
+    }
+
+    /// Elements from one row's start to the next's.
+    pub fn ld(&self) -> usize {
+        self.rows_cols().1 + self.tail
+    }
+
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }

@@ -108,6 +108,17 @@ pub struct LoraRef<'a, T> {
     pub dropout: Option<Dropout>,
 }
 
+impl<T> LoraRef<'_, T> {
+    /// The rank r, once A `[r, in]` and B `[out, r]` are checked against the projection's
+    /// input and output widths (`shape` gives a tensor's shape).
+    pub fn rank<'s>(&'s self, shape: impl Fn(&'s T) -> &'s [usize], inp: usize, out: usize) -> Result<usize> {
+        let (a, b) = (shape(self.a), shape(self.b));
+        let (r, a_in) = rows_cols(a);
+        anyhow::ensure!(a_in == inp && b == [out, r], "linear: LoRA shapes {a:?} {b:?} for [{out}, {inp}]");
+        Ok(r)
+    }
+}
+
 /// Inverted dropout whose mask is a pure function of `(seed, element index)`, so the
 /// backward regenerates it instead of storing it, and every backend draws the same one.
 #[derive(Clone, Copy, Debug, PartialEq)]

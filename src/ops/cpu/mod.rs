@@ -215,13 +215,7 @@ impl Ops for CpuOps {
         let xa = match lora {
             None => None,
             Some(l) => {
-                let (r, a_in) = l.a.rows_cols();
-                ensure!(
-                    a_in == inp && l.b.shape == [out, r],
-                    "linear: LoRA shapes {:?} {:?}",
-                    l.a.shape,
-                    l.b.shape
-                );
+                let r = l.rank(|t| &t.shape, inp, out)?;
                 let xd = dropped(&x.data, l.dropout);
                 let mut xa = vec![0.0; n * r];
                 matmul(&mut xa, Mat::rm(&xd, n, inp), Mat::rm_t(&l.a.data, inp, r), 1.0, 0.0);
@@ -279,7 +273,8 @@ impl Ops for CpuOps {
         };
         if let Some(l) = lora {
             let Some(xa) = xa else { bail!("linear_bwd: LoRA path without its saved x·Aᵀ") };
-            let r = l.a.shape[0];
+            let r = l.rank(|t| &t.shape, inp, out)?;
+            ensure!(xa.data.len() == n * r, "linear_bwd: x·Aᵀ {:?} for [{n}, {r}]", xa.shape);
             // dxa = scale · dy·B  [n, r]
             let mut dxa = vec![0.0; n * r];
             matmul(&mut dxa, Mat::rm(&dy.data, n, out), Mat::rm(&l.b.data, out, r), l.scale, 0.0);

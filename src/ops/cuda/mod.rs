@@ -887,13 +887,7 @@ impl Ops for CudaOps {
         let xa = match lora {
             None => None,
             Some(l) => {
-                let (r, a_in) = l.a.rows_cols();
-                ensure!(
-                    a_in == inp && l.b.shape == [out, r],
-                    "linear: LoRA shapes {:?} {:?}",
-                    l.a.shape,
-                    l.b.shape
-                );
+                let r = l.rank(|t| &t.shape, inp, out)?;
                 let (a, b) = (self.act(l.a)?, self.act(l.b)?);
                 let dropped = l.dropout.map(|d| self.dropout(&x, d)).transpose()?;
                 let xd = dropped.as_ref().unwrap_or(&x);
@@ -1030,14 +1024,8 @@ impl Ops for CudaOps {
         };
         if let Some(l) = lora {
             let Some(xa) = xa else { bail!("linear_bwd: LoRA path without its saved x·Aᵀ") };
-            let (r, a_in) = l.a.rows_cols();
-            ensure!(
-                a_in == inp && l.b.shape == [out, r] && xa.numel() == n * r,
-                "linear_bwd: LoRA shapes {:?} {:?}, x·Aᵀ {:?}",
-                l.a.shape,
-                l.b.shape,
-                xa.shape
-            );
+            let r = l.rank(|t| &t.shape, inp, out)?;
+            ensure!(xa.numel() == n * r, "linear_bwd: x·Aᵀ {:?} for [{n}, {r}]", xa.shape);
             let (a, b, xa) = (self.act(l.a)?, self.act(l.b)?, self.act(xa)?);
             // dxa = scale · dy·B  [n, r]
             let dxa = self.alloc(&[n, r])?;

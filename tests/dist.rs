@@ -11,7 +11,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{adapter_values, base_model, free_port, train_losses, tuneloop_cmd as tuneloop};
-use tuneloop::dist::{DistEnv, Single, TcpGroup};
+use tuneloop::dist::{Collective, DistEnv, Single, TcpGroup};
 use tuneloop::model::{Adapter, Decoder, Model};
 use tuneloop::ops::cpu::{CpuOps, CpuTensor};
 use tuneloop::ops::{Dropout, Ops};
@@ -124,6 +124,82 @@ fn ranks_summed_shares_equal_one_process_over_the_global_batch() {
         let e = rel_l2(&got, &want);
         assert!(e < 1e-6, "full fine-tuning over 2 ranks: gradient off by {e:.2e}");
     }
+}
+
+/// A collective of one that records what it is given: each started bucket's values at
+/// the moment it was started, and how many tensors the final sum was left with.
+struct Recording {
+    rank: usize,
+    world: usize,
+    buckets: std::cell::RefCell<Vec<Vec<Vec<f32>>>>,
+    rest: std::cell::Cell<usize>,
+}
+
+impl Collective<CpuOps> for Recording {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+    fn kind(&self) -> &'static str {
+        "recording"
+    }
+    fn start_bucket(&self, ops: &CpuOps, tensors: &[&CpuTensor]) -> anyhow::Result<()> {
+        self.buckets.borrow_mut().push(tensors.iter().map(|t| ops.download(t).unwrap()).collect());
+        Ok(())
+    }
+    fn all_reduce_sum(
+        &self,
+        _: &CpuOps,
+        tensors: &mut [&mut CpuTensor],
+        _: &mut [f64],
+    ) -> anyhow::Result<()> {
+        self.rest.set(tensors.len() - self.buckets.borrow().iter().map(Vec::len).sum::<usize>());
+        Ok(())
+    }
+}
+
+/// Each layer's gradients are handed to the collective as one bucket, last layer first,
+/// and only once they are final (their values then are the values the step ends with),
+/// whether this rank's share has one micro-batch, several, or none; the model's other
+/// gradients (full fine-tuning) are left to the final sum.
+#[test]
+fn layer_buckets_start_in_order_once_final() {
+    let (model, adapter) = model_and_adapter();
+    let micro = micro_batches(3, model.cfg.vocab_size);
+    let layers = model.cfg.num_hidden_layers;
+    // (micro-batches, rank, world): shares of 2, 1 and 0 micro-batches
+    for (n, rank, world) in [(3, 1, 2), (3, 0, 2), (1, 0, 2)] {
+        let group = Recording { rank, world, buckets: Default::default(), rest: Default::default() };
+        let mut grads = adapter.zeros(&CpuOps).unwrap();
+        global_batch_gradients(&CpuOps, &model, &adapter, &micro[..n], &mut grads, dropout, &group).unwrap();
+        let buckets = group.buckets.into_inner();
+        assert_eq!(buckets.len(), layers, "one bucket a layer");
+        let g = grads.as_grads();
+        for (k, bucket) in buckets.iter().enumerate() {
+            let l = layers - 1 - k;
+            let now: Vec<Vec<f32>> = g.layer(l).into_iter().map(|t| CpuOps.download(t).unwrap()).collect();
+            assert_eq!(bucket.len(), 14, "layer {l}: seven LoRA pairs");
+            assert!(
+                bucket == &now,
+                "share of {n} over {world}, rank {rank}: layer {l} changed after it was started"
+            );
+        }
+        assert_eq!(group.rest.get(), 0, "a LoRA step leaves nothing to the final sum");
+        let nonzero = buckets.iter().flatten().flatten().any(|&v| v != 0.0);
+        assert_eq!(nonzero, !shard_of(n, rank, world).is_empty(), "gradients of a non-empty share");
+    }
+    // full fine-tuning: the layers in buckets, embedding, final norm and lm_head at the end
+    let group = Recording { rank: 0, world: 1, buckets: Default::default(), rest: Default::default() };
+    let mut grads = model.zeros(&CpuOps).unwrap();
+    global_batch_gradients(&CpuOps, &(), &model, &micro[..1], &mut grads, |_, _| {}, &group).unwrap();
+    assert_eq!(group.buckets.borrow().len(), layers);
+    assert_eq!(group.rest.get(), 2 + model.lm_head.is_some() as usize);
+}
+
+fn shard_of(n: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
+    tuneloop::train::trainer::shard(n, rank, world)
 }
 
 fn examples(n: usize) -> Vec<Example> {

@@ -20,8 +20,18 @@ pub trait Collective<O: Ops> {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
     /// Sums `tensors` element-wise over all ranks, in place, and `host` with them; every
-    /// rank ends with the same values. Every rank must call it with the same shapes.
+    /// rank ends with the same values. Every rank must call it with the same shapes. The
+    /// tensors that [`Collective::start_bucket`] started since the last call are only
+    /// waited for and written back.
     fn all_reduce_sum(&self, ops: &O, tensors: &mut [&mut O::Tensor], host: &mut [f64]) -> Result<()>;
+    /// Starts summing `tensors` over the ranks while the caller queues more work: a data
+    /// parallel step starts each layer's gradients as its last micro-batch's backward
+    /// finishes that layer, so the sums overlap the backward of the layers below. Every
+    /// rank must start the same buckets in the same order. By default nothing starts
+    /// early and `all_reduce_sum` sums everything.
+    fn start_bucket(&self, _ops: &O, _tensors: &[&O::Tensor]) -> Result<()> {
+        Ok(())
+    }
     /// What it runs over, for logs: `single`, `tcp`, `nccl`.
     fn kind(&self) -> &'static str;
 }

@@ -3,16 +3,21 @@
 //! asynchronous error check needs).
 //!
 //! Rank 0 makes the unique id and hands its 128 bytes out through the TCP rendezvous;
-//! every rank then joins the communicator on its own GPU's stream. An all-reduce that
-//! does not finish within the timeout, or that NCCL reports failed (a peer died), aborts
-//! the communicator, so the process exits instead of hanging.
+//! every rank then joins the communicator on its own GPU. The all-reduces run on a stream
+//! of their own, each bucket of gradients as soon as the compute stream has finished it
+//! ([`Collective::start_bucket`]: a layer's gradients, while the backward of the layers
+//! below goes on); the compute stream waits for them only before it reads the sums. An
+//! all-reduce that does not finish within the timeout, or that NCCL reports failed (a
+//! peer died), aborts the communicator, so the process exits instead of hanging.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::mem::MaybeUninit;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, CudaStream};
 use cudarc::nccl::{result, sys};
 
 use super::rendezvous::{self, PAYLOAD};
@@ -26,8 +31,19 @@ pub struct NcclGroup {
     timeout: Duration,
     aborted: Cell<bool>,
     seq: Cell<u64>,
-    /// The fused gradient buffer, kept from step to step.
-    flat: RefCell<Option<CudaSlice<f32>>>,
+    /// The stream the all-reduces run on, beside the compute stream.
+    comm_stream: Arc<CudaStream>,
+    /// One fused buffer per bucket of a step, kept from step to step.
+    buckets: RefCell<Vec<Bucket>>,
+    /// Buckets started since the last `all_reduce_sum`.
+    started: Cell<usize>,
+}
+
+/// Gradients packed end to end for one all-reduce.
+struct Bucket {
+    buf: CudaSlice<f32>,
+    /// The device address and length of each gradient in it, in order.
+    members: Vec<(u64, usize)>,
 }
 
 fn nccl_error(what: &str, e: result::NcclError) -> anyhow::Error {
@@ -79,6 +95,7 @@ impl NcclGroup {
                 t0.elapsed().as_secs_f64()
             ),
         );
+        let comm_stream = ops.runtime().ctx.new_stream().context("creating the all-reduce stream")?;
         Ok(Self {
             comm,
             rank: env.rank,
@@ -86,7 +103,9 @@ impl NcclGroup {
             timeout: env.timeout,
             aborted: Cell::new(false),
             seq: Cell::new(0),
-            flat: RefCell::new(None),
+            comm_stream,
+            buckets: RefCell::new(Vec::new()),
+            started: Cell::new(0),
         })
     }
 
@@ -135,6 +154,8 @@ impl NcclGroup {
         }
     }
 
+    /// Queues an in-place all-reduce on the all-reduce stream, after the work queued so
+    /// far on the compute stream.
     fn all_reduce_raw(
         &self,
         ops: &CudaOps,
@@ -142,7 +163,9 @@ impl NcclGroup {
         count: usize,
         dtype: sys::ncclDataType_t,
     ) -> Result<()> {
-        let stream = &ops.runtime().stream;
+        let ready = ops.runtime().stream.record_event(None).context("recording a CUDA event")?;
+        self.comm_stream.wait(&ready).context("ordering the all-reduce after the compute stream")?;
+        let stream = &self.comm_stream;
         // SAFETY: `ptr` addresses `count` elements of `dtype` on this communicator's GPU,
         // alive until the caller has waited for the stream.
         unsafe {
@@ -186,23 +209,19 @@ impl Collective<CudaOps> for NcclGroup {
         let seq = self.seq.get();
         self.seq.set(seq + 1);
         let stream = ops.runtime().stream.clone();
-        // one fused buffer: the gradients packed end to end (none: host values only)
-        let total: usize = tensors.iter().map(|t| t.numel()).sum();
-        let mut slot = self.flat.borrow_mut();
-        if total > 0 {
-            if slot.as_ref().is_none_or(|f| f.len() != total) {
-                *slot = Some(stream.alloc_zeros::<f32>(total).context("CUDA allocation")?);
+        // the gradients no bucket has taken yet, as one more bucket (the same on every rank)
+        let taken: std::collections::HashSet<u64> = self.buckets.borrow()[..self.started.get()]
+            .iter()
+            .flat_map(|b| b.members.iter().map(|&(p, _)| p))
+            .collect();
+        let mut rest = Vec::new();
+        for t in tensors.iter() {
+            if !taken.contains(&ops.runtime().ptr(f32_buf(t)?)) {
+                rest.push(&**t);
             }
-            let flat = slot.as_mut().context("the fused gradient buffer")?;
-            let mut off = 0;
-            for t in tensors.iter() {
-                let n = t.numel();
-                stream
-                    .memcpy_dtod(&f32_buf(t)?.slice(..n), &mut flat.slice_mut(off..off + n))
-                    .context("packing the gradients")?;
-                off += n;
-            }
-            self.all_reduce_raw(ops, ops.runtime().ptr(flat), total, sys::ncclDataType_t::ncclFloat32)?;
+        }
+        if rest.iter().any(|t| t.numel() > 0) {
+            self.start_bucket(ops, &rest)?;
         }
         let host_dev = if host.is_empty() {
             None
@@ -211,13 +230,22 @@ impl Collective<CudaOps> for NcclGroup {
             self.all_reduce_raw(ops, ops.runtime().ptr(&d), host.len(), sys::ncclDataType_t::ncclFloat64)?;
             Some(d)
         };
+        // the compute stream waits for every all-reduce; the host for the compute stream
+        stream.join(&self.comm_stream).context("waiting for the all-reduce stream")?;
         self.wait(ops, seq)?;
-        if let (Some(flat), true) = (slot.as_ref(), total > 0) {
+        let mut by_ptr = HashMap::new();
+        for t in tensors.iter_mut() {
+            let buf = f32_buf_mut(t)?;
+            by_ptr.insert(ops.runtime().ptr(buf), buf);
+        }
+        for b in &self.buckets.borrow()[..self.started.replace(0)] {
             let mut off = 0;
-            for t in tensors.iter_mut() {
-                let n = t.numel();
+            for &(ptr, n) in &b.members {
+                let dst = by_ptr
+                    .get_mut(&ptr)
+                    .context("all-reduce: a started gradient is not among the tensors")?;
                 stream
-                    .memcpy_dtod(&flat.slice(off..off + n), &mut f32_buf_mut(t)?.slice_mut(..n))
+                    .memcpy_dtod(&b.buf.slice(off..off + n), &mut dst.slice_mut(..n))
                     .context("unpacking the gradients")?;
                 off += n;
             }
@@ -225,6 +253,38 @@ impl Collective<CudaOps> for NcclGroup {
         if let Some(d) = host_dev {
             let v = stream.clone_dtoh(&d).context("device-to-host copy")?;
             host.copy_from_slice(&v[..host.len()]);
+        }
+        Ok(())
+    }
+
+    /// Packs `tensors` into this step's next fused buffer on the compute stream and queues
+    /// its all-reduce on the all-reduce stream.
+    fn start_bucket(&self, ops: &CudaOps, tensors: &[&CudaTensor]) -> Result<()> {
+        let stream = &ops.runtime().stream;
+        let total: usize = tensors.iter().map(|t| t.numel()).sum();
+        let idx = self.started.get();
+        let mut buckets = self.buckets.borrow_mut();
+        if buckets.len() == idx {
+            let buf = stream.alloc_zeros::<f32>(total.max(1)).context("CUDA allocation")?;
+            buckets.push(Bucket { buf, members: Vec::new() });
+        }
+        let b = &mut buckets[idx];
+        if b.buf.len() < total {
+            b.buf = stream.alloc_zeros::<f32>(total).context("CUDA allocation")?;
+        }
+        b.members.clear();
+        let mut off = 0;
+        for t in tensors {
+            let (src, n) = (f32_buf(t)?, t.numel());
+            stream
+                .memcpy_dtod(&src.slice(..n), &mut b.buf.slice_mut(off..off + n))
+                .context("packing the gradients")?;
+            b.members.push((ops.runtime().ptr(src), n));
+            off += n;
+        }
+        self.started.set(idx + 1);
+        if total > 0 {
+            self.all_reduce_raw(ops, ops.runtime().ptr(&b.buf), total, sys::ncclDataType_t::ncclFloat32)?;
         }
         Ok(())
     }

@@ -36,7 +36,38 @@ impl<'a, T> Grads<'a, T> {
     pub fn model(g: &'a mut Model<T>) -> Self {
         Self { adapter: None, model: Some(g) }
     }
+
+    /// Decoder layers these gradients cover.
+    pub fn n_layers(&self) -> usize {
+        match (&self.adapter, &self.model) {
+            (Some(a), _) => a.layers.len(),
+            (None, Some(m)) => m.layers.len(),
+            (None, None) => 0,
+        }
+    }
+
+    /// The gradient buffers of decoder layer `l`: its LoRA pairs (A, B by projection),
+    /// then, for the model's own, its two norms and each projection's weight and bias.
+    pub fn layer(&self, l: usize) -> Vec<&T> {
+        let mut out = Vec::new();
+        if let Some(layer) = self.adapter.as_deref().and_then(|a| a.layers.get(l)) {
+            out.extend(layer.iter().flatten().flat_map(|p| [&p.a, &p.b]));
+        }
+        if let Some(layer) = self.model.as_deref().and_then(|m| m.layers.get(l)) {
+            out.extend([&layer.input_layernorm, &layer.post_attention_layernorm]);
+            for lin in &layer.proj {
+                out.push(&lin.w);
+                out.extend(lin.b.as_ref());
+            }
+        }
+        out
+    }
 }
+
+/// Called by the backward with each decoder layer's index as soon as that layer's
+/// gradients are complete (layers in reverse order), with the gradient buffers: a data
+/// parallel step starts summing them over the ranks while the backward goes on.
+pub type LayerDone<'a, T> = &'a dyn Fn(usize, &Grads<'_, T>) -> Result<()>;
 
 /// What one forward runs on: token ids with their positions and the attention layout.
 pub struct StepInputs<O: Ops> {
@@ -187,6 +218,8 @@ pub struct Decoder<'a, O: Ops> {
     /// Activation recompute: which layers a forward for a backward keeps only the
     /// input of, their forward run again in the backward. Less memory for more compute.
     pub recompute: Recompute,
+    /// Told when the backward has finished each layer's gradients.
+    pub layer_done: Option<LayerDone<'a, O::Tensor>>,
 }
 
 impl<'a, O: Ops> Decoder<'a, O> {
@@ -198,6 +231,7 @@ impl<'a, O: Ops> Decoder<'a, O> {
             rope: Rope::new(&model.cfg),
             lora_dropout: None,
             recompute: Recompute::Off,
+            layer_done: None,
         }
     }
 
@@ -469,6 +503,9 @@ impl<'a, O: Ops> Decoder<'a, O> {
                 let dw = grads.model.as_deref_mut().map(|g| &mut g.layers[l].input_layernorm);
                 // dx = dh (the residual stream's) + the norm's, in one pass
                 dx = Some(ops.rmsnorm_bwd(&dn1, &a.x_in, &layer.input_layernorm, &a.rstd1, dw, Some(dh))?);
+            }
+            if let Some(done) = self.layer_done {
+                done(l, &grads)?;
             }
         }
         if let Some(g) = grads.model.as_deref_mut() {

@@ -19,7 +19,7 @@ use super::params::Trainable;
 use super::schedule::Schedule;
 use super::step::{forward_backward, train_step, TokenBatch};
 use crate::dist::{Collective, Single};
-use crate::model::decoder::Recompute;
+use crate::model::decoder::{Grads, Recompute};
 use crate::model::Decoder;
 use crate::ops::{AdamWParams, Dropout, Ops};
 
@@ -161,9 +161,11 @@ pub struct BatchStats {
 /// The gradient of the global batch's mean loss, into `grads` (zeroed first).
 /// `micro` holds all the global batch's micro-batches, the same list on every rank; this
 /// rank runs its contiguous share, each micro-batch's loss scaled by the whole batch's
-/// count of trained tokens, and the shares are summed over the ranks of `dist` as one
-/// fused buffer. One process (`Single`) running every micro-batch gets the same
-/// gradient up to the order of the additions. `prepare(i, decoder)` sets micro-batch
+/// count of trained tokens, and the shares are summed over the ranks of `dist`: each
+/// layer's gradients as one bucket, started as soon as this rank's last micro-batch's
+/// backward has finished that layer (so the sums overlap the backward of the layers
+/// below, where the collective can), then the rest. One process (`Single`) running
+/// every micro-batch gets the same gradient up to the order of the additions. `prepare(i, decoder)` sets micro-batch
 /// `i`'s LoRA dropout (keyed by its place in the global batch, so it does not depend on
 /// the ranks) and activation recompute.
 pub fn global_batch_gradients<O: Ops, P: Trainable<O::Tensor>>(
@@ -180,12 +182,32 @@ pub fn global_batch_gradients<O: Ops, P: Trainable<O::Tensor>>(
     let mut host = [0.0f64, 0.0]; // loss sum, tokens
     let copy = params.compute_copy(ops)?;
     let params = copy.as_ref().unwrap_or(params);
-    for i in shard(micro.len(), dist.rank(), dist.world_size()) {
+    // Every rank starts the layers' buckets in the same order (the backward's, last
+    // layer first); a rank whose share is empty starts them after its loop.
+    let n_layers = grads.as_grads().n_layers();
+    let started = std::cell::Cell::new(0usize);
+    let start = |l: usize, g: &Grads<'_, O::Tensor>| -> Result<()> {
+        ensure!(l + 1 + started.get() == n_layers, "gradient buckets out of order: layer {l}");
+        dist.start_bucket(ops, &g.layer(l))?;
+        started.set(started.get() + 1);
+        Ok(())
+    };
+    let mine = shard(micro.len(), dist.rank(), dist.world_size());
+    for i in mine.clone() {
         let mut dec = params.decoder(ops, frozen);
         prepare(i, &mut dec);
+        if i + 1 == mine.end {
+            dec.layer_done = Some(&start);
+        }
         let r = train_step(&dec, &micro[i], grads.as_grads(), Some(denom), None)?;
         host[0] += r.loss_sum;
         host[1] += micro[i].ids.len() as f64;
+    }
+    {
+        let g = grads.as_grads();
+        for l in (0..n_layers - started.get()).rev() {
+            start(l, &g)?;
+        }
     }
     let mut tensors = grads.tensors_mut();
     let reduced_values =

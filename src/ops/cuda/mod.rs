@@ -23,8 +23,9 @@
 //! bf16 -> f32 GEMM, the bias epilogue) is unverified, and so are the bf16 mode's
 //! tolerances.
 //!
-//! Synchronisation: one stream, no per-buffer events; the host waits only where it reads
-//! results back (download, loss, norms, the embedding's error flag).
+//! Synchronisation: one compute stream, no per-buffer events (data parallelism's NCCL
+//! stream orders itself against it with explicit events, `dist::nccl`); the host waits
+//! only where it reads results back (download, loss, norms, the embedding's error flag).
 
 mod blaslt;
 pub mod runtime;

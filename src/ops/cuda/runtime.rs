@@ -68,8 +68,9 @@ impl Runtime {
         );
         let ctx = CudaContext::new(ordinal).with_context(|| format!("cannot open CUDA device {ordinal}"))?;
         keep_freed_memory(&ctx)?;
-        // One stream, synchronised by hand: no per-buffer events.
-        // SAFETY: called before any buffer exists, and all work goes to one stream.
+        // One compute stream, synchronised by hand: no per-buffer events. (NCCL's
+        // all-reduces run on a stream of their own, ordered with explicit events.)
+        // SAFETY: called before any buffer exists; the only other stream orders itself.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         // cuModuleLoadData wants the image aligned; a Vec<u8> of this size is (malloc

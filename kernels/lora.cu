@@ -18,6 +18,14 @@
 //   x[i, in + j] = scale · xa[i, j]   (xa [n, r], dense)
 //   w[o, in + j] = b[o, j]            (b [out, r], dense)
 // every element rounded once to the tensor's type. Launch: 1-D, any grid.
+//
+// The backward folds the same way on the other side. With dy [n, out] in rows of
+// ldy >= out + r and r more rows after W's out holding A,
+//     [dy | dxa] · [W ; A] = dy·W + dxa·A     (dxa = scale·dy·B, [n, r])
+// is the input gradient in one GEMM over K = out + r, without a second pass over dx.
+// lora_rows fills them:
+//   dy[i, out + j] = dxa[i, j]        (dxa dense)
+//   w[out + j, c]  = a[j, c]          (a [r, in], dense; W's rows ldw apart)
 
 #include "common.cuh"
 
@@ -62,6 +70,20 @@ __device__ void dropout_bwd_acc(T* dx, const T* g, size_t n, float p, unsigned l
     }
 }
 
+template <typename T>
+__device__ void rows(T* dy, int ldy, int out, const T* dxa, int n, int r, T* w, int ldw, const T* a, int in) {
+    const size_t ny = (size_t)n * r, total = ny + (size_t)r * in;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        if (i < ny) {
+            dy[i / r * ldy + out + i % r] = dxa[i];
+        } else {
+            const size_t j = i - ny;
+            w[(out + j / in) * ldw + j % in] = a[j];
+        }
+    }
+}
+
 }  // namespace tl_lora
 
 extern "C" __global__ void lora_dropout_fwd_f32(float* out, const float* x, size_t n, int in, int ldx, float p,
@@ -75,6 +97,14 @@ extern "C" __global__ void lora_dropout_fwd_bf16(__nv_bfloat16* out, const __nv_
 extern "C" __global__ void lora_tails_f32(float* x, int ldx, int in, const float* xa, int n, int r, float scale,
                                           float* w, int ldw, const float* b, int out) {
     tl_lora::tails(x, ldx, in, xa, n, r, scale, w, ldw, b, out);
+}
+extern "C" __global__ void lora_rows_f32(float* dy, int ldy, int out, const float* dxa, int n, int r, float* w,
+                                         int ldw, const float* a, int in) {
+    tl_lora::rows(dy, ldy, out, dxa, n, r, w, ldw, a, in);
+}
+extern "C" __global__ void lora_rows_bf16(__nv_bfloat16* dy, int ldy, int out, const __nv_bfloat16* dxa, int n,
+                                          int r, __nv_bfloat16* w, int ldw, const __nv_bfloat16* a, int in) {
+    tl_lora::rows(dy, ldy, out, dxa, n, r, w, ldw, a, in);
 }
 extern "C" __global__ void lora_tails_bf16(__nv_bfloat16* x, int ldx, int in, const __nv_bfloat16* xa, int n,
                                            int r, float scale, __nv_bfloat16* w, int ldw, const __nv_bfloat16* b,

@@ -16,9 +16,9 @@
 //
 // Layout: x, y, dy, dx are [rows, d] row-major; w is [d]; rstd is [rows] f32, written by
 // the forward for the backward (pass nullptr in the forward when no backward follows).
-// The forward's y rows are `ldy` >= d elements apart: the columns past d are room the
-// LoRA path of the projections that read y fills (see lora_tails in lora.cu); the
-// forward leaves them alone. Outputs must not alias inputs.
+// The forward's y rows and the backward's dx rows are `ldy` / `ldx` >= d elements apart:
+// the columns past d are room the LoRA path of the projections that read them fills (see
+// lora.cu); these kernels leave it alone. Outputs must not alias inputs.
 //
 // Launch: 1-D blocks, blockDim.x a multiple of 32, at most 1024. Each block handles one
 // row at a time and strides over rows, so any grid is correct; the forward is normally
@@ -66,7 +66,7 @@ __device__ __forceinline__ void rmsnorm_bwd_impl(T* __restrict__ dx, float* __re
                                                  const T* __restrict__ dy, const T* __restrict__ x,
                                                  const T* __restrict__ w,
                                                  const float* __restrict__ rstd, int rows, int d,
-                                                 int accumulate) {
+                                                 int ldx, int accumulate) {
     float* dw_row = dw_partial == nullptr ? nullptr : dw_partial + (size_t)blockIdx.x * d;
     if (dw_row != nullptr && (int)blockIdx.x >= rows) {
         // More blocks than rows: this block's scratch row must still read as zero.
@@ -76,7 +76,7 @@ __device__ __forceinline__ void rmsnorm_bwd_impl(T* __restrict__ dx, float* __re
     for (int row = blockIdx.x; row < rows; row += gridDim.x) {
         const T* xr = x + (size_t)row * d;
         const T* dyr = dy + (size_t)row * d;
-        T* dxr = dx + (size_t)row * d;
+        T* dxr = dx + (size_t)row * ldx;
         const float r = rstd[row];
         const bool first_row = row == (int)blockIdx.x;
 
@@ -116,15 +116,15 @@ rmsnorm_fwd_bf16(__nv_bfloat16* y, float* rstd, const __nv_bfloat16* x, const __
 
 extern "C" __global__ void __launch_bounds__(1024)
 rmsnorm_bwd_f32(float* dx, float* dw_partial, const float* dy, const float* x, const float* w,
-                const float* rstd, int rows, int d, int accumulate) {
-    rmsnorm_bwd_impl(dx, dw_partial, dy, x, w, rstd, rows, d, accumulate);
+                const float* rstd, int rows, int d, int ldx, int accumulate) {
+    rmsnorm_bwd_impl(dx, dw_partial, dy, x, w, rstd, rows, d, ldx, accumulate);
 }
 
 extern "C" __global__ void __launch_bounds__(1024)
 rmsnorm_bwd_bf16(__nv_bfloat16* dx, float* dw_partial, const __nv_bfloat16* dy,
                  const __nv_bfloat16* x, const __nv_bfloat16* w, const float* rstd, int rows,
-                 int d, int accumulate) {
-    rmsnorm_bwd_impl(dx, dw_partial, dy, x, w, rstd, rows, d, accumulate);
+                 int d, int ldx, int accumulate) {
+    rmsnorm_bwd_impl(dx, dw_partial, dy, x, w, rstd, rows, d, ldx, accumulate);
 }
 
 // dw[c] += sum over b < num_partials of dw_partial[b, c]   (both f32; dw_partial [num_partials, d])

@@ -79,6 +79,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "lora_dropout_bwd_acc_bf16",
     "lora_tails_f32",
     "lora_tails_bf16",
+    "lora_rows_f32",
+    "lora_rows_bf16",
     // kernels/rmsnorm.cu
     "rmsnorm_fwd_f32",
     "rmsnorm_fwd_bf16",

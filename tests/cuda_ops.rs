@@ -262,8 +262,8 @@ fn pointwise_ops(dtype: DType) {
         );
         let (dc, dg) = p.both(&[n, d], 1.0);
         poison_pool(&p);
-        let (a, b) = p.cpu.swiglu_bwd(&dc, &gc, &uc).unwrap();
-        let (x, y) = p.gpu.swiglu_bwd(&dg, &gg, &ug).unwrap();
+        let (a, b) = p.cpu.swiglu_bwd(&dc, &gc, &uc, 0).unwrap();
+        let (x, y) = p.gpu.swiglu_bwd(&dg, &gg, &ug, 0).unwrap();
         close("swiglu_bwd dgate", &p.down(&x), &a.data, tol);
         close("swiglu_bwd dup", &p.down(&y), &b.data, tol);
 
@@ -288,21 +288,24 @@ fn pointwise_ops(dtype: DType) {
         };
         poison_pool(&p);
         if p.bf16() {
-            refused_in_bf16("rmsnorm_bwd dw", p.gpu.rmsnorm_bwd(&dyg, &xg, &wg, &rg, Some(&mut dwg), None));
-            let dxc = p.cpu.rmsnorm_bwd(&dyc, &xc, &wc, &rc, None, None).unwrap();
-            let dxg = p.gpu.rmsnorm_bwd(&dyg, &xg, &wg, &rg, None, None).unwrap();
+            refused_in_bf16(
+                "rmsnorm_bwd dw",
+                p.gpu.rmsnorm_bwd(&dyg, &xg, &wg, &rg, Some(&mut dwg), None, 0),
+            );
+            let dxc = p.cpu.rmsnorm_bwd(&dyc, &xc, &wc, &rc, None, None, 0).unwrap();
+            let dxg = p.gpu.rmsnorm_bwd(&dyg, &xg, &wg, &rg, None, None, 0).unwrap();
             close_dx(&p.down(&dxg), &dxc.data, tol);
         } else {
-            let dxc = p.cpu.rmsnorm_bwd(&dyc, &xc, &wc, &rc, Some(&mut dwc), None).unwrap();
-            let dxg = p.gpu.rmsnorm_bwd(&dyg, &xg, &wg, &rg, Some(&mut dwg), None).unwrap();
+            let dxc = p.cpu.rmsnorm_bwd(&dyc, &xc, &wc, &rc, Some(&mut dwc), None, 0).unwrap();
+            let dxg = p.gpu.rmsnorm_bwd(&dyg, &xg, &wg, &rg, Some(&mut dwg), None, 0).unwrap();
             close_dx(&p.down(&dxg), &dxc.data, TOL);
             close("rmsnorm_bwd dw", &p.down(&dwg), &dwc.data, TOL);
         }
         // with the residual stream's gradient added in the same pass
         let (resc, resg) = p.both(&[n, d], 1.0);
         poison_pool(&p);
-        let dxc = p.cpu.rmsnorm_bwd(&dyc, &xc, &wc, &rc, None, Some(resc)).unwrap();
-        let dxg = p.gpu.rmsnorm_bwd(&dyg, &xg, &wg, &rg, None, Some(resg)).unwrap();
+        let dxc = p.cpu.rmsnorm_bwd(&dyc, &xc, &wc, &rc, None, Some(resc), 0).unwrap();
+        let dxg = p.gpu.rmsnorm_bwd(&dyg, &xg, &wg, &rg, None, Some(resg), 0).unwrap();
         close_dx(&p.down(&dxg), &dxc.data, tol);
 
         // rows: moved, never rounded
@@ -614,6 +617,67 @@ fn lora_in_the_frozen_product(dtype: DType) {
         );
         close("linear_bwd dA, input with room", &p.down(&dag), &dac.data, tol);
         close("linear_bwd dB", &p.down(&dbg), &dbc.data, tol);
+
+        // output gradients with room, as SwiGLU's backward (gate/up) and RMSNorm's (the
+        // residual stream: o/down) give them: the input gradient folded into one product
+        // (with dropout: the separate path, as before)
+        let (ghc, ghg) = p.both(&[n, out], 4.0);
+        let (uhc, uhg) = p.both(&[n, out], 2.0);
+        let (dhc, dhg) = p.both(&[n, out], 1.0);
+        let (xoc, xog) = p.both(&[n, out], 3.0);
+        let (owc, owg) = p.both(&[out], 1.0);
+        let (ostd_c, ostd_g) = (
+            p.cpu.rmsnorm_fwd(&xoc, &owc, 1e-6, 0).unwrap().1,
+            p.gpu.rmsnorm_fwd(&xog, &owg, 1e-6, 0).unwrap().1,
+        );
+        poison_pool(&p);
+        let (dgc, _) = p.cpu.swiglu_bwd(&dhc, &ghc, &uhc, r).unwrap();
+        let (dgg, _) = p.gpu.swiglu_bwd(&dhg, &ghg, &uhg, r).unwrap();
+        assert!(dgg.tail >= r, "swiglu_bwd room {} for rank {r}", dgg.tail);
+        close("swiglu_bwd dgate with room", &p.down(&dgg), &dgc.data, tol);
+        let dnc = p.cpu.rmsnorm_bwd(&dhc, &xoc, &owc, &ostd_c, None, None, r).unwrap();
+        let dng = p.gpu.rmsnorm_bwd(&dhg, &xog, &owg, &ostd_g, None, None, r).unwrap();
+        assert!(dng.tail >= r, "rmsnorm_bwd room {} for rank {r}", dng.tail);
+        close("rmsnorm_bwd dx with room", &p.down(&dng), &dnc.data, tol);
+        // the residual stream's gradient keeps its room when the next norm adds into it
+        let dnc = p.cpu.rmsnorm_bwd(&dhc, &xoc, &owc, &ostd_c, None, Some(dnc), 0).unwrap();
+        let dng = p.gpu.rmsnorm_bwd(&dhg, &xog, &owg, &ostd_g, None, Some(dng), 0).unwrap();
+        assert!(dng.tail >= r);
+        close("rmsnorm_bwd dx added into one with room", &p.down(&dng), &dnc.data, tol);
+        for (what, dyg) in [("swiglu_bwd's", &dgg), ("rmsnorm_bwd's", &dng)] {
+            let dyc = p.cpu.upload(&p.down(dyg), &[n, out]).unwrap();
+            let (mut dac, mut dag) = p.both_f32(&[r, inp], 1.0);
+            let (mut dbc, mut dbg) = p.both_f32(&[out, r], 1.0);
+            for add in [false, true] {
+                let (accc, accg) = p.both(&[n, inp], 1.0);
+                let (to_c, to_g) = if add {
+                    (InputGrad::AddTo(accc), InputGrad::AddTo(accg))
+                } else {
+                    (InputGrad::New, InputGrad::New)
+                };
+                poison_pool(&p);
+                let gc = Some(LoraGradRef { da: &mut dac, db: &mut dbc });
+                let want = p
+                    .cpu
+                    .linear_bwd(&dyc, &yc, &wc, Some(lc()), xac.as_ref(), gc, None, to_c)
+                    .unwrap()
+                    .unwrap();
+                let gg = Some(LoraGradRef { da: &mut dag, db: &mut dbg });
+                let got = p
+                    .gpu
+                    .linear_bwd(dyg, &yg, &wg, Some(lg()), xag.as_ref(), gg, None, to_g)
+                    .unwrap()
+                    .unwrap();
+                close(
+                    &format!("folded linear_bwd dx on {what} output (added {add})"),
+                    &p.down(&got),
+                    &want.data,
+                    tol,
+                );
+                close(&format!("linear_bwd dA on {what} output"), &p.down(&dag), &dac.data, tol);
+                close(&format!("linear_bwd dB on {what} output"), &p.down(&dbg), &dbc.data, tol);
+            }
+        }
 
         // down_proj's input: SwiGLU's output with room
         let (gc, gg) = p.both(&[n, inp], 4.0);

@@ -161,7 +161,7 @@ pub fn run_kernels<O: Ops>(ops: &O, opts: &BenchOptions) -> Result<KernelReport>
     let s = mean_time(ops, reps, || ops.swiglu_fwd(&gate, &up, 0).map(drop))?;
     record("swiglu_fwd", format!("[{t}, {ff}]"), s, 0.0, 3.0 * tf * ff as f64 * elem);
     let dh = act(&[t, ff], &random(t * ff, 1.0))?;
-    let s = mean_time(ops, reps, || ops.swiglu_bwd(&dh, &gate, &up).map(drop))?;
+    let s = mean_time(ops, reps, || ops.swiglu_bwd(&dh, &gate, &up, 0).map(drop))?;
     record("swiglu_bwd", format!("[{t}, {ff}]"), s, 0.0, 5.0 * tf * ff as f64 * elem);
     drop((gate, up, dh));
     let rows = t.min(1024);

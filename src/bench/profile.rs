@@ -212,8 +212,9 @@ impl<O: Ops> Ops for Profiled<'_, O> {
         rstd: &Self::Tensor,
         dw: Option<&mut Self::Tensor>,
         residual: Option<Self::Tensor>,
+        tail: usize,
     ) -> Result<Self::Tensor> {
-        self.run("rmsnorm_bwd", || self.inner.rmsnorm_bwd(dy, x, w, rstd, dw, residual))
+        self.run("rmsnorm_bwd", || self.inner.rmsnorm_bwd(dy, x, w, rstd, dw, residual, tail))
     }
 
     fn linear_fwd(
@@ -316,8 +317,9 @@ impl<O: Ops> Ops for Profiled<'_, O> {
         dh: &Self::Tensor,
         gate: &Self::Tensor,
         up: &Self::Tensor,
+        tail: usize,
     ) -> Result<(Self::Tensor, Self::Tensor)> {
-        self.run("swiglu_bwd", || self.inner.swiglu_bwd(dh, gate, up))
+        self.run("swiglu_bwd", || self.inner.swiglu_bwd(dh, gate, up, tail))
     }
 
     fn cross_entropy(

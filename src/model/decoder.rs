@@ -436,10 +436,20 @@ impl<'a, O: Ops> Decoder<'a, O> {
         self.check_grads(&grads)?;
         let full = grads.model.is_some();
         let dw = grads.model.as_deref_mut().map(|g| &mut g.norm);
-        // the gradient of the current layer's output; None once a LoRA run's first layer
-        // has no input gradient to give
-        let mut dx =
-            Some(ops.rmsnorm_bwd(dnorm, &state.x_out, &self.model.norm, &state.final_rstd, dw, None)?);
+        // the gradient of the current layer's output, one buffer down the residual stream
+        // (with room for the LoRA paths of o_proj and down_proj, which read it); None once
+        // a LoRA run's first layer has no input gradient to give
+        let tail = (0..c.num_hidden_layers).map(|l| self.lora_rank(l, &[Proj::O, Proj::Down])).max();
+        let tail = tail.unwrap_or(0);
+        let mut dx = Some(ops.rmsnorm_bwd(
+            dnorm,
+            &state.x_out,
+            &self.model.norm,
+            &state.final_rstd,
+            dw,
+            None,
+            tail,
+        )?);
         for l in (0..c.num_hidden_layers).rev() {
             let dx_out = dx.take().context("backward past a layer that gave no input gradient")?;
             let _span = tracing::trace_span!("layer_bwd", l).entered();
@@ -462,7 +472,8 @@ impl<'a, O: Ops> Decoder<'a, O> {
                 let act = kept_or(&a.act, &mut slot, || ops.swiglu_fwd(&a.gate, &a.up, 0))?;
                 need(self.linear_bwd(l, Proj::Down, &dx_out, act, a, &mut grads, InputGrad::New)?)?
             };
-            let (dgate, dup) = ops.swiglu_bwd(&dact, &a.gate, &a.up)?;
+            let (dgate, dup) =
+                ops.swiglu_bwd(&dact, &a.gate, &a.up, self.lora_rank(l, &[Proj::Gate, Proj::Up]))?;
             drop(dact);
             let dn2 = {
                 let mut slot = None;
@@ -477,7 +488,7 @@ impl<'a, O: Ops> Decoder<'a, O> {
             let dw = grads.model.as_deref_mut().map(|g| &mut g.layers[l].post_attention_layernorm);
             // dh = dx_out (the residual stream's) + the norm's, in one pass
             let dh =
-                ops.rmsnorm_bwd(&dn2, &a.h, &layer.post_attention_layernorm, &a.rstd2, dw, Some(dx_out))?;
+                ops.rmsnorm_bwd(&dn2, &a.h, &layer.post_attention_layernorm, &a.rstd2, dw, Some(dx_out), 0)?;
             // attention: h = x + o(attn(q, k, v))
             let dattn = need(self.linear_bwd(l, Proj::O, &dh, &a.attn, a, &mut grads, InputGrad::New)?)?;
             let (mut dq, mut dk, dv) =
@@ -502,7 +513,15 @@ impl<'a, O: Ops> Decoder<'a, O> {
                 let dn1 = need(dn1)?;
                 let dw = grads.model.as_deref_mut().map(|g| &mut g.layers[l].input_layernorm);
                 // dx = dh (the residual stream's) + the norm's, in one pass
-                dx = Some(ops.rmsnorm_bwd(&dn1, &a.x_in, &layer.input_layernorm, &a.rstd1, dw, Some(dh))?);
+                dx = Some(ops.rmsnorm_bwd(
+                    &dn1,
+                    &a.x_in,
+                    &layer.input_layernorm,
+                    &a.rstd1,
+                    dw,
+                    Some(dh),
+                    0,
+                )?);
             }
             if let Some(done) = self.layer_done {
                 done(l, &grads)?;

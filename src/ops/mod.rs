@@ -253,7 +253,10 @@ pub trait Ops {
     ) -> Result<(Self::Tensor, Self::Tensor)>;
     /// Returns `dx`, or `residual + dx` with `residual` (the gradient that reaches `x`
     /// along the residual stream, added in the same pass); accumulates the weight
-    /// gradient into `dw` when given.
+    /// gradient into `dw` when given. `tail`: as [`Ops::rmsnorm_fwd`]'s, for the
+    /// projections whose backward reads dx (a new dx only: with `residual`, dx is that
+    /// tensor, room and all).
+    #[allow(clippy::too_many_arguments)]
     fn rmsnorm_bwd(
         &self,
         dy: &Self::Tensor,
@@ -262,6 +265,7 @@ pub trait Ops {
         rstd: &Self::Tensor,
         dw: Option<&mut Self::Tensor>,
         residual: Option<Self::Tensor>,
+        tail: usize,
     ) -> Result<Self::Tensor>;
 
     // ---- linear with the LoRA path ----
@@ -353,12 +357,14 @@ pub trait Ops {
     // ---- SwiGLU: h = silu(gate) · up ----
     /// `tail`: down_proj's LoRA rank, as [`Ops::rmsnorm_fwd`]'s.
     fn swiglu_fwd(&self, gate: &Self::Tensor, up: &Self::Tensor, tail: usize) -> Result<Self::Tensor>;
-    /// Returns `(dgate, dup)`.
+    /// Returns `(dgate, dup)`. `tail`: gate_proj's and up_proj's LoRA rank, as
+    /// [`Ops::rmsnorm_fwd`]'s, for their backward.
     fn swiglu_bwd(
         &self,
         dh: &Self::Tensor,
         gate: &Self::Tensor,
         up: &Self::Tensor,
+        tail: usize,
     ) -> Result<(Self::Tensor, Self::Tensor)>;
 
     // ---- loss ----

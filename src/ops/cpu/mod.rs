@@ -187,6 +187,7 @@ impl Ops for CpuOps {
         rstd: &CpuTensor,
         dw: Option<&mut CpuTensor>,
         residual: Option<CpuTensor>,
+        _tail: usize,
     ) -> Result<CpuTensor> {
         same_shape(dy, x, "rmsnorm_bwd")?;
         let (_, d) = x.rows_cols();
@@ -368,7 +369,13 @@ impl Ops for CpuOps {
         Ok(CpuTensor::new(pointwise::swiglu_fwd(&gate.data, &up.data), &gate.shape))
     }
 
-    fn swiglu_bwd(&self, dh: &CpuTensor, gate: &CpuTensor, up: &CpuTensor) -> Result<(CpuTensor, CpuTensor)> {
+    fn swiglu_bwd(
+        &self,
+        dh: &CpuTensor,
+        gate: &CpuTensor,
+        up: &CpuTensor,
+        _tail: usize,
+    ) -> Result<(CpuTensor, CpuTensor)> {
         same_shape(dh, gate, "swiglu_bwd")?;
         let (dg, du) = pointwise::swiglu_bwd(&dh.data, &gate.data, &up.data);
         Ok((CpuTensor::new(dg, &gate.shape), CpuTensor::new(du, &up.shape)))

@@ -162,7 +162,7 @@ impl CudaOps {
     /// writes a tensor as `numel` consecutive elements. A tensor with room after its rows
     /// reaches those only as a dense copy ([`CudaOps::dense`]); this asserts it.
     fn ptr(&self, t: &CudaTensor) -> u64 {
-        assert!(t.tail == 0, "a tensor with room after its rows ({:?} + {}) read as dense", t.shape, t.tail);
+        assert!(t.is_dense(), "a tensor with room ({:?} + {} columns) read as dense", t.shape, t.tail);
         self.base_ptr(t)
     }
 
@@ -176,7 +176,7 @@ impl CudaOps {
 
     /// `t` without room after its rows: itself, or a dense copy.
     fn dense<'a>(&self, t: &'a CudaTensor) -> Result<Operand<'a>> {
-        if t.tail == 0 {
+        if t.is_dense() {
             return Ok(Operand::Borrowed(t));
         }
         let (rows, cols) = t.rows_cols();
@@ -315,11 +315,12 @@ impl CudaOps {
         ensure!(c.numel() == m * n, "{}", what());
         // the stored [rows, cols] of each operand and the row stride it is read with
         let ld = |t: &CudaTensor, (rows, cols): (usize, usize)| -> Result<usize> {
-            if t.tail == 0 {
+            if t.is_dense() {
                 ensure!(t.numel() == rows * cols, "{}", what());
                 Ok(cols)
             } else {
-                ensure!(t.rows_cols().0 == rows && cols <= t.ld(), "{} (rows {} apart)", what(), t.ld());
+                let fits = rows <= t.rows_cols().0 + t.extra_rows && cols <= t.ld();
+                ensure!(fits, "{} (rows {} apart, {} more rows)", what(), t.ld(), t.extra_rows);
                 Ok(t.ld())
             }
         };
@@ -569,7 +570,7 @@ impl Ops for CudaOps {
                 h.into_iter().map(half::bf16::to_f32).collect()
             }
         };
-        if t.tail > 0 {
+        if !t.is_dense() {
             let (ld, cols) = (t.ld(), t.rows_cols().1);
             return Ok(v.chunks(ld).take(t.rows_cols().0).flat_map(|row| &row[..cols]).copied().collect());
         }
@@ -716,13 +717,14 @@ impl Ops for CudaOps {
             ensure!((id as usize) < v, "token id {id} is outside the vocabulary (size {v})");
         }
         let err = self.rt.stream.alloc_zeros::<i32>(1).context("CUDA allocation")?;
+        let dy = self.act(dy)?;
         self.rt.launch(
             "embedding_bwd_f32",
             grid_1d(n * d),
             args![
                 self.ptr(dtable),
                 self.rt.ptr(&err),
-                self.ptr(dy),
+                self.ptr(&dy),
                 self.rt.ptr(&ids.buf),
                 int(n, "tokens")?,
                 int(d, "width")?,
@@ -778,6 +780,7 @@ impl Ops for CudaOps {
         rstd: &CudaTensor,
         dw: Option<&mut CudaTensor>,
         residual: Option<CudaTensor>,
+        tail: usize,
     ) -> Result<CudaTensor> {
         let _range = crate::profiling::range(c"rmsnorm_bwd");
         same_shape(dy, x, "rmsnorm_bwd")?;
@@ -796,7 +799,7 @@ impl Ops for CudaOps {
                 self.check_accumulator(&r, &x, "rmsnorm_bwd residual")?;
                 r
             }
-            None => self.alloc(&x.shape)?,
+            None => self.alloc_with_tail(&x.shape, room(tail), self.dtype)?,
         };
         if n == 0 {
             return Ok(dx);
@@ -821,7 +824,7 @@ impl Ops for CudaOps {
             &self.kernel("rmsnorm_bwd"),
             cfg,
             args![
-                self.ptr(&dx),
+                self.base_ptr(&dx),
                 partial_ptr,
                 self.ptr(&dy),
                 self.ptr(&x),
@@ -829,6 +832,7 @@ impl Ops for CudaOps {
                 self.ptr(&rstd),
                 int(n, "rows")?,
                 int(d, "width")?,
+                int(dx.ld(), "row stride")?,
                 accumulate as i32
             ],
         )?;
@@ -970,7 +974,10 @@ impl Ops for CudaOps {
 
     /// In the bf16 mode: dx in bf16; the LoRA gradients (f32) accumulate bf16 products
     /// in f32 (`dB += scale·dyᵀ·xa`, `dA += dxaᵀ·drop(x)` with `dxa = scale·dy·B` in
-    /// bf16). Weight gradients (full fine-tuning) are refused there.
+    /// bf16). Weight gradients (full fine-tuning) are refused there. When dy has room for
+    /// r more columns (from `rmsnorm_bwd`/`swiglu_bwd` with a tail) and W r more rows
+    /// (`reserve_lora_tail`), and there is no LoRA dropout, the input gradient is one GEMM
+    /// over K = out + r: `[dy | dxa]·[W ; A]` (kernels/lora.cu), dx written once.
     fn linear_bwd(
         &self,
         dy: &CudaTensor,
@@ -991,9 +998,9 @@ impl Ops for CudaOps {
             weight_grads.is_none() || self.dtype == DType::F32,
             "linear_bwd weight gradient: {NO_FULL_BF16}"
         );
-        let (dy, x) = (self.act(dy)?, self.act_ld(x)?);
+        let (dy, x, w) = (self.act_ld(dy)?, self.act_ld(x)?, self.act_ld(w)?);
         if let Some(g) = weight_grads {
-            same_shape(g.dw, w, "linear_bwd weight gradient")?;
+            same_shape(g.dw, &w, "linear_bwd weight gradient")?;
             // dW += dyᵀ·x  [out, in]
             self.gemm(g.dw, &dy, true, &x, false, (out, inp, n), 1.0, 1.0)?;
             if let Some(db) = g.db {
@@ -1006,23 +1013,13 @@ impl Ops for CudaOps {
                 self.rt.launch(
                     "col_sum_acc_f32",
                     cfg,
-                    args![self.ptr(db), self.ptr(&dy), int(n, "rows")?, int(out, "width")?],
+                    args![self.ptr(db), self.ptr(&*self.dense(&dy)?), int(n, "rows")?, int(out, "width")?],
                 )?;
             }
         }
-        let dx = match dx_to {
-            InputGrad::Skip => None,
-            InputGrad::New => {
-                let dx = self.alloc(&x.shape)?;
-                self.gemm(&dx, &dy, false, &*self.act_ld(w)?, false, (n, inp, out), 1.0, 0.0)?;
-                Some(dx)
-            }
-            InputGrad::AddTo(acc) => {
-                self.check_accumulator(&acc, &x, "linear_bwd input gradient")?;
-                self.gemm(&acc, &dy, false, &*self.act_ld(w)?, false, (n, inp, out), 1.0, 1.0)?;
-                Some(acc)
-            }
-        };
+        // The LoRA path: dxa = scale·dy·B and the adapter's gradients; the input
+        // gradient's share `dxa·A` is left for below (`low_rank`: dxa, A, the dropout).
+        let mut low_rank = None;
         if let Some(l) = lora {
             let Some(xa) = xa else { bail!("linear_bwd: LoRA path without its saved x·Aᵀ") };
             let r = l.rank(|t| &t.shape, inp, out)?;
@@ -1040,23 +1037,98 @@ impl Ops for CudaOps {
                 let xd = dropped.as_ref().unwrap_or(&x);
                 self.gemm(g.da, &dxa, true, xd, false, (r, inp, n), 1.0, 1.0)?;
             }
-            if let Some(dx) = dx.as_ref() {
-                match l.dropout {
-                    None => self.gemm(dx, &dxa, false, &a, false, (n, inp, r), 1.0, 1.0)?,
-                    Some(d) => {
+            low_rank = Some((dxa, a, l.dropout));
+        }
+        let (dx, beta) = match dx_to {
+            InputGrad::Skip => return Ok(None),
+            InputGrad::New => (self.alloc(&x.shape)?, 0.0),
+            InputGrad::AddTo(acc) => {
+                self.check_accumulator(&acc, &x, "linear_bwd input gradient")?;
+                (acc, 1.0)
+            }
+        };
+        let mut blas = self.blas();
+        match low_rank {
+            Some((dxa, a, None)) if out > 0 && dy.tail >= a.shape[0] && w.extra_rows >= a.shape[0] => {
+                // [dy | dxa]·[W ; A]: dxa into dy's room and A into W's extra rows first
+                let r = a.shape[0];
+                self.rt.launch(
+                    &self.kernel("lora_rows"),
+                    grid_1d((n + inp) * r),
+                    args![
+                        self.base_ptr(&dy),
+                        int(dy.ld(), "row stride")?,
+                        int(out, "outputs")?,
+                        self.ptr(&dxa),
+                        int(n, "rows")?,
+                        int(r, "rank")?,
+                        self.base_ptr(&w),
+                        int(w.ld(), "row stride")?,
+                        self.ptr(&a),
+                        int(inp, "width")?
+                    ],
+                )?;
+                self.gemm_in(
+                    &mut blas,
+                    &dx,
+                    None,
+                    &dy,
+                    false,
+                    &w,
+                    false,
+                    (n, inp, out + r),
+                    1.0,
+                    beta,
+                    None,
+                )?;
+            }
+            low_rank => {
+                self.gemm_in(&mut blas, &dx, None, &dy, false, &w, false, (n, inp, out), 1.0, beta, None)?;
+                match low_rank {
+                    None => {}
+                    Some((dxa, a, None)) => {
+                        let r = a.shape[0];
+                        self.gemm_in(
+                            &mut blas,
+                            &dx,
+                            None,
+                            &dxa,
+                            false,
+                            &a,
+                            false,
+                            (n, inp, r),
+                            1.0,
+                            1.0,
+                            None,
+                        )?
+                    }
+                    Some((dxa, a, Some(d))) => {
+                        let r = a.shape[0];
                         let dxd = self.alloc(&x.shape)?;
-                        self.gemm(&dxd, &dxa, false, &a, false, (n, inp, r), 1.0, 0.0)?;
+                        self.gemm_in(
+                            &mut blas,
+                            &dxd,
+                            None,
+                            &dxa,
+                            false,
+                            &a,
+                            false,
+                            (n, inp, r),
+                            1.0,
+                            0.0,
+                            None,
+                        )?;
                         let len = dx.numel();
                         self.rt.launch(
                             &self.kernel("lora_dropout_bwd_acc"),
                             grid_1d(len),
-                            args![self.ptr(dx), self.ptr(&dxd), len as u64, d.p, d.seed],
+                            args![self.ptr(&dx), self.ptr(&dxd), len as u64, d.p, d.seed],
                         )?;
                     }
                 }
             }
         }
-        Ok(dx)
+        Ok(Some(dx))
     }
 
     fn rope_fwd(
@@ -1251,23 +1323,35 @@ impl Ops for CudaOps {
         Ok(h)
     }
 
+    /// `tail`: dgate's and dup's rows get room for their projections' LoRA paths.
     fn swiglu_bwd(
         &self,
         dh: &CudaTensor,
         gate: &CudaTensor,
         up: &CudaTensor,
+        tail: usize,
     ) -> Result<(CudaTensor, CudaTensor)> {
         let _range = crate::profiling::range(c"swiglu_bwd");
         same_shape(dh, gate, "swiglu_bwd")?;
         same_shape(up, gate, "swiglu_bwd")?;
         let (dh, gate, up) = (self.act(dh)?, self.act(gate)?, self.act(up)?);
         let n = gate.numel();
-        let dg = self.alloc(&gate.shape)?;
-        let du = self.alloc(&up.shape)?;
+        let dg = self.alloc_with_tail(&gate.shape, room(tail), self.dtype)?;
+        let du = self.alloc_with_tail(&up.shape, room(tail), self.dtype)?;
+        let width = dg.rows_cols().1.max(1);
         self.rt.launch(
             &self.kernel("swiglu_bwd"),
             grid_1d(n),
-            args![self.ptr(&dg), self.ptr(&du), self.ptr(&dh), self.ptr(&gate), self.ptr(&up), n as u64],
+            args![
+                self.base_ptr(&dg),
+                self.base_ptr(&du),
+                self.ptr(&dh),
+                self.ptr(&gate),
+                self.ptr(&up),
+                n as u64,
+                int(width, "width")?,
+                int(dg.ld().max(1), "row stride")?
+            ],
         )?;
         Ok((dg, du))
     }
@@ -1444,16 +1528,18 @@ impl Ops for CudaOps {
         Some(total.saturating_sub(free) as u64)
     }
 
-    /// W in rows of `in + room(r)` (the room zeroed), when it is in the activation type.
+    /// W in rows of `in + room(r)` and with `room(r)` more rows (all the room zeroed),
+    /// when it is in the activation type: B goes after the rows for the forward's fold, A
+    /// after the last row for the backward's.
     fn reserve_lora_tail(&self, w: &mut CudaTensor, r: usize) -> Result<()> {
-        if w.tail >= r || w.dtype() != self.dtype || w.shape.len() != 2 {
+        if (w.tail >= r && w.extra_rows >= r) || w.dtype() != self.dtype || w.shape.len() != 2 {
             return Ok(());
         }
         let (rows, cols) = w.rows_cols();
-        let tail = room(r);
-        let mut t = self.alloc_zeros_as(&[rows, cols + tail], w.dtype())?;
-        self.copy_2d(&t, cols + tail, w, w.ld(), rows, cols)?;
-        (t.shape, t.tail) = (w.shape.clone(), tail);
+        let more = room(r).max(w.tail).max(w.extra_rows);
+        let mut t = self.alloc_zeros_as(&[rows + more, cols + more], w.dtype())?;
+        self.copy_2d(&t, cols + more, w, w.ld(), rows, cols)?;
+        (t.shape, t.tail, t.extra_rows) = (w.shape.clone(), more, more);
         *w = t;
         Ok(())
     }

@@ -81,20 +81,28 @@ pub enum CudaBuf {
 /// A row-major tensor in device memory. The buffer holds at least one element so that
 /// empty tensors need no special case in cudarc; `shape` says how many count.
 ///
-/// A tensor may have `tail` spare elements after each row (rows `cols + tail` apart): the
-/// room an input of a LoRA projection, or a frozen weight, keeps for the low-rank path
-/// folded into the frozen product (see `kernels/lora.cu`). Only the GEMMs, the dropout
-/// and `download` read such a tensor as it is; every other op gets a dense copy.
+/// A tensor may have `tail` spare elements after each row (rows `cols + tail` apart) and
+/// `extra_rows` spare rows after the last: the room an input or output gradient of a
+/// LoRA projection, or a frozen weight, keeps for the low-rank path folded into the
+/// frozen product (see `kernels/lora.cu`). Only the GEMMs, the dropout, the ops that
+/// write such tensors and `download` handle one as it is; every other op gets a dense
+/// copy.
 pub struct CudaTensor {
     pub buf: CudaBuf,
     pub shape: Vec<usize>,
     pub tail: usize,
+    pub extra_rows: usize,
 }
 
 impl CudaTensor {
     /// A dense tensor (no room after its rows).
     pub fn new(buf: CudaBuf, shape: Vec<usize>) -> Self {
-        Self { buf, shape, tail: 0 }
+        Self { buf, shape, tail: 0, extra_rows: 0 }
+    }
+
+    /// Whether the tensor is its `numel` elements end to end (no room anywhere).
+    pub fn is_dense(&self) -> bool {
+        self.tail == 0 && self.extra_rows == 0
     }
 
     /// Elements from one row's start to the next's.

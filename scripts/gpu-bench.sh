@@ -2,8 +2,9 @@
 # Runs on the GPU machine after scripts/gpu-bundle.sh, like scripts/gpu-check.sh (which
 # checks correctness first; keep the two in separate calls, each fits the 10-minute
 # limit): `tuneloop bench --kernels` (each kernel against its floor) at the 1B and 8B
-# shapes, then `tuneloop bench` on the shapes of DESIGN.md's anchor table, as markdown
-# tables into $OUT (or gpu-logs/). Copy the numbers into BENCHMARKS.md.
+# shapes, then `tuneloop bench` on the shapes of DESIGN.md's anchor table (the 1B one
+# also with `--lora-apart`, for what the LoRA fold gains), as markdown tables into $OUT
+# (or gpu-logs/). Copy the numbers into BENCHMARKS.md.
 # TUNELOOP_BENCH_QUICK=1 leaves out the 8B seq-2048 shape (scripts/gpu-all.sh).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -26,6 +27,8 @@ bench() { # log name, timeout, args...
 bench kernels-1b.log 40 --kernels --preset llama3.2-1b --seq 2048 --batch 4 --steps 5
 bench kernels-8b.log 60 --kernels --preset llama3.1-8b --seq 4096 --batch 2 --steps 3
 bench bench-1b.log 170 --preset llama3.2-1b --seq 2048 --batch 4 --warmup 2 --steps 5
+# the same without the LoRA fold: what folding the LoRA paths into the frozen GEMMs gains
+bench bench-1b-apart.log 60 --preset llama3.2-1b --seq 2048 --batch 4 --warmup 1 --steps 3 --no-profile --lora-apart
 if [[ ${TUNELOOP_BENCH_QUICK:-0} == 0 ]]; then
     bench bench-8b-2048.log 150 --preset llama3.1-8b --seq 2048 --batch 2 --warmup 1 --steps 3
 fi

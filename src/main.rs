@@ -193,6 +193,10 @@ enum Command {
         /// Pack the batch's tokens as one run of documents of random lengths up to --seq.
         #[arg(long)]
         packing: bool,
+        /// Run each LoRA path as separate products instead of folded into the frozen
+        /// one (what the fold gains, on a backend that folds: CUDA).
+        #[arg(long)]
+        lora_apart: bool,
         #[arg(long, default_value_t = 2)]
         warmup: usize,
         #[arg(long, default_value_t = 10)]
@@ -535,6 +539,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             lora_r,
             recompute,
             packing,
+            lora_apart,
             warmup,
             steps,
             no_profile,
@@ -559,6 +564,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         .context("bench: --recompute K needs K >= 1 (every K-th layer)")?,
                 },
                 packing,
+                lora_apart,
                 warmup,
                 steps,
                 profile: !no_profile,

@@ -80,6 +80,9 @@ pub struct BenchOptions {
     /// The batch's `batch × seq` tokens as one packed run of documents of random
     /// lengths up to `seq`, instead of `batch` rows of `seq`.
     pub packing: bool,
+    /// The LoRA paths as separate products instead of folded into the frozen ones
+    /// ([`Model::reserve_lora_tails`] left out), to measure what the fold gains.
+    pub lora_apart: bool,
     pub warmup: usize,
     pub steps: usize,
     /// Run one more step through [`Profiled`] for the time split per op.
@@ -99,6 +102,7 @@ impl BenchOptions {
             lora_r: 16,
             recompute: Recompute::Off,
             packing: false,
+            lora_apart: false,
             warmup: 2,
             steps: 10,
             profile: true,
@@ -186,9 +190,8 @@ impl<T> LoraStep<T> {
         batch: TokenBatch,
         seed: u64,
     ) -> Result<Self> {
-        let mut model = Model::random(ops, cfg, seed, 0.02)?;
+        let model = Model::random(ops, cfg, seed, 0.02)?;
         let adapter = Adapter::init(ops, lora, &model.cfg, seed)?;
-        model.reserve_lora_tails(ops, &adapter)?;
         let grads = adapter.zeros_like(ops, &model.cfg)?;
         let hp = AdamWParams { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
         let opt = AdamW::new(ops, &adapter, hp)?;
@@ -291,6 +294,8 @@ pub struct BenchReport {
     pub trainable_params: u64,
     /// Which layers recomputed their activations, in words ("off", "every layer", ...).
     pub recompute: String,
+    /// The LoRA paths ran as separate products (`--lora-apart`).
+    pub lora_apart: bool,
     pub warmup: usize,
     pub steps: usize,
     /// How the steps were timed.
@@ -335,6 +340,10 @@ pub fn run<O: Ops>(ops: &O, opts: &BenchOptions) -> Result<BenchReport> {
     let cfg_layers = cfg.num_hidden_layers;
     let mut st = LoraStep::new(ops, cfg, &lora, batch, opts.seed)?;
     st.recompute = opts.recompute;
+    if !opts.lora_apart {
+        // as fine-tuning runs it: the LoRA updates inside the frozen products
+        st.model.reserve_lora_tails(ops, &st.adapter)?;
+    }
     let mut device_peak = ops.memory_in_use();
     let mut sample = |m: Option<u64>| {
         if let Some(m) = m {
@@ -415,6 +424,7 @@ pub fn run<O: Ops>(ops: &O, opts: &BenchOptions) -> Result<BenchReport> {
         lora_alpha: lora.lora_alpha,
         trainable_params: st.trainable_params(ops),
         recompute: opts.recompute.describe(cfg_layers),
+        lora_apart: opts.lora_apart,
         warmup: opts.warmup,
         steps: opts.steps,
         clock: ops.clock(),
@@ -461,6 +471,9 @@ impl BenchReport {
             if self.packing { format!("packed, {} docs", self.documents) } else { "rows".into() };
         if self.recompute != "off" {
             layout.push_str(&format!(", recompute {}", self.recompute));
+        }
+        if self.lora_apart {
+            layout.push_str(", LoRA apart");
         }
         let backend = if self.backend == "cpu" {
             format!("cpu ({} threads)", self.threads)

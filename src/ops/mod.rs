@@ -298,11 +298,13 @@ pub trait Ops {
         dx_to: InputGrad<Self::Tensor>,
     ) -> Result<Option<Self::Tensor>>;
 
-    /// Gives a frozen weight `w [out, in]` room after each row for a rank-`r` LoRA path,
-    /// where the backend folds the low-rank update into the frozen product: `linear_fwd`
-    /// on an input with as much room (from [`Ops::rmsnorm_fwd`]'s or
-    /// [`Ops::swiglu_fwd`]'s `tail`) then computes `[x | s·x·Aᵀ]·[W | B]ᵀ` in one
-    /// product. W's values and every result stay the same; by default nothing happens.
+    /// Gives a frozen weight `w [out, in]` room for a rank-`r` LoRA path (r more columns
+    /// and r more rows), where the backend folds the low-rank update into the frozen
+    /// product: `linear_fwd` on an input with as much room (from [`Ops::rmsnorm_fwd`]'s
+    /// or [`Ops::swiglu_fwd`]'s `tail`) then computes `[x | s·x·Aᵀ]·[W | B]ᵀ` in one
+    /// product, and `linear_bwd` on an output gradient with room (from
+    /// [`Ops::rmsnorm_bwd`]'s or [`Ops::swiglu_bwd`]'s `tail`) `[dy | dxa]·[W ; A]`. W's
+    /// values and every result stay the same; by default nothing happens.
     fn reserve_lora_tail(&self, _w: &mut Self::Tensor, _r: usize) -> Result<()> {
         Ok(())
     }

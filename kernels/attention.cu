@@ -4,6 +4,8 @@
 //
 // Geometry (as ops::AttnShape / ops::AttnLayout):
 //   q, out, dout, dq [Nq, H * hd];  k, v, dk, dv [Nk, Hkv * hd];  lse, D [Nq, H] f32
+//   The backward's outputs dq (attn_bwd_dq*) and dk, dv (attn_bwd_dkdv*) have rows `ldg`
+//   elements apart (>= their width: room for the LoRA path of q/k/v_proj, lora.cu).
 //   spans [n_seqs, 4] int: q_start, q_len, k_start, k_len of each sequence. Query i of a
 //   span sees keys 0 ..= i + k_len - q_len (bottom-right causal alignment).
 //   softmax scale = 1 / sqrt(hd), applied to q.k as the CPU backend does.
@@ -146,7 +148,8 @@ __device__ void bwd_dot(float* D, const T* dout, const T* out, int nq, int n_hea
 
 template <typename T, int BC>
 __device__ void bwd_dq(T* dq, const T* dout, const T* q, const T* k, const T* v, const float* lse, const float* D,
-                       const int* spans, const int* tiles, int n_heads, int n_kv_heads, int hd, float scale) {
+                       const int* spans, const int* tiles, int n_heads, int n_kv_heads, int hd, float scale,
+                       int ldg) {
     TL_DYNAMIC_SHARED(float, smem);
     const int rows = blockDim.x / tl::WARP_SIZE;
     const int warp = threadIdx.x / tl::WARP_SIZE, lane = threadIdx.x % tl::WARP_SIZE;
@@ -203,14 +206,14 @@ __device__ void bwd_dq(T* dq, const T* dout, const T* q, const T* k, const T* v,
 #pragma unroll
     for (int dd = 0; dd < MAX_COLS_PER_LANE; ++dd) {
         const int c = lane + dd * tl::WARP_SIZE;
-        if (c < hd) tl::store_f32(dq + row * wq + h * hd + c, acc[dd]);
+        if (c < hd) tl::store_f32(dq + row * ldg + h * hd + c, acc[dd]);
     }
 }
 
 template <typename T, int BC>
 __device__ void bwd_dkdv(T* dk, T* dv, const T* dout, const T* q, const T* k, const T* v, const float* lse,
                          const float* D, const int* spans, const int* tiles, int n_heads, int n_kv_heads, int hd,
-                         float scale) {
+                         float scale, int ldg) {
     TL_DYNAMIC_SHARED(float, smem);
     const int rows = blockDim.x / tl::WARP_SIZE;
     const int warp = threadIdx.x / tl::WARP_SIZE, lane = threadIdx.x % tl::WARP_SIZE;
@@ -282,8 +285,8 @@ __device__ void bwd_dkdv(T* dk, T* dv, const T* dout, const T* q, const T* k, co
     for (int dd = 0; dd < MAX_COLS_PER_LANE; ++dd) {
         const int c = lane + dd * tl::WARP_SIZE;
         if (c < hd) {
-            tl::store_f32(dk + row * wk + kvh * hd + c, acc_k[dd]);
-            tl::store_f32(dv + row * wk + kvh * hd + c, acc_v[dd]);
+            tl::store_f32(dk + row * ldg + kvh * hd + c, acc_k[dd]);
+            tl::store_f32(dv + row * ldg + kvh * hd + c, acc_v[dd]);
         }
     }
 }
@@ -539,7 +542,8 @@ __device__ void fwd_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, 
 template <int HD>
 __device__ void bwd_dq_mma(__nv_bfloat16* dq, const __nv_bfloat16* dout, const __nv_bfloat16* q,
                            const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* D,
-                           const int* spans, const int* tiles, int n_heads, int n_kv_heads, float scale) {
+                           const int* spans, const int* tiles, int n_heads, int n_kv_heads, float scale,
+                           int ldg) {
     constexpr int LD = HD + 8;
     TL_DYNAMIC_SHARED(float, smem);
     __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(smem);
@@ -608,7 +612,7 @@ __device__ void bwd_dq_mma(__nv_bfloat16* dq, const __nv_bfloat16* dout, const _
 #pragma unroll
     for (int x = 0; x < 2; ++x) {
         if (row[x] >= sp.q_len) continue;
-        __nv_bfloat16* dst = dq + ((size_t)sp.q_start + row[x]) * wq + h * HD + 2 * t;
+        __nv_bfloat16* dst = dq + ((size_t)sp.q_start + row[x]) * ldg + h * HD + 2 * t;
 #pragma unroll
         for (int dn = 0; dn < HD / 8; ++dn) {
             dst[8 * dn] = __float2bfloat16_rn(acc[dn][2 * x] * scale);
@@ -625,7 +629,7 @@ template <int HD>
 __device__ void bwd_dkdv_mma(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout,
                              const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                              const float* lse, const float* D, const int* spans, const int* tiles, int n_heads,
-                             int n_kv_heads, float scale) {
+                             int n_kv_heads, float scale, int ldg) {
     constexpr int LD = HD + 8;
     TL_DYNAMIC_SHARED(float, smem);
     __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(smem);
@@ -717,7 +721,7 @@ __device__ void bwd_dkdv_mma(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bf
 #pragma unroll
     for (int x = 0; x < 2; ++x) {
         if (key[x] >= sp.k_len) continue;
-        const size_t at = ((size_t)sp.k_start + key[x]) * wk + kvh * HD + 2 * t;
+        const size_t at = ((size_t)sp.k_start + key[x]) * ldg + kvh * HD + 2 * t;
 #pragma unroll
         for (int dn = 0; dn < HD / 8; ++dn) {
             dk[at + 8 * dn] = __float2bfloat16_rn(dk_acc[dn][2 * x] * scale);
@@ -740,14 +744,14 @@ extern "C" __global__ void attn_fwd_f32_bc32(float* out, float* lse, const float
 extern "C" __global__ void attn_bwd_dq_f32_bc32(float* dq, const float* dout, const float* q, const float* k,
                                                const float* v, const float* lse, const float* D,
                                                const int* spans, const int* tiles, int n_heads,
-                                               int n_kv_heads, int hd, float scale) {
-    tl_attn::bwd_dq<float, 32>(dq, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, hd, scale);
+                                               int n_kv_heads, int hd, float scale, int ldg) {
+    tl_attn::bwd_dq<float, 32>(dq, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, hd, scale, ldg);
 }
 extern "C" __global__ void attn_bwd_dkdv_f32_bc32(float* dk, float* dv, const float* dout, const float* q,
                                                  const float* k, const float* v, const float* lse,
                                                  const float* D, const int* spans, const int* tiles,
-                                                 int n_heads, int n_kv_heads, int hd, float scale) {
-    tl_attn::bwd_dkdv<float, 32>(dk, dv, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, hd, scale);
+                                                 int n_heads, int n_kv_heads, int hd, float scale, int ldg) {
+    tl_attn::bwd_dkdv<float, 32>(dk, dv, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, hd, scale, ldg);
 }
 
 extern "C" __global__ void attn_fwd_f32_bc16(float* out, float* lse, const float* q, const float* k,
@@ -758,14 +762,14 @@ extern "C" __global__ void attn_fwd_f32_bc16(float* out, float* lse, const float
 extern "C" __global__ void attn_bwd_dq_f32_bc16(float* dq, const float* dout, const float* q, const float* k,
                                                const float* v, const float* lse, const float* D,
                                                const int* spans, const int* tiles, int n_heads,
-                                               int n_kv_heads, int hd, float scale) {
-    tl_attn::bwd_dq<float, 16>(dq, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, hd, scale);
+                                               int n_kv_heads, int hd, float scale, int ldg) {
+    tl_attn::bwd_dq<float, 16>(dq, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, hd, scale, ldg);
 }
 extern "C" __global__ void attn_bwd_dkdv_f32_bc16(float* dk, float* dv, const float* dout, const float* q,
                                                  const float* k, const float* v, const float* lse,
                                                  const float* D, const int* spans, const int* tiles,
-                                                 int n_heads, int n_kv_heads, int hd, float scale) {
-    tl_attn::bwd_dkdv<float, 16>(dk, dv, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, hd, scale);
+                                                 int n_heads, int n_kv_heads, int hd, float scale, int ldg) {
+    tl_attn::bwd_dkdv<float, 16>(dk, dv, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, hd, scale, ldg);
 }
 
 extern "C" __global__ void attn_fwd_bf16_bc32(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
@@ -776,14 +780,14 @@ extern "C" __global__ void attn_fwd_bf16_bc32(__nv_bfloat16* out, float* lse, co
 extern "C" __global__ void attn_bwd_dq_bf16_bc32(__nv_bfloat16* dq, const __nv_bfloat16* dout, const __nv_bfloat16* q, const __nv_bfloat16* k,
                                                const __nv_bfloat16* v, const float* lse, const float* D,
                                                const int* spans, const int* tiles, int n_heads,
-                                               int n_kv_heads, int hd, float scale) {
-    tl_attn::bwd_dq<__nv_bfloat16, 32>(dq, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, hd, scale);
+                                               int n_kv_heads, int hd, float scale, int ldg) {
+    tl_attn::bwd_dq<__nv_bfloat16, 32>(dq, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, hd, scale, ldg);
 }
 extern "C" __global__ void attn_bwd_dkdv_bf16_bc32(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout, const __nv_bfloat16* q,
                                                  const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse,
                                                  const float* D, const int* spans, const int* tiles,
-                                                 int n_heads, int n_kv_heads, int hd, float scale) {
-    tl_attn::bwd_dkdv<__nv_bfloat16, 32>(dk, dv, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, hd, scale);
+                                                 int n_heads, int n_kv_heads, int hd, float scale, int ldg) {
+    tl_attn::bwd_dkdv<__nv_bfloat16, 32>(dk, dv, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, hd, scale, ldg);
 }
 
 extern "C" __global__ void attn_fwd_bf16_bc16(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
@@ -794,14 +798,14 @@ extern "C" __global__ void attn_fwd_bf16_bc16(__nv_bfloat16* out, float* lse, co
 extern "C" __global__ void attn_bwd_dq_bf16_bc16(__nv_bfloat16* dq, const __nv_bfloat16* dout, const __nv_bfloat16* q, const __nv_bfloat16* k,
                                                const __nv_bfloat16* v, const float* lse, const float* D,
                                                const int* spans, const int* tiles, int n_heads,
-                                               int n_kv_heads, int hd, float scale) {
-    tl_attn::bwd_dq<__nv_bfloat16, 16>(dq, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, hd, scale);
+                                               int n_kv_heads, int hd, float scale, int ldg) {
+    tl_attn::bwd_dq<__nv_bfloat16, 16>(dq, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, hd, scale, ldg);
 }
 extern "C" __global__ void attn_bwd_dkdv_bf16_bc16(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout, const __nv_bfloat16* q,
                                                  const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse,
                                                  const float* D, const int* spans, const int* tiles,
-                                                 int n_heads, int n_kv_heads, int hd, float scale) {
-    tl_attn::bwd_dkdv<__nv_bfloat16, 16>(dk, dv, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, hd, scale);
+                                                 int n_heads, int n_kv_heads, int hd, float scale, int ldg) {
+    tl_attn::bwd_dkdv<__nv_bfloat16, 16>(dk, dv, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, hd, scale, ldg);
 }
 
 extern "C" __global__ void attn_bwd_dot_f32(float* D, const float* dout, const float* out, int nq, int n_heads,
@@ -829,27 +833,27 @@ extern "C" __global__ void __launch_bounds__(128)
     attn_bwd_dq_mma_bf16_hd64(__nv_bfloat16* dq, const __nv_bfloat16* dout, const __nv_bfloat16* q,
                               const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* D,
                               const int* spans, const int* tiles, int n_heads, int n_kv_heads,
-                              int /* hd, always 64 */, float scale) {
-    tl_attn::bwd_dq_mma<64>(dq, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, scale);
+                              int /* hd, always 64 */, float scale, int ldg) {
+    tl_attn::bwd_dq_mma<64>(dq, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, scale, ldg);
 }
 extern "C" __global__ void __launch_bounds__(128)
     attn_bwd_dkdv_mma_bf16_hd64(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout,
                                 const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                                 const float* lse, const float* D, const int* spans, const int* tiles,
-                                int n_heads, int n_kv_heads, int /* hd, always 64 */, float scale) {
-    tl_attn::bwd_dkdv_mma<64>(dk, dv, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, scale);
+                                int n_heads, int n_kv_heads, int /* hd, always 64 */, float scale, int ldg) {
+    tl_attn::bwd_dkdv_mma<64>(dk, dv, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, scale, ldg);
 }
 extern "C" __global__ void __launch_bounds__(128)
     attn_bwd_dq_mma_bf16_hd128(__nv_bfloat16* dq, const __nv_bfloat16* dout, const __nv_bfloat16* q,
                               const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* D,
                               const int* spans, const int* tiles, int n_heads, int n_kv_heads,
-                              int /* hd, always 128 */, float scale) {
-    tl_attn::bwd_dq_mma<128>(dq, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, scale);
+                              int /* hd, always 128 */, float scale, int ldg) {
+    tl_attn::bwd_dq_mma<128>(dq, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, scale, ldg);
 }
 extern "C" __global__ void __launch_bounds__(128)
     attn_bwd_dkdv_mma_bf16_hd128(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout,
                                 const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                                 const float* lse, const float* D, const int* spans, const int* tiles,
-                                int n_heads, int n_kv_heads, int /* hd, always 128 */, float scale) {
-    tl_attn::bwd_dkdv_mma<128>(dk, dv, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, scale);
+                                int n_heads, int n_kv_heads, int /* hd, always 128 */, float scale, int ldg) {
+    tl_attn::bwd_dkdv_mma<128>(dk, dv, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, scale, ldg);
 }

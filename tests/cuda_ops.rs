@@ -729,11 +729,32 @@ fn attention_case(p: &mut Pair, shape: AttnShape, layout: &AttnLayout, nq: usize
 
     let (dc, dg) = p.both(&[nq, shape.n_heads * shape.head_dim], 1.0);
     poison_pool(p);
-    let (dqc, dkc, dvc) = p.cpu.attention_bwd(&dc, &qc, &kc, &vc, &oc, &lc, shape, layout).unwrap();
-    let (dqg, dkg, dvg) = p.gpu.attention_bwd(&dg, &qg, &kg, &vg, &og, &lg, shape, layout).unwrap();
+    let (dqc, dkc, dvc) = p.cpu.attention_bwd(&dc, &qc, &kc, &vc, &oc, &lc, shape, layout, 0).unwrap();
+    let (dqg, dkg, dvg) = p.gpu.attention_bwd(&dg, &qg, &kg, &vg, &og, &lg, shape, layout, 0).unwrap();
     close(&format!("attention_bwd dq {what}"), &p.down(&dqg), &dqc.data, tol);
     close(&format!("attention_bwd dk {what}"), &p.down(&dkg), &dkc.data, tol);
     close(&format!("attention_bwd dv {what}"), &p.down(&dvg), &dvc.data, tol);
+
+    // the gradients with room after their rows (for q/k/v_proj's LoRA fold), and RoPE's
+    // backward in place on them
+    poison_pool(p);
+    let (mut dqr, mut dkr, dvr) =
+        p.gpu.attention_bwd(&dg, &qg, &kg, &vg, &og, &lg, shape, layout, 5).unwrap();
+    assert!(dqr.tail >= 5 && dkr.tail >= 5 && dvr.tail >= 5, "room {} {} {}", dqr.tail, dkr.tail, dvr.tail);
+    close(&format!("attention_bwd dq with room {what}"), &p.down(&dqr), &dqc.data, tol);
+    close(&format!("attention_bwd dk with room {what}"), &p.down(&dkr), &dkc.data, tol);
+    close(&format!("attention_bwd dv with room {what}"), &p.down(&dvr), &dvc.data, tol);
+    if nq == nk && shape.head_dim % 2 == 0 {
+        let half = shape.head_dim / 2;
+        let (cc, cg) = p.both_f32(&[nq, half], 1.0);
+        let (sc, sg) = p.both_f32(&[nq, half], 1.0);
+        let (mut rq, mut rk) =
+            (p.cpu.upload(&dqc.data, &dqc.shape).unwrap(), p.cpu.upload(&dkc.data, &dkc.shape).unwrap());
+        p.cpu.rope_bwd(&mut rq, &mut rk, &cc, &sc, shape.head_dim).unwrap();
+        p.gpu.rope_bwd(&mut dqr, &mut dkr, &cg, &sg, shape.head_dim).unwrap();
+        close(&format!("rope_bwd dq with room {what}"), &p.down(&dqr), &rq.data, tol);
+        close(&format!("rope_bwd dk with room {what}"), &p.down(&dkr), &rk.data, tol);
+    }
 }
 
 both_modes!(attention: attention_matches_the_cpu, attention_matches_the_cpu_bf16);

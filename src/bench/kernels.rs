@@ -108,8 +108,9 @@ pub fn run_kernels<O: Ops>(ops: &O, opts: &BenchOptions) -> Result<KernelReport>
     record("attention_fwd", attn_shape.clone(), s, attention_fwd_flops(shape, &layout), io);
     let (out, lse) = ops.attention_fwd(&q, &k, &vv, shape, &layout)?;
     let dout = act(&[t, qw], &random(t * qw, 1.0))?;
-    let s =
-        mean_time(ops, reps, || ops.attention_bwd(&dout, &q, &k, &vv, &out, &lse, shape, &layout).map(drop))?;
+    let s = mean_time(ops, reps, || {
+        ops.attention_bwd(&dout, &q, &k, &vv, &out, &lse, shape, &layout, 0).map(drop)
+    })?;
     record("attention_bwd", attn_shape, s, 2.5 * attention_fwd_flops(shape, &layout), 2.0 * io);
     drop((vv, out, lse, dout));
 

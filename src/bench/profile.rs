@@ -301,10 +301,11 @@ impl<O: Ops> Ops for Profiled<'_, O> {
         lse: &Self::Tensor,
         shape: AttnShape,
         layout: &AttnLayout,
+        tail: usize,
     ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)> {
         let flops = 2.5 * attention_fwd_flops(shape, layout);
         self.run_counted("attention_bwd", flops, || {
-            self.inner.attention_bwd(dout, q, k, v, out, lse, shape, layout)
+            self.inner.attention_bwd(dout, q, k, v, out, lse, shape, layout, tail)
         })
     }
 

@@ -491,8 +491,9 @@ impl<'a, O: Ops> Decoder<'a, O> {
                 ops.rmsnorm_bwd(&dn2, &a.h, &layer.post_attention_layernorm, &a.rstd2, dw, Some(dx_out), 0)?;
             // attention: h = x + o(attn(q, k, v))
             let dattn = need(self.linear_bwd(l, Proj::O, &dh, &a.attn, a, &mut grads, InputGrad::New)?)?;
+            let qkv_rank = self.lora_rank(l, &[Proj::Q, Proj::K, Proj::V]);
             let (mut dq, mut dk, dv) =
-                ops.attention_bwd(&dattn, &a.q, &a.k, &a.v, &a.attn, &a.lse, shape, &inp.layout)?;
+                ops.attention_bwd(&dattn, &a.q, &a.k, &a.v, &a.attn, &a.lse, shape, &inp.layout, qkv_rank)?;
             ops.rope_bwd(&mut dq, &mut dk, &inp.cos, &inp.sin, c.head_dim)?;
             // The first layer's input gradient only feeds the embedding, which a LoRA
             // run does not train.

@@ -342,7 +342,8 @@ pub trait Ops {
         shape: AttnShape,
         layout: &AttnLayout,
     ) -> Result<(Self::Tensor, Self::Tensor)>;
-    /// Returns `(dq, dk, dv)`.
+    /// Returns `(dq, dk, dv)`. `tail`: the largest LoRA rank of q/k/v_proj, as
+    /// [`Ops::rmsnorm_fwd`]'s, for their backward (after [`Ops::rope_bwd`] on dq and dk).
     #[allow(clippy::too_many_arguments)]
     fn attention_bwd(
         &self,
@@ -354,6 +355,7 @@ pub trait Ops {
         lse: &Self::Tensor,
         shape: AttnShape,
         layout: &AttnLayout,
+        tail: usize,
     ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)>;
 
     // ---- SwiGLU: h = silu(gate) · up ----

@@ -356,6 +356,7 @@ impl Ops for CpuOps {
         lse: &CpuTensor,
         shape: AttnShape,
         layout: &AttnLayout,
+        _tail: usize,
     ) -> Result<(CpuTensor, CpuTensor, CpuTensor)> {
         super::check_attention(&q.shape, &k.shape, &v.shape, shape, layout)?;
         same_shape(dout, q, "attention_bwd")?;

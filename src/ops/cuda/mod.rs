@@ -1202,6 +1202,7 @@ impl Ops for CudaOps {
         Ok((out, lse))
     }
 
+    /// `tail`: dq's, dk's and dv's rows get room for q/k/v_proj's LoRA paths.
     fn attention_bwd(
         &self,
         dout: &CudaTensor,
@@ -1212,6 +1213,7 @@ impl Ops for CudaOps {
         lse: &CudaTensor,
         shape: AttnShape,
         layout: &AttnLayout,
+        tail: usize,
     ) -> Result<(CudaTensor, CudaTensor, CudaTensor)> {
         let _range = crate::profiling::range(c"attention_bwd");
         self.attn_check(q, k, v, shape, layout)?;
@@ -1233,9 +1235,13 @@ impl Ops for CudaOps {
             args![self.ptr(&d), self.ptr(&dout), self.ptr(&out), int(nq, "rows")?, h, int(hd, "head_dim")?],
         )?;
 
-        let dq = self.alloc_zeros_as(&q.shape, self.dtype)?;
-        let dk = self.alloc_zeros_as(&k.shape, self.dtype)?;
-        let dv = self.alloc_zeros_as(&v.shape, self.dtype)?;
+        // zeroed: rows outside every span are not written
+        let zeros = |shape: &[usize]| -> Result<CudaTensor> {
+            let mut t = self.alloc_with_tail(shape, room(tail), self.dtype)?;
+            self.fill_zero(&mut t)?;
+            Ok(t)
+        };
+        let (dq, dk, dv) = (zeros(&q.shape)?, zeros(&k.shape)?, zeros(&v.shape)?);
         let mma = self.attn_on_tensor_cores(hd);
         let rows = if mma { ATTN_MMA_ROWS } else { ATTN_ROWS };
         let (spans, q_tiles, n_q_tiles) = self.attn_tiles(layout, false, rows)?;
@@ -1262,7 +1268,7 @@ impl Ops for CudaOps {
             &dq_name,
             dq_cfg,
             args![
-                self.ptr(&dq),
+                self.base_ptr(&dq),
                 self.ptr(&dout),
                 self.ptr(&q),
                 self.ptr(&k),
@@ -1274,15 +1280,16 @@ impl Ops for CudaOps {
                 h,
                 hkv,
                 int(hd, "head_dim")?,
-                scale
+                scale,
+                int(dq.ld(), "row stride")?
             ],
         )?;
         self.rt.launch(
             &dkdv_name,
             dkdv_cfg,
             args![
-                self.ptr(&dk),
-                self.ptr(&dv),
+                self.base_ptr(&dk),
+                self.base_ptr(&dv),
                 self.ptr(&dout),
                 self.ptr(&q),
                 self.ptr(&k),
@@ -1294,7 +1301,8 @@ impl Ops for CudaOps {
                 h,
                 hkv,
                 int(hd, "head_dim")?,
-                scale
+                scale,
+                int(dk.ld(), "row stride")?
             ],
         )?;
         Ok((dq, dk, dv))
@@ -1613,15 +1621,17 @@ impl CudaOps {
             &format!("rope_{}", q.dtype().suffix()),
             grid_1d(rows * (heads_q + heads_k) * half),
             args![
-                self.ptr(q),
+                self.base_ptr(q),
                 int(heads_q, "heads")?,
-                self.ptr(k),
+                self.base_ptr(k),
                 int(heads_k, "kv heads")?,
                 self.ptr(&cos),
                 self.ptr(&sin),
                 int(rows, "rows")?,
                 int(head_dim, "head_dim")?,
-                sign
+                sign,
+                int(q.ld(), "row stride")?,
+                int(k.ld(), "row stride")?
             ],
         )
     }

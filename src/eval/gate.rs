@@ -246,54 +246,44 @@ mod tests {
         GateConfig { task_metric: metric.into(), margin, regression_metric: "loss".into(), tolerance: tol }
     }
 
+    /// Candidate "v2" against "v1": the task set's reports, then the regression set's
+    /// (candidate first in each).
+    fn vs_v1(cfg: &GateConfig, task: [EvalReport; 2], regression: [EvalReport; 2]) -> GateReport {
+        decide(cfg, "v2", "v1", &task[0], &task[1], &regression[0], &regression[1])
+    }
+
     #[test]
     fn passes_when_better_by_the_margin_and_no_regression() {
-        let r = decide(
+        let r = vs_v1(
             &cfg("tool_call_accuracy", 0.05, 0.1),
-            "v2",
-            "v1",
-            &rep(1.0, Some(0.8)),
-            &rep(1.2, Some(0.7)),
-            &rep(2.05, None),
-            &rep(2.0, None),
+            [rep(1.0, Some(0.8)), rep(1.2, Some(0.7))],
+            [rep(2.05, None), rep(2.0, None)],
         );
         assert!(r.passed, "{}", r.markdown());
         assert!(r.markdown().contains("PASSED"));
         // the regression loss rose within the tolerance: said as worse, not as a change
         assert!(r.reasons[1].contains("worse by 0.0500, within tolerance 0.1"), "{:?}", r.reasons);
-        let lower = decide(
+        let lower = vs_v1(
             &cfg("tool_call_accuracy", 0.05, 0.1),
-            "v2",
-            "v1",
-            &rep(1.0, Some(0.8)),
-            &rep(1.2, Some(0.7)),
-            &rep(1.5, None),
-            &rep(2.0, None),
+            [rep(1.0, Some(0.8)), rep(1.2, Some(0.7))],
+            [rep(1.5, None), rep(2.0, None)],
         );
         assert!(lower.passed && lower.reasons[1].contains("1.5000 vs 2.0000 for the base, better by 0.5000"));
     }
 
     #[test]
     fn fails_below_margin_on_regression_or_when_unmeasured() {
-        let too_small = decide(
+        let too_small = vs_v1(
             &cfg("tool_call_accuracy", 0.15, 0.1),
-            "v2",
-            "v1",
-            &rep(1.0, Some(0.8)),
-            &rep(1.2, Some(0.7)),
-            &rep(2.0, None),
-            &rep(2.0, None),
+            [rep(1.0, Some(0.8)), rep(1.2, Some(0.7))],
+            [rep(2.0, None), rep(2.0, None)],
         );
         assert!(!too_small.passed && !too_small.task.passed && too_small.regression.passed);
         assert!(too_small.reasons[0].contains("not more than margin"));
-        let regressed = decide(
+        let regressed = vs_v1(
             &cfg("tool_call_accuracy", 0.0, 0.1),
-            "v2",
-            "v1",
-            &rep(1.0, Some(0.9)),
-            &rep(1.2, Some(0.7)),
-            &rep(2.3, None),
-            &rep(2.0, None),
+            [rep(1.0, Some(0.9)), rep(1.2, Some(0.7))],
+            [rep(2.3, None), rep(2.0, None)],
         );
         assert!(!regressed.passed && regressed.task.passed && !regressed.regression.passed);
         assert!(regressed.reasons[1].contains("worse by 0.3000"), "{:?}", regressed.reasons);
@@ -311,25 +301,11 @@ mod tests {
 
     #[test]
     fn loss_as_task_metric_means_lower_is_better() {
-        let r = decide(
-            &cfg("loss", 0.1, 0.1),
-            "v2",
-            "v1",
-            &rep(1.0, None),
-            &rep(1.2, None),
-            &rep(2.0, None),
-            &rep(2.0, None),
-        );
+        let r =
+            vs_v1(&cfg("loss", 0.1, 0.1), [rep(1.0, None), rep(1.2, None)], [rep(2.0, None), rep(2.0, None)]);
         assert!(r.passed);
-        let r = decide(
-            &cfg("loss", 0.0, 0.1),
-            "v2",
-            "v1",
-            &rep(1.3, None),
-            &rep(1.2, None),
-            &rep(2.0, None),
-            &rep(2.0, None),
-        );
+        let r =
+            vs_v1(&cfg("loss", 0.0, 0.1), [rep(1.3, None), rep(1.2, None)], [rep(2.0, None), rep(2.0, None)]);
         assert!(!r.passed);
     }
 }

@@ -1048,85 +1048,55 @@ impl Ops for CudaOps {
             }
         };
         let mut blas = self.blas();
-        match low_rank {
-            Some((dxa, a, None)) if out > 0 && dy.tail >= a.shape[0] && w.extra_rows >= a.shape[0] => {
-                // [dy | dxa]·[W ; A]: dxa into dy's room and A into W's extra rows first
+        // With room in dy and W (and no dropout), `dxa·A` joins the product: dxa into
+        // dy's room and A into W's extra rows first, then K grows by r. Otherwise it is a
+        // second product (through the dropout's mask when there is one).
+        let folded = match &low_rank {
+            Some((_, a, None)) => {
                 let r = a.shape[0];
+                out > 0 && dy.tail >= r && w.extra_rows >= r
+            }
+            _ => false,
+        };
+        let mut k = out;
+        if let (true, Some((dxa, a, _))) = (folded, &low_rank) {
+            let r = a.shape[0];
+            self.rt.launch(
+                &self.kernel("lora_rows"),
+                grid_1d((n + inp) * r),
+                args![
+                    self.base_ptr(&dy),
+                    int(dy.ld(), "row stride")?,
+                    int(out, "outputs")?,
+                    self.ptr(dxa),
+                    int(n, "rows")?,
+                    int(r, "rank")?,
+                    self.base_ptr(&w),
+                    int(w.ld(), "row stride")?,
+                    self.ptr(a),
+                    int(inp, "width")?
+                ],
+            )?;
+            k = out + r;
+        }
+        self.gemm_in(&mut blas, &dx, None, &dy, false, &w, false, (n, inp, k), 1.0, beta, None)?;
+        match low_rank {
+            Some((dxa, a, None)) if !folded => {
+                let r = a.shape[0];
+                self.gemm_in(&mut blas, &dx, None, &dxa, false, &a, false, (n, inp, r), 1.0, 1.0, None)?
+            }
+            Some((dxa, a, Some(d))) => {
+                let r = a.shape[0];
+                let dxd = self.alloc(&x.shape)?;
+                self.gemm_in(&mut blas, &dxd, None, &dxa, false, &a, false, (n, inp, r), 1.0, 0.0, None)?;
+                let len = dx.numel();
                 self.rt.launch(
-                    &self.kernel("lora_rows"),
-                    grid_1d((n + inp) * r),
-                    args![
-                        self.base_ptr(&dy),
-                        int(dy.ld(), "row stride")?,
-                        int(out, "outputs")?,
-                        self.ptr(&dxa),
-                        int(n, "rows")?,
-                        int(r, "rank")?,
-                        self.base_ptr(&w),
-                        int(w.ld(), "row stride")?,
-                        self.ptr(&a),
-                        int(inp, "width")?
-                    ],
-                )?;
-                self.gemm_in(
-                    &mut blas,
-                    &dx,
-                    None,
-                    &dy,
-                    false,
-                    &w,
-                    false,
-                    (n, inp, out + r),
-                    1.0,
-                    beta,
-                    None,
+                    &self.kernel("lora_dropout_bwd_acc"),
+                    grid_1d(len),
+                    args![self.ptr(&dx), self.ptr(&dxd), len as u64, d.p, d.seed],
                 )?;
             }
-            low_rank => {
-                self.gemm_in(&mut blas, &dx, None, &dy, false, &w, false, (n, inp, out), 1.0, beta, None)?;
-                match low_rank {
-                    None => {}
-                    Some((dxa, a, None)) => {
-                        let r = a.shape[0];
-                        self.gemm_in(
-                            &mut blas,
-                            &dx,
-                            None,
-                            &dxa,
-                            false,
-                            &a,
-                            false,
-                            (n, inp, r),
-                            1.0,
-                            1.0,
-                            None,
-                        )?
-                    }
-                    Some((dxa, a, Some(d))) => {
-                        let r = a.shape[0];
-                        let dxd = self.alloc(&x.shape)?;
-                        self.gemm_in(
-                            &mut blas,
-                            &dxd,
-                            None,
-                            &dxa,
-                            false,
-                            &a,
-                            false,
-                            (n, inp, r),
-                            1.0,
-                            0.0,
-                            None,
-                        )?;
-                        let len = dx.numel();
-                        self.rt.launch(
-                            &self.kernel("lora_dropout_bwd_acc"),
-                            grid_1d(len),
-                            args![self.ptr(&dx), self.ptr(&dxd), len as u64, d.p, d.seed],
-                        )?;
-                    }
-                }
-            }
+            _ => {}
         }
         Ok(Some(dx))
     }

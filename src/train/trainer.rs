@@ -165,9 +165,9 @@ pub struct BatchStats {
 /// layer's gradients as one bucket, started as soon as this rank's last micro-batch's
 /// backward has finished that layer (so the sums overlap the backward of the layers
 /// below, where the collective can), then the rest. One process (`Single`) running
-/// every micro-batch gets the same gradient up to the order of the additions. `prepare(i, decoder)` sets micro-batch
-/// `i`'s LoRA dropout (keyed by its place in the global batch, so it does not depend on
-/// the ranks) and activation recompute.
+/// every micro-batch gets the same gradient up to the order of the additions.
+/// `prepare(i, decoder)` sets micro-batch `i`'s LoRA dropout (keyed by its place in the
+/// global batch, so it does not depend on the ranks) and activation recompute.
 pub fn global_batch_gradients<O: Ops, P: Trainable<O::Tensor>>(
     ops: &O,
     frozen: &P::Frozen,

@@ -297,73 +297,88 @@ __device__ void bwd_dkdv(T* dk, T* dv, const T* dout, const T* q, const T* k, co
 // A block has MMA_WARPS warps and takes 64 rows of one side (query rows in attn_fwd_mma
 // and attn_bwd_dq_mma, key rows in attn_bwd_dkdv_mma; `tiles` counts in steps of 64);
 // warp w owns rows 16w .. 16w+15. The other side streams through shared memory in tiles
-// of 64 rows, as bf16 with row stride HD + 8 elements. Every product is an mma.sync
-// m16n8k16 (bf16 in, f32 accumulation); probabilities and dS are rounded to bf16 for the
-// products that take them, as FlashAttention does, while softmax sums, the log-sum-exp
-// and dS = P (dP - D) are f32. Lane (g = lane / 4, t = lane % 4) of a warp holds rows g
-// and g + 8 of the warp's 16 (see tl::mma_bf16_16816 for the fragment layouts).
+// of 64 rows, as bf16 with row stride HD + 8 elements (the 8 rows one ldmatrix reads then
+// fall in different banks), double-buffered: cp.async copies the next tile while the
+// warps compute on this one. Fragments come out of shared memory with ldmatrix (.trans
+// for a B operand stored [k][n]). Every product is an mma.sync m16n8k16 (bf16 in, f32
+// accumulation); probabilities and dS are rounded to bf16 for the products that take
+// them, as FlashAttention does, while softmax sums, the log-sum-exp and dS = P (dP - D)
+// are f32. The softmax runs in base 2 (scores times scale·log2 e, exp2); lse is stored
+// in base e. Lane (g = lane / 4, t = lane % 4) of a warp holds rows g and g + 8 of the
+// warp's 16 (see tl::mma_bf16_16816 for the fragment layouts). The causal mask is only
+// evaluated where a warp's rows and a tile's columns cross the diagonal or a span's end.
 //
-// Dynamic shared memory (bf16 elements, LD = HD + 8):
-//   attn_fwd_mma, attn_bwd_dq_mma: 2 * 64 * LD (K and V tiles)
-//   attn_bwd_dkdv_mma:             4 * 64 * LD (K, V of the block; Q, dO tiles) + 2 * 64 f32
+// Dynamic shared memory (bf16 elements, LD = HD + 8, TILE = 64 * LD):
+//   attn_fwd_mma, attn_bwd_dq_mma: 2 stages x (K, V tiles)                = 4 * TILE
+//   attn_bwd_dkdv_mma:             K, V of the block + 2 stages x (Q, dO) = 6 * TILE,
+//                                  then 2 stages x (lse, D) of 64 rows     (4 * 64 f32)
 
 constexpr int MMA_WARPS = 4, MMA_ROWS = 16 * MMA_WARPS, MMA_TILE = 64;
+constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
 
 // 16 bytes: 8 bf16, moved with one vector load or store.
 struct alignas(16) Bf16x8 {
     uint32_t w[4];
 };
 
-// Copies rows row0 .. row0 + MMA_TILE of columns col0 .. col0 + HD of a [*, width] matrix
-// into shared memory (row stride HD + 8), 8 elements a thread at a time (16-byte loads
-// when the source rows are 16-byte aligned, as whole-buffer tensors are); rows at or
-// past `valid` become zeros (a NaN there would survive a zero probability in a product).
+// Starts copying rows row0 .. row0 + MMA_TILE of columns col0 .. col0 + HD of a [*, width]
+// matrix into shared memory (row stride HD + 8): with cp.async, 16 bytes a thread at a
+// time, when the source rows are 16-byte aligned (as whole-buffer tensors are), else with
+// plain loads and stores. Rows at or past `valid` become zeros (a NaN there would survive
+// a zero probability in a product). The caller commits the cp.async group, and the tile
+// may be read after tl::cp_async_wait and a barrier.
 template <int HD>
 __device__ __forceinline__ void mma_load_tile(__nv_bfloat16* dst, const __nv_bfloat16* src, int row0, int valid,
                                               int width, int col0) {
     const bool aligned = (reinterpret_cast<uintptr_t>(src) % 16 == 0) && width % 8 == 0 && col0 % 8 == 0;
     for (int idx = threadIdx.x; idx < MMA_TILE * HD / 8; idx += blockDim.x) {
         const int r = idx / (HD / 8), c = 8 * (idx % (HD / 8));
-        Bf16x8 v = {{0u, 0u, 0u, 0u}};
-        if (r < valid) {
-            const __nv_bfloat16* p = src + (size_t)(row0 + r) * width + col0 + c;
-            if (aligned) {
-                v = *reinterpret_cast<const Bf16x8*>(p);
-            } else {
+        __nv_bfloat16* d = dst + r * (HD + 8) + c;
+        const __nv_bfloat16* p = r < valid ? src + (size_t)(row0 + r) * width + col0 + c : src;
+        if (aligned) {
+            tl::cp_async_16(d, p, r < valid);
+        } else {
+            Bf16x8 v = {{0u, 0u, 0u, 0u}};
+            if (r < valid) {
 #pragma unroll
                 for (int j = 0; j < 4; ++j) v.w[j] = tl::pack_bf16(p[2 * j], p[2 * j + 1]);
             }
+            *reinterpret_cast<Bf16x8*>(d) = v;
         }
-        *reinterpret_cast<Bf16x8*>(dst + r * (HD + 8) + c) = v;
     }
 }
 
 // The A fragment of rows r0 .. r0 + 15, columns c0 .. c0 + 15 of a row-major bf16 matrix
-// in shared memory (row stride ld).
+// in shared memory (row stride ld): the four 8x8 quarters in the order of a[0..3].
 __device__ __forceinline__ void mma_a_rows(uint32_t (&a)[4], const __nv_bfloat16* m, int ld, int r0, int c0) {
-    const int g = threadIdx.x % tl::WARP_SIZE / 4, t = threadIdx.x % 4;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        a[j] = *reinterpret_cast<const uint32_t*>(m + (r0 + g + 8 * (j % 2)) * ld + c0 + 2 * t + 8 * (j / 2));
-    }
+    const int lane = threadIdx.x % tl::WARP_SIZE;
+    tl::ldmatrix_x4(a, m + (r0 + 8 * (lane / 8 % 2) + lane % 8) * ld + c0 + 8 * (lane / 16));
 }
 
-// The B fragment of Mᵀ for a row-major M (B[k][n] = M[n0 + n][k0 + k]): pairs along k
-// lie in one row of M.
-__device__ __forceinline__ void mma_b_transposed(uint32_t (&b)[2], const __nv_bfloat16* m, int ld, int n0, int k0) {
-    const int g = threadIdx.x % tl::WARP_SIZE / 4, t = threadIdx.x % 4;
-    const __nv_bfloat16* p = m + (n0 + g) * ld + k0 + 2 * t;
-    b[0] = *reinterpret_cast<const uint32_t*>(p);
-    b[1] = *reinterpret_cast<const uint32_t*>(p + 8);
+// The B fragments of Mᵀ for a row-major M in shared memory (B[k][n] = M[n][k]), for the
+// two 8-column tiles n0 and n0 + 8 at the k-step k0 .. k0 + 15.
+__device__ __forceinline__ void mma_b_transposed(uint32_t (&b0)[2], uint32_t (&b1)[2], const __nv_bfloat16* m,
+                                                 int ld, int n0, int k0) {
+    const int lane = threadIdx.x % tl::WARP_SIZE;
+    uint32_t r[4];
+    tl::ldmatrix_x4(r, m + (n0 + 8 * (lane / 16) + lane % 8) * ld + k0 + 8 * (lane / 8 % 2));
+    b0[0] = r[0];
+    b0[1] = r[1];
+    b1[0] = r[2];
+    b1[1] = r[3];
 }
 
-// The B fragment of a row-major M itself (B[k][n] = M[k0 + k][n0 + n]): pairs along k
-// span two rows.
-__device__ __forceinline__ void mma_b_rows(uint32_t (&b)[2], const __nv_bfloat16* m, int ld, int k0, int n0) {
-    const int g = threadIdx.x % tl::WARP_SIZE / 4, t = threadIdx.x % 4;
-    const __nv_bfloat16* p = m + (k0 + 2 * t) * ld + n0 + g;
-    b[0] = tl::pack_bf16(p[0], p[ld]);
-    b[1] = tl::pack_bf16(p[8 * ld], p[9 * ld]);
+// The B fragments of a row-major M itself (B[k][n] = M[k][n]) for the two 8-column tiles
+// n0 and n0 + 8 at the k-step k0 .. k0 + 15: ldmatrix .trans.
+__device__ __forceinline__ void mma_b_rows(uint32_t (&b0)[2], uint32_t (&b1)[2], const __nv_bfloat16* m, int ld,
+                                           int k0, int n0) {
+    const int lane = threadIdx.x % tl::WARP_SIZE;
+    uint32_t r[4];
+    tl::ldmatrix_x4_trans(r, m + (k0 + 8 * (lane / 8 % 2) + lane % 8) * ld + n0 + 8 * (lane / 16));
+    b0[0] = r[0];
+    b0[1] = r[1];
+    b1[0] = r[2];
+    b1[1] = r[3];
 }
 
 // The A fragment of a 16 x 16 block whose two 16 x 8 halves are accumulators `lo` and
@@ -390,6 +405,24 @@ __device__ __forceinline__ void mma_a_global(uint32_t (&a)[HD / 16][4], const __
             a[kk][j] = r < valid ? tl::pack_bf16(p[0], p[1]) : 0u;
         }
     }
+}
+
+// Stores this lane's columns of a warp's 16 x HD accumulator (times `mul`) for row `x`
+// (0: g, 1: g + 8) at `dst`, the row's first column: bf16 pairs, one 32-bit store each.
+template <int HD>
+__device__ __forceinline__ void mma_store_row(__nv_bfloat16* dst, const float (&acc)[HD / 8][4], int x, float mul) {
+    const int t = threadIdx.x % 4;
+#pragma unroll
+    for (int dn = 0; dn < HD / 8; ++dn) {
+        *reinterpret_cast<uint32_t*>(dst + 8 * dn + 2 * t) =
+            tl::pack_bf16(acc[dn][2 * x] * mul, acc[dn][2 * x + 1] * mul);
+    }
+}
+
+template <int N>
+__device__ __forceinline__ void zero_acc(float (&acc)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
 }
 
 // The geometry of a block of a query-side kernel (attn_fwd_mma, attn_bwd_dq_mma): its
@@ -425,114 +458,139 @@ __device__ __forceinline__ MmaQueryBlock mma_query_block(const int* spans, const
     return b;
 }
 
+// Starts the copy of key tile `it` (K and V rows 64 it .. of the block's span and K/V
+// head) into stage it % 2 of a query-side kernel's shared memory, as one cp.async group.
+template <int HD>
+__device__ __forceinline__ void mma_load_kv(__nv_bfloat16* kv_s, const MmaQueryBlock& blk, const __nv_bfloat16* k,
+                                            const __nv_bfloat16* v, int it) {
+    constexpr int TILE = MMA_TILE * (HD + 8);
+    const int j0 = it * MMA_TILE;
+    __nv_bfloat16* k_s = kv_s + 2 * (it % 2) * TILE;
+    mma_load_tile<HD>(k_s, k, blk.sp.k_start + j0, blk.nv_block - j0, blk.wk, blk.kvh * HD);
+    mma_load_tile<HD>(k_s + TILE, v, blk.sp.k_start + j0, blk.nv_block - j0, blk.wk, blk.kvh * HD);
+    tl::cp_async_commit();
+}
+
+// Waits for key tile `it` of `n_tiles` (leaving the next one, already started, in flight)
+// and makes it visible to the block.
+__device__ __forceinline__ void mma_wait_tile(int it, int n_tiles) {
+    if (it + 1 < n_tiles) {
+        tl::cp_async_wait<1>();
+    } else {
+        tl::cp_async_wait<0>();
+    }
+    __syncthreads();
+}
+
 template <int HD>
 __device__ void fwd_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
                         const __nv_bfloat16* v, const int* spans, const int* tiles, int n_heads, int n_kv_heads,
                         float scale) {
-    constexpr int LD = HD + 8;
+    constexpr int LD = HD + 8, TILE = MMA_TILE * LD;
     TL_DYNAMIC_SHARED(float, smem);
-    __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(smem);
-    __nv_bfloat16* v_s = k_s + MMA_TILE * LD;
+    __nv_bfloat16* kv_s = reinterpret_cast<__nv_bfloat16*>(smem);
     const int t = threadIdx.x % 4;
     const MmaQueryBlock blk = mma_query_block<HD>(spans, tiles, n_heads, n_kv_heads);
     const Span& sp = blk.sp;
-    const int h = blk.h, kvh = blk.kvh, wq = blk.wq, wk = blk.wk, shift = blk.shift;
-    const int r0 = blk.r0, nv_block = blk.nv_block, nv_warp = blk.nv_warp;
+    const int h = blk.h, wq = blk.wq, shift = blk.shift, r0 = blk.r0, nv_warp = blk.nv_warp;
     const int* row = blk.row;
+    const float sl2 = scale * LOG2E;
+    // the warp's rows all lie in the span: only tiles crossing the diagonal need the mask
+    const bool rows_full = r0 + 16 <= sp.q_len;
 
     uint32_t qf[HD / 16][4];
     mma_a_global<HD>(qf, q, sp.q_start + r0, sp.q_len - r0, wq, h * HD);
     float o[HD / 8][4];
-#pragma unroll
-    for (int dn = 0; dn < HD / 8; ++dn) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.0f;
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    zero_acc(o);
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // m in base 2
 
-    for (int j0 = 0; j0 < nv_block; j0 += MMA_TILE) {
-        __syncthreads();
-        mma_load_tile<HD>(k_s, k, sp.k_start + j0, nv_block - j0, wk, kvh * HD);
-        mma_load_tile<HD>(v_s, v, sp.k_start + j0, nv_block - j0, wk, kvh * HD);
-        __syncthreads();
-        if (r0 >= sp.q_len || j0 >= nv_warp) continue;  // warp-uniform
-
-        float s[MMA_TILE / 8][4];
+    const int n_tiles = (blk.nv_block + MMA_TILE - 1) / MMA_TILE;
+    if (n_tiles > 0) mma_load_kv<HD>(kv_s, blk, k, v, 0);
+    for (int it = 0; it < n_tiles; ++it) {
+        const int j0 = it * MMA_TILE;
+        if (it + 1 < n_tiles) mma_load_kv<HD>(kv_s, blk, k, v, it + 1);
+        mma_wait_tile(it, n_tiles);
+        const __nv_bfloat16* k_s = kv_s + 2 * (it % 2) * TILE;
+        const __nv_bfloat16* v_s = k_s + TILE;
+        if (r0 < sp.q_len && j0 < nv_warp) {  // warp-uniform
+            float s[MMA_TILE / 8][4];
+            zero_acc(s);
 #pragma unroll
-        for (int nt = 0; nt < MMA_TILE / 8; ++nt) {
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+            for (int np = 0; np < MMA_TILE / 16; ++np) {
 #pragma unroll
-            for (int kk = 0; kk < HD / 16; ++kk) {
-                uint32_t b[2];
-                mma_b_transposed(b, k_s, LD, 8 * nt, 16 * kk);
-                tl::mma_bf16_16816(s[nt], qf[kk], b);
+                for (int kk = 0; kk < HD / 16; ++kk) {
+                    uint32_t b0[2], b1[2];
+                    mma_b_transposed(b0, b1, k_s, LD, 16 * np, 16 * kk);
+                    tl::mma_bf16_16816(s[2 * np], qf[kk], b0);
+                    tl::mma_bf16_16816(s[2 * np + 1], qf[kk], b1);
+                }
             }
-        }
-        // Scale, mask (causal, bottom-right aligned; rows past the span see nothing),
-        // then the online softmax per row: a row's 64 scores sit in the 4 lanes of a group.
-        float mx[2] = {-INFINITY, -INFINITY};
+            // Scale, mask (causal, bottom-right aligned; rows past the span see nothing),
+            // then the online softmax per row: a row's 64 scores sit in the 4 lanes of a group.
+            const bool full = rows_full && j0 + MMA_TILE - 1 <= r0 + shift;
+            float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-        for (int nt = 0; nt < MMA_TILE / 8; ++nt) {
+            for (int nt = 0; nt < MMA_TILE / 8; ++nt) {
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int r = row[j / 2], key = j0 + 8 * nt + 2 * t + j % 2;
-                s[nt][j] = r < sp.q_len && key <= r + shift ? s[nt][j] * scale : -INFINITY;
-                mx[j / 2] = fmaxf(mx[j / 2], s[nt][j]);
+                for (int j = 0; j < 4; ++j) {
+                    const int r = row[j / 2], key = j0 + 8 * nt + 2 * t + j % 2;
+                    s[nt][j] = full || (r < sp.q_len && key <= r + shift) ? s[nt][j] * sl2 : -INFINITY;
+                    mx[j / 2] = fmaxf(mx[j / 2], s[nt][j]);
+                }
             }
-        }
-        float corr[2], sum[2] = {0.0f, 0.0f};
+            float corr[2], sum[2] = {0.0f, 0.0f};
 #pragma unroll
-        for (int x = 0; x < 2; ++x) {
-            mx[x] = fmaxf(mx[x], __shfl_xor_sync(tl::FULL_MASK, mx[x], 1));
-            mx[x] = fmaxf(mx[x], __shfl_xor_sync(tl::FULL_MASK, mx[x], 2));
-            const float m_new = fmaxf(m[x], mx[x]);
-            corr[x] = m[x] == -INFINITY ? 0.0f : expf(m[x] - m_new);
-            m[x] = m_new;
-        }
-#pragma unroll
-        for (int nt = 0; nt < MMA_TILE / 8; ++nt) {
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const float p = s[nt][j] == -INFINITY ? 0.0f : expf(s[nt][j] - m[j / 2]);
-                s[nt][j] = p;
-                sum[j / 2] += p;
+            for (int x = 0; x < 2; ++x) {
+                mx[x] = fmaxf(mx[x], __shfl_xor_sync(tl::FULL_MASK, mx[x], 1));
+                mx[x] = fmaxf(mx[x], __shfl_xor_sync(tl::FULL_MASK, mx[x], 2));
+                const float m_new = fmaxf(m[x], mx[x]);
+                corr[x] = m[x] == -INFINITY ? 0.0f : exp2f(m[x] - m_new);
+                m[x] = m_new;
             }
-        }
 #pragma unroll
-        for (int x = 0; x < 2; ++x) {
-            sum[x] += __shfl_xor_sync(tl::FULL_MASK, sum[x], 1);
-            sum[x] += __shfl_xor_sync(tl::FULL_MASK, sum[x], 2);
-            l[x] = l[x] * corr[x] + sum[x];
-        }
+            for (int nt = 0; nt < MMA_TILE / 8; ++nt) {
 #pragma unroll
-        for (int dn = 0; dn < HD / 8; ++dn) {
-            o[dn][0] *= corr[0];
-            o[dn][1] *= corr[0];
-            o[dn][2] *= corr[1];
-            o[dn][3] *= corr[1];
-        }
-        // O += P·V, 16 keys a step
+                for (int j = 0; j < 4; ++j) {
+                    const float p = s[nt][j] == -INFINITY ? 0.0f : exp2f(s[nt][j] - m[j / 2]);
+                    s[nt][j] = p;
+                    sum[j / 2] += p;
+                }
+            }
 #pragma unroll
-        for (int ks = 0; ks < MMA_TILE / 16; ++ks) {
-            uint32_t a[4];
-            mma_a_from_acc(a, s[2 * ks], s[2 * ks + 1]);
+            for (int x = 0; x < 2; ++x) {
+                sum[x] += __shfl_xor_sync(tl::FULL_MASK, sum[x], 1);
+                sum[x] += __shfl_xor_sync(tl::FULL_MASK, sum[x], 2);
+                l[x] = l[x] * corr[x] + sum[x];
+            }
 #pragma unroll
             for (int dn = 0; dn < HD / 8; ++dn) {
-                uint32_t b[2];
-                mma_b_rows(b, v_s, LD, 16 * ks, 8 * dn);
-                tl::mma_bf16_16816(o[dn], a, b);
+                o[dn][0] *= corr[0];
+                o[dn][1] *= corr[0];
+                o[dn][2] *= corr[1];
+                o[dn][3] *= corr[1];
+            }
+            // O += P·V, 16 keys a step
+#pragma unroll
+            for (int ks = 0; ks < MMA_TILE / 16; ++ks) {
+                uint32_t a[4];
+                mma_a_from_acc(a, s[2 * ks], s[2 * ks + 1]);
+#pragma unroll
+                for (int dp = 0; dp < HD / 16; ++dp) {
+                    uint32_t b0[2], b1[2];
+                    mma_b_rows(b0, b1, v_s, LD, 16 * ks, 16 * dp);
+                    tl::mma_bf16_16816(o[2 * dp], a, b0);
+                    tl::mma_bf16_16816(o[2 * dp + 1], a, b1);
+                }
             }
         }
+        __syncthreads();  // the stage is refilled two tiles on
     }
 #pragma unroll
     for (int x = 0; x < 2; ++x) {
         if (row[x] >= sp.q_len) continue;
         const size_t grow = (size_t)sp.q_start + row[x];
-        const float inv = 1.0f / l[x];
-#pragma unroll
-        for (int dn = 0; dn < HD / 8; ++dn) {
-            __nv_bfloat16* dst = out + grow * wq + h * HD + 8 * dn + 2 * t;
-            dst[0] = __float2bfloat16_rn(o[dn][2 * x] * inv);
-            dst[1] = __float2bfloat16_rn(o[dn][2 * x + 1] * inv);
-        }
-        if (t == 0) lse[grow * n_heads + h] = m[x] + logf(l[x]);
+        mma_store_row<HD>(out + grow * wq + h * HD, o, x, 1.0f / l[x]);
+        if (t == 0) lse[grow * n_heads + h] = (m[x] + log2f(l[x])) * LN2;
     }
 }
 
@@ -544,80 +602,78 @@ __device__ void bwd_dq_mma(__nv_bfloat16* dq, const __nv_bfloat16* dout, const _
                            const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* D,
                            const int* spans, const int* tiles, int n_heads, int n_kv_heads, float scale,
                            int ldg) {
-    constexpr int LD = HD + 8;
+    constexpr int LD = HD + 8, TILE = MMA_TILE * LD;
     TL_DYNAMIC_SHARED(float, smem);
-    __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(smem);
-    __nv_bfloat16* v_s = k_s + MMA_TILE * LD;
+    __nv_bfloat16* kv_s = reinterpret_cast<__nv_bfloat16*>(smem);
     const int t = threadIdx.x % 4;
     const MmaQueryBlock blk = mma_query_block<HD>(spans, tiles, n_heads, n_kv_heads);
     const Span& sp = blk.sp;
-    const int h = blk.h, kvh = blk.kvh, wq = blk.wq, wk = blk.wk, shift = blk.shift;
-    const int r0 = blk.r0, nv_block = blk.nv_block, nv_warp = blk.nv_warp;
+    const int h = blk.h, wq = blk.wq, shift = blk.shift, r0 = blk.r0, nv_warp = blk.nv_warp;
     const int* row = blk.row;
+    const float sl2 = scale * LOG2E;
+    const bool rows_full = r0 + 16 <= sp.q_len;
 
     uint32_t qf[HD / 16][4], of[HD / 16][4];
     mma_a_global<HD>(qf, q, sp.q_start + r0, sp.q_len - r0, wq, h * HD);
     mma_a_global<HD>(of, dout, sp.q_start + r0, sp.q_len - r0, wq, h * HD);
-    float row_lse[2], row_d[2];
+    float row_lse2[2], row_d[2];
 #pragma unroll
     for (int x = 0; x < 2; ++x) {
         const bool ok = row[x] < sp.q_len;
         const size_t at = ((size_t)sp.q_start + row[x]) * n_heads + h;
-        row_lse[x] = ok ? lse[at] : 0.0f;
+        row_lse2[x] = ok ? lse[at] * LOG2E : 0.0f;
         row_d[x] = ok ? D[at] : 0.0f;
     }
     float acc[HD / 8][4];
-#pragma unroll
-    for (int dn = 0; dn < HD / 8; ++dn) acc[dn][0] = acc[dn][1] = acc[dn][2] = acc[dn][3] = 0.0f;
+    zero_acc(acc);
 
-    for (int j0 = 0; j0 < nv_block; j0 += MMA_TILE) {
-        __syncthreads();
-        mma_load_tile<HD>(k_s, k, sp.k_start + j0, nv_block - j0, wk, kvh * HD);
-        mma_load_tile<HD>(v_s, v, sp.k_start + j0, nv_block - j0, wk, kvh * HD);
-        __syncthreads();
-        if (r0 >= sp.q_len) continue;  // warp-uniform
-        for (int c0 = 0; c0 < MMA_TILE && j0 + c0 < nv_warp; c0 += 16) {
+    const int n_tiles = (blk.nv_block + MMA_TILE - 1) / MMA_TILE;
+    if (n_tiles > 0) mma_load_kv<HD>(kv_s, blk, k, v, 0);
+    for (int it = 0; it < n_tiles; ++it) {
+        const int j0 = it * MMA_TILE;
+        if (it + 1 < n_tiles) mma_load_kv<HD>(kv_s, blk, k, v, it + 1);
+        mma_wait_tile(it, n_tiles);
+        const __nv_bfloat16* k_s = kv_s + 2 * (it % 2) * TILE;
+        const __nv_bfloat16* v_s = k_s + TILE;
+        for (int c0 = 0; r0 < sp.q_len && c0 < MMA_TILE && j0 + c0 < nv_warp; c0 += 16) {  // warp-uniform
             float s[2][4] = {}, dp[2][4] = {};
 #pragma unroll
-            for (int half = 0; half < 2; ++half) {
-#pragma unroll
-                for (int kk = 0; kk < HD / 16; ++kk) {
-                    uint32_t b[2];
-                    mma_b_transposed(b, k_s, LD, c0 + 8 * half, 16 * kk);
-                    tl::mma_bf16_16816(s[half], qf[kk], b);
-                    mma_b_transposed(b, v_s, LD, c0 + 8 * half, 16 * kk);
-                    tl::mma_bf16_16816(dp[half], of[kk], b);
-                }
+            for (int kk = 0; kk < HD / 16; ++kk) {
+                uint32_t b0[2], b1[2];
+                mma_b_transposed(b0, b1, k_s, LD, c0, 16 * kk);
+                tl::mma_bf16_16816(s[0], qf[kk], b0);
+                tl::mma_bf16_16816(s[1], qf[kk], b1);
+                mma_b_transposed(b0, b1, v_s, LD, c0, 16 * kk);
+                tl::mma_bf16_16816(dp[0], of[kk], b0);
+                tl::mma_bf16_16816(dp[1], of[kk], b1);
             }
+            const bool full = rows_full && j0 + c0 + 15 <= r0 + shift;
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
                     const int x = j / 2, key = j0 + c0 + 8 * half + 2 * t + j % 2;
-                    const bool seen = row[x] < sp.q_len && key <= row[x] + shift;
-                    const float p = seen ? expf(s[half][j] * scale - row_lse[x]) : 0.0f;
+                    const bool seen = full || (row[x] < sp.q_len && key <= row[x] + shift);
+                    const float p = seen ? exp2f(s[half][j] * sl2 - row_lse2[x]) : 0.0f;
                     s[half][j] = p * (dp[half][j] - row_d[x]);  // dS
                 }
             }
             uint32_t a[4];
             mma_a_from_acc(a, s[0], s[1]);
 #pragma unroll
-            for (int dn = 0; dn < HD / 8; ++dn) {
-                uint32_t b[2];
-                mma_b_rows(b, k_s, LD, c0, 8 * dn);
-                tl::mma_bf16_16816(acc[dn], a, b);
+            for (int dp2 = 0; dp2 < HD / 16; ++dp2) {
+                uint32_t b0[2], b1[2];
+                mma_b_rows(b0, b1, k_s, LD, c0, 16 * dp2);
+                tl::mma_bf16_16816(acc[2 * dp2], a, b0);
+                tl::mma_bf16_16816(acc[2 * dp2 + 1], a, b1);
             }
         }
+        __syncthreads();  // the stage is refilled two tiles on
     }
 #pragma unroll
     for (int x = 0; x < 2; ++x) {
         if (row[x] >= sp.q_len) continue;
-        __nv_bfloat16* dst = dq + ((size_t)sp.q_start + row[x]) * ldg + h * HD + 2 * t;
-#pragma unroll
-        for (int dn = 0; dn < HD / 8; ++dn) {
-            dst[8 * dn] = __float2bfloat16_rn(acc[dn][2 * x] * scale);
-            dst[8 * dn + 1] = __float2bfloat16_rn(acc[dn][2 * x + 1] * scale);
-        }
+        mma_store_row<HD>(dq + ((size_t)sp.q_start + row[x]) * ldg + h * HD, acc, x, scale);
     }
 }
 
@@ -630,14 +686,12 @@ __device__ void bwd_dkdv_mma(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bf
                              const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                              const float* lse, const float* D, const int* spans, const int* tiles, int n_heads,
                              int n_kv_heads, float scale, int ldg) {
-    constexpr int LD = HD + 8;
+    constexpr int LD = HD + 8, TILE = MMA_TILE * LD;
     TL_DYNAMIC_SHARED(float, smem);
     __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(smem);
-    __nv_bfloat16* v_s = k_s + MMA_TILE * LD;
-    __nv_bfloat16* q_s = v_s + MMA_TILE * LD;
-    __nv_bfloat16* o_s = q_s + MMA_TILE * LD;
-    float* lse_s = reinterpret_cast<float*>(o_s + MMA_TILE * LD);
-    float* d_s = lse_s + MMA_TILE;
+    __nv_bfloat16* v_s = k_s + TILE;
+    __nv_bfloat16* qo_s = v_s + TILE;                            // stage s: Q at 2 s TILE, dO after it
+    float* stats_s = reinterpret_cast<float*>(qo_s + 4 * TILE);  // stage s: lse·log2 e at 128 s, D after it
     const int warp = threadIdx.x / tl::WARP_SIZE, lane = threadIdx.x % tl::WARP_SIZE;
     const int g = lane / 4, t = lane % 4;
 
@@ -649,86 +703,101 @@ __device__ void bwd_dkdv_mma(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bf
     const int shift = sp.k_len - sp.q_len;
     const int c0 = 16 * warp;  // the warp's first key, in the block
     const int key[2] = {j0 + c0 + g, j0 + c0 + g + 8};
+    const float sl2 = scale * LOG2E;
     // The first query that sees the block's first key: i + shift >= j0.
     const int first_q = max(0, j0 - shift);
+    const int q_tiles = sp.q_len > first_q ? (sp.q_len - first_q + MMA_TILE - 1) / MMA_TILE : 0;
+    const int n_tiles = group * q_tiles;  // (query head of the group, query tile) pairs
+
+    // Starts the copy of pair `it` into stage it % 2 (lse and D with plain loads).
+    auto load_pair = [&](int it) {
+        const int h = kvh * group + it / q_tiles, i0 = first_q + it % q_tiles * MMA_TILE;
+        __nv_bfloat16* q_s = qo_s + 2 * (it % 2) * TILE;
+        mma_load_tile<HD>(q_s, q, sp.q_start + i0, sp.q_len - i0, wq, h * HD);
+        mma_load_tile<HD>(q_s + TILE, dout, sp.q_start + i0, sp.q_len - i0, wq, h * HD);
+        float* st = stats_s + 2 * MMA_TILE * (it % 2);
+        for (int r = threadIdx.x; r < MMA_TILE; r += blockDim.x) {
+            const bool ok = i0 + r < sp.q_len;
+            const size_t at = ((size_t)sp.q_start + i0 + r) * n_heads + h;
+            st[r] = ok ? lse[at] * LOG2E : 0.0f;
+            st[MMA_TILE + r] = ok ? D[at] : 0.0f;
+        }
+    };
 
     mma_load_tile<HD>(k_s, k, sp.k_start + j0, sp.k_len - j0, wk, kvh * HD);
     mma_load_tile<HD>(v_s, v, sp.k_start + j0, sp.k_len - j0, wk, kvh * HD);
+    if (n_tiles > 0) load_pair(0);
+    tl::cp_async_commit();
     float dk_acc[HD / 8][4], dv_acc[HD / 8][4];
-#pragma unroll
-    for (int dn = 0; dn < HD / 8; ++dn) {
-        dk_acc[dn][0] = dk_acc[dn][1] = dk_acc[dn][2] = dk_acc[dn][3] = 0.0f;
-        dv_acc[dn][0] = dv_acc[dn][1] = dv_acc[dn][2] = dv_acc[dn][3] = 0.0f;
-    }
+    zero_acc(dk_acc);
+    zero_acc(dv_acc);
 
-    for (int gi = 0; gi < group; ++gi) {
-        const int h = kvh * group + gi;
-        for (int i0 = first_q; i0 < sp.q_len; i0 += MMA_TILE) {
-            __syncthreads();
-            mma_load_tile<HD>(q_s, q, sp.q_start + i0, sp.q_len - i0, wq, h * HD);
-            mma_load_tile<HD>(o_s, dout, sp.q_start + i0, sp.q_len - i0, wq, h * HD);
-            for (int r = threadIdx.x; r < MMA_TILE; r += blockDim.x) {
-                const bool ok = i0 + r < sp.q_len;
-                const size_t at = ((size_t)sp.q_start + i0 + r) * n_heads + h;
-                lse_s[r] = ok ? lse[at] : 0.0f;
-                d_s[r] = ok ? D[at] : 0.0f;
+    for (int it = 0; it < n_tiles; ++it) {
+        const int i0 = first_q + it % q_tiles * MMA_TILE;
+        if (it + 1 < n_tiles) {
+            load_pair(it + 1);
+            tl::cp_async_commit();
+        }
+        mma_wait_tile(it, n_tiles);
+        const __nv_bfloat16* q_s = qo_s + 2 * (it % 2) * TILE;
+        const __nv_bfloat16* o_s = q_s + TILE;
+        const float* lse2_s = stats_s + 2 * MMA_TILE * (it % 2);
+        const float* d_s = lse2_s + MMA_TILE;
+        // warp-uniform: no query of this tile sees the warp's first key, or no key
+        const bool active = j0 + c0 < sp.k_len && i0 + MMA_TILE - 1 + shift >= j0 + c0;
+        for (int q0 = 0; active && q0 < MMA_TILE && i0 + q0 < sp.q_len; q0 += 16) {
+            float s[2][4] = {}, dp[2][4] = {};
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; ++kk) {
+                uint32_t a[4], b0[2], b1[2];
+                mma_a_rows(a, k_s, LD, c0, 16 * kk);
+                mma_b_transposed(b0, b1, q_s, LD, q0, 16 * kk);
+                tl::mma_bf16_16816(s[0], a, b0);
+                tl::mma_bf16_16816(s[1], a, b1);
+                mma_a_rows(a, v_s, LD, c0, 16 * kk);
+                mma_b_transposed(b0, b1, o_s, LD, q0, 16 * kk);
+                tl::mma_bf16_16816(dp[0], a, b0);
+                tl::mma_bf16_16816(dp[1], a, b1);
             }
-            __syncthreads();
-            // warp-uniform: no query of this tile sees the warp's first key, or no key
-            if (j0 + c0 >= sp.k_len || i0 + MMA_TILE - 1 + shift < j0 + c0) continue;
-            for (int q0 = 0; q0 < MMA_TILE && i0 + q0 < sp.q_len; q0 += 16) {
-                float s[2][4] = {}, dp[2][4] = {};
+            // every query of these 16 is in the span and sees every key of the warp's 16
+            const bool full =
+                i0 + q0 + 16 <= sp.q_len && j0 + c0 + 16 <= sp.k_len && j0 + c0 + 15 <= i0 + q0 + shift;
+            float ds[2][4];
 #pragma unroll
-                for (int half = 0; half < 2; ++half) {
+            for (int half = 0; half < 2; ++half) {
 #pragma unroll
-                    for (int kk = 0; kk < HD / 16; ++kk) {
-                        uint32_t a[4], b[2];
-                        mma_b_transposed(b, q_s, LD, q0 + 8 * half, 16 * kk);
-                        mma_a_rows(a, k_s, LD, c0, 16 * kk);
-                        tl::mma_bf16_16816(s[half], a, b);
-                        mma_b_transposed(b, o_s, LD, q0 + 8 * half, 16 * kk);
-                        mma_a_rows(a, v_s, LD, c0, 16 * kk);
-                        tl::mma_bf16_16816(dp[half], a, b);
-                    }
+                for (int j = 0; j < 4; ++j) {
+                    const int qr = q0 + 8 * half + 2 * t + j % 2;  // query, in the tile
+                    const int kr = key[j / 2];
+                    const bool seen = full || (i0 + qr < sp.q_len && kr < sp.k_len && kr <= i0 + qr + shift);
+                    const float p = seen ? exp2f(s[half][j] * sl2 - lse2_s[qr]) : 0.0f;
+                    s[half][j] = p;
+                    ds[half][j] = p * (dp[half][j] - d_s[qr]);
                 }
-                float ds[2][4];
+            }
+            uint32_t pa[4], da[4];
+            mma_a_from_acc(pa, s[0], s[1]);
+            mma_a_from_acc(da, ds[0], ds[1]);
 #pragma unroll
-                for (int half = 0; half < 2; ++half) {
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) {
-                        const int qr = q0 + 8 * half + 2 * t + j % 2;  // query, in the tile
-                        const int kr = key[j / 2];
-                        const bool seen = i0 + qr < sp.q_len && kr < sp.k_len && kr <= i0 + qr + shift;
-                        const float p = seen ? expf(s[half][j] * scale - lse_s[qr]) : 0.0f;
-                        s[half][j] = p;
-                        ds[half][j] = p * (dp[half][j] - d_s[qr]);
-                    }
-                }
-                uint32_t pa[4], da[4];
-                mma_a_from_acc(pa, s[0], s[1]);
-                mma_a_from_acc(da, ds[0], ds[1]);
-#pragma unroll
-                for (int dn = 0; dn < HD / 8; ++dn) {
-                    uint32_t b[2];
-                    mma_b_rows(b, o_s, LD, q0, 8 * dn);
-                    tl::mma_bf16_16816(dv_acc[dn], pa, b);
-                    mma_b_rows(b, q_s, LD, q0, 8 * dn);
-                    tl::mma_bf16_16816(dk_acc[dn], da, b);
-                }
+            for (int dp2 = 0; dp2 < HD / 16; ++dp2) {
+                uint32_t b0[2], b1[2];
+                mma_b_rows(b0, b1, o_s, LD, q0, 16 * dp2);
+                tl::mma_bf16_16816(dv_acc[2 * dp2], pa, b0);
+                tl::mma_bf16_16816(dv_acc[2 * dp2 + 1], pa, b1);
+                mma_b_rows(b0, b1, q_s, LD, q0, 16 * dp2);
+                tl::mma_bf16_16816(dk_acc[2 * dp2], da, b0);
+                tl::mma_bf16_16816(dk_acc[2 * dp2 + 1], da, b1);
             }
         }
+        __syncthreads();  // the stage is refilled two tiles on
     }
+    tl::cp_async_wait<0>();  // K and V, when no query tile came
 #pragma unroll
     for (int x = 0; x < 2; ++x) {
         if (key[x] >= sp.k_len) continue;
-        const size_t at = ((size_t)sp.k_start + key[x]) * ldg + kvh * HD + 2 * t;
-#pragma unroll
-        for (int dn = 0; dn < HD / 8; ++dn) {
-            dk[at + 8 * dn] = __float2bfloat16_rn(dk_acc[dn][2 * x] * scale);
-            dk[at + 8 * dn + 1] = __float2bfloat16_rn(dk_acc[dn][2 * x + 1] * scale);
-            dv[at + 8 * dn] = __float2bfloat16_rn(dv_acc[dn][2 * x]);
-            dv[at + 8 * dn + 1] = __float2bfloat16_rn(dv_acc[dn][2 * x + 1]);
-        }
+        const size_t at = ((size_t)sp.k_start + key[x]) * ldg + kvh * HD;
+        mma_store_row<HD>(dk + at, dk_acc, x, scale);
+        mma_store_row<HD>(dv + at, dv_acc, x, 1.0f);
     }
 }
 

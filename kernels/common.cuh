@@ -132,6 +132,60 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
 }
 #endif
 
+// ---- shared-memory fragments and asynchronous copies (sm_80+) ----------------------
+//
+// ldmatrix_x4 (ldmatrix.sync.aligned.m8n8.x4.shared.b16): lane l passes `row`, the
+// address of row l % 8 of the 8x8 bf16 matrix l / 8 in shared memory (16-byte aligned);
+// r[i] gets, for g = lane / 4 and t = lane % 4, row g, columns 2t, 2t+1 of matrix i: an
+// mma A or B register. ldmatrix_x4_trans (.trans) gets rows 2t, 2t+1 of column g instead.
+// Every lane of the warp must call them.
+//
+// cp_async_16 starts copying 16 bytes from global to shared memory (both 16-byte
+// aligned), or writes 16 zero bytes when !valid; cp_async_commit closes the group of
+// copies started since the last one; cp_async_wait<N> waits until at most the N most
+// recent groups are still in flight. A copy is visible to other threads after the wait
+// and a __syncthreads. The test suite's CPU emulator (tests/emu) provides its own.
+#if defined(__CUDACC__)
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const __nv_bfloat16* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(row)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const __nv_bfloat16* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(row)));
+}
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+#else
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const __nv_bfloat16* row) {
+    ::tl_emu::ldmatrix_x4(r, row, false);
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const __nv_bfloat16* row) {
+    ::tl_emu::ldmatrix_x4(r, row, true);
+}
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+    ::tl_emu::cp_async_16(dst, src, valid ? 16 : 0);
+}
+__device__ __forceinline__ void cp_async_commit() { ::tl_emu::cp_async_commit(); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    ::tl_emu::cp_async_wait(N);
+}
+#endif
+
 }  // namespace tl
 
 #endif  // TUNELOOP_COMMON_CUH

@@ -771,7 +771,7 @@ fn attention(dtype: DType) {
     ];
     for shape in shapes {
         // one sequence, packed sequences of odd lengths, and a padded batch
-        for lens in [vec![1], vec![37], vec![5, 33, 1, 70], vec![129]] {
+        for lens in [vec![1], vec![37], vec![5, 33, 1, 70], vec![129], vec![3, 260]] {
             let n: usize = lens.iter().sum();
             attention_case(&mut p, shape, &AttnLayout::packed(&lens), n, n);
         }
@@ -784,6 +784,14 @@ fn attention(dtype: DType) {
             ],
         };
         attention_case(&mut p, shape, &layout, 10, 100);
+        // longer chunks whose diagonal falls inside a 16-row block (shifts 62 and 17)
+        let layout = AttnLayout {
+            seqs: vec![
+                SeqSpan { q_start: 0, q_len: 40, k_start: 0, k_len: 102 },
+                SeqSpan { q_start: 40, q_len: 70, k_start: 102, k_len: 87 },
+            ],
+        };
+        attention_case(&mut p, shape, &layout, 110, 189);
     }
 }
 

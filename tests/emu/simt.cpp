@@ -100,10 +100,24 @@ struct Rng {
     }
 };
 
+// A thread's cp.async copies not yet landed; `group` is the commit group (-1: not yet
+// committed), counted from 1 per thread.
+struct CpCopy {
+    void* dst;
+    const void* src;
+    unsigned src_bytes;
+    int group;
+};
+struct CpQueue {
+    std::vector<CpCopy> copies;
+    int groups;
+};
+
 // Stacks and fibers, kept between launches.
 struct Pool {
     std::vector<Fiber> fibers;
     std::vector<void*> stacks;
+    std::vector<CpQueue> cp;
     std::vector<unsigned char> dynamic_shared;
 
     bool reserve(size_t n, std::string& error) {
@@ -118,6 +132,7 @@ struct Pool {
             stacks.push_back(m);
         }
         fibers.resize(n);
+        if (cp.size() < n) cp.resize(n);
         return true;
     }
 };
@@ -132,6 +147,7 @@ const char* op_name(WarpOp op) {
     case WarpOp::Up: return "__shfl_up_sync";
     case WarpOp::Ballot: return "__ballot_sync";
     case WarpOp::Mma: return "mma.sync.m16n8k16";
+    case WarpOp::Ldmatrix: return "ldmatrix.x4";
     }
     return "?";
 }
@@ -211,6 +227,56 @@ void warp_mma(Fiber* warp) {
     }
 }
 
+// Where `p` lies in the block's dynamic shared memory when `bytes` bytes from it are all
+// inside and it is 16-byte aligned there; -1 otherwise.
+long shared_offset(const void* p, size_t bytes) {
+    const uintptr_t base = reinterpret_cast<uintptr_t>(current_block->dynamic_shared);
+    const uintptr_t at = reinterpret_cast<uintptr_t>(p);
+    if (at < base || at - base + bytes > current_block->dynamic_shared_bytes || (at - base) % 16 != 0) return -1;
+    return long(at - base);
+}
+
+uint16_t load_u16(uint64_t addr) {
+    uint16_t v;
+    memcpy(&v, reinterpret_cast<const void*>(uintptr_t(addr)), 2);
+    return v;
+}
+
+// One warp's ldmatrix.x4 (see tl_emu::ldmatrix_x4), each lane's row address in `value`.
+bool warp_ldmatrix(Fiber* warp, std::string& error) {
+    for (int lane = 0; lane < 32; ++lane) {
+        if (shared_offset(reinterpret_cast<const void*>(uintptr_t(warp[lane].value)), 16) < 0) {
+            char buf[160];
+            snprintf(buf, sizeof buf,
+                     "ldmatrix by %s: row address %p is not a 16-byte aligned row inside the %zu bytes of dynamic "
+                     "shared memory",
+                     where(warp[lane]).c_str(), reinterpret_cast<void*>(uintptr_t(warp[lane].value)),
+                     current_block->dynamic_shared_bytes);
+            error = buf;
+            return false;
+        }
+    }
+    uint32_t out[32][4];
+    for (int lane = 0; lane < 32; ++lane) {
+        const int g = lane / 4, t = lane % 4;
+        for (int i = 0; i < 4; ++i) {
+            uint32_t lo, hi;
+            if (warp[lane].arg) {  // .trans: rows 2t, 2t + 1 of column g
+                lo = load_u16(warp[8 * i + 2 * t].value + 2 * g);
+                hi = load_u16(warp[8 * i + 2 * t + 1].value + 2 * g);
+            } else {  // row g, columns 2t, 2t + 1
+                lo = load_u16(warp[8 * i + g].value + 4 * t);
+                hi = load_u16(warp[8 * i + g].value + 4 * t + 2);
+            }
+            out[lane][i] = lo | hi << 16;
+        }
+    }
+    for (int lane = 0; lane < 32; ++lane) {
+        for (int i = 0; i < 4; ++i) warp[lane].ldm_out[i] = out[lane][i];
+    }
+    return true;
+}
+
 // Releases the warp operations whose every participant has arrived. Returns how many
 // lanes it released, or -1 with `error` set when a warp can never complete.
 int release_warps(Fiber* fibers, size_t n, std::string& error) {
@@ -249,12 +315,17 @@ int release_warps(Fiber* fibers, size_t n, std::string& error) {
             }
             handled |= members;
             if (!complete) continue;
-            if (f.op == WarpOp::Mma) {
+            if (f.op == WarpOp::Mma || f.op == WarpOp::Ldmatrix) {
                 if (lanes != 32 || members != 0xffffffffu) {
-                    error = std::string("mma.sync by ") + where(f) + " in a warp whose 32 lanes do not all take part";
+                    error = op_name(f.op) + std::string(" by ") + where(f) +
+                            " in a warp whose 32 lanes do not all take part";
                     return -1;
                 }
-                warp_mma(warp);
+                if (f.op == WarpOp::Mma) {
+                    warp_mma(warp);
+                } else if (!warp_ldmatrix(warp, error)) {
+                    return -1;
+                }
             }
             unsigned ballot = 0;
             for (size_t m = 0; m < lanes; ++m) {
@@ -265,7 +336,7 @@ int release_warps(Fiber* fibers, size_t n, std::string& error) {
                 Fiber& g = warp[m];
                 if (g.op == WarpOp::Ballot) {
                     g.result = ballot;
-                } else if (g.op != WarpOp::Sync && g.op != WarpOp::Mma) {
+                } else if (g.op != WarpOp::Sync && g.op != WarpOp::Mma && g.op != WarpOp::Ldmatrix) {
                     const int s = source_lane(g, int(m));
                     if (s < 0) {
                         g.result = g.value;
@@ -305,10 +376,15 @@ std::string describe(Fiber* fibers, size_t n) {
     return s;
 }
 
+// An error a thread ran into (a bad cp.async), with where: the block stops there.
+std::string fiber_error;
+
 std::string run_block(size_t n, Rng& rng, bool shuffle) {
     Fiber* fibers = pool.fibers.data();
     const uint3 dim = current_block->block_dim;
     for (size_t i = 0; i < n; ++i) {
+        pool.cp[i].copies.clear();
+        pool.cp[i].groups = 0;
         Fiber& f = fibers[i];
         f = Fiber{};
         f.tid = uint3{unsigned(i % dim.x), unsigned(i / dim.x % dim.y), unsigned(i / (size_t(dim.x) * dim.y))};
@@ -329,6 +405,7 @@ std::string run_block(size_t n, Rng& rng, bool shuffle) {
         for (size_t i = 0; i < n; ++i) {
             Fiber& f = fibers[order[i]];
             if (!f.done && f.wait == Wait::None) resume(&f);
+            if (!fiber_error.empty()) return fiber_error;
         }
         std::string error;
         const int released = release_warps(fibers, n, error);
@@ -340,7 +417,15 @@ std::string run_block(size_t n, Rng& rng, bool shuffle) {
             ++live;
             at_block += fibers[i].wait == Wait::Block;
         }
-        if (live == 0) return {};
+        if (live == 0) {
+            for (size_t i = 0; i < n; ++i) {
+                if (!pool.cp[i].copies.empty()) {
+                    return where(fibers[i]) + " exited with " + std::to_string(pool.cp[i].copies.size()) +
+                           " cp.async copies it never waited for";
+                }
+            }
+            return {};
+        }
         if (at_block == live) {
             for (size_t i = 0; i < n; ++i) fibers[i].wait = Wait::None;
             continue;
@@ -358,8 +443,10 @@ std::string run_grid(const Kernel& kernel, dim3 grid, dim3 block, size_t dynamic
     std::string error;
     if (!pool.reserve(n, error)) return error;
     pool.dynamic_shared.assign(dynamic_shared + 16, 0);
+    fiber_error.clear();
     Launch launch{&kernel, params, nullptr};
     BlockState state{};
+    state.dynamic_shared_bytes = dynamic_shared;
     state.block_dim = uint3{block.x, block.y, block.z};
     state.grid_dim = uint3{grid.x, grid.y, grid.z};
     state.dynamic_shared = pool.dynamic_shared.data();
@@ -370,6 +457,7 @@ std::string run_grid(const Kernel& kernel, dim3 grid, dim3 block, size_t dynamic
         for (unsigned y = 0; y < grid.y && error.empty(); ++y) {
             for (unsigned x = 0; x < grid.x && error.empty(); ++x) {
                 state.block_idx = uint3{x, y, z};
+                state.cp_async_eager = shuffle && (rng.next() >> 63) != 0;
                 fill_poison(pool.dynamic_shared.data(), pool.dynamic_shared.size());
                 error = run_block(n, rng, shuffle);
                 if (!error.empty()) {
@@ -385,5 +473,65 @@ std::string run_grid(const Kernel& kernel, dim3 grid, dim3 block, size_t dynamic
 }
 
 void yield_to_scheduler() { tl_emu_switch(&current_fiber->sp, current_launch->scheduler_sp); }
+
+namespace {
+
+// Stops the calling thread's block with `msg`: the scheduler never resumes it.
+[[noreturn]] void fail_in_fiber(const std::string& msg) {
+    fiber_error = where(*current_fiber) + ": " + msg;
+    current_fiber->wait = Wait::Block;
+    for (;;) yield_to_scheduler();
+}
+
+void land(const CpCopy& c) {
+    memcpy(c.dst, c.src, c.src_bytes);
+    memset(static_cast<char*>(c.dst) + c.src_bytes, 0, 16 - c.src_bytes);
+}
+
+CpQueue& my_cp_queue() { return pool.cp[size_t(current_fiber - pool.fibers.data())]; }
+
+}  // namespace
+
+void cp_async_16(void* dst, const void* src, unsigned src_bytes) {
+    if (shared_offset(dst, 16) < 0) {
+        char buf[128];
+        snprintf(buf, sizeof buf, "cp.async to %p, not a 16-byte aligned spot inside the %zu bytes of dynamic shared memory",
+                 dst, current_block->dynamic_shared_bytes);
+        fail_in_fiber(buf);
+    }
+    if (src_bytes > 16) fail_in_fiber("cp.async of " + std::to_string(src_bytes) + " source bytes into 16");
+    if (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16 != 0) {
+        char buf[96];
+        snprintf(buf, sizeof buf, "cp.async of 16 bytes from %p, which is not 16-byte aligned", src);
+        fail_in_fiber(buf);
+    }
+    const CpCopy c{dst, src, src_bytes, -1};
+    if (current_block->cp_async_eager) {
+        land(c);
+    } else {
+        my_cp_queue().copies.push_back(c);
+    }
+}
+
+void cp_async_commit() {
+    CpQueue& q = my_cp_queue();
+    ++q.groups;
+    for (CpCopy& c : q.copies) {
+        if (c.group < 0) c.group = q.groups;
+    }
+}
+
+void cp_async_wait(int n) {
+    CpQueue& q = my_cp_queue();
+    std::vector<CpCopy> pending;
+    for (const CpCopy& c : q.copies) {
+        if (c.group >= 0 && c.group <= q.groups - n) {
+            land(c);
+        } else {
+            pending.push_back(c);
+        }
+    }
+    q.copies.swap(pending);
+}
 
 }  // namespace tl_emu

@@ -55,6 +55,7 @@ enum class WarpOp : int {
     Up,        // __shfl_up_sync: value of lane (lane - arg), or its own
     Ballot,    // __ballot_sync: bit per lane whose value is non-zero
     Mma,       // mma.sync.m16n8k16.row.col.f32.bf16.bf16.f32: see mma_m16n8k16_bf16
+    Ldmatrix,  // ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16: see ldmatrix_x4
 };
 
 // One emulated thread. Only the scheduler (simt.cpp) writes these fields while the
@@ -75,6 +76,8 @@ struct Fiber {
     const uint32_t* mma_a;
     const uint32_t* mma_b;
     float* mma_d;
+    // An Ldmatrix's 4 destination registers (the row address is `value`, .trans `arg`).
+    uint32_t* ldm_out;
     void* sp;          // saved stack pointer while suspended
     void* stack;       // base of its stack mapping
 };
@@ -83,6 +86,12 @@ struct Fiber {
 struct BlockState {
     uint3 block_idx, block_dim, grid_dim;
     void* dynamic_shared;
+    size_t dynamic_shared_bytes;
+    // Whether this block's cp.async copies land when issued (else when waited for): drawn
+    // per block, so a kernel that overwrites a tile other warps still read (a barrier
+    // missing after the compute) and one that reads a tile before waiting for it both
+    // show up.
+    bool cp_async_eager;
 };
 
 // Set while a launch runs; launches never overlap (see simt.cpp).
@@ -125,6 +134,27 @@ inline void mma_m16n8k16_bf16(float* d, const uint32_t* a, const uint32_t* b) {
     f->mma_d = d;
     warp_op(WarpOp::Mma, 0xffffffffu, 0, 0, 32);
 }
+
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16 (trans: .trans): lane l gives `row`, the
+// 16-byte aligned shared-memory address of row l % 8 of the 8x8 bf16 matrix l / 8, and
+// gets in r[i], for group g = l / 4 and t = l % 4, row g, columns 2t and 2t + 1 of matrix
+// i (trans: rows 2t and 2t + 1 of column g), the lower index in the low half. Every lane
+// of the warp takes part.
+inline void ldmatrix_x4(uint32_t* r, const void* row, bool trans) {
+    current_fiber->ldm_out = r;
+    warp_op(WarpOp::Ldmatrix, 0xffffffffu, uint64_t(uintptr_t(row)), trans ? 1 : 0, 32);
+}
+
+// cp.async.cg.shared.global [dst], [src], 16, src_bytes: copies src_bytes (0 or 16)
+// bytes into shared memory and zero-fills the rest of the 16, asynchronously: the copy
+// lands when issued or at the cp_async_wait that covers it (BlockState::cp_async_eager),
+// so only a wait and then a barrier make it visible. A thread that exits with copies it
+// never waited for fails the launch, as does an unaligned or out-of-range address.
+void cp_async_16(void* dst, const void* src, unsigned src_bytes);
+// cp.async.commit_group: the copies issued since the last commit form one group.
+void cp_async_commit();
+// cp.async.wait_group n: waits until at most the n most recent groups are pending.
+void cp_async_wait(int n);
 
 template <typename T> inline uint64_t to_bits(T v) {
     static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "warp operand");

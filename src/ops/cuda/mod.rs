@@ -1145,7 +1145,8 @@ impl Ops for CudaOps {
         let (spans, tiles, n_tiles) =
             self.attn_tiles(layout, false, if mma { ATTN_MMA_ROWS } else { ATTN_ROWS })?;
         let (name, cfg) = if mma {
-            let smem = 2 * ATTN_MMA_KEYS * (hd + 8) * 2;
+            // two stages of K and V tiles
+            let smem = 4 * ATTN_MMA_KEYS * (hd + 8) * 2;
             (format!("attn_fwd_mma_bf16_hd{hd}"), attn_cfg(n_tiles, shape.n_heads, smem))
         } else {
             let (suffix, bc) = Self::attn_variant(hd);
@@ -1217,13 +1218,14 @@ impl Ops for CudaOps {
         let (spans, q_tiles, n_q_tiles) = self.attn_tiles(layout, false, rows)?;
         let (_, k_tiles, n_k_tiles) = self.attn_tiles(layout, true, rows)?;
         let (dq_name, dq_cfg, dkdv_name, dkdv_cfg) = if mma {
-            // dkdv keeps K and V of its 64 keys beside the streamed Q and dO tiles
+            // dq streams two stages of K and V tiles; dkdv keeps K and V of its 64 keys
+            // beside two stages of Q and dO tiles with their lse and D
             let tile = ATTN_MMA_KEYS * (hd + 8) * 2;
             (
                 format!("attn_bwd_dq_mma_bf16_hd{hd}"),
-                attn_cfg(n_q_tiles, shape.n_heads, 2 * tile),
+                attn_cfg(n_q_tiles, shape.n_heads, 4 * tile),
                 format!("attn_bwd_dkdv_mma_bf16_hd{hd}"),
-                attn_cfg(n_k_tiles, shape.n_kv_heads, 4 * tile + 2 * ATTN_MMA_KEYS * 4),
+                attn_cfg(n_k_tiles, shape.n_kv_heads, 6 * tile + 4 * ATTN_MMA_KEYS * 4),
             )
         } else {
             let (suffix, bc) = Self::attn_variant(hd);

@@ -4,8 +4,10 @@
 //
 // Geometry (as ops::AttnShape / ops::AttnLayout):
 //   q, out, dout, dq [Nq, H * hd];  k, v, dk, dv [Nk, Hkv * hd];  lse, D [Nq, H] f32
-//   The backward's outputs dq (attn_bwd_dq*) and dk, dv (attn_bwd_dkdv*) have rows `ldg`
-//   elements apart (>= their width: room for the LoRA path of q/k/v_proj, lora.cu).
+//   The forward's output `out` has rows `ldo` elements apart (>= its width: room for the
+//   LoRA path of o_proj, lora.cu), and so has attn_bwd_dot's input `out`. The backward's
+//   outputs dq (attn_bwd_dq*) and dk, dv (attn_bwd_dkdv*) have rows `ldg` elements apart
+//   (room for the LoRA paths of q/k/v_proj).
 //   spans [n_seqs, 4] int: q_start, q_len, k_start, k_len of each sequence. Query i of a
 //   span sees keys 0 ..= i + k_len - q_len (bottom-right causal alignment).
 //   softmax scale = 1 / sqrt(hd), applied to q.k as the CPU backend does.
@@ -70,7 +72,7 @@ __device__ __forceinline__ float dot_smem(const float* a, const float* b, int hd
 
 template <typename T, int BC>
 __device__ void fwd(T* out, float* lse, const T* q, const T* k, const T* v, const int* spans, const int* tiles,
-                    int n_heads, int n_kv_heads, int hd, float scale) {
+                    int n_heads, int n_kv_heads, int hd, float scale, int ldo) {
     TL_DYNAMIC_SHARED(float, smem);
     const int rows = blockDim.x / tl::WARP_SIZE;
     const int warp = threadIdx.x / tl::WARP_SIZE, lane = threadIdx.x % tl::WARP_SIZE;
@@ -126,19 +128,19 @@ __device__ void fwd(T* out, float* lse, const T* q, const T* k, const T* v, cons
 #pragma unroll
     for (int dd = 0; dd < MAX_COLS_PER_LANE; ++dd) {
         const int c = lane + dd * tl::WARP_SIZE;
-        if (c < hd) tl::store_f32(out + row * wq + h * hd + c, acc[dd] / l);
+        if (c < hd) tl::store_f32(out + row * ldo + h * hd + c, acc[dd] / l);
     }
     if (lane == 0) lse[row * n_heads + h] = m + logf(l);
 }
 
 template <typename T>
-__device__ void bwd_dot(float* D, const T* dout, const T* out, int nq, int n_heads, int hd) {
+__device__ void bwd_dot(float* D, const T* dout, const T* out, int nq, int n_heads, int hd, int ldo) {
     const int lane = threadIdx.x % tl::WARP_SIZE;
     const size_t warps = (size_t)gridDim.x * blockDim.x / tl::WARP_SIZE;
     const size_t total = (size_t)nq * n_heads;
     for (size_t w = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) / tl::WARP_SIZE; w < total; w += warps) {
         const T* a = dout + w * hd;  // row-major [nq, H*hd]: (row, h) is at (row*H + h)*hd
-        const T* b = out + w * hd;
+        const T* b = out + w / n_heads * ldo + w % n_heads * hd;
         float s = 0.0f;
         for (int c = lane; c < hd; c += tl::WARP_SIZE) s += tl::load_f32(a + c) * tl::load_f32(b + c);
         s = tl::warp_reduce_sum(s);
@@ -485,7 +487,7 @@ __device__ __forceinline__ void mma_wait_tile(int it, int n_tiles) {
 template <int HD>
 __device__ void fwd_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
                         const __nv_bfloat16* v, const int* spans, const int* tiles, int n_heads, int n_kv_heads,
-                        float scale) {
+                        float scale, int ldo) {
     constexpr int LD = HD + 8, TILE = MMA_TILE * LD;
     TL_DYNAMIC_SHARED(float, smem);
     __nv_bfloat16* kv_s = reinterpret_cast<__nv_bfloat16*>(smem);
@@ -589,7 +591,7 @@ __device__ void fwd_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, 
     for (int x = 0; x < 2; ++x) {
         if (row[x] >= sp.q_len) continue;
         const size_t grow = (size_t)sp.q_start + row[x];
-        mma_store_row<HD>(out + grow * wq + h * HD, o, x, 1.0f / l[x]);
+        mma_store_row<HD>(out + grow * ldo + h * HD, o, x, 1.0f / l[x]);
         if (t == 0) lse[grow * n_heads + h] = (m[x] + log2f(l[x])) * LN2;
     }
 }
@@ -807,8 +809,8 @@ __device__ void bwd_dkdv_mma(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bf
 // checked against KERNEL_NAMES.
 extern "C" __global__ void attn_fwd_f32_bc32(float* out, float* lse, const float* q, const float* k,
                                             const float* v, const int* spans, const int* tiles, int n_heads,
-                                            int n_kv_heads, int hd, float scale) {
-    tl_attn::fwd<float, 32>(out, lse, q, k, v, spans, tiles, n_heads, n_kv_heads, hd, scale);
+                                            int n_kv_heads, int hd, float scale, int ldo) {
+    tl_attn::fwd<float, 32>(out, lse, q, k, v, spans, tiles, n_heads, n_kv_heads, hd, scale, ldo);
 }
 extern "C" __global__ void attn_bwd_dq_f32_bc32(float* dq, const float* dout, const float* q, const float* k,
                                                const float* v, const float* lse, const float* D,
@@ -825,8 +827,8 @@ extern "C" __global__ void attn_bwd_dkdv_f32_bc32(float* dk, float* dv, const fl
 
 extern "C" __global__ void attn_fwd_f32_bc16(float* out, float* lse, const float* q, const float* k,
                                             const float* v, const int* spans, const int* tiles, int n_heads,
-                                            int n_kv_heads, int hd, float scale) {
-    tl_attn::fwd<float, 16>(out, lse, q, k, v, spans, tiles, n_heads, n_kv_heads, hd, scale);
+                                            int n_kv_heads, int hd, float scale, int ldo) {
+    tl_attn::fwd<float, 16>(out, lse, q, k, v, spans, tiles, n_heads, n_kv_heads, hd, scale, ldo);
 }
 extern "C" __global__ void attn_bwd_dq_f32_bc16(float* dq, const float* dout, const float* q, const float* k,
                                                const float* v, const float* lse, const float* D,
@@ -843,8 +845,8 @@ extern "C" __global__ void attn_bwd_dkdv_f32_bc16(float* dk, float* dv, const fl
 
 extern "C" __global__ void attn_fwd_bf16_bc32(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
                                             const __nv_bfloat16* v, const int* spans, const int* tiles, int n_heads,
-                                            int n_kv_heads, int hd, float scale) {
-    tl_attn::fwd<__nv_bfloat16, 32>(out, lse, q, k, v, spans, tiles, n_heads, n_kv_heads, hd, scale);
+                                            int n_kv_heads, int hd, float scale, int ldo) {
+    tl_attn::fwd<__nv_bfloat16, 32>(out, lse, q, k, v, spans, tiles, n_heads, n_kv_heads, hd, scale, ldo);
 }
 extern "C" __global__ void attn_bwd_dq_bf16_bc32(__nv_bfloat16* dq, const __nv_bfloat16* dout, const __nv_bfloat16* q, const __nv_bfloat16* k,
                                                const __nv_bfloat16* v, const float* lse, const float* D,
@@ -861,8 +863,8 @@ extern "C" __global__ void attn_bwd_dkdv_bf16_bc32(__nv_bfloat16* dk, __nv_bfloa
 
 extern "C" __global__ void attn_fwd_bf16_bc16(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
                                             const __nv_bfloat16* v, const int* spans, const int* tiles, int n_heads,
-                                            int n_kv_heads, int hd, float scale) {
-    tl_attn::fwd<__nv_bfloat16, 16>(out, lse, q, k, v, spans, tiles, n_heads, n_kv_heads, hd, scale);
+                                            int n_kv_heads, int hd, float scale, int ldo) {
+    tl_attn::fwd<__nv_bfloat16, 16>(out, lse, q, k, v, spans, tiles, n_heads, n_kv_heads, hd, scale, ldo);
 }
 extern "C" __global__ void attn_bwd_dq_bf16_bc16(__nv_bfloat16* dq, const __nv_bfloat16* dout, const __nv_bfloat16* q, const __nv_bfloat16* k,
                                                const __nv_bfloat16* v, const float* lse, const float* D,
@@ -878,25 +880,25 @@ extern "C" __global__ void attn_bwd_dkdv_bf16_bc16(__nv_bfloat16* dk, __nv_bfloa
 }
 
 extern "C" __global__ void attn_bwd_dot_f32(float* D, const float* dout, const float* out, int nq, int n_heads,
-                                            int hd) {
-    tl_attn::bwd_dot(D, dout, out, nq, n_heads, hd);
+                                            int hd, int ldo) {
+    tl_attn::bwd_dot(D, dout, out, nq, n_heads, hd, ldo);
 }
 extern "C" __global__ void attn_bwd_dot_bf16(float* D, const __nv_bfloat16* dout, const __nv_bfloat16* out,
-                                             int nq, int n_heads, int hd) {
-    tl_attn::bwd_dot(D, dout, out, nq, n_heads, hd);
+                                             int nq, int n_heads, int hd, int ldo) {
+    tl_attn::bwd_dot(D, dout, out, nq, n_heads, hd, ldo);
 }
 
 extern "C" __global__ void __launch_bounds__(128)
     attn_fwd_mma_bf16_hd64(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
                            const __nv_bfloat16* v, const int* spans, const int* tiles, int n_heads, int n_kv_heads,
-                           int /* hd, always 64 */, float scale) {
-    tl_attn::fwd_mma<64>(out, lse, q, k, v, spans, tiles, n_heads, n_kv_heads, scale);
+                           int /* hd, always 64 */, float scale, int ldo) {
+    tl_attn::fwd_mma<64>(out, lse, q, k, v, spans, tiles, n_heads, n_kv_heads, scale, ldo);
 }
 extern "C" __global__ void __launch_bounds__(128)
     attn_fwd_mma_bf16_hd128(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
                             const __nv_bfloat16* v, const int* spans, const int* tiles, int n_heads, int n_kv_heads,
-                            int /* hd, always 128 */, float scale) {
-    tl_attn::fwd_mma<128>(out, lse, q, k, v, spans, tiles, n_heads, n_kv_heads, scale);
+                            int /* hd, always 128 */, float scale, int ldo) {
+    tl_attn::fwd_mma<128>(out, lse, q, k, v, spans, tiles, n_heads, n_kv_heads, scale, ldo);
 }
 extern "C" __global__ void __launch_bounds__(128)
     attn_bwd_dq_mma_bf16_hd64(__nv_bfloat16* dq, const __nv_bfloat16* dout, const __nv_bfloat16* q,

@@ -713,8 +713,8 @@ fn attention_case(p: &mut Pair, shape: AttnShape, layout: &AttnLayout, nq: usize
     let (kc, kg) = p.both(&[nk, shape.n_kv_heads * shape.head_dim], 1.0);
     let (vc, vg) = p.both(&[nk, shape.n_kv_heads * shape.head_dim], 1.0);
     poison_pool(p);
-    let (oc, lc) = p.cpu.attention_fwd(&qc, &kc, &vc, shape, layout).unwrap();
-    let (og, lg) = p.gpu.attention_fwd(&qg, &kg, &vg, shape, layout).unwrap();
+    let (oc, lc) = p.cpu.attention_fwd(&qc, &kc, &vc, shape, layout, 0).unwrap();
+    let (og, lg) = p.gpu.attention_fwd(&qg, &kg, &vg, shape, layout, 0).unwrap();
     let tol = p.tol();
     close(&format!("attention_fwd out {what}"), &p.down(&og), &oc.data, tol);
     // rows outside every span have lse -inf on both: compare the finite ones (lse is f32
@@ -735,11 +735,15 @@ fn attention_case(p: &mut Pair, shape: AttnShape, layout: &AttnLayout, nq: usize
     close(&format!("attention_bwd dk {what}"), &p.down(&dkg), &dkc.data, tol);
     close(&format!("attention_bwd dv {what}"), &p.down(&dvg), &dvc.data, tol);
 
-    // the gradients with room after their rows (for q/k/v_proj's LoRA fold), and RoPE's
-    // backward in place on them
+    // the output with room after its rows (for o_proj's LoRA fold), the backward reading
+    // it, its gradients with room (for q/k/v_proj's), and RoPE's backward in place on them
+    poison_pool(p);
+    let (ogr, _) = p.gpu.attention_fwd(&qg, &kg, &vg, shape, layout, 5).unwrap();
+    assert!(ogr.tail >= 5, "room {}", ogr.tail);
+    close(&format!("attention_fwd out with room {what}"), &p.down(&ogr), &oc.data, tol);
     poison_pool(p);
     let (mut dqr, mut dkr, dvr) =
-        p.gpu.attention_bwd(&dg, &qg, &kg, &vg, &og, &lg, shape, layout, 5).unwrap();
+        p.gpu.attention_bwd(&dg, &qg, &kg, &vg, &ogr, &lg, shape, layout, 5).unwrap();
     assert!(dqr.tail >= 5 && dkr.tail >= 5 && dvr.tail >= 5, "room {} {} {}", dqr.tail, dkr.tail, dvr.tail);
     close(&format!("attention_bwd dq with room {what}"), &p.down(&dqr), &dqc.data, tol);
     close(&format!("attention_bwd dk with room {what}"), &p.down(&dkr), &dkc.data, tol);

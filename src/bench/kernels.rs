@@ -104,9 +104,9 @@ pub fn run_kernels<O: Ops>(ops: &O, opts: &BenchOptions) -> Result<KernelReport>
     let vv = act(&[t, kw], &random(t * kw, 1.0))?;
     let attn_shape = format!("{batch}×{seq}, {h}/{hkv} heads of {hd}");
     let io = (2.0 * tf * qw as f64 + 2.0 * tf * kw as f64) * elem + 4.0 * tf * h as f64;
-    let s = mean_time(ops, reps, || ops.attention_fwd(&q, &k, &vv, shape, &layout).map(drop))?;
+    let s = mean_time(ops, reps, || ops.attention_fwd(&q, &k, &vv, shape, &layout, 0).map(drop))?;
     record("attention_fwd", attn_shape.clone(), s, attention_fwd_flops(shape, &layout), io);
-    let (out, lse) = ops.attention_fwd(&q, &k, &vv, shape, &layout)?;
+    let (out, lse) = ops.attention_fwd(&q, &k, &vv, shape, &layout, 0)?;
     let dout = act(&[t, qw], &random(t * qw, 1.0))?;
     let s = mean_time(ops, reps, || {
         ops.attention_bwd(&dout, &q, &k, &vv, &out, &lse, shape, &layout, 0).map(drop)

@@ -286,9 +286,10 @@ impl<O: Ops> Ops for Profiled<'_, O> {
         v: &Self::Tensor,
         shape: AttnShape,
         layout: &AttnLayout,
+        tail: usize,
     ) -> Result<(Self::Tensor, Self::Tensor)> {
         let flops = attention_fwd_flops(shape, layout);
-        self.run_counted("attention_fwd", flops, || self.inner.attention_fwd(q, k, v, shape, layout))
+        self.run_counted("attention_fwd", flops, || self.inner.attention_fwd(q, k, v, shape, layout, tail))
     }
 
     fn attention_bwd(

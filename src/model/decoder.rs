@@ -337,14 +337,15 @@ impl<'a, O: Ops> Decoder<'a, O> {
         let (v, xa_v) = self.linear_fwd(l, Proj::V, &n1, None)?;
         (xa[Proj::Q as usize], xa[Proj::K as usize], xa[Proj::V as usize]) = (xa_q, xa_k, xa_v);
         ops.rope_fwd(&mut q, &mut k, &inp.cos, &inp.sin, c.head_dim)?;
+        let tail = self.lora_rank(l, &[Proj::O]);
         let (attn, lse) = match cache {
-            None => ops.attention_fwd(&q, &k, &v, shape, &inp.layout)?,
+            None => ops.attention_fwd(&q, &k, &v, shape, &inp.layout, tail)?,
             Some(cache) => {
                 for &(src, dst, n) in &inp.cache_writes {
                     ops.copy_rows(&mut cache.k[l], dst, &k, src, n)?;
                     ops.copy_rows(&mut cache.v[l], dst, &v, src, n)?;
                 }
-                ops.attention_fwd(&q, &cache.k[l], &cache.v[l], shape, &inp.layout)?
+                ops.attention_fwd(&q, &cache.k[l], &cache.v[l], shape, &inp.layout, tail)?
             }
         };
         // the residual adds happen in the projections' products

@@ -333,7 +333,7 @@ pub trait Ops {
 
     // ---- causal grouped-query attention ----
     /// `q [Nq, H·hd]`, `k, v [Nk, Hkv·hd]` -> `(out [Nq, H·hd], lse [Nq, H])`;
-    /// softmax scale `1/sqrt(hd)`.
+    /// softmax scale `1/sqrt(hd)`. `tail`: o_proj's LoRA rank, as [`Ops::rmsnorm_fwd`]'s.
     fn attention_fwd(
         &self,
         q: &Self::Tensor,
@@ -341,6 +341,7 @@ pub trait Ops {
         v: &Self::Tensor,
         shape: AttnShape,
         layout: &AttnLayout,
+        tail: usize,
     ) -> Result<(Self::Tensor, Self::Tensor)>;
     /// Returns `(dq, dk, dv)`. `tail`: the largest LoRA rank of q/k/v_proj, as
     /// [`Ops::rmsnorm_fwd`]'s, for their backward (after [`Ops::rope_bwd`] on dq and dk).

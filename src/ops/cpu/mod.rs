@@ -339,6 +339,7 @@ impl Ops for CpuOps {
         v: &CpuTensor,
         shape: AttnShape,
         layout: &AttnLayout,
+        _tail: usize,
     ) -> Result<(CpuTensor, CpuTensor)> {
         super::check_attention(&q.shape, &k.shape, &v.shape, shape, layout)?;
         let (nq, _) = q.rows_cols();

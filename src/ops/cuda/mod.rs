@@ -140,6 +140,13 @@ impl CudaOps {
         Ok(t)
     }
 
+    /// A zeroed activation tensor with `tail` elements of room after each row.
+    fn alloc_zeros_with_tail(&self, shape: &[usize], tail: usize) -> Result<CudaTensor> {
+        let mut t = self.alloc_with_tail(shape, tail, self.dtype)?;
+        self.fill_zero(&mut t)?;
+        Ok(t)
+    }
+
     /// A zeroed tensor of type `dtype`.
     fn alloc_zeros_as(&self, shape: &[usize], dtype: DType) -> Result<CudaTensor> {
         let n = shape.iter().product::<usize>().max(1);
@@ -1132,13 +1139,15 @@ impl Ops for CudaOps {
         v: &CudaTensor,
         shape: AttnShape,
         layout: &AttnLayout,
+        tail: usize,
     ) -> Result<(CudaTensor, CudaTensor)> {
         let _range = crate::profiling::range(c"attention_fwd");
         self.attn_check(q, k, v, shape, layout)?;
         let (q, k, v) = (self.act(q)?, self.act(k)?, self.act(v)?);
         let (nq, _) = q.rows_cols();
         let hd = shape.head_dim;
-        let out = self.alloc_zeros_as(&q.shape, self.dtype)?;
+        // zeroed: rows outside every span are not written
+        let out = self.alloc_zeros_with_tail(&q.shape, room(tail))?;
         let mut lse = self.alloc_as(&[nq, shape.n_heads], DType::F32)?;
         self.fill(&mut lse, f32::NEG_INFINITY)?;
         let mma = self.attn_on_tensor_cores(hd);
@@ -1157,7 +1166,7 @@ impl Ops for CudaOps {
             &name,
             cfg,
             args![
-                self.ptr(&out),
+                self.base_ptr(&out),
                 self.ptr(&lse),
                 self.ptr(&q),
                 self.ptr(&k),
@@ -1167,7 +1176,8 @@ impl Ops for CudaOps {
                 int(shape.n_heads, "heads")?,
                 int(shape.n_kv_heads, "kv heads")?,
                 int(hd, "head_dim")?,
-                1.0 / (hd as f32).sqrt()
+                1.0 / (hd as f32).sqrt(),
+                int(out.ld(), "row stride")?
             ],
         )?;
         Ok((out, lse))
@@ -1194,7 +1204,8 @@ impl Ops for CudaOps {
         let hd = shape.head_dim;
         ensure!(lse.numel() == nq * shape.n_heads, "attention_bwd: lse {:?}", lse.shape);
         let (q, k, v) = (self.act(q)?, self.act(k)?, self.act(v)?);
-        let (dout, out, lse) = (self.act(dout)?, self.act(out)?, self.to_type(lse, DType::F32)?);
+        // `out` may keep the room o_proj's LoRA path filled: attn_bwd_dot reads its rows as they are
+        let (dout, out, lse) = (self.act(dout)?, self.act_ld(out)?, self.to_type(lse, DType::F32)?);
         let (h, hkv) = (int(shape.n_heads, "heads")?, int(shape.n_kv_heads, "kv heads")?);
         let scale = 1.0 / (hd as f32).sqrt();
 
@@ -1203,15 +1214,19 @@ impl Ops for CudaOps {
         self.rt.launch(
             &self.kernel("attn_bwd_dot"),
             grid_1d(warps * 32),
-            args![self.ptr(&d), self.ptr(&dout), self.ptr(&out), int(nq, "rows")?, h, int(hd, "head_dim")?],
+            args![
+                self.ptr(&d),
+                self.ptr(&dout),
+                self.base_ptr(&out),
+                int(nq, "rows")?,
+                h,
+                int(hd, "head_dim")?,
+                int(out.ld(), "row stride")?
+            ],
         )?;
 
         // zeroed: rows outside every span are not written
-        let zeros = |shape: &[usize]| -> Result<CudaTensor> {
-            let mut t = self.alloc_with_tail(shape, room(tail), self.dtype)?;
-            self.fill_zero(&mut t)?;
-            Ok(t)
-        };
+        let zeros = |shape: &[usize]| self.alloc_zeros_with_tail(shape, room(tail));
         let (dq, dk, dv) = (zeros(&q.shape)?, zeros(&k.shape)?, zeros(&v.shape)?);
         let mma = self.attn_on_tensor_cores(hd);
         let rows = if mma { ATTN_MMA_ROWS } else { ATTN_ROWS };

@@ -296,26 +296,28 @@ __device__ void bwd_dkdv(T* dk, T* dv, const T* dout, const T* q, const T* k, co
 
 // ---- tensor cores (bf16, head_dim 64 or 128) -----------------------------------------
 //
-// A block has MMA_WARPS warps and takes 64 rows of one side (query rows in attn_fwd_mma
-// and attn_bwd_dq_mma, key rows in attn_bwd_dkdv_mma; `tiles` counts in steps of 64);
-// warp w owns rows 16w .. 16w+15. The other side streams through shared memory in tiles
-// of 64 rows, as bf16 with row stride HD + 8 elements (the 8 rows one ldmatrix reads then
-// fall in different banks), double-buffered: cp.async copies the next tile while the
-// warps compute on this one. Fragments come out of shared memory with ldmatrix (.trans
+// A block has MMA_WARPS warps and takes rows of one side: query rows in attn_fwd_mma (128
+// at head_dim 64, warp w owning rows 32w .. 32w+31; 64 at head_dim 128, see fwd_mma), 64
+// query rows in attn_bwd_dq_mma and 64 key rows in attn_bwd_dkdv_mma (16w .. 16w+15);
+// `tiles` counts in those steps. The
+// other side streams through shared memory in tiles of 64 rows, as bf16 with row stride
+// HD + 8 elements (the 8 rows one ldmatrix reads then fall in different banks),
+// double-buffered: cp.async copies the next tile while the warps compute on this one. Fragments come out of shared memory with ldmatrix (.trans
 // for a B operand stored [k][n]). Every product is an mma.sync m16n8k16 (bf16 in, f32
 // accumulation); probabilities and dS are rounded to bf16 for the products that take
 // them, as FlashAttention does, while softmax sums, the log-sum-exp and dS = P (dP - D)
 // are f32. The softmax runs in base 2 (scores times scale·log2 e, exp2); lse is stored
-// in base e. Lane (g = lane / 4, t = lane % 4) of a warp holds rows g and g + 8 of the
-// warp's 16 (see tl::mma_bf16_16816 for the fragment layouts). The causal mask is only
+// in base e. Lane (g = lane / 4, t = lane % 4) of a warp holds rows g and g + 8 of each
+// 16-row m-tile (see tl::mma_bf16_16816 for the fragment layouts). The causal mask is only
 // evaluated where a warp's rows and a tile's columns cross the diagonal or a span's end.
 //
 // Dynamic shared memory (bf16 elements, LD = HD + 8, TILE = 64 * LD):
-//   attn_fwd_mma, attn_bwd_dq_mma: 2 stages x (K, V tiles)                = 4 * TILE
+//   attn_fwd_mma:                  Q of the block's rows + 2 stages x (K, V) = 6 or 5 * TILE
+//   attn_bwd_dq_mma:               2 stages x (K, V tiles)                = 4 * TILE
 //   attn_bwd_dkdv_mma:             K, V of the block + 2 stages x (Q, dO) = 6 * TILE,
 //                                  then 2 stages x (lse, D) of 64 rows     (4 * 64 f32)
 
-constexpr int MMA_WARPS = 4, MMA_ROWS = 16 * MMA_WARPS, MMA_TILE = 64;
+constexpr int MMA_WARPS = 4, MMA_TILE = 64;
 constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
 
 // 16 bytes: 8 bf16, moved with one vector load or store.
@@ -427,41 +429,39 @@ __device__ __forceinline__ void zero_acc(float (&acc)[N][4]) {
     for (int i = 0; i < N; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
 }
 
-// The geometry of a block of a query-side kernel (attn_fwd_mma, attn_bwd_dq_mma): its
-// span and head, and the rows and visible keys of the calling warp and lane.
+// The geometry of a block of a query-side kernel (attn_fwd_mma with RPW = 32 rows a
+// warp, attn_bwd_dq_mma with 16): its span and head, its rows and the calling warp's,
+// and the keys they see.
 struct MmaQueryBlock {
     Span sp;
     int h, kvh;    // query head, its K/V head
     int wq, wk;    // row widths of q and of k/v
     int shift;     // k_len - q_len: query i sees keys 0 ..= i + shift
+    int i0;        // the block's first row, in the span
     int r0;        // the warp's first row, in the span
     int nv_block;  // keys the block's last row sees
     int nv_warp;   // keys the warp's last row sees
-    int row[2];    // this lane's two rows, in the span
 };
 
-template <int HD>
+template <int HD, int RPW>
 __device__ __forceinline__ MmaQueryBlock mma_query_block(const int* spans, const int* tiles, int n_heads,
                                                          int n_kv_heads) {
     MmaQueryBlock b;
     b.sp = load_span(spans, tiles[2 * blockIdx.x]);
-    const int i0 = tiles[2 * blockIdx.x + 1];
+    b.i0 = tiles[2 * blockIdx.x + 1];
     b.h = blockIdx.y;
     b.kvh = b.h / (n_heads / n_kv_heads);
     b.wq = n_heads * HD;
     b.wk = n_kv_heads * HD;
     b.shift = b.sp.k_len - b.sp.q_len;
-    b.r0 = i0 + 16 * (threadIdx.x / tl::WARP_SIZE);
-    b.nv_block = min(i0 + MMA_ROWS, b.sp.q_len) + b.shift;
-    b.nv_warp = min(b.r0 + 16, b.sp.q_len) + b.shift;
-    const int g = threadIdx.x % tl::WARP_SIZE / 4;
-    b.row[0] = b.r0 + g;
-    b.row[1] = b.r0 + g + 8;
+    b.r0 = b.i0 + RPW * (threadIdx.x / tl::WARP_SIZE);
+    b.nv_block = min(b.i0 + RPW * MMA_WARPS, b.sp.q_len) + b.shift;
+    b.nv_warp = min(b.r0 + RPW, b.sp.q_len) + b.shift;
     return b;
 }
 
 // Starts the copy of key tile `it` (K and V rows 64 it .. of the block's span and K/V
-// head) into stage it % 2 of a query-side kernel's shared memory, as one cp.async group.
+// head) into stage it % 2 of a query-side kernel's K/V buffers, as one cp.async group.
 template <int HD>
 __device__ __forceinline__ void mma_load_kv(__nv_bfloat16* kv_s, const MmaQueryBlock& blk, const __nv_bfloat16* k,
                                             const __nv_bfloat16* v, int it) {
@@ -484,30 +484,95 @@ __device__ __forceinline__ void mma_wait_tile(int it, int n_tiles) {
     __syncthreads();
 }
 
+// One step of the online softmax for a 16-row m-tile: `s` holds the lane's scores of a
+// key tile (base 2, masked ones -inf) for its rows g and g + 8, whose 64 scores sit in
+// the 4 lanes of a group. Updates the rows' running maximum `m` and sum `l`, rescales the
+// output accumulator `o`, and leaves the probabilities in `s`.
 template <int HD>
+__device__ __forceinline__ void online_softmax(float (&s)[MMA_TILE / 8][4], float (&m)[2], float (&l)[2],
+                                               float (&o)[HD / 8][4]) {
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < MMA_TILE / 8; ++nt) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) mx[j / 2] = fmaxf(mx[j / 2], s[nt][j]);
+    }
+    float corr[2], sum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+        mx[x] = fmaxf(mx[x], __shfl_xor_sync(tl::FULL_MASK, mx[x], 1));
+        mx[x] = fmaxf(mx[x], __shfl_xor_sync(tl::FULL_MASK, mx[x], 2));
+        const float m_new = fmaxf(m[x], mx[x]);
+        corr[x] = m[x] == -INFINITY ? 0.0f : exp2f(m[x] - m_new);
+        m[x] = m_new;
+    }
+#pragma unroll
+    for (int nt = 0; nt < MMA_TILE / 8; ++nt) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float p = s[nt][j] == -INFINITY ? 0.0f : exp2f(s[nt][j] - m[j / 2]);
+            s[nt][j] = p;
+            sum[j / 2] += p;
+        }
+    }
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+        sum[x] += __shfl_xor_sync(tl::FULL_MASK, sum[x], 1);
+        sum[x] += __shfl_xor_sync(tl::FULL_MASK, sum[x], 2);
+        l[x] = l[x] * corr[x] + sum[x];
+    }
+#pragma unroll
+    for (int dn = 0; dn < HD / 8; ++dn) {
+        o[dn][0] *= corr[0];
+        o[dn][1] *= corr[0];
+        o[dn][2] *= corr[1];
+        o[dn][3] *= corr[1];
+    }
+}
+
+// The forward: a warp takes MI 16-row m-tiles of query rows, so that every K and V
+// fragment it reads from shared memory feeds MI products. At one m-tile, reading them
+// takes longer than the products; at two, head_dim 128 no longer fits in 255 registers
+// (the output accumulator alone is 128), so MI is 2 at head_dim 64 and 1 at 128. Q of
+// the block's MMA_WARPS * 16 * MI rows sits in shared memory beside the two stages of K
+// and V, its fragments read per k-step.
+template <int HD, int MI>
 __device__ void fwd_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
                         const __nv_bfloat16* v, const int* spans, const int* tiles, int n_heads, int n_kv_heads,
                         float scale, int ldo) {
-    constexpr int LD = HD + 8, TILE = MMA_TILE * LD;
+    constexpr int LD = HD + 8, TILE = MMA_TILE * LD, FWD_RPW = 16 * MI, FWD_ROWS = FWD_RPW * MMA_WARPS;
+    static_assert(FWD_ROWS % MMA_TILE == 0, "Q is loaded in tiles");
     TL_DYNAMIC_SHARED(float, smem);
-    __nv_bfloat16* kv_s = reinterpret_cast<__nv_bfloat16*>(smem);
-    const int t = threadIdx.x % 4;
-    const MmaQueryBlock blk = mma_query_block<HD>(spans, tiles, n_heads, n_kv_heads);
+    __nv_bfloat16* q_s = reinterpret_cast<__nv_bfloat16*>(smem);
+    __nv_bfloat16* kv_s = q_s + FWD_ROWS * LD;
+    const int warp = threadIdx.x / tl::WARP_SIZE, g = threadIdx.x % tl::WARP_SIZE / 4, t = threadIdx.x % 4;
+    const MmaQueryBlock blk = mma_query_block<HD, FWD_RPW>(spans, tiles, n_heads, n_kv_heads);
     const Span& sp = blk.sp;
-    const int h = blk.h, wq = blk.wq, shift = blk.shift, r0 = blk.r0, nv_warp = blk.nv_warp;
-    const int* row = blk.row;
+    const int h = blk.h, shift = blk.shift, r0 = blk.r0, nv_warp = blk.nv_warp;
     const float sl2 = scale * LOG2E;
     // the warp's rows all lie in the span: only tiles crossing the diagonal need the mask
-    const bool rows_full = r0 + 16 <= sp.q_len;
+    const bool rows_full = r0 + FWD_RPW <= sp.q_len;
 
-    uint32_t qf[HD / 16][4];
-    mma_a_global<HD>(qf, q, sp.q_start + r0, sp.q_len - r0, wq, h * HD);
-    float o[HD / 8][4];
-    zero_acc(o);
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // m in base 2
+    // Q of the block goes with the first key tile's group
+#pragma unroll
+    for (int part = 0; part < FWD_ROWS / MMA_TILE; ++part) {
+        const int row0 = blk.i0 + part * MMA_TILE;
+        mma_load_tile<HD>(q_s + part * TILE, q, sp.q_start + row0, sp.q_len - row0, blk.wq, h * HD);
+    }
+    float o[MI][HD / 8][4], m[MI][2], l[MI][2];  // m in base 2
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) {
+        zero_acc(o[mi]);
+        m[mi][0] = m[mi][1] = -INFINITY;
+        l[mi][0] = l[mi][1] = 0.0f;
+    }
 
     const int n_tiles = (blk.nv_block + MMA_TILE - 1) / MMA_TILE;
-    if (n_tiles > 0) mma_load_kv<HD>(kv_s, blk, k, v, 0);
+    if (n_tiles > 0) {
+        mma_load_kv<HD>(kv_s, blk, k, v, 0);
+    } else {
+        tl::cp_async_commit();
+    }
     for (int it = 0; it < n_tiles; ++it) {
         const int j0 = it * MMA_TILE;
         if (it + 1 < n_tiles) mma_load_kv<HD>(kv_s, blk, k, v, it + 1);
@@ -515,84 +580,72 @@ __device__ void fwd_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, 
         const __nv_bfloat16* k_s = kv_s + 2 * (it % 2) * TILE;
         const __nv_bfloat16* v_s = k_s + TILE;
         if (r0 < sp.q_len && j0 < nv_warp) {  // warp-uniform
-            float s[MMA_TILE / 8][4];
-            zero_acc(s);
+            float s[MI][MMA_TILE / 8][4];
 #pragma unroll
-            for (int np = 0; np < MMA_TILE / 16; ++np) {
+            for (int mi = 0; mi < MI; ++mi) zero_acc(s[mi]);
 #pragma unroll
-                for (int kk = 0; kk < HD / 16; ++kk) {
+            for (int kk = 0; kk < HD / 16; ++kk) {
+                uint32_t a[MI][4];
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi) mma_a_rows(a[mi], q_s, LD, FWD_RPW * warp + 16 * mi, 16 * kk);
+#pragma unroll
+                for (int np = 0; np < MMA_TILE / 16; ++np) {
                     uint32_t b0[2], b1[2];
                     mma_b_transposed(b0, b1, k_s, LD, 16 * np, 16 * kk);
-                    tl::mma_bf16_16816(s[2 * np], qf[kk], b0);
-                    tl::mma_bf16_16816(s[2 * np + 1], qf[kk], b1);
+#pragma unroll
+                    for (int mi = 0; mi < MI; ++mi) {
+                        tl::mma_bf16_16816(s[mi][2 * np], a[mi], b0);
+                        tl::mma_bf16_16816(s[mi][2 * np + 1], a[mi], b1);
+                    }
                 }
             }
-            // Scale, mask (causal, bottom-right aligned; rows past the span see nothing),
-            // then the online softmax per row: a row's 64 scores sit in the 4 lanes of a group.
+            // Scale and mask (causal, bottom-right aligned; rows past the span see
+            // nothing), then the online softmax of each m-tile.
             const bool full = rows_full && j0 + MMA_TILE - 1 <= r0 + shift;
-            float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-            for (int nt = 0; nt < MMA_TILE / 8; ++nt) {
+            for (int mi = 0; mi < MI; ++mi) {
 #pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const int r = row[j / 2], key = j0 + 8 * nt + 2 * t + j % 2;
-                    s[nt][j] = full || (r < sp.q_len && key <= r + shift) ? s[nt][j] * sl2 : -INFINITY;
-                    mx[j / 2] = fmaxf(mx[j / 2], s[nt][j]);
+                for (int nt = 0; nt < MMA_TILE / 8; ++nt) {
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        const int r = r0 + 16 * mi + g + 8 * (j / 2), key = j0 + 8 * nt + 2 * t + j % 2;
+                        const bool seen = full || (r < sp.q_len && key <= r + shift);
+                        s[mi][nt][j] = seen ? s[mi][nt][j] * sl2 : -INFINITY;
+                    }
                 }
-            }
-            float corr[2], sum[2] = {0.0f, 0.0f};
-#pragma unroll
-            for (int x = 0; x < 2; ++x) {
-                mx[x] = fmaxf(mx[x], __shfl_xor_sync(tl::FULL_MASK, mx[x], 1));
-                mx[x] = fmaxf(mx[x], __shfl_xor_sync(tl::FULL_MASK, mx[x], 2));
-                const float m_new = fmaxf(m[x], mx[x]);
-                corr[x] = m[x] == -INFINITY ? 0.0f : exp2f(m[x] - m_new);
-                m[x] = m_new;
-            }
-#pragma unroll
-            for (int nt = 0; nt < MMA_TILE / 8; ++nt) {
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const float p = s[nt][j] == -INFINITY ? 0.0f : exp2f(s[nt][j] - m[j / 2]);
-                    s[nt][j] = p;
-                    sum[j / 2] += p;
-                }
-            }
-#pragma unroll
-            for (int x = 0; x < 2; ++x) {
-                sum[x] += __shfl_xor_sync(tl::FULL_MASK, sum[x], 1);
-                sum[x] += __shfl_xor_sync(tl::FULL_MASK, sum[x], 2);
-                l[x] = l[x] * corr[x] + sum[x];
-            }
-#pragma unroll
-            for (int dn = 0; dn < HD / 8; ++dn) {
-                o[dn][0] *= corr[0];
-                o[dn][1] *= corr[0];
-                o[dn][2] *= corr[1];
-                o[dn][3] *= corr[1];
+                online_softmax<HD>(s[mi], m[mi], l[mi], o[mi]);
             }
             // O += P·V, 16 keys a step
 #pragma unroll
             for (int ks = 0; ks < MMA_TILE / 16; ++ks) {
-                uint32_t a[4];
-                mma_a_from_acc(a, s[2 * ks], s[2 * ks + 1]);
+                uint32_t a[MI][4];
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi) mma_a_from_acc(a[mi], s[mi][2 * ks], s[mi][2 * ks + 1]);
 #pragma unroll
                 for (int dp = 0; dp < HD / 16; ++dp) {
                     uint32_t b0[2], b1[2];
                     mma_b_rows(b0, b1, v_s, LD, 16 * ks, 16 * dp);
-                    tl::mma_bf16_16816(o[2 * dp], a, b0);
-                    tl::mma_bf16_16816(o[2 * dp + 1], a, b1);
+#pragma unroll
+                    for (int mi = 0; mi < MI; ++mi) {
+                        tl::mma_bf16_16816(o[mi][2 * dp], a[mi], b0);
+                        tl::mma_bf16_16816(o[mi][2 * dp + 1], a[mi], b1);
+                    }
                 }
             }
         }
         __syncthreads();  // the stage is refilled two tiles on
     }
+    tl::cp_async_wait<0>();  // Q, when no key tile came
 #pragma unroll
-    for (int x = 0; x < 2; ++x) {
-        if (row[x] >= sp.q_len) continue;
-        const size_t grow = (size_t)sp.q_start + row[x];
-        mma_store_row<HD>(out + grow * ldo + h * HD, o, x, 1.0f / l[x]);
-        if (t == 0) lse[grow * n_heads + h] = (m[x] + log2f(l[x])) * LN2;
+    for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+        for (int x = 0; x < 2; ++x) {
+            const int r = r0 + 16 * mi + g + 8 * x;
+            if (r >= sp.q_len) continue;
+            const size_t grow = (size_t)sp.q_start + r;
+            mma_store_row<HD>(out + grow * ldo + h * HD, o[mi], x, 1.0f / l[mi][x]);
+            if (t == 0) lse[grow * n_heads + h] = (m[mi][x] + log2f(l[mi][x])) * LN2;
+        }
     }
 }
 
@@ -608,10 +661,11 @@ __device__ void bwd_dq_mma(__nv_bfloat16* dq, const __nv_bfloat16* dout, const _
     TL_DYNAMIC_SHARED(float, smem);
     __nv_bfloat16* kv_s = reinterpret_cast<__nv_bfloat16*>(smem);
     const int t = threadIdx.x % 4;
-    const MmaQueryBlock blk = mma_query_block<HD>(spans, tiles, n_heads, n_kv_heads);
+    const MmaQueryBlock blk = mma_query_block<HD, 16>(spans, tiles, n_heads, n_kv_heads);
     const Span& sp = blk.sp;
     const int h = blk.h, wq = blk.wq, shift = blk.shift, r0 = blk.r0, nv_warp = blk.nv_warp;
-    const int* row = blk.row;
+    const int g = threadIdx.x % tl::WARP_SIZE / 4;
+    const int row[2] = {r0 + g, r0 + g + 8};  // this lane's rows, in the span
     const float sl2 = scale * LOG2E;
     const bool rows_full = r0 + 16 <= sp.q_len;
 
@@ -892,13 +946,13 @@ extern "C" __global__ void __launch_bounds__(128)
     attn_fwd_mma_bf16_hd64(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
                            const __nv_bfloat16* v, const int* spans, const int* tiles, int n_heads, int n_kv_heads,
                            int /* hd, always 64 */, float scale, int ldo) {
-    tl_attn::fwd_mma<64>(out, lse, q, k, v, spans, tiles, n_heads, n_kv_heads, scale, ldo);
+    tl_attn::fwd_mma<64, 2>(out, lse, q, k, v, spans, tiles, n_heads, n_kv_heads, scale, ldo);
 }
 extern "C" __global__ void __launch_bounds__(128)
     attn_fwd_mma_bf16_hd128(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
                             const __nv_bfloat16* v, const int* spans, const int* tiles, int n_heads, int n_kv_heads,
                             int /* hd, always 128 */, float scale, int ldo) {
-    tl_attn::fwd_mma<128>(out, lse, q, k, v, spans, tiles, n_heads, n_kv_heads, scale, ldo);
+    tl_attn::fwd_mma<128, 1>(out, lse, q, k, v, spans, tiles, n_heads, n_kv_heads, scale, ldo);
 }
 extern "C" __global__ void __launch_bounds__(128)
     attn_bwd_dq_mma_bf16_hd64(__nv_bfloat16* dq, const __nv_bfloat16* dout, const __nv_bfloat16* q,

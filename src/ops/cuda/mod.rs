@@ -64,7 +64,7 @@ pub struct CudaOps {
 /// Rows of a tile of the attention kernels: warps per block (kernels/attention.cu).
 const ATTN_ROWS: usize = 4;
 
-/// Rows of a tile of the tensor-core attention kernels (`MMA_ROWS`, 16 per warp of 4).
+/// Rows of a tile of the tensor-core attention backward (16 per warp of 4).
 const ATTN_MMA_ROWS: usize = 64;
 /// Rows of the tiles they stream through shared memory (`MMA_TILE`).
 const ATTN_MMA_KEYS: usize = 64;
@@ -1151,11 +1151,14 @@ impl Ops for CudaOps {
         let mut lse = self.alloc_as(&[nq, shape.n_heads], DType::F32)?;
         self.fill(&mut lse, f32::NEG_INFINITY)?;
         let mma = self.attn_on_tensor_cores(hd);
+        // the tensor-core forward's query rows a block (`FWD_ROWS`): 32 a warp at head_dim
+        // 64, 16 at 128
+        let mma_rows = if hd == 64 { 2 * ATTN_MMA_ROWS } else { ATTN_MMA_ROWS };
         let (spans, tiles, n_tiles) =
-            self.attn_tiles(layout, false, if mma { ATTN_MMA_ROWS } else { ATTN_ROWS })?;
+            self.attn_tiles(layout, false, if mma { mma_rows } else { ATTN_ROWS })?;
         let (name, cfg) = if mma {
-            // two stages of K and V tiles
-            let smem = 4 * ATTN_MMA_KEYS * (hd + 8) * 2;
+            // Q of the block's rows, then two stages of K and V tiles
+            let smem = (mma_rows + 4 * ATTN_MMA_KEYS) * (hd + 8) * 2;
             (format!("attn_fwd_mma_bf16_hd{hd}"), attn_cfg(n_tiles, shape.n_heads, smem))
         } else {
             let (suffix, bc) = Self::attn_variant(hd);

@@ -649,39 +649,42 @@ __device__ void fwd_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, 
     }
 }
 
-// dq: per warp 16 query rows in registers (Q and dO fragments, the dQ accumulator); key
-// tiles stream through shared memory, 16 keys at a time: S = Q·Kᵀ and dP = dO·Vᵀ for 16
-// keys, P = exp(S - lse), dS = P (dP - D), dQ += dS·K.
-template <int HD>
+// dq: per warp MI 16-row m-tiles of query rows in registers (Q and dO fragments, the dQ
+// accumulator; MI as in fwd_mma: 2 at head_dim 64, 1 at 128); key tiles stream through
+// shared memory, 16 keys at a time: S = Q·Kᵀ and dP = dO·Vᵀ for 16 keys, P = exp(S -
+// lse), dS = P (dP - D), dQ += dS·K.
+template <int HD, int MI>
 __device__ void bwd_dq_mma(__nv_bfloat16* dq, const __nv_bfloat16* dout, const __nv_bfloat16* q,
                            const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* D,
                            const int* spans, const int* tiles, int n_heads, int n_kv_heads, float scale,
                            int ldg) {
-    constexpr int LD = HD + 8, TILE = MMA_TILE * LD;
+    constexpr int LD = HD + 8, TILE = MMA_TILE * LD, RPW = 16 * MI;
     TL_DYNAMIC_SHARED(float, smem);
     __nv_bfloat16* kv_s = reinterpret_cast<__nv_bfloat16*>(smem);
-    const int t = threadIdx.x % 4;
-    const MmaQueryBlock blk = mma_query_block<HD, 16>(spans, tiles, n_heads, n_kv_heads);
+    const int g = threadIdx.x % tl::WARP_SIZE / 4, t = threadIdx.x % 4;
+    const MmaQueryBlock blk = mma_query_block<HD, RPW>(spans, tiles, n_heads, n_kv_heads);
     const Span& sp = blk.sp;
     const int h = blk.h, wq = blk.wq, shift = blk.shift, r0 = blk.r0, nv_warp = blk.nv_warp;
-    const int g = threadIdx.x % tl::WARP_SIZE / 4;
-    const int row[2] = {r0 + g, r0 + g + 8};  // this lane's rows, in the span
     const float sl2 = scale * LOG2E;
-    const bool rows_full = r0 + 16 <= sp.q_len;
+    const bool rows_full = r0 + RPW <= sp.q_len;
 
-    uint32_t qf[HD / 16][4], of[HD / 16][4];
-    mma_a_global<HD>(qf, q, sp.q_start + r0, sp.q_len - r0, wq, h * HD);
-    mma_a_global<HD>(of, dout, sp.q_start + r0, sp.q_len - r0, wq, h * HD);
-    float row_lse2[2], row_d[2];
+    uint32_t qf[MI][HD / 16][4], of[MI][HD / 16][4];
+    float row_lse2[MI][2], row_d[MI][2], acc[MI][HD / 8][4];
 #pragma unroll
-    for (int x = 0; x < 2; ++x) {
-        const bool ok = row[x] < sp.q_len;
-        const size_t at = ((size_t)sp.q_start + row[x]) * n_heads + h;
-        row_lse2[x] = ok ? lse[at] * LOG2E : 0.0f;
-        row_d[x] = ok ? D[at] : 0.0f;
+    for (int mi = 0; mi < MI; ++mi) {
+        const int m0 = r0 + 16 * mi;
+        mma_a_global<HD>(qf[mi], q, sp.q_start + m0, sp.q_len - m0, wq, h * HD);
+        mma_a_global<HD>(of[mi], dout, sp.q_start + m0, sp.q_len - m0, wq, h * HD);
+#pragma unroll
+        for (int x = 0; x < 2; ++x) {
+            const int r = m0 + g + 8 * x;
+            const bool ok = r < sp.q_len;
+            const size_t at = ((size_t)sp.q_start + r) * n_heads + h;
+            row_lse2[mi][x] = ok ? lse[at] * LOG2E : 0.0f;
+            row_d[mi][x] = ok ? D[at] : 0.0f;
+        }
+        zero_acc(acc[mi]);
     }
-    float acc[HD / 8][4];
-    zero_acc(acc);
 
     const int n_tiles = (blk.nv_block + MMA_TILE - 1) / MMA_TILE;
     if (n_tiles > 0) mma_load_kv<HD>(kv_s, blk, k, v, 0);
@@ -692,61 +695,85 @@ __device__ void bwd_dq_mma(__nv_bfloat16* dq, const __nv_bfloat16* dout, const _
         const __nv_bfloat16* k_s = kv_s + 2 * (it % 2) * TILE;
         const __nv_bfloat16* v_s = k_s + TILE;
         for (int c0 = 0; r0 < sp.q_len && c0 < MMA_TILE && j0 + c0 < nv_warp; c0 += 16) {  // warp-uniform
-            float s[2][4] = {}, dp[2][4] = {};
+            float s[MI][2][4], dp[MI][2][4];
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi) {
+                zero_acc(s[mi]);
+                zero_acc(dp[mi]);
+            }
 #pragma unroll
             for (int kk = 0; kk < HD / 16; ++kk) {
                 uint32_t b0[2], b1[2];
                 mma_b_transposed(b0, b1, k_s, LD, c0, 16 * kk);
-                tl::mma_bf16_16816(s[0], qf[kk], b0);
-                tl::mma_bf16_16816(s[1], qf[kk], b1);
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi) {
+                    tl::mma_bf16_16816(s[mi][0], qf[mi][kk], b0);
+                    tl::mma_bf16_16816(s[mi][1], qf[mi][kk], b1);
+                }
                 mma_b_transposed(b0, b1, v_s, LD, c0, 16 * kk);
-                tl::mma_bf16_16816(dp[0], of[kk], b0);
-                tl::mma_bf16_16816(dp[1], of[kk], b1);
-            }
-            const bool full = rows_full && j0 + c0 + 15 <= r0 + shift;
 #pragma unroll
-            for (int half = 0; half < 2; ++half) {
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const int x = j / 2, key = j0 + c0 + 8 * half + 2 * t + j % 2;
-                    const bool seen = full || (row[x] < sp.q_len && key <= row[x] + shift);
-                    const float p = seen ? exp2f(s[half][j] * sl2 - row_lse2[x]) : 0.0f;
-                    s[half][j] = p * (dp[half][j] - row_d[x]);  // dS
+                for (int mi = 0; mi < MI; ++mi) {
+                    tl::mma_bf16_16816(dp[mi][0], of[mi][kk], b0);
+                    tl::mma_bf16_16816(dp[mi][1], of[mi][kk], b1);
                 }
             }
-            uint32_t a[4];
-            mma_a_from_acc(a, s[0], s[1]);
+            const bool full = rows_full && j0 + c0 + 15 <= r0 + shift;
+            uint32_t a[MI][4];
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        const int x = j / 2, r = r0 + 16 * mi + g + 8 * x;
+                        const int key = j0 + c0 + 8 * half + 2 * t + j % 2;
+                        const bool seen = full || (r < sp.q_len && key <= r + shift);
+                        const float p = seen ? exp2f(s[mi][half][j] * sl2 - row_lse2[mi][x]) : 0.0f;
+                        s[mi][half][j] = p * (dp[mi][half][j] - row_d[mi][x]);  // dS
+                    }
+                }
+                mma_a_from_acc(a[mi], s[mi][0], s[mi][1]);
+            }
 #pragma unroll
             for (int dp2 = 0; dp2 < HD / 16; ++dp2) {
                 uint32_t b0[2], b1[2];
                 mma_b_rows(b0, b1, k_s, LD, c0, 16 * dp2);
-                tl::mma_bf16_16816(acc[2 * dp2], a, b0);
-                tl::mma_bf16_16816(acc[2 * dp2 + 1], a, b1);
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi) {
+                    tl::mma_bf16_16816(acc[mi][2 * dp2], a[mi], b0);
+                    tl::mma_bf16_16816(acc[mi][2 * dp2 + 1], a[mi], b1);
+                }
             }
         }
         __syncthreads();  // the stage is refilled two tiles on
     }
 #pragma unroll
-    for (int x = 0; x < 2; ++x) {
-        if (row[x] >= sp.q_len) continue;
-        mma_store_row<HD>(dq + ((size_t)sp.q_start + row[x]) * ldg + h * HD, acc, x, scale);
+    for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+        for (int x = 0; x < 2; ++x) {
+            const int r = r0 + 16 * mi + g + 8 * x;
+            if (r >= sp.q_len) continue;
+            mma_store_row<HD>(dq + ((size_t)sp.q_start + r) * ldg + h * HD, acc[mi], x, scale);
+        }
     }
 }
 
-// dk, dv: per warp 16 key rows (K and V of the block stay in shared memory, dK and dV
-// accumulate in registers); for every query head of the group, query tiles stream
-// through shared memory with their lse and D, 16 queries at a time: Sᵀ = K·Qᵀ and
-// dPᵀ = V·dOᵀ, Pᵀ = exp(Sᵀ - lse), dSᵀ = Pᵀ (dPᵀ - D), dV += Pᵀ·dO, dK += dSᵀ·Q.
-template <int HD>
+// dk, dv: per warp MI 16-row m-tiles of key rows (MI as in fwd_mma; K and V of the
+// block's 64 MI keys stay in shared memory, dK and dV accumulate in registers); for every
+// query head of the group, query tiles stream through shared memory with their lse and
+// D, 16 queries at a time: Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ, Pᵀ = exp(Sᵀ - lse), dSᵀ = Pᵀ (dPᵀ -
+// D), dV += Pᵀ·dO, dK += dSᵀ·Q. Each Q and dO fragment read feeds the warp's MI m-tiles.
+template <int HD, int MI>
 __device__ void bwd_dkdv_mma(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout,
                              const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                              const float* lse, const float* D, const int* spans, const int* tiles, int n_heads,
                              int n_kv_heads, float scale, int ldg) {
-    constexpr int LD = HD + 8, TILE = MMA_TILE * LD;
+    constexpr int LD = HD + 8, TILE = MMA_TILE * LD, KPW = 16 * MI, KEYS = KPW * MMA_WARPS;
+    static_assert(KEYS % MMA_TILE == 0, "K and V are loaded in tiles");
     TL_DYNAMIC_SHARED(float, smem);
     __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(smem);
-    __nv_bfloat16* v_s = k_s + TILE;
-    __nv_bfloat16* qo_s = v_s + TILE;                            // stage s: Q at 2 s TILE, dO after it
+    __nv_bfloat16* v_s = k_s + KEYS * LD;
+    __nv_bfloat16* qo_s = v_s + KEYS * LD;                       // stage s: Q at 2 s TILE, dO after it
     float* stats_s = reinterpret_cast<float*>(qo_s + 4 * TILE);  // stage s: lse·log2 e at 128 s, D after it
     const int warp = threadIdx.x / tl::WARP_SIZE, lane = threadIdx.x % tl::WARP_SIZE;
     const int g = lane / 4, t = lane % 4;
@@ -757,8 +784,7 @@ __device__ void bwd_dkdv_mma(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bf
     const int group = n_heads / n_kv_heads;
     const int wq = n_heads * HD, wk = n_kv_heads * HD;
     const int shift = sp.k_len - sp.q_len;
-    const int c0 = 16 * warp;  // the warp's first key, in the block
-    const int key[2] = {j0 + c0 + g, j0 + c0 + g + 8};
+    const int c0 = KPW * warp;  // the warp's first key, in the block
     const float sl2 = scale * LOG2E;
     // The first query that sees the block's first key: i + shift >= j0.
     const int first_q = max(0, j0 - shift);
@@ -780,13 +806,20 @@ __device__ void bwd_dkdv_mma(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bf
         }
     };
 
-    mma_load_tile<HD>(k_s, k, sp.k_start + j0, sp.k_len - j0, wk, kvh * HD);
-    mma_load_tile<HD>(v_s, v, sp.k_start + j0, sp.k_len - j0, wk, kvh * HD);
+#pragma unroll
+    for (int part = 0; part < KEYS / MMA_TILE; ++part) {
+        const int row0 = j0 + part * MMA_TILE;
+        mma_load_tile<HD>(k_s + part * TILE, k, sp.k_start + row0, sp.k_len - row0, wk, kvh * HD);
+        mma_load_tile<HD>(v_s + part * TILE, v, sp.k_start + row0, sp.k_len - row0, wk, kvh * HD);
+    }
     if (n_tiles > 0) load_pair(0);
     tl::cp_async_commit();
-    float dk_acc[HD / 8][4], dv_acc[HD / 8][4];
-    zero_acc(dk_acc);
-    zero_acc(dv_acc);
+    float dk_acc[MI][HD / 8][4], dv_acc[MI][HD / 8][4];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) {
+        zero_acc(dk_acc[mi]);
+        zero_acc(dv_acc[mi]);
+    }
 
     for (int it = 0; it < n_tiles; ++it) {
         const int i0 = first_q + it % q_tiles * MMA_TILE;
@@ -802,58 +835,82 @@ __device__ void bwd_dkdv_mma(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bf
         // warp-uniform: no query of this tile sees the warp's first key, or no key
         const bool active = j0 + c0 < sp.k_len && i0 + MMA_TILE - 1 + shift >= j0 + c0;
         for (int q0 = 0; active && q0 < MMA_TILE && i0 + q0 < sp.q_len; q0 += 16) {
-            float s[2][4] = {}, dp[2][4] = {};
+            float s[MI][2][4], dp[MI][2][4];
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi) {
+                zero_acc(s[mi]);
+                zero_acc(dp[mi]);
+            }
 #pragma unroll
             for (int kk = 0; kk < HD / 16; ++kk) {
                 uint32_t a[4], b0[2], b1[2];
-                mma_a_rows(a, k_s, LD, c0, 16 * kk);
                 mma_b_transposed(b0, b1, q_s, LD, q0, 16 * kk);
-                tl::mma_bf16_16816(s[0], a, b0);
-                tl::mma_bf16_16816(s[1], a, b1);
-                mma_a_rows(a, v_s, LD, c0, 16 * kk);
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi) {
+                    mma_a_rows(a, k_s, LD, c0 + 16 * mi, 16 * kk);
+                    tl::mma_bf16_16816(s[mi][0], a, b0);
+                    tl::mma_bf16_16816(s[mi][1], a, b1);
+                }
                 mma_b_transposed(b0, b1, o_s, LD, q0, 16 * kk);
-                tl::mma_bf16_16816(dp[0], a, b0);
-                tl::mma_bf16_16816(dp[1], a, b1);
-            }
-            // every query of these 16 is in the span and sees every key of the warp's 16
-            const bool full =
-                i0 + q0 + 16 <= sp.q_len && j0 + c0 + 16 <= sp.k_len && j0 + c0 + 15 <= i0 + q0 + shift;
-            float ds[2][4];
 #pragma unroll
-            for (int half = 0; half < 2; ++half) {
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const int qr = q0 + 8 * half + 2 * t + j % 2;  // query, in the tile
-                    const int kr = key[j / 2];
-                    const bool seen = full || (i0 + qr < sp.q_len && kr < sp.k_len && kr <= i0 + qr + shift);
-                    const float p = seen ? exp2f(s[half][j] * sl2 - lse2_s[qr]) : 0.0f;
-                    s[half][j] = p;
-                    ds[half][j] = p * (dp[half][j] - d_s[qr]);
+                for (int mi = 0; mi < MI; ++mi) {
+                    mma_a_rows(a, v_s, LD, c0 + 16 * mi, 16 * kk);
+                    tl::mma_bf16_16816(dp[mi][0], a, b0);
+                    tl::mma_bf16_16816(dp[mi][1], a, b1);
                 }
             }
-            uint32_t pa[4], da[4];
-            mma_a_from_acc(pa, s[0], s[1]);
-            mma_a_from_acc(da, ds[0], ds[1]);
+            uint32_t pa[MI][4], da[MI][4];
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi) {
+                const int k0 = j0 + c0 + 16 * mi;  // the m-tile's first key
+                // every query of these 16 is in the span and sees every key of the m-tile
+                const bool full = i0 + q0 + 16 <= sp.q_len && k0 + 16 <= sp.k_len && k0 + 15 <= i0 + q0 + shift;
+                float ds[2][4];
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        const int qr = q0 + 8 * half + 2 * t + j % 2;  // query, in the tile
+                        const int kr = k0 + g + 8 * (j / 2);
+                        const bool seen = full || (i0 + qr < sp.q_len && kr < sp.k_len && kr <= i0 + qr + shift);
+                        const float p = seen ? exp2f(s[mi][half][j] * sl2 - lse2_s[qr]) : 0.0f;
+                        s[mi][half][j] = p;
+                        ds[half][j] = p * (dp[mi][half][j] - d_s[qr]);
+                    }
+                }
+                mma_a_from_acc(pa[mi], s[mi][0], s[mi][1]);
+                mma_a_from_acc(da[mi], ds[0], ds[1]);
+            }
 #pragma unroll
             for (int dp2 = 0; dp2 < HD / 16; ++dp2) {
                 uint32_t b0[2], b1[2];
                 mma_b_rows(b0, b1, o_s, LD, q0, 16 * dp2);
-                tl::mma_bf16_16816(dv_acc[2 * dp2], pa, b0);
-                tl::mma_bf16_16816(dv_acc[2 * dp2 + 1], pa, b1);
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi) {
+                    tl::mma_bf16_16816(dv_acc[mi][2 * dp2], pa[mi], b0);
+                    tl::mma_bf16_16816(dv_acc[mi][2 * dp2 + 1], pa[mi], b1);
+                }
                 mma_b_rows(b0, b1, q_s, LD, q0, 16 * dp2);
-                tl::mma_bf16_16816(dk_acc[2 * dp2], da, b0);
-                tl::mma_bf16_16816(dk_acc[2 * dp2 + 1], da, b1);
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi) {
+                    tl::mma_bf16_16816(dk_acc[mi][2 * dp2], da[mi], b0);
+                    tl::mma_bf16_16816(dk_acc[mi][2 * dp2 + 1], da[mi], b1);
+                }
             }
         }
         __syncthreads();  // the stage is refilled two tiles on
     }
     tl::cp_async_wait<0>();  // K and V, when no query tile came
 #pragma unroll
-    for (int x = 0; x < 2; ++x) {
-        if (key[x] >= sp.k_len) continue;
-        const size_t at = ((size_t)sp.k_start + key[x]) * ldg + kvh * HD;
-        mma_store_row<HD>(dk + at, dk_acc, x, scale);
-        mma_store_row<HD>(dv + at, dv_acc, x, 1.0f);
+    for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+        for (int x = 0; x < 2; ++x) {
+            const int key = j0 + c0 + 16 * mi + g + 8 * x;
+            if (key >= sp.k_len) continue;
+            const size_t at = ((size_t)sp.k_start + key) * ldg + kvh * HD;
+            mma_store_row<HD>(dk + at, dk_acc[mi], x, scale);
+            mma_store_row<HD>(dv + at, dv_acc[mi], x, 1.0f);
+        }
     }
 }
 
@@ -959,26 +1016,26 @@ extern "C" __global__ void __launch_bounds__(128)
                               const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* D,
                               const int* spans, const int* tiles, int n_heads, int n_kv_heads,
                               int /* hd, always 64 */, float scale, int ldg) {
-    tl_attn::bwd_dq_mma<64>(dq, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, scale, ldg);
+    tl_attn::bwd_dq_mma<64, 2>(dq, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, scale, ldg);
 }
 extern "C" __global__ void __launch_bounds__(128)
     attn_bwd_dkdv_mma_bf16_hd64(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout,
                                 const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                                 const float* lse, const float* D, const int* spans, const int* tiles,
                                 int n_heads, int n_kv_heads, int /* hd, always 64 */, float scale, int ldg) {
-    tl_attn::bwd_dkdv_mma<64>(dk, dv, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, scale, ldg);
+    tl_attn::bwd_dkdv_mma<64, 2>(dk, dv, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, scale, ldg);
 }
 extern "C" __global__ void __launch_bounds__(128)
     attn_bwd_dq_mma_bf16_hd128(__nv_bfloat16* dq, const __nv_bfloat16* dout, const __nv_bfloat16* q,
                               const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* D,
                               const int* spans, const int* tiles, int n_heads, int n_kv_heads,
                               int /* hd, always 128 */, float scale, int ldg) {
-    tl_attn::bwd_dq_mma<128>(dq, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, scale, ldg);
+    tl_attn::bwd_dq_mma<128, 1>(dq, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, scale, ldg);
 }
 extern "C" __global__ void __launch_bounds__(128)
     attn_bwd_dkdv_mma_bf16_hd128(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout,
                                 const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                                 const float* lse, const float* D, const int* spans, const int* tiles,
                                 int n_heads, int n_kv_heads, int /* hd, always 128 */, float scale, int ldg) {
-    tl_attn::bwd_dkdv_mma<128>(dk, dv, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, scale, ldg);
+    tl_attn::bwd_dkdv_mma<128, 1>(dk, dv, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, scale, ldg);
 }

@@ -64,7 +64,8 @@ pub struct CudaOps {
 /// Rows of a tile of the attention kernels: warps per block (kernels/attention.cu).
 const ATTN_ROWS: usize = 4;
 
-/// Rows of a tile of the tensor-core attention backward (16 per warp of 4).
+/// Rows of a block of the tensor-core attention kernels at one m-tile a warp (16 per warp
+/// of 4); they take one or two (`attn_mma_rows`).
 const ATTN_MMA_ROWS: usize = 64;
 /// Rows of the tiles they stream through shared memory (`MMA_TILE`).
 const ATTN_MMA_KEYS: usize = 64;
@@ -489,6 +490,17 @@ impl CudaOps {
         } else {
             ("bc16", 16)
         }
+    }
+}
+
+/// Rows of a block of the tensor-core attention kernels (query rows in the forward and
+/// dq, key rows in dkdv): 16 a warp times their `MI` m-tiles, 2 at head_dim 64 and 1 at
+/// 128 (kernels/attention.cu).
+fn attn_mma_rows(hd: usize) -> usize {
+    if hd == 64 {
+        2 * ATTN_MMA_ROWS
+    } else {
+        ATTN_MMA_ROWS
     }
 }
 
@@ -1151,14 +1163,11 @@ impl Ops for CudaOps {
         let mut lse = self.alloc_as(&[nq, shape.n_heads], DType::F32)?;
         self.fill(&mut lse, f32::NEG_INFINITY)?;
         let mma = self.attn_on_tensor_cores(hd);
-        // the tensor-core forward's query rows a block (`FWD_ROWS`): 32 a warp at head_dim
-        // 64, 16 at 128
-        let mma_rows = if hd == 64 { 2 * ATTN_MMA_ROWS } else { ATTN_MMA_ROWS };
-        let (spans, tiles, n_tiles) =
-            self.attn_tiles(layout, false, if mma { mma_rows } else { ATTN_ROWS })?;
+        let rows = if mma { attn_mma_rows(hd) } else { ATTN_ROWS };
+        let (spans, tiles, n_tiles) = self.attn_tiles(layout, false, rows)?;
         let (name, cfg) = if mma {
             // Q of the block's rows, then two stages of K and V tiles
-            let smem = (mma_rows + 4 * ATTN_MMA_KEYS) * (hd + 8) * 2;
+            let smem = (rows + 4 * ATTN_MMA_KEYS) * (hd + 8) * 2;
             (format!("attn_fwd_mma_bf16_hd{hd}"), attn_cfg(n_tiles, shape.n_heads, smem))
         } else {
             let (suffix, bc) = Self::attn_variant(hd);
@@ -1232,18 +1241,19 @@ impl Ops for CudaOps {
         let zeros = |shape: &[usize]| self.alloc_zeros_with_tail(shape, room(tail));
         let (dq, dk, dv) = (zeros(&q.shape)?, zeros(&k.shape)?, zeros(&v.shape)?);
         let mma = self.attn_on_tensor_cores(hd);
-        let rows = if mma { ATTN_MMA_ROWS } else { ATTN_ROWS };
+        let rows = if mma { attn_mma_rows(hd) } else { ATTN_ROWS };
         let (spans, q_tiles, n_q_tiles) = self.attn_tiles(layout, false, rows)?;
         let (_, k_tiles, n_k_tiles) = self.attn_tiles(layout, true, rows)?;
         let (dq_name, dq_cfg, dkdv_name, dkdv_cfg) = if mma {
-            // dq streams two stages of K and V tiles; dkdv keeps K and V of its 64 keys
+            // dq streams two stages of K and V tiles; dkdv keeps K and V of its keys
             // beside two stages of Q and dO tiles with their lse and D
-            let tile = ATTN_MMA_KEYS * (hd + 8) * 2;
+            let row = (hd + 8) * 2;
+            let dkdv_smem = (2 * rows + 4 * ATTN_MMA_KEYS) * row + 4 * ATTN_MMA_KEYS * 4;
             (
                 format!("attn_bwd_dq_mma_bf16_hd{hd}"),
-                attn_cfg(n_q_tiles, shape.n_heads, 4 * tile),
+                attn_cfg(n_q_tiles, shape.n_heads, 4 * ATTN_MMA_KEYS * row),
                 format!("attn_bwd_dkdv_mma_bf16_hd{hd}"),
-                attn_cfg(n_k_tiles, shape.n_kv_heads, 6 * tile + 4 * ATTN_MMA_KEYS * 4),
+                attn_cfg(n_k_tiles, shape.n_kv_heads, dkdv_smem),
             )
         } else {
             let (suffix, bc) = Self::attn_variant(hd);

@@ -296,26 +296,28 @@ __device__ void bwd_dkdv(T* dk, T* dv, const T* dout, const T* q, const T* k, co
 
 // ---- tensor cores (bf16, head_dim 64 or 128) -----------------------------------------
 //
-// A block has MMA_WARPS warps and takes rows of one side: query rows in attn_fwd_mma (128
-// at head_dim 64, warp w owning rows 32w .. 32w+31; 64 at head_dim 128, see fwd_mma), 64
-// query rows in attn_bwd_dq_mma and 64 key rows in attn_bwd_dkdv_mma (16w .. 16w+15);
-// `tiles` counts in those steps. The
-// other side streams through shared memory in tiles of 64 rows, as bf16 with row stride
-// HD + 8 elements (the 8 rows one ldmatrix reads then fall in different banks),
-// double-buffered: cp.async copies the next tile while the warps compute on this one. Fragments come out of shared memory with ldmatrix (.trans
-// for a B operand stored [k][n]). Every product is an mma.sync m16n8k16 (bf16 in, f32
-// accumulation); probabilities and dS are rounded to bf16 for the products that take
-// them, as FlashAttention does, while softmax sums, the log-sum-exp and dS = P (dP - D)
-// are f32. The softmax runs in base 2 (scores times scale·log2 e, exp2); lse is stored
-// in base e. Lane (g = lane / 4, t = lane % 4) of a warp holds rows g and g + 8 of each
-// 16-row m-tile (see tl::mma_bf16_16816 for the fragment layouts). The causal mask is only
-// evaluated where a warp's rows and a tile's columns cross the diagonal or a span's end.
+// A block has MMA_WARPS warps and takes rows of one side: query rows in attn_fwd_mma and
+// attn_bwd_dq_mma, key rows in attn_bwd_dkdv_mma, MI 16-row m-tiles a warp (2 at
+// head_dim 64: warp w owns rows 32w .. 32w+31 of 128; 1 at head_dim 128: 16w .. 16w+15
+// of 64; see fwd_mma); `tiles` counts in those steps. The other side streams through
+// shared memory in tiles of 64 rows, as bf16 with row stride HD + 8 elements (the 8 rows
+// one ldmatrix reads then fall in different banks), double-buffered: cp.async copies the
+// next tile while the warps compute on this one. Fragments come out of shared memory
+// with ldmatrix (.trans for a B operand stored [k][n]). Every product is an mma.sync
+// m16n8k16 (bf16 in, f32 accumulation); probabilities and dS are rounded to bf16 for the
+// products that take them, as FlashAttention does, while softmax sums, the log-sum-exp
+// and dS = P (dP - D) are f32. The softmax runs in base 2 (scores times scale·log2 e,
+// exp2); lse is stored in base e. Lane (g = lane / 4, t = lane % 4) of a warp holds rows
+// g and g + 8 of each m-tile (see tl::mma_bf16_16816 for the fragment layouts). The
+// causal mask is only evaluated where a warp's rows and a tile's columns cross the
+// diagonal or a span's end.
 //
 // Dynamic shared memory (bf16 elements, LD = HD + 8, TILE = 64 * LD):
-//   attn_fwd_mma:                  Q of the block's rows + 2 stages x (K, V) = 6 or 5 * TILE
-//   attn_bwd_dq_mma:               2 stages x (K, V tiles)                = 4 * TILE
-//   attn_bwd_dkdv_mma:             K, V of the block + 2 stages x (Q, dO) = 6 * TILE,
-//                                  then 2 stages x (lse, D) of 64 rows     (4 * 64 f32)
+//   attn_fwd_mma:      Q of the block's 64 MI rows + 2 stages x (K, V)  = (MI + 4) * TILE
+//   attn_bwd_dq_mma:   2 stages x (K, V)                                = 4 * TILE
+//   attn_bwd_dkdv_mma: K, V of the block's 64 MI keys + 2 stages x (Q, dO)
+//                                                                       = (2 MI + 4) * TILE,
+//                      then 2 stages x (lse, D) of 64 rows              (4 * 64 f32)
 
 constexpr int MMA_WARPS = 4, MMA_TILE = 64;
 constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
@@ -392,6 +394,14 @@ __device__ __forceinline__ void mma_a_from_acc(uint32_t (&a)[4], const float (&l
     a[1] = tl::pack_bf16(lo[2], lo[3]);
     a[2] = tl::pack_bf16(hi[0], hi[1]);
     a[3] = tl::pack_bf16(hi[2], hi[3]);
+}
+
+// d0 += a·b0 and d1 += a·b1: one A fragment against the two 8-column B tiles that one
+// mma_b_transposed or mma_b_rows gives.
+__device__ __forceinline__ void mma_2n(float (&d0)[4], float (&d1)[4], const uint32_t (&a)[4],
+                                       const uint32_t (&b0)[2], const uint32_t (&b1)[2]) {
+    tl::mma_bf16_16816(d0, a, b0);
+    tl::mma_bf16_16816(d1, a, b1);
 }
 
 // The A fragments of 16 rows (rows past `valid` zero) of one head of a [*, width] matrix
@@ -593,10 +603,7 @@ __device__ void fwd_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, 
                     uint32_t b0[2], b1[2];
                     mma_b_transposed(b0, b1, k_s, LD, 16 * np, 16 * kk);
 #pragma unroll
-                    for (int mi = 0; mi < MI; ++mi) {
-                        tl::mma_bf16_16816(s[mi][2 * np], a[mi], b0);
-                        tl::mma_bf16_16816(s[mi][2 * np + 1], a[mi], b1);
-                    }
+                    for (int mi = 0; mi < MI; ++mi) mma_2n(s[mi][2 * np], s[mi][2 * np + 1], a[mi], b0, b1);
                 }
             }
             // Scale and mask (causal, bottom-right aligned; rows past the span see
@@ -626,10 +633,7 @@ __device__ void fwd_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, 
                     uint32_t b0[2], b1[2];
                     mma_b_rows(b0, b1, v_s, LD, 16 * ks, 16 * dp);
 #pragma unroll
-                    for (int mi = 0; mi < MI; ++mi) {
-                        tl::mma_bf16_16816(o[mi][2 * dp], a[mi], b0);
-                        tl::mma_bf16_16816(o[mi][2 * dp + 1], a[mi], b1);
-                    }
+                    for (int mi = 0; mi < MI; ++mi) mma_2n(o[mi][2 * dp], o[mi][2 * dp + 1], a[mi], b0, b1);
                 }
             }
         }
@@ -706,16 +710,10 @@ __device__ void bwd_dq_mma(__nv_bfloat16* dq, const __nv_bfloat16* dout, const _
                 uint32_t b0[2], b1[2];
                 mma_b_transposed(b0, b1, k_s, LD, c0, 16 * kk);
 #pragma unroll
-                for (int mi = 0; mi < MI; ++mi) {
-                    tl::mma_bf16_16816(s[mi][0], qf[mi][kk], b0);
-                    tl::mma_bf16_16816(s[mi][1], qf[mi][kk], b1);
-                }
+                for (int mi = 0; mi < MI; ++mi) mma_2n(s[mi][0], s[mi][1], qf[mi][kk], b0, b1);
                 mma_b_transposed(b0, b1, v_s, LD, c0, 16 * kk);
 #pragma unroll
-                for (int mi = 0; mi < MI; ++mi) {
-                    tl::mma_bf16_16816(dp[mi][0], of[mi][kk], b0);
-                    tl::mma_bf16_16816(dp[mi][1], of[mi][kk], b1);
-                }
+                for (int mi = 0; mi < MI; ++mi) mma_2n(dp[mi][0], dp[mi][1], of[mi][kk], b0, b1);
             }
             const bool full = rows_full && j0 + c0 + 15 <= r0 + shift;
             uint32_t a[MI][4];
@@ -739,10 +737,7 @@ __device__ void bwd_dq_mma(__nv_bfloat16* dq, const __nv_bfloat16* dout, const _
                 uint32_t b0[2], b1[2];
                 mma_b_rows(b0, b1, k_s, LD, c0, 16 * dp2);
 #pragma unroll
-                for (int mi = 0; mi < MI; ++mi) {
-                    tl::mma_bf16_16816(acc[mi][2 * dp2], a[mi], b0);
-                    tl::mma_bf16_16816(acc[mi][2 * dp2 + 1], a[mi], b1);
-                }
+                for (int mi = 0; mi < MI; ++mi) mma_2n(acc[mi][2 * dp2], acc[mi][2 * dp2 + 1], a[mi], b0, b1);
             }
         }
         __syncthreads();  // the stage is refilled two tiles on
@@ -848,15 +843,13 @@ __device__ void bwd_dkdv_mma(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bf
 #pragma unroll
                 for (int mi = 0; mi < MI; ++mi) {
                     mma_a_rows(a, k_s, LD, c0 + 16 * mi, 16 * kk);
-                    tl::mma_bf16_16816(s[mi][0], a, b0);
-                    tl::mma_bf16_16816(s[mi][1], a, b1);
+                    mma_2n(s[mi][0], s[mi][1], a, b0, b1);
                 }
                 mma_b_transposed(b0, b1, o_s, LD, q0, 16 * kk);
 #pragma unroll
                 for (int mi = 0; mi < MI; ++mi) {
                     mma_a_rows(a, v_s, LD, c0 + 16 * mi, 16 * kk);
-                    tl::mma_bf16_16816(dp[mi][0], a, b0);
-                    tl::mma_bf16_16816(dp[mi][1], a, b1);
+                    mma_2n(dp[mi][0], dp[mi][1], a, b0, b1);
                 }
             }
             uint32_t pa[MI][4], da[MI][4];
@@ -886,16 +879,10 @@ __device__ void bwd_dkdv_mma(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bf
                 uint32_t b0[2], b1[2];
                 mma_b_rows(b0, b1, o_s, LD, q0, 16 * dp2);
 #pragma unroll
-                for (int mi = 0; mi < MI; ++mi) {
-                    tl::mma_bf16_16816(dv_acc[mi][2 * dp2], pa[mi], b0);
-                    tl::mma_bf16_16816(dv_acc[mi][2 * dp2 + 1], pa[mi], b1);
-                }
+                for (int mi = 0; mi < MI; ++mi) mma_2n(dv_acc[mi][2 * dp2], dv_acc[mi][2 * dp2 + 1], pa[mi], b0, b1);
                 mma_b_rows(b0, b1, q_s, LD, q0, 16 * dp2);
 #pragma unroll
-                for (int mi = 0; mi < MI; ++mi) {
-                    tl::mma_bf16_16816(dk_acc[mi][2 * dp2], da[mi], b0);
-                    tl::mma_bf16_16816(dk_acc[mi][2 * dp2 + 1], da[mi], b1);
-                }
+                for (int mi = 0; mi < MI; ++mi) mma_2n(dk_acc[mi][2 * dp2], dk_acc[mi][2 * dp2 + 1], da[mi], b0, b1);
             }
         }
         __syncthreads();  // the stage is refilled two tiles on

@@ -38,6 +38,37 @@ __device__ __forceinline__ float load_f32(const __nv_bfloat16* p) { return __bfl
 __device__ __forceinline__ void store_f32(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store_f32(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
+// ---- 16-byte vectors: 8 bf16 or 4 f32 in one load or store --------------------------
+
+template <typename T> struct alignas(16) Vec16 {
+    T v[16 / sizeof(T)];
+};
+
+// v = the 8 values at p, as f32 (p 16-byte aligned: one load in bf16, two in f32).
+template <typename T> __device__ __forceinline__ void load8(float (&v)[8], const T* p) {
+    constexpr int N = 16 / sizeof(T);
+#pragma unroll
+    for (int h = 0; h < 8 / N; ++h) {
+        const Vec16<T> x = reinterpret_cast<const Vec16<T>*>(p)[h];
+#pragma unroll
+        for (int j = 0; j < N; ++j) v[h * N + j] = load_f32(&x.v[j]);
+    }
+}
+
+// The 8 values v at p, rounded once to T (p 16-byte aligned).
+template <typename T> __device__ __forceinline__ void store8(T* p, const float (&v)[8]) {
+    constexpr int N = 16 / sizeof(T);
+#pragma unroll
+    for (int h = 0; h < 8 / N; ++h) {
+        Vec16<T> x;
+#pragma unroll
+        for (int j = 0; j < N; ++j) store_f32(&x.v[j], v[h * N + j]);
+        reinterpret_cast<Vec16<T>*>(p)[h] = x;
+    }
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 // ---- reductions -------------------------------------------------------------------
 
 // Sum over the 32 lanes of a warp; every lane gets the total. All 32 lanes must call it.

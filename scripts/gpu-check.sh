@@ -10,8 +10,8 @@
 # It sets up the loader path for cuBLAS(Lt) and NCCL, then runs:
 #   - the GPU tests of tests/cuda_ops.rs (every op against the CPU op in the f32 and the
 #     bf16 mode, golden parity in both);
-#   - compute-sanitizer --tool memcheck over the op tests (if compute-sanitizer exists and
-#     TUNELOOP_MEMCHECK is not 0);
+#   - compute-sanitizer --tool memcheck over the op tests, and --tool racecheck over the
+#     bf16 attention test (if compute-sanitizer exists and TUNELOOP_MEMCHECK is not 0);
 #   - tuneloop parity --backend cuda --dtype f32 and --dtype bf16 on the golden cases;
 #   - a quickstart fine-tune on CUDA alone and as world size 1 over the rendezvous and
 #     NCCL, whose adapters must be identical;
@@ -70,6 +70,10 @@ elif command -v compute-sanitizer >/dev/null 2>&1 || [[ -x /usr/local/cuda/bin/c
     run_step "compute-sanitizer memcheck (op tests)" memcheck.log \
         "$cs" --tool memcheck --error-exitcode 1 $bundle/cuda_ops --ignored --test-threads=1 \
         --skip cuda_f32_matches_hf_goldens --skip cuda_bf16_matches_hf_goldens
+    # shared-memory hazards of the tensor-core attention's cp.async/ldmatrix pipeline
+    run_step "compute-sanitizer racecheck (attention bf16)" racecheck.log \
+        timeout 180 "$cs" --tool racecheck --racecheck-report hazard --error-exitcode 1 \
+        $bundle/cuda_ops --ignored --test-threads=1 --exact attention_matches_the_cpu_bf16
 else
     record "compute-sanitizer memcheck (op tests)" "skipped (not installed)"
 fi

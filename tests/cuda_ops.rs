@@ -266,6 +266,14 @@ fn pointwise_ops(dtype: DType) {
         let (x, y) = p.gpu.swiglu_bwd(&dg, &gg, &ug, 0).unwrap();
         close("swiglu_bwd dgate", &p.down(&x), &a.data, tol);
         close("swiglu_bwd dup", &p.down(&y), &b.data, tol);
+        // outputs with room after their rows (16-byte vectors where the width allows)
+        poison_pool(&p);
+        let h = p.gpu.swiglu_fwd(&gg, &ug, 5).unwrap();
+        assert!(h.tail >= 5, "room {}", h.tail);
+        close("swiglu_fwd with room", &p.down(&h), &p.cpu.swiglu_fwd(&gc, &uc, 0).unwrap().data, tol);
+        let (x, y) = p.gpu.swiglu_bwd(&dg, &gg, &ug, 5).unwrap();
+        close("swiglu_bwd dgate with room", &p.down(&x), &a.data, tol);
+        close("swiglu_bwd dup with room", &p.down(&y), &b.data, tol);
 
         // rmsnorm
         let (xc, xg) = p.both(&[n, d], 3.0);

@@ -1318,7 +1318,7 @@ impl Ops for CudaOps {
         let width = h.rows_cols().1.max(1);
         self.rt.launch(
             &self.kernel("swiglu_fwd"),
-            grid_1d(n),
+            grid_1d(n.div_ceil(8)), // 8 values a thread (kernels/swiglu.cu)
             args![
                 self.base_ptr(&h),
                 self.ptr(&gate),
@@ -1349,7 +1349,7 @@ impl Ops for CudaOps {
         let width = dg.rows_cols().1.max(1);
         self.rt.launch(
             &self.kernel("swiglu_bwd"),
-            grid_1d(n),
+            grid_1d(n.div_ceil(8)), // 8 values a thread (kernels/swiglu.cu)
             args![
                 self.base_ptr(&dg),
                 self.base_ptr(&du),

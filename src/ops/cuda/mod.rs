@@ -438,7 +438,11 @@ impl CudaOps {
         Ok(out)
     }
 
-    /// The (span, first row) tiles of `rows` rows of one side of an attention layout.
+    /// The (span, first row) tiles of `rows` rows of one side of an attention layout,
+    /// those with the most work first: under the causal mask a query tile's work grows
+    /// with its row and a key tile's shrinks, and starting the long blocks first keeps
+    /// the last wave of the grid short. Every block is independent, so the order changes
+    /// no result.
     fn attn_tiles(
         &self,
         layout: &AttnLayout,
@@ -446,19 +450,34 @@ impl CudaOps {
         rows: usize,
     ) -> Result<(CudaSlice<i32>, CudaSlice<i32>, u32)> {
         let mut spans = Vec::with_capacity(layout.seqs.len() * 4);
-        let mut tiles = Vec::new();
+        // (work, span, first row)
+        let mut tiles: Vec<(usize, usize, usize)> = Vec::new();
         for (i, sp) in layout.seqs.iter().enumerate() {
             for v in [sp.q_start, sp.q_len, sp.k_start, sp.k_len] {
                 spans.push(int(v, "attention span bound")?);
             }
+            // query i sees keys 0 ..= i + k_len - q_len
+            let shift = sp.k_len as i64 - sp.q_len as i64;
             let len = if keys { sp.k_len } else { sp.q_len };
             for r0 in (0..len).step_by(rows) {
-                tiles.push(int(i, "sequence index")?);
-                tiles.push(int(r0, "row")?);
+                let work = if keys {
+                    // the queries that see the tile's first key
+                    (sp.q_len as i64 - (r0 as i64 - shift).max(0)).max(0)
+                } else {
+                    // the keys the tile's last row sees
+                    ((r0 + rows).min(sp.q_len) as i64 + shift).clamp(0, sp.k_len as i64)
+                };
+                tiles.push((work as usize, i, r0));
             }
         }
-        let n_tiles = u32::try_from(tiles.len() / 2).context("too many attention tiles")?;
-        Ok((self.upload_i32(&spans)?, self.upload_i32(&tiles)?, n_tiles))
+        tiles.sort_by_key(|&(work, _, _)| std::cmp::Reverse(work));
+        let mut flat = Vec::with_capacity(tiles.len() * 2);
+        for (_, i, r0) in tiles {
+            flat.push(int(i, "sequence index")?);
+            flat.push(int(r0, "row")?);
+        }
+        let n_tiles = u32::try_from(flat.len() / 2).context("too many attention tiles")?;
+        Ok((self.upload_i32(&spans)?, self.upload_i32(&flat)?, n_tiles))
     }
 
     fn attn_check(

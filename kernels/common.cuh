@@ -69,6 +69,33 @@ template <typename T> __device__ __forceinline__ void store8(T* p, const float (
 
 __device__ __forceinline__ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// ---- grid-stride loops over a row-major [rows, cols] index space ---------------------
+
+// Whether a grid-stride loop over n indices can count in 32 bits: n and n plus a grid's
+// stride (at most 65535 blocks of 1024) both fit. A 64-bit division costs tens of
+// instructions, more than an element-wise kernel's bytes take to move.
+__device__ __forceinline__ bool fits_u32(size_t n) { return n <= 0x7fffffffu; }
+
+// Calls f(i, r, c) for every i < rows * cols, r = i / cols and c = i % cols, over the
+// grid (any grid), in 32-bit arithmetic where the space allows.
+template <typename F> __device__ __forceinline__ void for_each_rc(size_t rows, size_t cols, F f) {
+    const size_t total = rows * cols;
+    if (cols == 0) return;
+    if (fits_u32(total)) {
+        const unsigned n = (unsigned)total, w = (unsigned)cols;
+        for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+            const unsigned r = i / w;
+            f((size_t)i, (size_t)r, (size_t)(i - r * w));
+        }
+    } else {
+        for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+             i += (size_t)gridDim.x * blockDim.x) {
+            const size_t r = i / cols;
+            f(i, r, i - r * cols);
+        }
+    }
+}
+
 // ---- reductions -------------------------------------------------------------------
 
 // Sum over the 32 lanes of a warp; every lane gets the total. All 32 lanes must call it.

@@ -15,9 +15,7 @@ namespace tl_embedding {
 
 template <typename T>
 __device__ void fwd(T* out, int* err, const T* table, const unsigned* ids, int n, int d, int vocab) {
-    const size_t total = (size_t)n * d;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
-        const size_t row = i / d, c = i % d;
+    tl::for_each_rc((size_t)n, (size_t)d, [&](size_t i, size_t row, size_t c) {
         const unsigned id = ids[row];
         if (id >= (unsigned)vocab) {
             out[i] = T(0.0f);
@@ -25,21 +23,19 @@ __device__ void fwd(T* out, int* err, const T* table, const unsigned* ids, int n
         } else {
             out[i] = table[(size_t)id * d + c];
         }
-    }
+    });
 }
 
 template <typename T>
 __device__ void bwd(float* dtable, int* err, const T* dy, const unsigned* ids, int n, int d, int vocab) {
-    const size_t total = (size_t)n * d;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
-        const size_t row = i / d, c = i % d;
+    tl::for_each_rc((size_t)n, (size_t)d, [&](size_t i, size_t row, size_t c) {
         const unsigned id = ids[row];
         if (id >= (unsigned)vocab) {
             if (c == 0) *err = 1;
         } else {
             atomicAdd(dtable + (size_t)id * d + c, tl::load_f32(dy + i));
         }
-    }
+    });
 }
 
 }  // namespace tl_embedding

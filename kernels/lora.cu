@@ -42,10 +42,10 @@ __device__ __forceinline__ float dropout_factor(unsigned long long seed, unsigne
 
 template <typename T>
 __device__ void dropout_fwd(T* out, const T* x, size_t n, int in, int ldx, float p, unsigned long long seed) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const size_t at = ldx == in ? i : i / in * ldx + i % in;
-        tl::store_f32(out + i, tl::load_f32(x + at) * dropout_factor(seed, i, p));
-    }
+    if (in <= 0) return;
+    tl::for_each_rc(n / in, (size_t)in, [&](size_t i, size_t r, size_t c) {
+        tl::store_f32(out + i, tl::load_f32(x + r * ldx + c) * dropout_factor(seed, i, p));
+    });
 }
 
 template <typename T>

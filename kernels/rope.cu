@@ -38,7 +38,7 @@ template <typename T>
 __device__ void rotate(T* q, int heads_q, T* k, int heads_k, const float* cos, const float* sin, int rows,
                        int hd, float sign, int ldq, int ldk) {
     const size_t total = (size_t)rows * (size_t)(heads_q + heads_k) * (size_t)(hd / 2);
-    if (total <= 0xffffffffu) {
+    if (tl::fits_u32(total)) {
         rotate_impl<unsigned>(q, heads_q, k, heads_k, cos, sin, rows, hd, sign, ldq, ldk);
     } else {
         rotate_impl<size_t>(q, heads_q, k, heads_k, cos, sin, rows, hd, sign, ldq, ldk);

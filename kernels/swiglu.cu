@@ -80,7 +80,7 @@ __device__ void bwd_impl(T* dgate, T* dup, const T* dh, const T* gate, const T* 
 template <typename T> __device__ void fwd(T* h, const T* gate, const T* up, size_t n, int width, int ldh) {
     if (width <= 0) return;
     const bool vec = width % 8 == 0 && ldh % 8 == 0 && tl::aligned16(h) && tl::aligned16(gate) && tl::aligned16(up);
-    if (n <= 0xffffffffu) {
+    if (tl::fits_u32(n)) {
         const unsigned n32 = (unsigned)n, w = (unsigned)width, ld = (unsigned)ldh;
         vec ? fwd_impl<unsigned, 8>(h, gate, up, n32, w, ld) : fwd_impl<unsigned, 1>(h, gate, up, n32, w, ld);
     } else {
@@ -94,7 +94,7 @@ __device__ void bwd(T* dgate, T* dup, const T* dh, const T* gate, const T* up, s
     if (width <= 0) return;
     const bool vec = width % 8 == 0 && ld % 8 == 0 && tl::aligned16(dgate) && tl::aligned16(dup) &&
                      tl::aligned16(dh) && tl::aligned16(gate) && tl::aligned16(up);
-    if (n <= 0xffffffffu) {
+    if (tl::fits_u32(n)) {
         const unsigned n32 = (unsigned)n, w = (unsigned)width, l = (unsigned)ld;
         vec ? bwd_impl<unsigned, 8>(dgate, dup, dh, gate, up, n32, w, l)
             : bwd_impl<unsigned, 1>(dgate, dup, dh, gate, up, n32, w, l);

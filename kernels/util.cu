@@ -32,29 +32,22 @@ template <typename TO, typename TI> __device__ void cast(TO* out, const TI* in, 
 // out[r, :] = x[rows[r], :]; rows are checked on the host.
 template <typename T>
 __device__ void gather_rows(T* out, const T* x, const int* rows, int n_rows, int cols) {
-    const size_t n = (size_t)n_rows * cols;
-    for (size_t i = global_tid(); i < n; i += grid_stride()) {
-        const size_t r = i / cols, c = i % cols;
-        out[i] = x[(size_t)rows[r] * cols + c];
-    }
+    tl::for_each_rc((size_t)n_rows, (size_t)cols,
+                    [&](size_t i, size_t r, size_t c) { out[i] = x[(size_t)rows[r] * cols + c]; });
 }
 
 // dst[r, c] = src[r, c] for c < cols, rows `ld_dst` and `ld_src` elements apart (a
 // tensor with room after its rows made dense, or given room)
 template <typename T> __device__ void copy_2d(T* dst, int ld_dst, const T* src, int ld_src, int rows, int cols) {
-    const size_t n = (size_t)rows * cols;
-    for (size_t i = global_tid(); i < n; i += grid_stride()) {
-        const size_t r = i / cols, c = i % cols;
-        dst[r * ld_dst + c] = src[r * ld_src + c];
-    }
+    tl::for_each_rc((size_t)rows, (size_t)cols,
+                    [&](size_t, size_t r, size_t c) { dst[r * ld_dst + c] = src[r * ld_src + c]; });
 }
 
 // y[r, c] += b[c]
 template <typename T> __device__ void add_bias_rows(T* y, const T* b, int rows, int cols) {
-    const size_t n = (size_t)rows * cols;
-    for (size_t i = global_tid(); i < n; i += grid_stride()) {
-        tl::store_f32(y + i, tl::load_f32(y + i) + tl::load_f32(b + i % cols));
-    }
+    tl::for_each_rc((size_t)rows, (size_t)cols, [&](size_t i, size_t, size_t c) {
+        tl::store_f32(y + i, tl::load_f32(y + i) + tl::load_f32(b + c));
+    });
 }
 
 }  // namespace tl_util

@@ -22,8 +22,10 @@
 //
 // Launch: 1-D blocks, blockDim.x a multiple of 32, at most 1024. Each block handles one
 // row at a time and strides over rows, so any grid is correct; the forward is normally
-// launched with one block per row (grid = rows). Threads stride over a row's columns,
-// so d can be any size.
+// launched with one block per row (grid = rows). Threads stride over a row's columns, 8
+// at a time with 16-byte loads and stores when d and the row strides are multiples of 8
+// and the pointers 16-byte aligned (every model's hidden size), else one at a time: d
+// can be any size.
 //
 // dw: base weights are frozen in LoRA training, so dw is usually not wanted; pass
 // dw_partial = nullptr and the backward skips it. When wanted, it takes two launches and
@@ -42,21 +44,42 @@ template <typename T>
 __device__ __forceinline__ void rmsnorm_fwd_impl(T* __restrict__ y, float* __restrict__ rstd_out,
                                                  const T* __restrict__ x, const T* __restrict__ w,
                                                  int rows, int d, int ldy, float eps) {
+    const bool vec = d % 8 == 0 && ldy % 8 == 0 && tl::aligned16(y) && tl::aligned16(x) && tl::aligned16(w);
     for (int row = blockIdx.x; row < rows; row += gridDim.x) {
         const T* xr = x + (size_t)row * d;
         T* yr = y + (size_t)row * ldy;
 
         float sum_sq = 0.0f;
-        for (int c = threadIdx.x; c < d; c += blockDim.x) {
-            const float v = tl::load_f32(xr + c);
-            sum_sq += v * v;
+        if (vec) {
+            for (int c = 8 * threadIdx.x; c < d; c += 8 * blockDim.x) {
+                float v[8];
+                tl::load8(v, xr + c);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) sum_sq += v[e] * v[e];
+            }
+        } else {
+            for (int c = threadIdx.x; c < d; c += blockDim.x) {
+                const float v = tl::load_f32(xr + c);
+                sum_sq += v * v;
+            }
         }
         sum_sq = tl::block_reduce_sum(sum_sq);
         const float rstd = rsqrtf(sum_sq / (float)d + eps);
         if (rstd_out != nullptr && threadIdx.x == 0) rstd_out[row] = rstd;
 
-        for (int c = threadIdx.x; c < d; c += blockDim.x) {
-            tl::store_f32(yr + c, tl::load_f32(w + c) * (tl::load_f32(xr + c) * rstd));
+        if (vec) {
+            for (int c = 8 * threadIdx.x; c < d; c += 8 * blockDim.x) {
+                float v[8], wv[8];
+                tl::load8(v, xr + c);
+                tl::load8(wv, w + c);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) v[e] = wv[e] * (v[e] * rstd);
+                tl::store8(yr + c, v);
+            }
+        } else {
+            for (int c = threadIdx.x; c < d; c += blockDim.x) {
+                tl::store_f32(yr + c, tl::load_f32(w + c) * (tl::load_f32(xr + c) * rstd));
+            }
         }
     }
 }
@@ -73,6 +96,8 @@ __device__ __forceinline__ void rmsnorm_bwd_impl(T* __restrict__ dx, float* __re
         for (int c = threadIdx.x; c < d; c += blockDim.x) dw_row[c] = 0.0f;
     }
 
+    const bool vec = d % 8 == 0 && ldx % 8 == 0 && tl::aligned16(dx) && tl::aligned16(dy) && tl::aligned16(x) &&
+                     tl::aligned16(w);
     for (int row = blockIdx.x; row < rows; row += gridDim.x) {
         const T* xr = x + (size_t)row * d;
         const T* dyr = dy + (size_t)row * d;
@@ -82,21 +107,47 @@ __device__ __forceinline__ void rmsnorm_bwd_impl(T* __restrict__ dx, float* __re
 
         // mean(g * xhat) = rstd * sum(g * x) / d
         float dot = 0.0f;
-        for (int c = threadIdx.x; c < d; c += blockDim.x) {
-            dot += tl::load_f32(dyr + c) * tl::load_f32(w + c) * tl::load_f32(xr + c);
+        if (vec) {
+            for (int c = 8 * threadIdx.x; c < d; c += 8 * blockDim.x) {
+                float dyv[8], wv[8], xv[8];
+                tl::load8(dyv, dyr + c);
+                tl::load8(wv, w + c);
+                tl::load8(xv, xr + c);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) dot += dyv[e] * wv[e] * xv[e];
+            }
+        } else {
+            for (int c = threadIdx.x; c < d; c += blockDim.x) {
+                dot += tl::load_f32(dyr + c) * tl::load_f32(w + c) * tl::load_f32(xr + c);
+            }
         }
         const float mean_g_xhat = tl::block_reduce_sum(dot) * r / (float)d;
 
-        for (int c = threadIdx.x; c < d; c += blockDim.x) {
-            const float dyv = tl::load_f32(dyr + c);
-            const float xhat = tl::load_f32(xr + c) * r;
-            const float g = dyv * tl::load_f32(w + c);
-            const float grad = r * (g - xhat * mean_g_xhat);
-            tl::store_f32(dxr + c, accumulate ? tl::load_f32(dxr + c) + grad : grad);
-            if (dw_row != nullptr) {
-                // Thread t always owns the same columns of dw_row: no race.
-                const float contrib = dyv * xhat;
-                dw_row[c] = first_row ? contrib : dw_row[c] + contrib;
+        // dx of one column, from dy, w and x there; dw's partial sum alongside. Thread t
+        // always owns the same columns of dw_row: no race.
+        auto grad = [&](int c, float dyv, float wv, float xv) {
+            const float xhat = xv * r;
+            if (dw_row != nullptr) dw_row[c] = first_row ? dyv * xhat : dw_row[c] + dyv * xhat;
+            return r * (dyv * wv - xhat * mean_g_xhat);
+        };
+        if (vec) {
+            for (int c = 8 * threadIdx.x; c < d; c += 8 * blockDim.x) {
+                float dyv[8], wv[8], xv[8], out[8];
+                tl::load8(dyv, dyr + c);
+                tl::load8(wv, w + c);
+                tl::load8(xv, xr + c);
+                if (accumulate) tl::load8(out, dxr + c);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    const float g = grad(c + e, dyv[e], wv[e], xv[e]);
+                    out[e] = accumulate ? out[e] + g : g;
+                }
+                tl::store8(dxr + c, out);
+            }
+        } else {
+            for (int c = threadIdx.x; c < d; c += blockDim.x) {
+                const float g = grad(c, tl::load_f32(dyr + c), tl::load_f32(w + c), tl::load_f32(xr + c));
+                tl::store_f32(dxr + c, accumulate ? tl::load_f32(dxr + c) + g : g);
             }
         }
     }

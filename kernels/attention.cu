@@ -483,7 +483,7 @@ __device__ __forceinline__ void mma_load_kv(__nv_bfloat16* kv_s, const MmaQueryB
     tl::cp_async_commit();
 }
 
-// Waits for key tile `it` of `n_tiles` (leaving the next one, already started, in flight)
+// Waits for tile `it` of `n_tiles` (leaving the next one, already started, in flight)
 // and makes it visible to the block.
 __device__ __forceinline__ void mma_wait_tile(int it, int n_tiles) {
     if (it + 1 < n_tiles) {
@@ -492,6 +492,18 @@ __device__ __forceinline__ void mma_wait_tile(int it, int n_tiles) {
         tl::cp_async_wait<0>();
     }
     __syncthreads();
+}
+
+// The top of a query-side kernel's loop over its `n_tiles` key tiles: starts the copy of
+// tile it + 1, waits for tile `it` and makes it visible; returns where K of tile `it` is
+// (V follows it, a tile on).
+template <int HD>
+__device__ __forceinline__ const __nv_bfloat16* mma_next_kv(__nv_bfloat16* kv_s, const MmaQueryBlock& blk,
+                                                            const __nv_bfloat16* k, const __nv_bfloat16* v,
+                                                            int it, int n_tiles) {
+    if (it + 1 < n_tiles) mma_load_kv<HD>(kv_s, blk, k, v, it + 1);
+    mma_wait_tile(it, n_tiles);
+    return kv_s + 2 * (it % 2) * MMA_TILE * (HD + 8);
 }
 
 // One step of the online softmax for a 16-row m-tile: `s` holds the lane's scores of a
@@ -585,9 +597,7 @@ __device__ void fwd_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, 
     }
     for (int it = 0; it < n_tiles; ++it) {
         const int j0 = it * MMA_TILE;
-        if (it + 1 < n_tiles) mma_load_kv<HD>(kv_s, blk, k, v, it + 1);
-        mma_wait_tile(it, n_tiles);
-        const __nv_bfloat16* k_s = kv_s + 2 * (it % 2) * TILE;
+        const __nv_bfloat16* k_s = mma_next_kv<HD>(kv_s, blk, k, v, it, n_tiles);
         const __nv_bfloat16* v_s = k_s + TILE;
         if (r0 < sp.q_len && j0 < nv_warp) {  // warp-uniform
             float s[MI][MMA_TILE / 8][4];
@@ -694,9 +704,7 @@ __device__ void bwd_dq_mma(__nv_bfloat16* dq, const __nv_bfloat16* dout, const _
     if (n_tiles > 0) mma_load_kv<HD>(kv_s, blk, k, v, 0);
     for (int it = 0; it < n_tiles; ++it) {
         const int j0 = it * MMA_TILE;
-        if (it + 1 < n_tiles) mma_load_kv<HD>(kv_s, blk, k, v, it + 1);
-        mma_wait_tile(it, n_tiles);
-        const __nv_bfloat16* k_s = kv_s + 2 * (it % 2) * TILE;
+        const __nv_bfloat16* k_s = mma_next_kv<HD>(kv_s, blk, k, v, it, n_tiles);
         const __nv_bfloat16* v_s = k_s + TILE;
         for (int c0 = 0; r0 < sp.q_len && c0 < MMA_TILE && j0 + c0 < nv_warp; c0 += 16) {  // warp-uniform
             float s[MI][2][4], dp[MI][2][4];

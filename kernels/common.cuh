@@ -67,6 +67,24 @@ template <typename T> __device__ __forceinline__ void store8(T* p, const float (
     }
 }
 
+// N = 1 or 8 values at p as f32, and back: one scalar, or load8/store8.
+template <int N, typename T> __device__ __forceinline__ void load_n(float (&v)[N], const T* p) {
+    static_assert(N == 1 || N == 8, "1 or 8 values");
+    if constexpr (N == 1) {
+        v[0] = load_f32(p);
+    } else {
+        load8(v, p);
+    }
+}
+template <int N, typename T> __device__ __forceinline__ void store_n(T* p, const float (&v)[N]) {
+    static_assert(N == 1 || N == 8, "1 or 8 values");
+    if constexpr (N == 1) {
+        store_f32(p, v[0]);
+    } else {
+        store8(p, v);
+    }
+}
+
 __device__ __forceinline__ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // ---- grid-stride loops over a row-major [rows, cols] index space ---------------------

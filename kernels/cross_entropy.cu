@@ -19,14 +19,11 @@ namespace tl_ce {
 
 constexpr int IGNORE_INDEX = -100;
 
-template <typename T>
-__device__ void ce(float* row_loss, int* row_flag, T* dlogits, const T* logits, const int* targets, int rows,
-                   int vocab, float grad_scale) {
-    __shared__ float s_val[1024];
-    __shared__ int s_idx[1024];
-    // rows of 8k values with 16-byte alignment (every model's vocabulary size is a
-    // multiple of 8): 16-byte loads and stores
-    const bool vec = vocab % 8 == 0 && tl::aligned16(logits) && (dlogits == nullptr || tl::aligned16(dlogits));
+// V = 8 values a thread at a time (16-byte loads and stores) or 1; s_val, s_idx: shared
+// scratch of blockDim.x each.
+template <int V, typename T>
+__device__ void ce_v(float* row_loss, int* row_flag, T* dlogits, const T* logits, const int* targets, int rows,
+                     int vocab, float grad_scale, float* s_val, int* s_idx) {
     for (int row = blockIdx.x; row < rows; row += gridDim.x) {
         const T* x = logits + (size_t)row * vocab;
         T* d = dlogits == nullptr ? nullptr : dlogits + (size_t)row * vocab;
@@ -42,27 +39,22 @@ __device__ void ce(float* row_loss, int* row_flag, T* dlogits, const T* logits, 
             continue;
         }
         // online max / sum of exp and argmax, per thread, over its values in increasing
-        // index order (8 at a time with 16-byte loads when the rows allow)
+        // index order
         float m = -INFINITY, s = 0.0f;
         int arg = 0x7fffffff;
-        auto visit = [&](float v, int j) {
-            if (v > m) {
-                s = s * expf(m - v) + 1.0f;
-                m = v;
-                arg = j;
-            } else {
-                s += expf(v - m);
-            }
-        };
-        if (vec) {
-            for (int j = 8 * threadIdx.x; j < vocab; j += 8 * blockDim.x) {
-                float v[8];
-                tl::load8(v, x + j);
+        for (int j = V * threadIdx.x; j < vocab; j += V * blockDim.x) {
+            float v[V];
+            tl::load_n(v, x + j);
 #pragma unroll
-                for (int e = 0; e < 8; ++e) visit(v[e], j + e);
+            for (int e = 0; e < V; ++e) {
+                if (v[e] > m) {
+                    s = s * expf(m - v[e]) + 1.0f;
+                    m = v[e];
+                    arg = j + e;
+                } else {
+                    s += expf(v[e] - m);
+                }
             }
-        } else {
-            for (int j = threadIdx.x; j < vocab; j += blockDim.x) visit(tl::load_f32(x + j), j);
         }
         // merge: block max, then argmax with the lowest index among equal maxima
         __syncthreads();
@@ -90,20 +82,29 @@ __device__ void ce(float* row_loss, int* row_flag, T* dlogits, const T* logits, 
             row_loss[row] = lse - tl::load_f32(x + t);
             row_flag[row] = row_arg == t ? 2 : 1;
         }
-        if (d != nullptr && vec) {
-            for (int j = 8 * threadIdx.x; j < vocab; j += 8 * blockDim.x) {
-                float v[8];
-                tl::load8(v, x + j);
+        if (d != nullptr) {
+            for (int j = V * threadIdx.x; j < vocab; j += V * blockDim.x) {
+                float v[V];
+                tl::load_n(v, x + j);
 #pragma unroll
-                for (int e = 0; e < 8; ++e) v[e] = (expf(v[e] - lse) - (j + e == t ? 1.0f : 0.0f)) * grad_scale;
-                tl::store8(d + j, v);
-            }
-        } else if (d != nullptr) {
-            for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
-                const float p = expf(tl::load_f32(x + j) - lse);
-                tl::store_f32(d + j, (p - (j == t ? 1.0f : 0.0f)) * grad_scale);
+                for (int e = 0; e < V; ++e) v[e] = (expf(v[e] - lse) - (j + e == t ? 1.0f : 0.0f)) * grad_scale;
+                tl::store_n(d + j, v);
             }
         }
+    }
+}
+
+// Rows of 8k values with 16-byte alignment (every model's vocabulary size is a multiple
+// of 8) take 16-byte loads and stores.
+template <typename T>
+__device__ void ce(float* row_loss, int* row_flag, T* dlogits, const T* logits, const int* targets, int rows,
+                   int vocab, float grad_scale) {
+    __shared__ float s_val[1024];
+    __shared__ int s_idx[1024];
+    if (vocab % 8 == 0 && tl::aligned16(logits) && (dlogits == nullptr || tl::aligned16(dlogits))) {
+        ce_v<8>(row_loss, row_flag, dlogits, logits, targets, rows, vocab, grad_scale, s_val, s_idx);
+    } else {
+        ce_v<1>(row_loss, row_flag, dlogits, logits, targets, rows, vocab, grad_scale, s_val, s_idx);
     }
 }
 

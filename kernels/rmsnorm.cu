@@ -40,64 +40,58 @@
 
 #include "common.cuh"
 
-template <typename T>
-__device__ __forceinline__ void rmsnorm_fwd_impl(T* __restrict__ y, float* __restrict__ rstd_out,
-                                                 const T* __restrict__ x, const T* __restrict__ w,
-                                                 int rows, int d, int ldy, float eps) {
-    const bool vec = d % 8 == 0 && ldy % 8 == 0 && tl::aligned16(y) && tl::aligned16(x) && tl::aligned16(w);
+// V = 8 columns a thread at a time (16-byte loads and stores) or 1.
+template <int V, typename T>
+__device__ __forceinline__ void rmsnorm_fwd_v(T* __restrict__ y, float* __restrict__ rstd_out,
+                                              const T* __restrict__ x, const T* __restrict__ w, int rows, int d,
+                                              int ldy, float eps) {
     for (int row = blockIdx.x; row < rows; row += gridDim.x) {
         const T* xr = x + (size_t)row * d;
         T* yr = y + (size_t)row * ldy;
 
         float sum_sq = 0.0f;
-        if (vec) {
-            for (int c = 8 * threadIdx.x; c < d; c += 8 * blockDim.x) {
-                float v[8];
-                tl::load8(v, xr + c);
+        for (int c = V * threadIdx.x; c < d; c += V * blockDim.x) {
+            float v[V];
+            tl::load_n(v, xr + c);
 #pragma unroll
-                for (int e = 0; e < 8; ++e) sum_sq += v[e] * v[e];
-            }
-        } else {
-            for (int c = threadIdx.x; c < d; c += blockDim.x) {
-                const float v = tl::load_f32(xr + c);
-                sum_sq += v * v;
-            }
+            for (int e = 0; e < V; ++e) sum_sq += v[e] * v[e];
         }
         sum_sq = tl::block_reduce_sum(sum_sq);
         const float rstd = rsqrtf(sum_sq / (float)d + eps);
         if (rstd_out != nullptr && threadIdx.x == 0) rstd_out[row] = rstd;
 
-        if (vec) {
-            for (int c = 8 * threadIdx.x; c < d; c += 8 * blockDim.x) {
-                float v[8], wv[8];
-                tl::load8(v, xr + c);
-                tl::load8(wv, w + c);
+        for (int c = V * threadIdx.x; c < d; c += V * blockDim.x) {
+            float v[V], wv[V];
+            tl::load_n(v, xr + c);
+            tl::load_n(wv, w + c);
 #pragma unroll
-                for (int e = 0; e < 8; ++e) v[e] = wv[e] * (v[e] * rstd);
-                tl::store8(yr + c, v);
-            }
-        } else {
-            for (int c = threadIdx.x; c < d; c += blockDim.x) {
-                tl::store_f32(yr + c, tl::load_f32(w + c) * (tl::load_f32(xr + c) * rstd));
-            }
+            for (int e = 0; e < V; ++e) v[e] = wv[e] * (v[e] * rstd);
+            tl::store_n(yr + c, v);
         }
     }
 }
 
 template <typename T>
-__device__ __forceinline__ void rmsnorm_bwd_impl(T* __restrict__ dx, float* __restrict__ dw_partial,
-                                                 const T* __restrict__ dy, const T* __restrict__ x,
-                                                 const T* __restrict__ w,
-                                                 const float* __restrict__ rstd, int rows, int d,
-                                                 int ldx, int accumulate) {
+__device__ __forceinline__ void rmsnorm_fwd_impl(T* y, float* rstd_out, const T* x, const T* w, int rows, int d,
+                                                 int ldy, float eps) {
+    if (d % 8 == 0 && ldy % 8 == 0 && tl::aligned16(y) && tl::aligned16(x) && tl::aligned16(w)) {
+        rmsnorm_fwd_v<8>(y, rstd_out, x, w, rows, d, ldy, eps);
+    } else {
+        rmsnorm_fwd_v<1>(y, rstd_out, x, w, rows, d, ldy, eps);
+    }
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void rmsnorm_bwd_v(T* __restrict__ dx, float* __restrict__ dw_partial,
+                                              const T* __restrict__ dy, const T* __restrict__ x,
+                                              const T* __restrict__ w, const float* __restrict__ rstd, int rows,
+                                              int d, int ldx, int accumulate) {
     float* dw_row = dw_partial == nullptr ? nullptr : dw_partial + (size_t)blockIdx.x * d;
     if (dw_row != nullptr && (int)blockIdx.x >= rows) {
         // More blocks than rows: this block's scratch row must still read as zero.
         for (int c = threadIdx.x; c < d; c += blockDim.x) dw_row[c] = 0.0f;
     }
 
-    const bool vec = d % 8 == 0 && ldx % 8 == 0 && tl::aligned16(dx) && tl::aligned16(dy) && tl::aligned16(x) &&
-                     tl::aligned16(w);
     for (int row = blockIdx.x; row < rows; row += gridDim.x) {
         const T* xr = x + (size_t)row * d;
         const T* dyr = dy + (size_t)row * d;
@@ -107,49 +101,45 @@ __device__ __forceinline__ void rmsnorm_bwd_impl(T* __restrict__ dx, float* __re
 
         // mean(g * xhat) = rstd * sum(g * x) / d
         float dot = 0.0f;
-        if (vec) {
-            for (int c = 8 * threadIdx.x; c < d; c += 8 * blockDim.x) {
-                float dyv[8], wv[8], xv[8];
-                tl::load8(dyv, dyr + c);
-                tl::load8(wv, w + c);
-                tl::load8(xv, xr + c);
+        for (int c = V * threadIdx.x; c < d; c += V * blockDim.x) {
+            float dyv[V], wv[V], xv[V];
+            tl::load_n(dyv, dyr + c);
+            tl::load_n(wv, w + c);
+            tl::load_n(xv, xr + c);
 #pragma unroll
-                for (int e = 0; e < 8; ++e) dot += dyv[e] * wv[e] * xv[e];
-            }
-        } else {
-            for (int c = threadIdx.x; c < d; c += blockDim.x) {
-                dot += tl::load_f32(dyr + c) * tl::load_f32(w + c) * tl::load_f32(xr + c);
-            }
+            for (int e = 0; e < V; ++e) dot += dyv[e] * wv[e] * xv[e];
         }
         const float mean_g_xhat = tl::block_reduce_sum(dot) * r / (float)d;
 
-        // dx of one column, from dy, w and x there; dw's partial sum alongside. Thread t
-        // always owns the same columns of dw_row: no race.
-        auto grad = [&](int c, float dyv, float wv, float xv) {
-            const float xhat = xv * r;
-            if (dw_row != nullptr) dw_row[c] = first_row ? dyv * xhat : dw_row[c] + dyv * xhat;
-            return r * (dyv * wv - xhat * mean_g_xhat);
-        };
-        if (vec) {
-            for (int c = 8 * threadIdx.x; c < d; c += 8 * blockDim.x) {
-                float dyv[8], wv[8], xv[8], out[8];
-                tl::load8(dyv, dyr + c);
-                tl::load8(wv, w + c);
-                tl::load8(xv, xr + c);
-                if (accumulate) tl::load8(out, dxr + c);
+        for (int c = V * threadIdx.x; c < d; c += V * blockDim.x) {
+            float dyv[V], wv[V], xv[V], out[V];
+            tl::load_n(dyv, dyr + c);
+            tl::load_n(wv, w + c);
+            tl::load_n(xv, xr + c);
+            if (accumulate) tl::load_n(out, dxr + c);
 #pragma unroll
-                for (int e = 0; e < 8; ++e) {
-                    const float g = grad(c + e, dyv[e], wv[e], xv[e]);
-                    out[e] = accumulate ? out[e] + g : g;
+            for (int e = 0; e < V; ++e) {
+                const float xhat = xv[e] * r;
+                const float grad = r * (dyv[e] * wv[e] - xhat * mean_g_xhat);
+                out[e] = accumulate ? out[e] + grad : grad;
+                if (dw_row != nullptr) {
+                    // Thread t always owns the same columns of dw_row: no race.
+                    dw_row[c + e] = first_row ? dyv[e] * xhat : dw_row[c + e] + dyv[e] * xhat;
                 }
-                tl::store8(dxr + c, out);
             }
-        } else {
-            for (int c = threadIdx.x; c < d; c += blockDim.x) {
-                const float g = grad(c, tl::load_f32(dyr + c), tl::load_f32(w + c), tl::load_f32(xr + c));
-                tl::store_f32(dxr + c, accumulate ? tl::load_f32(dxr + c) + g : g);
-            }
+            tl::store_n(dxr + c, out);
         }
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void rmsnorm_bwd_impl(T* dx, float* dw_partial, const T* dy, const T* x, const T* w,
+                                                 const float* rstd, int rows, int d, int ldx, int accumulate) {
+    if (d % 8 == 0 && ldx % 8 == 0 && tl::aligned16(dx) && tl::aligned16(dy) && tl::aligned16(x) &&
+        tl::aligned16(w)) {
+        rmsnorm_bwd_v<8>(dx, dw_partial, dy, x, w, rstd, rows, d, ldx, accumulate);
+    } else {
+        rmsnorm_bwd_v<1>(dx, dw_partial, dy, x, w, rstd, rows, d, ldx, accumulate);
     }
 }
 

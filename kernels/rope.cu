@@ -12,37 +12,25 @@
 
 namespace tl_rope {
 
-// Index type I: 32-bit where the pair count allows (a 64-bit division per pair costs
-// several times the pair's bytes), else 64-bit.
-template <typename I, typename T>
-__device__ void rotate_impl(T* q, int heads_q, T* k, int heads_k, const float* cos, const float* sin, int rows,
-                            int hd, float sign, int ldq, int ldk) {
-    const I half = (I)(hd / 2);
-    const I q_per_row = (I)heads_q * half, per_row = q_per_row + (I)heads_k * half;
-    const I total = (I)rows * per_row;
-    for (I g = (I)blockIdx.x * blockDim.x + threadIdx.x; g < total; g += (I)gridDim.x * blockDim.x) {
-        const I row = g / per_row, at = g - row * per_row;  // Q's pairs of the row, then K's
-        const bool in_q = at < q_per_row;
-        const I i = in_q ? at : at - q_per_row;
-        const I head = i / half, j = i - head * half;
-        T* h = (in_q ? q : k) + (size_t)row * (size_t)(in_q ? ldq : ldk) + head * (I)hd;
-        const float c = cos[(size_t)row * half + j];
-        const float s = sign * sin[(size_t)row * half + j];
-        const float a = tl::load_f32(h + j), b = tl::load_f32(h + j + half);
-        tl::store_f32(h + j, a * c - b * s);
-        tl::store_f32(h + j + half, b * c + a * s);
-    }
-}
-
+// Rows and pairs come from tl::for_each_rc (32-bit arithmetic where the pair count
+// allows: a 64-bit division per pair costs several times the pair's bytes).
 template <typename T>
 __device__ void rotate(T* q, int heads_q, T* k, int heads_k, const float* cos, const float* sin, int rows,
                        int hd, float sign, int ldq, int ldk) {
-    const size_t total = (size_t)rows * (size_t)(heads_q + heads_k) * (size_t)(hd / 2);
-    if (tl::fits_u32(total)) {
-        rotate_impl<unsigned>(q, heads_q, k, heads_k, cos, sin, rows, hd, sign, ldq, ldk);
-    } else {
-        rotate_impl<size_t>(q, heads_q, k, heads_k, cos, sin, rows, hd, sign, ldq, ldk);
-    }
+    const unsigned half = (unsigned)(hd / 2), q_per_row = (unsigned)heads_q * half;
+    const size_t per_row = q_per_row + (size_t)heads_k * half;
+    tl::for_each_rc((size_t)rows, per_row, [&](size_t, size_t row, size_t at_row) {
+        const unsigned at = (unsigned)at_row;  // Q's pairs of the row, then K's
+        const bool in_q = at < q_per_row;
+        const unsigned i = in_q ? at : at - q_per_row;
+        const unsigned head = i / half, j = i - head * half;
+        T* h = (in_q ? q : k) + row * (size_t)(in_q ? ldq : ldk) + (size_t)head * hd;
+        const float c = cos[row * half + j];
+        const float s = sign * sin[row * half + j];
+        const float a = tl::load_f32(h + j), b = tl::load_f32(h + j + half);
+        tl::store_f32(h + j, a * c - b * s);
+        tl::store_f32(h + j + half, b * c + a * s);
+    });
 }
 
 }  // namespace tl_rope

@@ -8,8 +8,7 @@
 //
 // Memory-bound: each thread takes 8 consecutive values of a row with 16-byte loads and
 // stores where widths, row strides and pointers allow (every model's intermediate size
-// is a multiple of 8), and indexes in 32 bits where n allows (a 64-bit division per
-// value costs more than the value's bytes).
+// is a multiple of 8); rows and columns come from tl::for_each_rc (32-bit arithmetic).
 
 #include "common.cuh"
 
@@ -26,81 +25,52 @@ __device__ __forceinline__ void bwd_value(float d, float g, float u, float& dg, 
     du = d * (g * s);
 }
 
-// Groups of 8 values (V = 8) or single values (V = 1) of rows of `width`, index type I.
-template <typename I, int V, typename T>
-__device__ void fwd_impl(T* h, const T* gate, const T* up, I n, I width, I ldh) {
-    const I groups = n / V, per_row = width / V;
-    for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < groups; i += (I)gridDim.x * blockDim.x) {
-        const I r = i / per_row, c = (i - r * per_row) * V;
-        float g[8], u[8], y[8];
-        if (V == 8) {
-            tl::load8(g, gate + i * V);
-            tl::load8(u, up + i * V);
-        } else {
-            g[0] = tl::load_f32(gate + i);
-            u[0] = tl::load_f32(up + i);
-        }
+// V = 8 values a thread (16-byte loads and stores) or 1, over `rows` rows of `width`.
+template <int V, typename T>
+__device__ void fwd_v(T* h, const T* gate, const T* up, size_t rows, int width, int ldh) {
+    tl::for_each_rc(rows, (size_t)(width / V), [&](size_t i, size_t r, size_t cv) {
+        float g[V], u[V];
+        tl::load_n(g, gate + i * V);
+        tl::load_n(u, up + i * V);
 #pragma unroll
-        for (int j = 0; j < V; ++j) y[j] = fwd_value(g[j], u[j]);
-        if (V == 8) {
-            tl::store8(h + r * ldh + c, y);
-        } else {
-            tl::store_f32(h + r * ldh + c, y[0]);
-        }
-    }
+        for (int j = 0; j < V; ++j) g[j] = fwd_value(g[j], u[j]);
+        tl::store_n(h + r * ldh + cv * V, g);
+    });
 }
 
-template <typename I, int V, typename T>
-__device__ void bwd_impl(T* dgate, T* dup, const T* dh, const T* gate, const T* up, I n, I width, I ld) {
-    const I groups = n / V, per_row = width / V;
-    for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < groups; i += (I)gridDim.x * blockDim.x) {
-        const I r = i / per_row, c = (i - r * per_row) * V;
-        float g[8], u[8], d[8], dg[8], du[8];
-        if (V == 8) {
-            tl::load8(g, gate + i * V);
-            tl::load8(u, up + i * V);
-            tl::load8(d, dh + i * V);
-        } else {
-            g[0] = tl::load_f32(gate + i);
-            u[0] = tl::load_f32(up + i);
-            d[0] = tl::load_f32(dh + i);
-        }
+template <int V, typename T>
+__device__ void bwd_v(T* dgate, T* dup, const T* dh, const T* gate, const T* up, size_t rows, int width, int ld) {
+    tl::for_each_rc(rows, (size_t)(width / V), [&](size_t i, size_t r, size_t cv) {
+        float g[V], u[V], d[V], dg[V], du[V];
+        tl::load_n(g, gate + i * V);
+        tl::load_n(u, up + i * V);
+        tl::load_n(d, dh + i * V);
 #pragma unroll
         for (int j = 0; j < V; ++j) bwd_value(d[j], g[j], u[j], dg[j], du[j]);
-        if (V == 8) {
-            tl::store8(dgate + r * ld + c, dg);
-            tl::store8(dup + r * ld + c, du);
-        } else {
-            tl::store_f32(dgate + r * ld + c, dg[0]);
-            tl::store_f32(dup + r * ld + c, du[0]);
-        }
-    }
+        tl::store_n(dgate + r * ld + cv * V, dg);
+        tl::store_n(dup + r * ld + cv * V, du);
+    });
 }
 
 template <typename T> __device__ void fwd(T* h, const T* gate, const T* up, size_t n, int width, int ldh) {
     if (width <= 0) return;
-    const bool vec = width % 8 == 0 && ldh % 8 == 0 && tl::aligned16(h) && tl::aligned16(gate) && tl::aligned16(up);
-    if (tl::fits_u32(n)) {
-        const unsigned n32 = (unsigned)n, w = (unsigned)width, ld = (unsigned)ldh;
-        vec ? fwd_impl<unsigned, 8>(h, gate, up, n32, w, ld) : fwd_impl<unsigned, 1>(h, gate, up, n32, w, ld);
+    const size_t rows = n / width;
+    if (width % 8 == 0 && ldh % 8 == 0 && tl::aligned16(h) && tl::aligned16(gate) && tl::aligned16(up)) {
+        fwd_v<8>(h, gate, up, rows, width, ldh);
     } else {
-        vec ? fwd_impl<size_t, 8>(h, gate, up, n, (size_t)width, (size_t)ldh)
-            : fwd_impl<size_t, 1>(h, gate, up, n, (size_t)width, (size_t)ldh);
+        fwd_v<1>(h, gate, up, rows, width, ldh);
     }
 }
 
 template <typename T>
 __device__ void bwd(T* dgate, T* dup, const T* dh, const T* gate, const T* up, size_t n, int width, int ld) {
     if (width <= 0) return;
-    const bool vec = width % 8 == 0 && ld % 8 == 0 && tl::aligned16(dgate) && tl::aligned16(dup) &&
-                     tl::aligned16(dh) && tl::aligned16(gate) && tl::aligned16(up);
-    if (tl::fits_u32(n)) {
-        const unsigned n32 = (unsigned)n, w = (unsigned)width, l = (unsigned)ld;
-        vec ? bwd_impl<unsigned, 8>(dgate, dup, dh, gate, up, n32, w, l)
-            : bwd_impl<unsigned, 1>(dgate, dup, dh, gate, up, n32, w, l);
+    const size_t rows = n / width;
+    if (width % 8 == 0 && ld % 8 == 0 && tl::aligned16(dgate) && tl::aligned16(dup) && tl::aligned16(dh) &&
+        tl::aligned16(gate) && tl::aligned16(up)) {
+        bwd_v<8>(dgate, dup, dh, gate, up, rows, width, ld);
     } else {
-        vec ? bwd_impl<size_t, 8>(dgate, dup, dh, gate, up, n, (size_t)width, (size_t)ld)
-            : bwd_impl<size_t, 1>(dgate, dup, dh, gate, up, n, (size_t)width, (size_t)ld);
+        bwd_v<1>(dgate, dup, dh, gate, up, rows, width, ld);
     }
 }
 

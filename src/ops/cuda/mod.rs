@@ -1056,7 +1056,7 @@ impl Ops for CudaOps {
             }
         }
         // The LoRA path: dxa = scale·dy·B and the adapter's gradients; the input
-        // gradient's share `dxa·A` is left for below (`low_rank`: dxa, A, the dropout).
+        // gradient's share `dxa·A` is left for below (`low_rank`: dxa, A, r, the dropout).
         let mut low_rank = None;
         if let Some(l) = lora {
             let Some(xa) = xa else { bail!("linear_bwd: LoRA path without its saved x·Aᵀ") };
@@ -1075,7 +1075,7 @@ impl Ops for CudaOps {
                 let xd = dropped.as_ref().unwrap_or(&x);
                 self.gemm(g.da, &dxa, true, xd, false, (r, inp, n), 1.0, 1.0)?;
             }
-            low_rank = Some((dxa, a, l.dropout));
+            low_rank = Some((dxa, a, r, l.dropout));
         }
         let (dx, beta) = match dx_to {
             InputGrad::Skip => return Ok(None),
@@ -1089,16 +1089,13 @@ impl Ops for CudaOps {
         // With room in dy and W (and no dropout), `dxa·A` joins the product: dxa into
         // dy's room and A into W's extra rows first, then K grows by r. Otherwise it is a
         // second product (through the dropout's mask when there is one).
-        let folded = match &low_rank {
-            Some((_, a, None)) => {
-                let r = a.shape[0];
-                out > 0 && dy.tail >= r && w.extra_rows >= r
-            }
+        let folded = match low_rank {
+            Some((_, _, r, None)) => out > 0 && dy.tail >= r && w.extra_rows >= r,
             _ => false,
         };
         let mut k = out;
-        if let (true, Some((dxa, a, _))) = (folded, &low_rank) {
-            let r = a.shape[0];
+        if let (true, Some((dxa, a, r, _))) = (folded, &low_rank) {
+            let r = *r;
             self.rt.launch(
                 &self.kernel("lora_rows"),
                 grid_1d((n + inp) * r),
@@ -1119,12 +1116,10 @@ impl Ops for CudaOps {
         }
         self.gemm_in(&mut blas, &dx, None, &dy, false, &w, false, (n, inp, k), 1.0, beta, None)?;
         match low_rank {
-            Some((dxa, a, None)) if !folded => {
-                let r = a.shape[0];
+            Some((dxa, a, r, None)) if !folded => {
                 self.gemm_in(&mut blas, &dx, None, &dxa, false, &a, false, (n, inp, r), 1.0, 1.0, None)?
             }
-            Some((dxa, a, Some(d))) => {
-                let r = a.shape[0];
+            Some((dxa, a, r, Some(d))) => {
                 let dxd = self.alloc(&x.shape)?;
                 self.gemm_in(&mut blas, &dxd, None, &dxa, false, &a, false, (n, inp, r), 1.0, 0.0, None)?;
                 let len = dx.numel();

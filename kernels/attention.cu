@@ -297,9 +297,10 @@ __device__ void bwd_dkdv(T* dk, T* dv, const T* dout, const T* q, const T* k, co
 // ---- tensor cores (bf16, head_dim 64 or 128) -----------------------------------------
 //
 // A block has MMA_WARPS warps and takes rows of one side: query rows in attn_fwd_mma and
-// attn_bwd_dq_mma, key rows in attn_bwd_dkdv_mma, MI 16-row m-tiles a warp (2 at
-// head_dim 64: warp w owns rows 32w .. 32w+31 of 128; 1 at head_dim 128: 16w .. 16w+15
-// of 64; see fwd_mma); `tiles` counts in those steps. The other side streams through
+// attn_bwd_dq_mma, key rows in attn_bwd_dkdv_mma, MI 16-row m-tiles a warp (2: warp w
+// owns rows 32w .. 32w+31 of 128, in the forward and at head_dim 64 in the backward; 1:
+// 16w .. 16w+15 of 64, in the backward at head_dim 128; see fwd_mma and bwd_dq_mma);
+// `tiles` counts in those steps. The other side streams through
 // shared memory in tiles of 64 rows, as bf16 with row stride HD + 8 elements (the 8 rows
 // one ldmatrix reads then fall in different banks), double-buffered: cp.async copies the
 // next tile while the warps compute on this one. Fragments come out of shared memory
@@ -506,16 +507,16 @@ __device__ __forceinline__ const __nv_bfloat16* mma_next_kv(__nv_bfloat16* kv_s,
     return kv_s + 2 * (it % 2) * MMA_TILE * (HD + 8);
 }
 
-// One step of the online softmax for a 16-row m-tile: `s` holds the lane's scores of a
-// key tile (base 2, masked ones -inf) for its rows g and g + 8, whose 64 scores sit in
+// One step of the online softmax for a 16-row m-tile: `s` holds the lane's scores of
+// NT * 8 keys (base 2, masked ones -inf) for its rows g and g + 8, whose scores sit in
 // the 4 lanes of a group. Updates the rows' running maximum `m` and sum `l`, rescales the
 // output accumulator `o`, and leaves the probabilities in `s`.
-template <int HD>
-__device__ __forceinline__ void online_softmax(float (&s)[MMA_TILE / 8][4], float (&m)[2], float (&l)[2],
+template <int HD, int NT>
+__device__ __forceinline__ void online_softmax(float (&s)[NT][4], float (&m)[2], float (&l)[2],
                                                float (&o)[HD / 8][4]) {
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int nt = 0; nt < MMA_TILE / 8; ++nt) {
+    for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) mx[j / 2] = fmaxf(mx[j / 2], s[nt][j]);
     }
@@ -529,7 +530,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[MMA_TILE / 8][4], floa
         m[x] = m_new;
     }
 #pragma unroll
-    for (int nt = 0; nt < MMA_TILE / 8; ++nt) {
+    for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             const float p = s[nt][j] == -INFINITY ? 0.0f : exp2f(s[nt][j] - m[j / 2]);
@@ -553,17 +554,20 @@ __device__ __forceinline__ void online_softmax(float (&s)[MMA_TILE / 8][4], floa
 }
 
 // The forward: a warp takes MI 16-row m-tiles of query rows, so that every K and V
-// fragment it reads from shared memory feeds MI products. At one m-tile, reading them
-// takes longer than the products; at two, head_dim 128 no longer fits in 255 registers
-// (the output accumulator alone is 128), so MI is 2 at head_dim 64 and 1 at 128. Q of
-// the block's MMA_WARPS * 16 * MI rows sits in shared memory beside the two stages of K
-// and V, its fragments read per k-step.
-template <int HD, int MI>
+// fragment it reads from shared memory feeds MI products (at one m-tile, reading them
+// takes longer than the products). The scores of a key tile are taken SUB keys at a time,
+// each sub-step with its own online-softmax update: at head_dim 128 the output
+// accumulator alone is 128 registers at two m-tiles, and 64 keys of scores on top of it
+// made ptxas spill, so head_dim 128 takes 32 keys a sub-step (64 takes the whole tile).
+// Q of the block's MMA_WARPS * 16 * MI rows sits in shared memory beside the two stages
+// of K and V, its fragments read per k-step.
+template <int HD, int MI, int SUB>
 __device__ void fwd_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
                         const __nv_bfloat16* v, const int* spans, const int* tiles, int n_heads, int n_kv_heads,
                         float scale, int ldo) {
     constexpr int LD = HD + 8, TILE = MMA_TILE * LD, FWD_RPW = 16 * MI, FWD_ROWS = FWD_RPW * MMA_WARPS;
     static_assert(FWD_ROWS % MMA_TILE == 0, "Q is loaded in tiles");
+    static_assert(MMA_TILE % SUB == 0 && SUB % 16 == 0, "sub-steps of whole k-steps");
     TL_DYNAMIC_SHARED(float, smem);
     __nv_bfloat16* q_s = reinterpret_cast<__nv_bfloat16*>(smem);
     __nv_bfloat16* kv_s = q_s + FWD_ROWS * LD;
@@ -572,7 +576,7 @@ __device__ void fwd_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, 
     const Span& sp = blk.sp;
     const int h = blk.h, shift = blk.shift, r0 = blk.r0, nv_warp = blk.nv_warp;
     const float sl2 = scale * LOG2E;
-    // the warp's rows all lie in the span: only tiles crossing the diagonal need the mask
+    // the warp's rows all lie in the span: only sub-steps crossing the diagonal need the mask
     const bool rows_full = r0 + FWD_RPW <= sp.q_len;
 
     // Q of the block goes with the first key tile's group
@@ -596,11 +600,13 @@ __device__ void fwd_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, 
         tl::cp_async_commit();
     }
     for (int it = 0; it < n_tiles; ++it) {
-        const int j0 = it * MMA_TILE;
         const __nv_bfloat16* k_s = mma_next_kv<HD>(kv_s, blk, k, v, it, n_tiles);
         const __nv_bfloat16* v_s = k_s + TILE;
-        if (r0 < sp.q_len && j0 < nv_warp) {  // warp-uniform
-            float s[MI][MMA_TILE / 8][4];
+#pragma unroll
+        for (int c0 = 0; c0 < MMA_TILE; c0 += SUB) {
+            const int j0 = it * MMA_TILE + c0;                  // the sub-step's first key
+            if (r0 >= sp.q_len || j0 >= nv_warp) continue;  // warp-uniform
+            float s[MI][SUB / 8][4];
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi) zero_acc(s[mi]);
 #pragma unroll
@@ -609,20 +615,20 @@ __device__ void fwd_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, 
 #pragma unroll
                 for (int mi = 0; mi < MI; ++mi) mma_a_rows(a[mi], q_s, LD, FWD_RPW * warp + 16 * mi, 16 * kk);
 #pragma unroll
-                for (int np = 0; np < MMA_TILE / 16; ++np) {
+                for (int np = 0; np < SUB / 16; ++np) {
                     uint32_t b0[2], b1[2];
-                    mma_b_transposed(b0, b1, k_s, LD, 16 * np, 16 * kk);
+                    mma_b_transposed(b0, b1, k_s, LD, c0 + 16 * np, 16 * kk);
 #pragma unroll
                     for (int mi = 0; mi < MI; ++mi) mma_2n(s[mi][2 * np], s[mi][2 * np + 1], a[mi], b0, b1);
                 }
             }
             // Scale and mask (causal, bottom-right aligned; rows past the span see
             // nothing), then the online softmax of each m-tile.
-            const bool full = rows_full && j0 + MMA_TILE - 1 <= r0 + shift;
+            const bool full = rows_full && j0 + SUB - 1 <= r0 + shift;
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi) {
 #pragma unroll
-                for (int nt = 0; nt < MMA_TILE / 8; ++nt) {
+                for (int nt = 0; nt < SUB / 8; ++nt) {
 #pragma unroll
                     for (int j = 0; j < 4; ++j) {
                         const int r = r0 + 16 * mi + g + 8 * (j / 2), key = j0 + 8 * nt + 2 * t + j % 2;
@@ -634,14 +640,14 @@ __device__ void fwd_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, 
             }
             // O += P·V, 16 keys a step
 #pragma unroll
-            for (int ks = 0; ks < MMA_TILE / 16; ++ks) {
+            for (int ks = 0; ks < SUB / 16; ++ks) {
                 uint32_t a[MI][4];
 #pragma unroll
                 for (int mi = 0; mi < MI; ++mi) mma_a_from_acc(a[mi], s[mi][2 * ks], s[mi][2 * ks + 1]);
 #pragma unroll
                 for (int dp = 0; dp < HD / 16; ++dp) {
                     uint32_t b0[2], b1[2];
-                    mma_b_rows(b0, b1, v_s, LD, 16 * ks, 16 * dp);
+                    mma_b_rows(b0, b1, v_s, LD, c0 + 16 * ks, 16 * dp);
 #pragma unroll
                     for (int mi = 0; mi < MI; ++mi) mma_2n(o[mi][2 * dp], o[mi][2 * dp + 1], a[mi], b0, b1);
                 }
@@ -664,7 +670,7 @@ __device__ void fwd_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, 
 }
 
 // dq: per warp MI 16-row m-tiles of query rows in registers (Q and dO fragments, the dQ
-// accumulator; MI as in fwd_mma: 2 at head_dim 64, 1 at 128); key tiles stream through
+// accumulator: 2 m-tiles at head_dim 64; at 128 those alone would be 256 registers, so 1); key tiles stream through
 // shared memory, 16 keys at a time: S = Q·Kᵀ and dP = dO·Vᵀ for 16 keys, P = exp(S -
 // lse), dS = P (dP - D), dQ += dS·K.
 template <int HD, int MI>
@@ -761,7 +767,7 @@ __device__ void bwd_dq_mma(__nv_bfloat16* dq, const __nv_bfloat16* dout, const _
     }
 }
 
-// dk, dv: per warp MI 16-row m-tiles of key rows (MI as in fwd_mma; K and V of the
+// dk, dv: per warp MI 16-row m-tiles of key rows (as in bwd_dq_mma; K and V of the
 // block's 64 MI keys stay in shared memory, dK and dV accumulate in registers); for every
 // query head of the group, query tiles stream through shared memory with their lse and
 // D, 16 queries at a time: Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ, Pᵀ = exp(Sᵀ - lse), dSᵀ = Pᵀ (dPᵀ -
@@ -998,13 +1004,13 @@ extern "C" __global__ void __launch_bounds__(128)
     attn_fwd_mma_bf16_hd64(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
                            const __nv_bfloat16* v, const int* spans, const int* tiles, int n_heads, int n_kv_heads,
                            int /* hd, always 64 */, float scale, int ldo) {
-    tl_attn::fwd_mma<64, 2>(out, lse, q, k, v, spans, tiles, n_heads, n_kv_heads, scale, ldo);
+    tl_attn::fwd_mma<64, 2, 64>(out, lse, q, k, v, spans, tiles, n_heads, n_kv_heads, scale, ldo);
 }
 extern "C" __global__ void __launch_bounds__(128)
     attn_fwd_mma_bf16_hd128(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
                             const __nv_bfloat16* v, const int* spans, const int* tiles, int n_heads, int n_kv_heads,
                             int /* hd, always 128 */, float scale, int ldo) {
-    tl_attn::fwd_mma<128, 1>(out, lse, q, k, v, spans, tiles, n_heads, n_kv_heads, scale, ldo);
+    tl_attn::fwd_mma<128, 2, 32>(out, lse, q, k, v, spans, tiles, n_heads, n_kv_heads, scale, ldo);
 }
 extern "C" __global__ void __launch_bounds__(128)
     attn_bwd_dq_mma_bf16_hd64(__nv_bfloat16* dq, const __nv_bfloat16* dout, const __nv_bfloat16* q,

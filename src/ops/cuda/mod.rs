@@ -513,10 +513,11 @@ impl CudaOps {
 }
 
 /// Rows of a block of the tensor-core attention kernels (query rows in the forward and
-/// dq, key rows in dkdv): 16 a warp times their `MI` m-tiles, 2 at head_dim 64 and 1 at
-/// 128 (kernels/attention.cu).
-fn attn_mma_rows(hd: usize) -> usize {
-    if hd == 64 {
+/// dq, key rows in dkdv): 16 a warp times their `MI` m-tiles (kernels/attention.cu). The
+/// forward takes two at both widths; the backward's kernels two at head_dim 64 and one at
+/// 128, where two would need more than 255 registers.
+fn attn_mma_rows(hd: usize, forward: bool) -> usize {
+    if forward || hd == 64 {
         2 * ATTN_MMA_ROWS
     } else {
         ATTN_MMA_ROWS
@@ -1177,7 +1178,7 @@ impl Ops for CudaOps {
         let mut lse = self.alloc_as(&[nq, shape.n_heads], DType::F32)?;
         self.fill(&mut lse, f32::NEG_INFINITY)?;
         let mma = self.attn_on_tensor_cores(hd);
-        let rows = if mma { attn_mma_rows(hd) } else { ATTN_ROWS };
+        let rows = if mma { attn_mma_rows(hd, true) } else { ATTN_ROWS };
         let (spans, tiles, n_tiles) = self.attn_tiles(layout, false, rows)?;
         let (name, cfg) = if mma {
             // Q of the block's rows, then two stages of K and V tiles
@@ -1255,7 +1256,7 @@ impl Ops for CudaOps {
         let zeros = |shape: &[usize]| self.alloc_zeros_with_tail(shape, room(tail));
         let (dq, dk, dv) = (zeros(&q.shape)?, zeros(&k.shape)?, zeros(&v.shape)?);
         let mma = self.attn_on_tensor_cores(hd);
-        let rows = if mma { attn_mma_rows(hd) } else { ATTN_ROWS };
+        let rows = if mma { attn_mma_rows(hd, false) } else { ATTN_ROWS };
         let (spans, q_tiles, n_q_tiles) = self.attn_tiles(layout, false, rows)?;
         let (_, k_tiles, n_k_tiles) = self.attn_tiles(layout, true, rows)?;
         let (dq_name, dq_cfg, dkdv_name, dkdv_cfg) = if mma {

@@ -770,9 +770,12 @@ __device__ void bwd_dq_mma(__nv_bfloat16* dq, const __nv_bfloat16* dout, const _
 // dk, dv: per warp MI 16-row m-tiles of key rows (as in bwd_dq_mma; K and V of the
 // block's 64 MI keys stay in shared memory, dK and dV accumulate in registers); for every
 // query head of the group, query tiles stream through shared memory with their lse and
-// D, 16 queries at a time: Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ, Pᵀ = exp(Sᵀ - lse), dSᵀ = Pᵀ (dPᵀ -
-// D), dV += Pᵀ·dO, dK += dSᵀ·Q. Each Q and dO fragment read feeds the warp's MI m-tiles.
-template <int HD, int MI>
+// D, QS queries at a time: Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ, Pᵀ = exp(Sᵀ - lse), dSᵀ = Pᵀ (dPᵀ -
+// D), dV += Pᵀ·dO, dK += dSᵀ·Q. Each Q and dO fragment read feeds the warp's MI m-tiles,
+// and each K and V fragment (read again for every QS queries: they do not fit in
+// registers beside dK and dV) feeds QS / 8 products: QS is 32 at both widths, where 16
+// made the A fragments half of the shared-memory reads of Sᵀ and dPᵀ.
+template <int HD, int MI, int QS>
 __device__ void bwd_dkdv_mma(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout,
                              const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                              const float* lse, const float* D, const int* spans, const int* tiles, int n_heads,
@@ -843,8 +846,8 @@ __device__ void bwd_dkdv_mma(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bf
         const float* d_s = lse2_s + MMA_TILE;
         // warp-uniform: no query of this tile sees the warp's first key, or no key
         const bool active = j0 + c0 < sp.k_len && i0 + MMA_TILE - 1 + shift >= j0 + c0;
-        for (int q0 = 0; active && q0 < MMA_TILE && i0 + q0 < sp.q_len; q0 += 16) {
-            float s[MI][2][4], dp[MI][2][4];
+        for (int q0 = 0; active && q0 < MMA_TILE && i0 + q0 < sp.q_len; q0 += QS) {
+            float s[MI][QS / 8][4], dp[MI][QS / 8][4];
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi) {
                 zero_acc(s[mi]);
@@ -852,51 +855,64 @@ __device__ void bwd_dkdv_mma(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bf
             }
 #pragma unroll
             for (int kk = 0; kk < HD / 16; ++kk) {
-                uint32_t a[4], b0[2], b1[2];
-                mma_b_transposed(b0, b1, q_s, LD, q0, 16 * kk);
+                uint32_t a[MI][4], b0[2], b1[2];
 #pragma unroll
-                for (int mi = 0; mi < MI; ++mi) {
-                    mma_a_rows(a, k_s, LD, c0 + 16 * mi, 16 * kk);
-                    mma_2n(s[mi][0], s[mi][1], a, b0, b1);
+                for (int mi = 0; mi < MI; ++mi) mma_a_rows(a[mi], k_s, LD, c0 + 16 * mi, 16 * kk);
+#pragma unroll
+                for (int np = 0; np < QS / 16; ++np) {
+                    mma_b_transposed(b0, b1, q_s, LD, q0 + 16 * np, 16 * kk);
+#pragma unroll
+                    for (int mi = 0; mi < MI; ++mi) mma_2n(s[mi][2 * np], s[mi][2 * np + 1], a[mi], b0, b1);
                 }
-                mma_b_transposed(b0, b1, o_s, LD, q0, 16 * kk);
 #pragma unroll
-                for (int mi = 0; mi < MI; ++mi) {
-                    mma_a_rows(a, v_s, LD, c0 + 16 * mi, 16 * kk);
-                    mma_2n(dp[mi][0], dp[mi][1], a, b0, b1);
+                for (int mi = 0; mi < MI; ++mi) mma_a_rows(a[mi], v_s, LD, c0 + 16 * mi, 16 * kk);
+#pragma unroll
+                for (int np = 0; np < QS / 16; ++np) {
+                    mma_b_transposed(b0, b1, o_s, LD, q0 + 16 * np, 16 * kk);
+#pragma unroll
+                    for (int mi = 0; mi < MI; ++mi) mma_2n(dp[mi][2 * np], dp[mi][2 * np + 1], a[mi], b0, b1);
                 }
             }
-            uint32_t pa[MI][4], da[MI][4];
+            // Pᵀ into s, dSᵀ into dp
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi) {
                 const int k0 = j0 + c0 + 16 * mi;  // the m-tile's first key
-                // every query of these 16 is in the span and sees every key of the m-tile
-                const bool full = i0 + q0 + 16 <= sp.q_len && k0 + 16 <= sp.k_len && k0 + 15 <= i0 + q0 + shift;
-                float ds[2][4];
+                // every query of these QS is in the span and sees every key of the m-tile
+                const bool full = i0 + q0 + QS <= sp.q_len && k0 + 16 <= sp.k_len && k0 + 15 <= i0 + q0 + shift;
 #pragma unroll
-                for (int half = 0; half < 2; ++half) {
+                for (int nt = 0; nt < QS / 8; ++nt) {
 #pragma unroll
                     for (int j = 0; j < 4; ++j) {
-                        const int qr = q0 + 8 * half + 2 * t + j % 2;  // query, in the tile
+                        const int qr = q0 + 8 * nt + 2 * t + j % 2;  // query, in the tile
                         const int kr = k0 + g + 8 * (j / 2);
                         const bool seen = full || (i0 + qr < sp.q_len && kr < sp.k_len && kr <= i0 + qr + shift);
-                        const float p = seen ? exp2f(s[mi][half][j] * sl2 - lse2_s[qr]) : 0.0f;
-                        s[mi][half][j] = p;
-                        ds[half][j] = p * (dp[mi][half][j] - d_s[qr]);
+                        const float p = seen ? exp2f(s[mi][nt][j] * sl2 - lse2_s[qr]) : 0.0f;
+                        s[mi][nt][j] = p;
+                        dp[mi][nt][j] = p * (dp[mi][nt][j] - d_s[qr]);
                     }
                 }
-                mma_a_from_acc(pa[mi], s[mi][0], s[mi][1]);
-                mma_a_from_acc(da[mi], ds[0], ds[1]);
             }
+            // dV += Pᵀ·dO and dK += dSᵀ·Q, 16 queries a step
 #pragma unroll
-            for (int dp2 = 0; dp2 < HD / 16; ++dp2) {
-                uint32_t b0[2], b1[2];
-                mma_b_rows(b0, b1, o_s, LD, q0, 16 * dp2);
+            for (int kq = 0; kq < QS / 16; ++kq) {
+                uint32_t pa[MI][4], da[MI][4];
 #pragma unroll
-                for (int mi = 0; mi < MI; ++mi) mma_2n(dv_acc[mi][2 * dp2], dv_acc[mi][2 * dp2 + 1], pa[mi], b0, b1);
-                mma_b_rows(b0, b1, q_s, LD, q0, 16 * dp2);
+                for (int mi = 0; mi < MI; ++mi) {
+                    mma_a_from_acc(pa[mi], s[mi][2 * kq], s[mi][2 * kq + 1]);
+                    mma_a_from_acc(da[mi], dp[mi][2 * kq], dp[mi][2 * kq + 1]);
+                }
 #pragma unroll
-                for (int mi = 0; mi < MI; ++mi) mma_2n(dk_acc[mi][2 * dp2], dk_acc[mi][2 * dp2 + 1], da[mi], b0, b1);
+                for (int dp2 = 0; dp2 < HD / 16; ++dp2) {
+                    uint32_t b0[2], b1[2];
+                    mma_b_rows(b0, b1, o_s, LD, q0 + 16 * kq, 16 * dp2);
+#pragma unroll
+                    for (int mi = 0; mi < MI; ++mi)
+                        mma_2n(dv_acc[mi][2 * dp2], dv_acc[mi][2 * dp2 + 1], pa[mi], b0, b1);
+                    mma_b_rows(b0, b1, q_s, LD, q0 + 16 * kq, 16 * dp2);
+#pragma unroll
+                    for (int mi = 0; mi < MI; ++mi)
+                        mma_2n(dk_acc[mi][2 * dp2], dk_acc[mi][2 * dp2 + 1], da[mi], b0, b1);
+                }
             }
         }
         __syncthreads();  // the stage is refilled two tiles on
@@ -1024,7 +1040,7 @@ extern "C" __global__ void __launch_bounds__(128)
                                 const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                                 const float* lse, const float* D, const int* spans, const int* tiles,
                                 int n_heads, int n_kv_heads, int /* hd, always 64 */, float scale, int ldg) {
-    tl_attn::bwd_dkdv_mma<64, 2>(dk, dv, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, scale, ldg);
+    tl_attn::bwd_dkdv_mma<64, 2, 32>(dk, dv, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, scale, ldg);
 }
 extern "C" __global__ void __launch_bounds__(128)
     attn_bwd_dq_mma_bf16_hd128(__nv_bfloat16* dq, const __nv_bfloat16* dout, const __nv_bfloat16* q,
@@ -1038,5 +1054,5 @@ extern "C" __global__ void __launch_bounds__(128)
                                 const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                                 const float* lse, const float* D, const int* spans, const int* tiles,
                                 int n_heads, int n_kv_heads, int /* hd, always 128 */, float scale, int ldg) {
-    tl_attn::bwd_dkdv_mma<128, 1>(dk, dv, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, scale, ldg);
+    tl_attn::bwd_dkdv_mma<128, 1, 32>(dk, dv, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, scale, ldg);
 }

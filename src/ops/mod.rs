@@ -49,6 +49,25 @@ impl AttnLayout {
     pub fn q_rows(&self) -> usize {
         self.seqs.iter().map(|s| s.q_start + s.q_len).max().unwrap_or(0)
     }
+
+    /// Whether the spans' query rows (`keys`: their key rows) cover rows `0..n`, each
+    /// exactly once: a kernel that writes every row of every span then leaves no row of
+    /// an `n`-row output unwritten (and writes none twice).
+    pub fn covers_rows(&self, n: usize, keys: bool) -> bool {
+        let mut ranges: Vec<(usize, usize)> = (self.seqs.iter())
+            .map(|s| if keys { (s.k_start, s.k_len) } else { (s.q_start, s.q_len) })
+            .filter(|&(_, len)| len > 0)
+            .collect();
+        ranges.sort_unstable();
+        let mut end = 0;
+        for (start, len) in ranges {
+            if start != end {
+                return false;
+            }
+            end += len;
+        }
+        end == n
+    }
 }
 
 /// `(rows, width of the last axis)` of a row-major shape.
@@ -460,4 +479,25 @@ pub struct CrossEntropyOut<T> {
     pub n_counted: usize,
     pub n_correct: usize,
     pub dlogits: Option<T>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{AttnLayout, SeqSpan};
+
+    #[test]
+    fn covers_rows_only_when_the_spans_tile_every_row_once() {
+        let packed = AttnLayout::packed(&[3, 0, 5]);
+        assert!(packed.covers_rows(8, false) && packed.covers_rows(8, true));
+        // more rows than the spans reach (padding after them)
+        assert!(!packed.covers_rows(9, false));
+        let span = |q_start, q_len, k_start, k_len| SeqSpan { q_start, q_len, k_start, k_len };
+        // a gap between the spans; then two spans over the same rows
+        assert!(!AttnLayout { seqs: vec![span(0, 2, 0, 2), span(3, 2, 3, 2)] }.covers_rows(5, false));
+        assert!(!AttnLayout { seqs: vec![span(0, 4, 0, 4), span(2, 2, 2, 2)] }.covers_rows(4, true));
+        // listed out of order; queries on the last rows of their keys (a decode step)
+        let decode = AttnLayout { seqs: vec![span(1, 1, 4, 4), span(0, 1, 0, 4)] };
+        assert!(decode.covers_rows(2, false) && decode.covers_rows(8, true));
+        assert!(!decode.covers_rows(8, false));
+    }
 }

@@ -148,6 +148,17 @@ impl CudaOps {
         Ok(t)
     }
 
+    /// An attention output (or input gradient) of the activation type with `tail`
+    /// elements of room after each row: zeroed unless `written`, when the kernel writes
+    /// every row itself (`AttnLayout::covers_rows`; the room is the LoRA path's).
+    fn alloc_attn_out(&self, shape: &[usize], tail: usize, written: bool) -> Result<CudaTensor> {
+        if written {
+            self.alloc_with_tail(shape, tail, self.dtype)
+        } else {
+            self.alloc_zeros_with_tail(shape, tail)
+        }
+    }
+
     /// A zeroed tensor of type `dtype`.
     fn alloc_zeros_as(&self, shape: &[usize], dtype: DType) -> Result<CudaTensor> {
         let n = shape.iter().product::<usize>().max(1);
@@ -1173,8 +1184,8 @@ impl Ops for CudaOps {
         let (q, k, v) = (self.act(q)?, self.act(k)?, self.act(v)?);
         let (nq, _) = q.rows_cols();
         let hd = shape.head_dim;
-        // zeroed: rows outside every span are not written
-        let out = self.alloc_zeros_with_tail(&q.shape, room(tail))?;
+        // rows outside every span are not written: zeroed, unless there are none
+        let out = self.alloc_attn_out(&q.shape, room(tail), layout.covers_rows(nq, false))?;
         let mut lse = self.alloc_as(&[nq, shape.n_heads], DType::F32)?;
         self.fill(&mut lse, f32::NEG_INFINITY)?;
         let mma = self.attn_on_tensor_cores(hd);
@@ -1252,9 +1263,12 @@ impl Ops for CudaOps {
             ],
         )?;
 
-        // zeroed: rows outside every span are not written
-        let zeros = |shape: &[usize]| self.alloc_zeros_with_tail(shape, room(tail));
-        let (dq, dk, dv) = (zeros(&q.shape)?, zeros(&k.shape)?, zeros(&v.shape)?);
+        // rows outside every span are not written: zeroed, unless there are none
+        let (q_written, k_written) =
+            (layout.covers_rows(nq, false), layout.covers_rows(k.rows_cols().0, true));
+        let dq = self.alloc_attn_out(&q.shape, room(tail), q_written)?;
+        let dk = self.alloc_attn_out(&k.shape, room(tail), k_written)?;
+        let dv = self.alloc_attn_out(&v.shape, room(tail), k_written)?;
         let mma = self.attn_on_tensor_cores(hd);
         let rows = if mma { attn_mma_rows(hd, false) } else { ATTN_ROWS };
         let (spans, q_tiles, n_q_tiles) = self.attn_tiles(layout, false, rows)?;

@@ -19,7 +19,7 @@ check=$?
 TUNELOOP_BENCH_QUICK=1 bash scripts/gpu-bench.sh >"$OUT/gpu-bench.out" 2>&1
 bench=$?
 echo "=== gpu-bench (exit $bench): the tables"
-grep -h -E '^\||^[a-z/0-9.-]+ on cuda' "$OUT/gpu-bench.out" | head -120
+grep -h -E '^\||^[a-z/0-9.-]+ on cuda' "$OUT/gpu-bench.out" | head -250
 echo "=== gpu-check (exit $check)"
 tail -n 20 "$OUT/gpu-check.out"
 [[ $bench == 0 && $check == 0 ]]

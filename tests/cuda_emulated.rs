@@ -228,6 +228,18 @@ fn eval_bench_and_parity_run_on_cuda() {
     let (first, last) = (v["loss_first"].as_f64().unwrap(), v["loss_last"].as_f64().unwrap());
     assert!(first.is_finite() && last < first, "bench's loss {first} -> {last}");
     assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0 && v["peak_memory_bytes"].as_u64().unwrap() > 0);
+    // one more step's time per kernel: each attention kernel once a layer, the GEMMs per
+    // shape, all of it inside that step's time
+    let layers = v["kernels"]["kernels"].as_array().expect("the time per kernel");
+    let calls =
+        |name: &str| layers.iter().find(|k| k["kernel"] == name).map(|k| k["calls"].as_u64().unwrap());
+    for name in ["attn_fwd_mma_bf16_hd64", "attn_bwd_dq_mma_bf16_hd64", "attn_bwd_dkdv_mma_bf16_hd64"] {
+        assert_eq!(calls(name), Some(4), "{name} in a step of 4 layers: {v}");
+    }
+    assert_eq!(calls("adamw_multi"), Some(1), "{v}");
+    assert!(layers.iter().any(|k| k["kernel"].as_str().unwrap().starts_with("cuBLASLt ")), "{v}");
+    let in_kernels: f64 = layers.iter().map(|k| k["seconds"].as_f64().unwrap()).sum();
+    assert!(in_kernels > 0.0 && in_kernels <= v["kernels"]["step_s"].as_f64().unwrap(), "{v}");
 
     // the kernel micro-benchmarks, on the same shapes
     let mut cmd = emulated().unwrap();
@@ -248,6 +260,16 @@ fn eval_bench_and_parity_run_on_cuda() {
     let kernels = v["kernels"].as_array().expect("kernels");
     assert_eq!(kernels.len(), 12, "{v}");
     assert!(kernels.iter().all(|k| k["seconds"].as_f64().unwrap() > 0.0), "{v}");
+    // what the attention backward queues, kernel by kernel
+    let bwd = kernels.iter().find(|k| k["kernel"] == "attention_bwd").expect("attention_bwd");
+    let mut split: Vec<&str> =
+        bwd["split"].as_array().unwrap().iter().map(|k| k["kernel"].as_str().unwrap()).collect();
+    split.sort_unstable();
+    assert_eq!(
+        split,
+        ["attn_bwd_dkdv_mma_bf16_hd64", "attn_bwd_dot_bf16", "attn_bwd_dq_mma_bf16_hd64"],
+        "{v}"
+    );
 
     // parity on the golden cases, both modes
     for dtype in ["f32", "bf16"] {

@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::profile::{attention_fwd_flops, linear_fwd_flops};
 use super::{gemm_rate, BenchOptions, GemmRate};
 use crate::model::{Adapter, LoraConfig, Proj};
-use crate::ops::{AdamWParams, AttnLayout, AttnShape, HostWeight, LoraRef, Ops};
+use crate::ops::{AdamWParams, AttnLayout, AttnShape, HostWeight, KernelClock, LoraRef, Ops};
 use crate::train::AdamW;
 
 /// One kernel's measurement.
@@ -30,6 +30,9 @@ pub struct KernelTime {
     pub bytes: f64,
     /// max(flops / GEMM rate, bytes / bandwidth).
     pub floor_seconds: f64,
+    /// What one call queued, per kernel (GEMMs per shape), from [`Ops::kernel_times`]:
+    /// calls and seconds per call of the op; empty where ops are not kernels.
+    pub split: Vec<KernelClock>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -43,11 +46,30 @@ pub struct KernelReport {
     pub kernels: Vec<KernelTime>,
 }
 
-/// Mean seconds of one `f()` over `reps` calls after one untimed call.
-fn mean_time<O: Ops>(ops: &O, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+/// Mean seconds of one `f()` over `reps` calls after one untimed call, and what one call
+/// queued per kernel: `reps` more calls with [`Ops::kernel_clock`] on (apart from the
+/// timed ones, which the events would slow), where the backend has kernels.
+fn mean_time<O: Ops>(
+    ops: &O,
+    reps: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<(f64, Vec<KernelClock>)> {
     f()?;
     let ((), s) = ops.timed(|| (0..reps).try_for_each(|_| f()))?;
-    Ok(s / reps as f64)
+    if !ops.kernel_clock(true)? {
+        return Ok((s / reps as f64, vec![]));
+    }
+    let split = (|| -> Result<Vec<KernelClock>> {
+        (0..reps).try_for_each(|_| f())?;
+        let mut split = ops.kernel_times()?;
+        for k in &mut split {
+            k.calls /= reps as u64;
+            k.seconds /= reps as f64;
+        }
+        Ok(split)
+    })();
+    ops.kernel_clock(false)?;
+    Ok((s / reps as f64, split?))
 }
 
 /// Runs the micro-benchmarks of `opts.model`'s shapes at `seq × batch` tokens, `steps`
@@ -85,16 +107,17 @@ pub fn run_kernels<O: Ops>(ops: &O, opts: &BenchOptions) -> Result<KernelReport>
     let bw_n = if ops.name() == "cpu" { 1 << 22 } else { 1 << 27 };
     let mut a = act(&[bw_n], &random(bw_n, 1.0))?;
     let b = act(&[bw_n], &random(bw_n, 1.0))?;
-    let bw_s = mean_time(ops, reps, || ops.add_assign(&mut a, &b))?;
+    let (bw_s, _) = mean_time(ops, reps, || ops.add_assign(&mut a, &b))?;
     let bandwidth = 3.0 * bw_n as f64 * elem / bw_s;
     drop((a, b));
 
     let mut kernels = Vec::new();
-    let mut record = |kernel: &str, shape: String, seconds: f64, flops: f64, bytes: f64| {
-        let floor_seconds = (flops / (gemm.tflops * 1e12)).max(bytes / bandwidth);
-        let kernel = kernel.to_string();
-        kernels.push(KernelTime { kernel, shape, seconds, flops, bytes, floor_seconds });
-    };
+    let mut record =
+        |kernel: &str, shape: String, (seconds, split): (f64, Vec<KernelClock>), flops: f64, bytes: f64| {
+            let floor_seconds = (flops / (gemm.tflops * 1e12)).max(bytes / bandwidth);
+            let kernel = kernel.to_string();
+            kernels.push(KernelTime { kernel, shape, seconds, flops, bytes, floor_seconds, split });
+        };
 
     // attention over `batch` sequences of `seq`
     let shape = AttnShape { n_heads: h, n_kv_heads: hkv, head_dim: hd };
@@ -128,6 +151,10 @@ pub fn run_kernels<O: Ops>(ops: &O, opts: &BenchOptions) -> Result<KernelReport>
         let mut w = act(&[outp, inp], &random(outp * inp, 0.02))?;
         let la = ops.upload(&random(r * inp, 0.02), &[r, inp])?;
         let lb = ops.upload(&random(outp * r, 0.02), &[outp, r])?;
+        // in the type the step computes with: it makes those copies once per optimizer
+        // step, not per product
+        let la = ops.compute_copy(&la)?.unwrap_or(la);
+        let lb = ops.compute_copy(&lb)?.unwrap_or(lb);
         let lora = || Some(LoraRef { a: &la, b: &lb, scale: 2.0, dropout: None });
         let flops = linear_fwd_flops(tf, inp as f64, outp as f64, r as f64);
         let bytes = (tf * (inp + outp) as f64 + (inp * outp) as f64) * elem;
@@ -222,6 +249,18 @@ impl KernelReport {
                 1e3 * k.floor_seconds,
                 100.0 * k.floor_seconds / k.seconds
             );
+            // the kernels of an op that queues more than one, with their share of it
+            let total: f64 = k.split.iter().map(|c| c.seconds).sum();
+            for c in k.split.iter().filter(|_| k.split.len() > 1) {
+                let _ = writeln!(
+                    s,
+                    "| ↳ {} | ×{} | {:.3} | | | | {:.0}% of the op |",
+                    c.kernel,
+                    c.calls,
+                    1e3 * c.seconds,
+                    100.0 * c.seconds / total
+                );
+            }
         }
         s
     }

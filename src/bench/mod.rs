@@ -36,6 +36,7 @@ use crate::ops::{AdamWParams, HostWeight, Ops};
 use crate::train::Trainable as _;
 use crate::train::{clip_scale, grad_norm, train_step, AdamW, TokenBatch};
 
+use crate::ops::KernelClock;
 pub use anchors::{Anchor, ANCHORS};
 pub use profile::{OpTime, Profiled};
 
@@ -266,6 +267,18 @@ pub struct ProfileReport {
     pub other_s: f64,
 }
 
+/// The time split per kernel of one more step run with [`Ops::kernel_clock`] on: every
+/// kernel, GEMM and memset between two events, queued as a plain step queues them (no
+/// synchronize between ops), so for kernels longer than a launch the events time the
+/// kernel alone.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct KernelSplit {
+    /// That step's own time (the events slow it a little).
+    pub step_s: f64,
+    /// Per kernel (GEMMs per shape), most time first.
+    pub kernels: Vec<KernelClock>,
+}
+
 /// An anchor of DESIGN.md at this run's shape and how this run compares.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct AnchorRatio {
@@ -317,6 +330,8 @@ pub struct BenchReport {
     pub loss_first: f64,
     pub loss_last: f64,
     pub profile: Option<ProfileReport>,
+    /// Where the backend has kernels (and with the profile).
+    pub kernels: Option<KernelSplit>,
     pub anchors: Vec<AnchorRatio>,
 }
 
@@ -374,6 +389,18 @@ pub fn run<O: Ops>(ops: &O, opts: &BenchOptions) -> Result<BenchReport> {
         let in_ops: f64 = ops_times.iter().map(|o| o.seconds).sum();
         eprintln!("profiled step: {step_s:.3} s");
         Some(ProfileReport { step_s, ops: ops_times, other_s: (step_s - in_ops).max(0.0) })
+    } else {
+        None
+    };
+    let kernels = if opts.profile && ops.kernel_clock(true)? {
+        let step = ops.timed(|| st.step(ops));
+        let kernels = ops.kernel_times();
+        ops.kernel_clock(false)?;
+        let ((_, step_s), kernels) = (step?, kernels?);
+        (!kernels.is_empty()).then(|| {
+            eprintln!("step with every kernel between events: {step_s:.3} s");
+            KernelSplit { step_s, kernels }
+        })
     } else {
         None
     };
@@ -440,6 +467,7 @@ pub fn run<O: Ops>(ops: &O, opts: &BenchOptions) -> Result<BenchReport> {
         loss_first: losses.first().copied().unwrap_or(f64::NAN),
         loss_last: losses.last().copied().unwrap_or(f64::NAN),
         profile,
+        kernels,
         anchors,
     })
 }
@@ -548,6 +576,34 @@ impl BenchReport {
             }
             let _ =
                 writeln!(s, "| (outside ops) | | {:.1} | {:.1}% | | |", 1e3 * p.other_s, share(p.other_s));
+        }
+        if let Some(k) = &self.kernels {
+            let _ = writeln!(
+                s,
+                "\n| kernel (one step with each between events, {:.3} s) | calls | ms | share |",
+                k.step_s
+            );
+            let _ = writeln!(s, "| --- | --- | --- | --- |");
+            let share = |t: f64| 100.0 * t / k.step_s.max(1e-12);
+            const SHOWN: usize = 30;
+            for c in k.kernels.iter().take(SHOWN) {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {:.2} | {:.1}% |",
+                    c.kernel,
+                    c.calls,
+                    1e3 * c.seconds,
+                    share(c.seconds)
+                );
+            }
+            let rest = &k.kernels[k.kernels.len().min(SHOWN)..];
+            if !rest.is_empty() {
+                let (calls, secs) = rest.iter().fold((0, 0.0), |(n, t), c| (n + c.calls, t + c.seconds));
+                let what = format!("({} other kernels)", rest.len());
+                let _ = writeln!(s, "| {what} | {calls} | {:.2} | {:.1}% |", 1e3 * secs, share(secs));
+            }
+            let gaps = k.step_s - k.kernels.iter().map(|c| c.seconds).sum::<f64>();
+            let _ = writeln!(s, "| (between kernels) | | {:.2} | {:.1}% |", 1e3 * gaps, share(gaps));
         }
         if !self.anchors.is_empty() {
             let _ = writeln!(

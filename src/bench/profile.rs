@@ -378,6 +378,14 @@ impl<O: Ops> Ops for Profiled<'_, O> {
         self.inner.memory_in_use()
     }
 
+    fn kernel_clock(&self, on: bool) -> Result<bool> {
+        self.inner.kernel_clock(on)
+    }
+
+    fn kernel_times(&self) -> Result<Vec<crate::ops::KernelClock>> {
+        self.inner.kernel_times()
+    }
+
     fn compute_copy(&self, t: &Self::Tensor) -> Result<Option<Self::Tensor>> {
         self.run("compute_copy", || self.inner.compute_copy(t))
     }

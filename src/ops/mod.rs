@@ -472,6 +472,27 @@ pub trait Ops {
     fn memory_in_use(&self) -> Option<u64> {
         None
     }
+    /// Starts timing each kernel the backend queues (`on`: each between two events on
+    /// its stream), or stops. Returns false, and does nothing, where ops are not kernels
+    /// (the CPU).
+    fn kernel_clock(&self, _on: bool) -> Result<bool> {
+        Ok(false)
+    }
+    /// The kernels queued since [`Ops::kernel_clock`] started, per name (GEMMs per
+    /// shape), longest first; empty where ops are not kernels. Starts it again from
+    /// nothing.
+    fn kernel_times(&self) -> Result<Vec<KernelClock>> {
+        Ok(vec![])
+    }
+}
+
+/// The time the launches of one kernel (or GEMM shape, or memset) took: see
+/// [`Ops::kernel_times`].
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct KernelClock {
+    pub kernel: String,
+    pub calls: u64,
+    pub seconds: f64,
 }
 
 pub struct CrossEntropyOut<T> {

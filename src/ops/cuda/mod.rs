@@ -388,7 +388,9 @@ impl CudaOps {
         let s = GemmShape { m, n, k, trans_a, trans_b, lda, ldb, dtype, bias: bias.is_some() };
         let bias = bias.map(|t| self.ptr(t));
         let (d, c) = (self.ptr(c), c_in.map_or(self.ptr(c), |t| self.ptr(t)));
-        blas.matmul(s, d, c, self.base_ptr(a), self.base_ptr(b), alpha, beta, bias)
+        let (a, b) = (self.base_ptr(a), self.base_ptr(b));
+        let name = || format!("cuBLASLt {m}×{n}×{k}{}", if beta == 0.0 { "" } else { " + C" });
+        self.rt.clocked(name, || blas.matmul(s, d, c, a, b, alpha, beta, bias))
     }
 
     /// A gradient that an op adds its own into (`acc += ...`): shaped like `like` and of
@@ -640,11 +642,17 @@ impl Ops for CudaOps {
 
     fn fill_zero(&self, t: &mut CudaTensor) -> Result<()> {
         let _range = crate::profiling::range(c"fill_zero");
-        match &mut t.buf {
-            CudaBuf::F32(b) => self.rt.stream.memset_zeros(b),
-            CudaBuf::Bf16(b) => self.rt.stream.memset_zeros(b),
-        }
-        .context("memset")
+        let stream = &self.rt.stream;
+        self.rt.clocked(
+            || "memset".to_string(),
+            || {
+                match &mut t.buf {
+                    CudaBuf::F32(b) => stream.memset_zeros(b),
+                    CudaBuf::Bf16(b) => stream.memset_zeros(b),
+                }
+                .context("memset")
+            },
+        )
     }
 
     /// Rows of either type into rows of either type (converted when they differ, e.g.
@@ -1563,6 +1571,15 @@ impl Ops for CudaOps {
     fn memory_in_use(&self) -> Option<u64> {
         let (free, total) = self.rt.ctx.mem_get_info().ok()?;
         Some(total.saturating_sub(free) as u64)
+    }
+
+    fn kernel_clock(&self, on: bool) -> Result<bool> {
+        self.rt.kernel_clock(on)?;
+        Ok(true)
+    }
+
+    fn kernel_times(&self) -> Result<Vec<crate::ops::KernelClock>> {
+        self.rt.kernel_times()
     }
 
     /// W in rows of `in + room(r)` and with `room(r)` more rows (all the room zeroed),

@@ -2,17 +2,19 @@
 //! cudarc call that would panic on their absence, the context and its one stream, the
 //! fatbin's functions, and launch helpers.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, ensure, Context, Result};
+use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 
 use crate::kernels::{FATBIN, KERNEL_NAMES};
+use crate::ops::KernelClock;
 
 /// What to tell a user whose loader cannot find a CUDA library.
 const LIBRARY_HELP: &str = "put the folder that holds it on LD_LIBRARY_PATH (scripts/gpu-check.sh \
@@ -55,6 +57,9 @@ pub struct Runtime {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     functions: HashMap<&'static str, Kernel>,
+    /// While on (`Some`): every launch, GEMM and memset with the events on the stream
+    /// before and after it ([`Runtime::clocked`]).
+    clock: Mutex<Option<Vec<(String, CudaEvent, CudaEvent)>>>,
 }
 
 impl Runtime {
@@ -84,7 +89,7 @@ impl Runtime {
                 module.load_function(name).with_context(|| format!("kernel {name} is not in the fatbin"))?;
             functions.insert(name, Kernel { f, shared_allowed: AtomicU32::new(DEFAULT_DYNAMIC_SHARED) });
         }
-        Ok(Self { ctx, stream, functions })
+        Ok(Self { ctx, stream, functions, clock: Mutex::new(None) })
     }
 
     fn kernel(&self, name: &str) -> Result<&Kernel> {
@@ -99,6 +104,54 @@ impl Runtime {
 
     pub fn sync(&self) -> Result<()> {
         self.stream.synchronize().context("CUDA stream synchronisation failed (a kernel faulted?)")
+    }
+
+    /// Starts timing every launch, GEMM and memset (`on`), or stops and forgets.
+    pub fn kernel_clock(&self, on: bool) -> Result<()> {
+        *self.clock.lock().map_err(|_| anyhow::anyhow!("the kernel clock's lock is poisoned"))? =
+            on.then(Vec::new);
+        Ok(())
+    }
+
+    /// Per kernel name, the launches since [`Runtime::kernel_clock`] and the time between
+    /// each one's events, longest first; the clock starts again from nothing. A launch
+    /// the GPU reaches before the host has queued it also counts the host's latency, so
+    /// the figures hold for kernels longer than a launch (microseconds).
+    pub fn kernel_times(&self) -> Result<Vec<KernelClock>> {
+        let mut clock =
+            self.clock.lock().map_err(|_| anyhow::anyhow!("the kernel clock's lock is poisoned"))?;
+        let Some(events) = clock.as_mut() else { return Ok(vec![]) };
+        let mut by_name: BTreeMap<String, (u64, f64)> = BTreeMap::new();
+        for (name, start, end) in events.drain(..) {
+            let ms =
+                start.elapsed_ms(&end).context("timing a kernel between CUDA events (a kernel faulted?)")?;
+            let e = by_name.entry(name).or_default();
+            e.0 += 1;
+            e.1 += ms as f64 / 1e3;
+        }
+        let mut out: Vec<KernelClock> = by_name
+            .into_iter()
+            .map(|(kernel, (calls, seconds))| KernelClock { kernel, calls, seconds })
+            .collect();
+        out.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+        Ok(out)
+    }
+
+    /// Runs `f`, which queues one piece of work on the stream, between two events when
+    /// the kernel clock is on (`name` is only built then).
+    pub fn clocked<R>(&self, name: impl FnOnce() -> String, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        let lock = || self.clock.lock().map_err(|_| anyhow::anyhow!("the kernel clock's lock is poisoned"));
+        if lock()?.is_none() {
+            return f();
+        }
+        let event = || self.stream.record_event(Some(CU_EVENT_DEFAULT)).context("recording a CUDA event");
+        let start = event()?;
+        let r = f()?;
+        let end = event()?;
+        if let Some(events) = lock()?.as_mut() {
+            events.push((name(), start, end));
+        }
+        Ok(r)
     }
 }
 
@@ -202,7 +255,10 @@ impl Runtime {
         }
         // SAFETY: see above; pointers come from live buffers of the sizes the kernel
         // indexes (checked by the launchers).
-        unsafe { builder.launch(cfg) }.map(|_| ()).with_context(|| format!("launching kernel {name}"))
+        self.clocked(
+            || name.to_string(),
+            || unsafe { builder.launch(cfg) }.map(|_| ()).with_context(|| format!("launching kernel {name}")),
+        )
     }
 }
 

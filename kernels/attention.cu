@@ -299,8 +299,9 @@ __device__ void bwd_dkdv(T* dk, T* dv, const T* dout, const T* q, const T* k, co
 // A block has MMA_WARPS warps and takes rows of one side: query rows in attn_fwd_mma and
 // attn_bwd_dq_mma, key rows in attn_bwd_dkdv_mma, MI 16-row m-tiles a warp (2: warp w
 // owns rows 32w .. 32w+31 of 128, in the forward and at head_dim 64 in the backward; 1:
-// 16w .. 16w+15 of 64, in the backward at head_dim 128; see fwd_mma and bwd_dq_mma);
-// `tiles` counts in those steps. The other side streams through
+// 16w .. 16w+15 of 64, in dq at head_dim 128; see fwd_mma and bwd_dq_mma; dkdv at
+// head_dim 128 has 8 warps and 128 keys a block, see bwd_dkdv_mma8); `tiles` counts in
+// those steps. The other side streams through
 // shared memory in tiles of 64 rows, as bf16 with row stride HD + 8 elements (the 8 rows
 // one ldmatrix reads then fall in different banks), double-buffered: cp.async copies the
 // next tile while the warps compute on this one. Fragments come out of shared memory
@@ -319,6 +320,7 @@ __device__ void bwd_dkdv(T* dk, T* dv, const T* dout, const T* q, const T* k, co
 //   attn_bwd_dkdv_mma: K, V of the block's 64 MI keys + 2 stages x (Q, dO)
 //                                                                       = (2 MI + 4) * TILE,
 //                      then 2 stages x (lse, D) of 64 rows              (4 * 64 f32)
+//   (bwd_dkdv_mma8 at head_dim 128: see there)
 
 constexpr int MMA_WARPS = 4, MMA_TILE = 64;
 constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
@@ -931,6 +933,200 @@ __device__ void bwd_dkdv_mma(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bf
     }
 }
 
+
+// dk, dv at head_dim 128, as FlashAttention-2 splits them: 8 warps and 128 keys a block,
+// whose K, V stay in shared memory; query tiles of 64 (with their lse and D) stream
+// through it as in bwd_dkdv_mma. For each tile, two phases with a barrier between:
+//   1. warp w takes keys 32 (w % 4) .. + 32 and queries 32 (w / 4) .. + 32 of the tile:
+//      Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ (each K/V fragment read feeds 4 products, each Q/dO
+//      fragment 2), then Pᵀ and dSᵀ, rounded to bf16, into shared memory;
+//   2. warp w takes the same 32 keys and head columns 64 (w / 4) .. + 64: dV += Pᵀ·dO and
+//      dK += dSᵀ·Q over the tile's 64 queries, Pᵀ and dSᵀ as A fragments out of shared
+//      memory.
+// dK and dV of a warp's 32 keys x 64 columns are 128 registers, where bwd_dkdv_mma's 16
+// keys x 128 columns at one m-tile left its K/V fragments read again for every 32
+// queries: 240 shared-memory bytes a product here (P and dS stores included) against 320.
+//
+// Dynamic shared memory (bf16, LD = HD + 8, PLD = 64 + 8): K, V of the block's 128 keys
+// (2 x 128 LD) + 2 stages x (Q, dO) (4 x 64 LD) + Pᵀ, dSᵀ (2 x 128 PLD), then 2 stages x
+// (lse, D) of 64 rows (4 x 64 f32).
+constexpr int DKDV8_WARPS = 8, DKDV8_KEYS = 128, DKDV8_PLD = MMA_TILE + 8;
+
+template <int HD>
+__device__ void bwd_dkdv_mma8(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout,
+                              const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
+                              const float* lse, const float* D, const int* spans, const int* tiles, int n_heads,
+                              int n_kv_heads, float scale, int ldg) {
+    constexpr int LD = HD + 8, TILE = MMA_TILE * LD, KEYS = DKDV8_KEYS, PLD = DKDV8_PLD, HALF = HD / 2;
+    static_assert(DKDV8_WARPS == 8 && KEYS == 128 && MMA_TILE == 64, "the warp layout below");
+    TL_DYNAMIC_SHARED(float, smem);
+    __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(smem);
+    __nv_bfloat16* v_s = k_s + KEYS * LD;
+    __nv_bfloat16* qo_s = v_s + KEYS * LD;  // stage s: Q at 2 s TILE, dO after it
+    __nv_bfloat16* p_s = qo_s + 4 * TILE;   // Pᵀ [key][query]
+    __nv_bfloat16* ds_s = p_s + KEYS * PLD;  // dSᵀ [key][query]
+    float* stats_s = reinterpret_cast<float*>(ds_s + KEYS * PLD);  // stage s: lse·log2 e at 128 s, D after it
+    const int warp = threadIdx.x / tl::WARP_SIZE, lane = threadIdx.x % tl::WARP_SIZE;
+    const int g = lane / 4, t = lane % 4;
+    const int kw = 32 * (warp % 4);  // the warp's first key, in the block (both phases)
+    const int qw = 32 * (warp / 4);  // phase 1: its first query, in the tile
+    const int cw = HALF * (warp / 4);  // phase 2: its first head column
+
+    const Span sp = load_span(spans, tiles[2 * blockIdx.x]);
+    const int j0 = tiles[2 * blockIdx.x + 1];  // the block's first key
+    const int kvh = blockIdx.y;
+    const int group = n_heads / n_kv_heads;
+    const int wq = n_heads * HD, wk = n_kv_heads * HD;
+    const int shift = sp.k_len - sp.q_len;
+    const float sl2 = scale * LOG2E;
+    const int first_q = max(0, j0 - shift);  // the first query that sees the block's first key
+    const int q_tiles = sp.q_len > first_q ? (sp.q_len - first_q + MMA_TILE - 1) / MMA_TILE : 0;
+    const int n_tiles = group * q_tiles;  // (query head of the group, query tile) pairs
+
+    auto load_pair = [&](int it) {
+        const int h = kvh * group + it / q_tiles, i0 = first_q + it % q_tiles * MMA_TILE;
+        __nv_bfloat16* q_s = qo_s + 2 * (it % 2) * TILE;
+        mma_load_tile<HD>(q_s, q, sp.q_start + i0, sp.q_len - i0, wq, h * HD);
+        mma_load_tile<HD>(q_s + TILE, dout, sp.q_start + i0, sp.q_len - i0, wq, h * HD);
+        float* st = stats_s + 2 * MMA_TILE * (it % 2);
+        for (int r = threadIdx.x; r < MMA_TILE; r += blockDim.x) {
+            const bool ok = i0 + r < sp.q_len;
+            const size_t at = ((size_t)sp.q_start + i0 + r) * n_heads + h;
+            st[r] = ok ? lse[at] * LOG2E : 0.0f;
+            st[MMA_TILE + r] = ok ? D[at] : 0.0f;
+        }
+    };
+
+#pragma unroll
+    for (int part = 0; part < KEYS / MMA_TILE; ++part) {
+        const int row0 = j0 + part * MMA_TILE;
+        mma_load_tile<HD>(k_s + part * TILE, k, sp.k_start + row0, sp.k_len - row0, wk, kvh * HD);
+        mma_load_tile<HD>(v_s + part * TILE, v, sp.k_start + row0, sp.k_len - row0, wk, kvh * HD);
+    }
+    if (n_tiles > 0) load_pair(0);
+    tl::cp_async_commit();
+    float dk_acc[2][HALF / 8][4], dv_acc[2][HALF / 8][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+        zero_acc(dk_acc[mi]);
+        zero_acc(dv_acc[mi]);
+    }
+    // warp-uniform: the warp's keys lie in the span
+    const bool keys_in = j0 + kw < sp.k_len;
+
+    for (int it = 0; it < n_tiles; ++it) {
+        const int i0 = first_q + it % q_tiles * MMA_TILE;
+        if (it + 1 < n_tiles) {
+            load_pair(it + 1);
+            tl::cp_async_commit();
+        }
+        mma_wait_tile(it, n_tiles);
+        const __nv_bfloat16* q_s = qo_s + 2 * (it % 2) * TILE;
+        const __nv_bfloat16* o_s = q_s + TILE;
+        const float* lse2_s = stats_s + 2 * MMA_TILE * (it % 2);
+        const float* d_s = lse2_s + MMA_TILE;
+
+        // Phase 1: Sᵀ and dPᵀ of the warp's 32 keys x 32 queries; Pᵀ and dSᵀ to shared memory.
+        {
+            float s[2][4][4], dp[2][4][4];
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) {
+                zero_acc(s[mi]);
+                zero_acc(dp[mi]);
+            }
+            // warp-uniform: some query of the warp's 32 is in the span and sees its first key
+            const bool active = keys_in && i0 + qw < sp.q_len && i0 + qw + 31 + shift >= j0 + kw;
+            if (active) {
+#pragma unroll
+                for (int kk = 0; kk < HD / 16; ++kk) {
+                    uint32_t a[2][4], b0[2], b1[2];
+#pragma unroll
+                    for (int mi = 0; mi < 2; ++mi) mma_a_rows(a[mi], k_s, LD, kw + 16 * mi, 16 * kk);
+#pragma unroll
+                    for (int np = 0; np < 2; ++np) {
+                        mma_b_transposed(b0, b1, q_s, LD, qw + 16 * np, 16 * kk);
+#pragma unroll
+                        for (int mi = 0; mi < 2; ++mi) mma_2n(s[mi][2 * np], s[mi][2 * np + 1], a[mi], b0, b1);
+                    }
+#pragma unroll
+                    for (int mi = 0; mi < 2; ++mi) mma_a_rows(a[mi], v_s, LD, kw + 16 * mi, 16 * kk);
+#pragma unroll
+                    for (int np = 0; np < 2; ++np) {
+                        mma_b_transposed(b0, b1, o_s, LD, qw + 16 * np, 16 * kk);
+#pragma unroll
+                        for (int mi = 0; mi < 2; ++mi) mma_2n(dp[mi][2 * np], dp[mi][2 * np + 1], a[mi], b0, b1);
+                    }
+                }
+            }
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) {
+                const int k0 = j0 + kw + 16 * mi;  // the m-tile's first key
+                // every query of the warp's 32 is in the span and sees every key of the m-tile
+                const bool full = i0 + qw + 32 <= sp.q_len && k0 + 16 <= sp.k_len && k0 + 15 <= i0 + qw + shift;
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt) {
+                    float p[4], ds[4];
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        const int qr = qw + 8 * nt + 2 * t + j % 2;  // query, in the tile
+                        const int kr = k0 + g + 8 * (j / 2);
+                        const bool seen =
+                            active && (full || (i0 + qr < sp.q_len && kr < sp.k_len && kr <= i0 + qr + shift));
+                        p[j] = seen ? exp2f(s[mi][nt][j] * sl2 - lse2_s[qr]) : 0.0f;
+                        ds[j] = p[j] * (dp[mi][nt][j] - d_s[qr]);
+                    }
+#pragma unroll
+                    for (int x = 0; x < 2; ++x) {
+                        const int at = (kw + 16 * mi + g + 8 * x) * PLD + qw + 8 * nt + 2 * t;
+                        *reinterpret_cast<uint32_t*>(p_s + at) = tl::pack_bf16(p[2 * x], p[2 * x + 1]);
+                        *reinterpret_cast<uint32_t*>(ds_s + at) = tl::pack_bf16(ds[2 * x], ds[2 * x + 1]);
+                    }
+                }
+            }
+        }
+        __syncthreads();  // Pᵀ and dSᵀ of the whole tile
+
+        // Phase 2: dV += Pᵀ·dO and dK += dSᵀ·Q for the warp's 32 keys x 64 columns.
+        // warp-uniform: some query of the tile sees the warp's first key
+        if (keys_in && i0 + MMA_TILE - 1 + shift >= j0 + kw) {
+#pragma unroll
+            for (int kq = 0; kq < MMA_TILE / 16; ++kq) {
+                uint32_t pa[2][4], da[2][4];
+#pragma unroll
+                for (int mi = 0; mi < 2; ++mi) {
+                    mma_a_rows(pa[mi], p_s, PLD, kw + 16 * mi, 16 * kq);
+                    mma_a_rows(da[mi], ds_s, PLD, kw + 16 * mi, 16 * kq);
+                }
+#pragma unroll
+                for (int dp2 = 0; dp2 < HALF / 16; ++dp2) {
+                    uint32_t b0[2], b1[2];
+                    mma_b_rows(b0, b1, o_s, LD, 16 * kq, cw + 16 * dp2);
+#pragma unroll
+                    for (int mi = 0; mi < 2; ++mi)
+                        mma_2n(dv_acc[mi][2 * dp2], dv_acc[mi][2 * dp2 + 1], pa[mi], b0, b1);
+                    mma_b_rows(b0, b1, q_s, LD, 16 * kq, cw + 16 * dp2);
+#pragma unroll
+                    for (int mi = 0; mi < 2; ++mi)
+                        mma_2n(dk_acc[mi][2 * dp2], dk_acc[mi][2 * dp2 + 1], da[mi], b0, b1);
+                }
+            }
+        }
+        __syncthreads();  // Pᵀ and dSᵀ are rewritten, and the stage refilled two tiles on
+    }
+    tl::cp_async_wait<0>();  // K and V, when no query tile came
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+        for (int x = 0; x < 2; ++x) {
+            const int key = j0 + kw + 16 * mi + g + 8 * x;
+            if (key >= sp.k_len) continue;
+            const size_t at = ((size_t)sp.k_start + key) * ldg + kvh * HD + cw;
+            mma_store_row<HALF>(dk + at, dk_acc[mi], x, scale);
+            mma_store_row<HALF>(dv + at, dv_acc[mi], x, 1.0f);
+        }
+    }
+}
+
 }  // namespace tl_attn
 
 // Entry points, written out (not macro-generated) so their names can be grepped and
@@ -1049,10 +1245,10 @@ extern "C" __global__ void __launch_bounds__(128)
                               int /* hd, always 128 */, float scale, int ldg) {
     tl_attn::bwd_dq_mma<128, 1>(dq, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, scale, ldg);
 }
-extern "C" __global__ void __launch_bounds__(128)
+extern "C" __global__ void __launch_bounds__(256)
     attn_bwd_dkdv_mma_bf16_hd128(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout,
                                 const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                                 const float* lse, const float* D, const int* spans, const int* tiles,
                                 int n_heads, int n_kv_heads, int /* hd, always 128 */, float scale, int ldg) {
-    tl_attn::bwd_dkdv_mma<128, 1, 32>(dk, dv, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, scale, ldg);
+    tl_attn::bwd_dkdv_mma8<128>(dk, dv, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, scale, ldg);
 }

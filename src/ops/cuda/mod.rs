@@ -69,6 +69,8 @@ const ATTN_ROWS: usize = 4;
 const ATTN_MMA_ROWS: usize = 64;
 /// Rows of the tiles they stream through shared memory (`MMA_TILE`).
 const ATTN_MMA_KEYS: usize = 64;
+/// Keys of a block of dkdv's 8-warp kernel at head_dim 128 (`DKDV8_KEYS`).
+const DKDV8_KEYS: usize = 128;
 
 /// PyTorch's `ignore_index`.
 const IGNORE_INDEX: i64 = -100;
@@ -1279,18 +1281,27 @@ impl Ops for CudaOps {
         let dv = self.alloc_attn_out(&v.shape, room(tail), k_written)?;
         let mma = self.attn_on_tensor_cores(hd);
         let rows = if mma { attn_mma_rows(hd, false) } else { ATTN_ROWS };
+        // dkdv at head_dim 128: 8 warps and 128 keys a block (bwd_dkdv_mma8)
+        let dkdv8 = mma && hd == 128;
+        let key_rows = if dkdv8 { DKDV8_KEYS } else { rows };
         let (spans, q_tiles, n_q_tiles) = self.attn_tiles(layout, false, rows)?;
-        let (_, k_tiles, n_k_tiles) = self.attn_tiles(layout, true, rows)?;
+        let (_, k_tiles, n_k_tiles) = self.attn_tiles(layout, true, key_rows)?;
         let (dq_name, dq_cfg, dkdv_name, dkdv_cfg) = if mma {
             // dq streams two stages of K and V tiles; dkdv keeps K and V of its keys
-            // beside two stages of Q and dO tiles with their lse and D
+            // beside two stages of Q and dO tiles with their lse and D (and, with 8
+            // warps, Pᵀ and dSᵀ of a tile: 128 keys × 72 bf16 each)
             let row = (hd + 8) * 2;
-            let dkdv_smem = (2 * rows + 4 * ATTN_MMA_KEYS) * row + 4 * ATTN_MMA_KEYS * 4;
+            let ps = if dkdv8 { 2 * DKDV8_KEYS * (ATTN_MMA_KEYS + 8) * 2 } else { 0 };
+            let dkdv_smem = (2 * key_rows + 4 * ATTN_MMA_KEYS) * row + ps + 4 * ATTN_MMA_KEYS * 4;
+            let mut dkdv_cfg = attn_cfg(n_k_tiles, shape.n_kv_heads, dkdv_smem);
+            if dkdv8 {
+                dkdv_cfg.block_dim.0 = 8 * 32;
+            }
             (
                 format!("attn_bwd_dq_mma_bf16_hd{hd}"),
                 attn_cfg(n_q_tiles, shape.n_heads, 4 * ATTN_MMA_KEYS * row),
                 format!("attn_bwd_dkdv_mma_bf16_hd{hd}"),
-                attn_cfg(n_k_tiles, shape.n_kv_heads, dkdv_smem),
+                dkdv_cfg,
             )
         } else {
             let (suffix, bc) = Self::attn_variant(hd);

@@ -27,8 +27,9 @@
 //   attn_bwd_dq:   2*ROWS*hd + 2*BC*hd1
 //   attn_bwd_dkdv: 2*ROWS*hd + 2*BC*hd1 + 2*BC
 //
-// Rows outside every span are not written: the host zeroes out/dq/dk/dv and fills lse
-// with -inf first, which is what the CPU backend returns for them.
+// Rows outside every span are not written: where a layout leaves such rows, the host
+// zeroes out/dq/dk/dv first (AttnLayout::covers_rows), and it fills lse with -inf; that is
+// what the CPU backend returns for them.
 //
 // Backward, as FlashAttention-2:
 //   attn_bwd_dot:  D[i, h] = dout_i . out_i                    (grid-stride, warp per (i, h))

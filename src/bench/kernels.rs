@@ -84,7 +84,7 @@ pub fn run_kernels<O: Ops>(ops: &O, opts: &BenchOptions) -> Result<KernelReport>
         |n: usize, amp: f32| -> Vec<f32> { (0..n).map(|_| rng.random_range(-amp..amp)).collect() };
     // activations are 2 bytes in the CUDA backend's bf16 mode, 4 elsewhere; the optimizer
     // state and the LoRA masters are f32 everywhere
-    let elem = if ops.name().ends_with("bf16") { 2.0 } else { 4.0 };
+    let elem = ops.activation_bytes() as f64;
     let t = seq * batch;
     let (d, ff, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
     let (h, hkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);

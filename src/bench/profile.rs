@@ -378,6 +378,10 @@ impl<O: Ops> Ops for Profiled<'_, O> {
         self.inner.memory_in_use()
     }
 
+    fn activation_bytes(&self) -> usize {
+        self.inner.activation_bytes()
+    }
+
     fn kernel_clock(&self, on: bool) -> Result<bool> {
         self.inner.kernel_clock(on)
     }

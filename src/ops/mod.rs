@@ -472,6 +472,11 @@ pub trait Ops {
     fn memory_in_use(&self) -> Option<u64> {
         None
     }
+    /// Bytes of one element of the activations this backend computes (the outputs of
+    /// its ops): 4 in f32, 2 in the CUDA backend's bf16 mode.
+    fn activation_bytes(&self) -> usize {
+        4
+    }
     /// Starts timing each kernel the backend queues (`on`: each between two events on
     /// its stream), or stops. Returns false, and does nothing, where ops are not kernels
     /// (the CPU).

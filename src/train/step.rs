@@ -120,17 +120,18 @@ pub fn forward_backward_into<O: Ops>(
     })
 }
 
-/// How many bytes of lm_head logits [`train_step`] computes at once (f32): with a 128k
-/// vocabulary, 512 rows. The full `[tokens × vocab]` logits and their gradient never
-/// exist, which on an 8k-token micro-batch saves twice 4 GiB.
+/// How many bytes of lm_head logits [`train_step`] computes at once: with a 128k
+/// vocabulary, 512 rows in f32 and 1024 in bf16. The full `[tokens × vocab]` logits and
+/// their gradient never exist, which on an 8k-token micro-batch saves twice 4 GiB (f32).
 pub const HEAD_CHUNK_BYTES: usize = 256 << 20;
 
 /// Rows of a chunk of [`train_step`]'s lm_head by default: as many as
-/// [`HEAD_CHUNK_BYTES`] of f32 logits hold, rounded down to a multiple of 128, the row
-/// tiles of the GEMMs on a GPU (523 rows of a 128k vocabulary would leave 117 rows of a
-/// fifth 128-row tile idle in both of the chunk's products: 18% of the head's work).
-pub fn head_chunk_rows(vocab: usize) -> usize {
-    let rows = HEAD_CHUNK_BYTES / (vocab.max(1) * 4);
+/// [`HEAD_CHUNK_BYTES`] of logits of `elem_bytes` an element hold, rounded down to a
+/// multiple of 128, the row tiles of the GEMMs on a GPU (523 rows of a 128k vocabulary
+/// in f32 would leave 117 rows of a fifth 128-row tile idle in both of the chunk's
+/// products: 18% of the head's work).
+pub fn head_chunk_rows(vocab: usize, elem_bytes: usize) -> usize {
+    let rows = HEAD_CHUNK_BYTES / (vocab.max(1) * elem_bytes.max(1));
     if rows >= 128 {
         rows / 128 * 128
     } else {
@@ -168,7 +169,8 @@ pub fn train_step<O: Ops>(
     let denom = loss_denominator(denominator, &targets);
     let scale = 1.0 / denom.max(1) as f32;
     let (n, d) = rows_cols(ops.shape(&state.final_norm));
-    let chunk = head_rows.unwrap_or_else(|| head_chunk_rows(dec.model.cfg.vocab_size)).max(1);
+    let chunk =
+        head_rows.unwrap_or_else(|| head_chunk_rows(dec.model.cfg.vocab_size, ops.activation_bytes())).max(1);
     let mut dnorm = ops.zeros(&[n, d])?;
     let mut out = StepLoss::default();
     {
@@ -202,10 +204,19 @@ mod tests {
 
     #[test]
     fn head_chunks_are_whole_row_tiles_within_the_byte_budget() {
-        // Llama 3's and Qwen2's vocabularies, SmolLM2's, and vocabularies too wide for 128 rows
-        for (vocab, rows) in [(128_256, 512), (152_064, 384), (49_152, 1280), (600_000, 111), (1 << 30, 1)] {
-            assert_eq!(head_chunk_rows(vocab), rows, "vocabulary {vocab}");
-            assert!(rows * vocab * 4 <= super::HEAD_CHUNK_BYTES || rows == 1);
+        // Llama 3's and Qwen2's vocabularies, SmolLM2's, and vocabularies too wide for 128
+        // rows, in f32 and in bf16
+        for (vocab, bytes, rows) in [
+            (128_256, 4, 512),
+            (128_256, 2, 1024),
+            (152_064, 4, 384),
+            (152_064, 2, 768),
+            (49_152, 4, 1280),
+            (600_000, 4, 111),
+            (1 << 30, 4, 1),
+        ] {
+            assert_eq!(head_chunk_rows(vocab, bytes), rows, "vocabulary {vocab}, {bytes} bytes");
+            assert!(rows * vocab * bytes <= super::HEAD_CHUNK_BYTES || rows == 1);
         }
     }
 }

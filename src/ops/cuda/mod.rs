@@ -1584,6 +1584,13 @@ impl Ops for CudaOps {
         Some(total.saturating_sub(free) as u64)
     }
 
+    fn activation_bytes(&self) -> usize {
+        match self.dtype {
+            DType::F32 => 4,
+            DType::Bf16 => 2,
+        }
+    }
+
     fn kernel_clock(&self, on: bool) -> Result<bool> {
         self.rt.kernel_clock(on)?;
         Ok(true)

@@ -274,6 +274,17 @@ fn pointwise_ops(dtype: DType) {
         let (x, y) = p.gpu.swiglu_bwd(&dg, &gg, &ug, 5).unwrap();
         close("swiglu_bwd dgate with room", &p.down(&x), &a.data, tol);
         close("swiglu_bwd dup with room", &p.down(&y), &b.data, tol);
+        // and with h from the same pass: the forward's bits
+        poison_pool(&p);
+        let (x, y, h) = p.gpu.swiglu_bwd_h(&dg, &gg, &ug, 5).unwrap();
+        close("swiglu_bwd_h dgate", &p.down(&x), &a.data, tol);
+        close("swiglu_bwd_h dup", &p.down(&y), &b.data, tol);
+        assert_eq!(
+            p.down(&h),
+            p.down(&p.gpu.swiglu_fwd(&gg, &ug, 0).unwrap()),
+            "swiglu_bwd_h h vs swiglu_fwd"
+        );
+        close("swiglu_bwd_h h", &p.down(&h), &p.cpu.swiglu_fwd(&gc, &uc, 0).unwrap().data, tol);
 
         // rmsnorm
         let (xc, xg) = p.both(&[n, d], 3.0);

@@ -324,6 +324,16 @@ impl<O: Ops> Ops for Profiled<'_, O> {
         self.run("swiglu_bwd", || self.inner.swiglu_bwd(dh, gate, up, tail))
     }
 
+    fn swiglu_bwd_h(
+        &self,
+        dh: &Self::Tensor,
+        gate: &Self::Tensor,
+        up: &Self::Tensor,
+        tail: usize,
+    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)> {
+        self.run("swiglu_bwd_h", || self.inner.swiglu_bwd_h(dh, gate, up, tail))
+    }
+
     fn cross_entropy(
         &self,
         logits: &Self::Tensor,

@@ -102,7 +102,8 @@ pub struct LayerActs<T> {
     pub x_in: T,
     /// The normed inputs of the attention and MLP projections and the SwiGLU output:
     /// `None` in the activations a forward keeps for the backward, which recomputes
-    /// them from `x_in`, `h`, `gate` and `up` (one elementwise pass each, the same bits)
+    /// them from `x_in`, `h`, `gate` and `up` (the same bits; the SwiGLU output, where
+    /// down_proj's gradients need it, in the SwiGLU backward's pass: `Ops::swiglu_bwd_h`)
     /// rather than hold 2·hidden + intermediate values per token and layer.
     pub n1: Option<T>,
     pub rstd1: T,
@@ -468,14 +469,30 @@ impl<'a, O: Ops> Decoder<'a, O> {
             let need = |o: Option<O::Tensor>| o.context("linear backward gave no input gradient");
             // MLP: out = h + down(swiglu(gate(n2), up(n2)))
             let eps = c.rms_norm_eps;
-            let dact = {
-                let mut slot = None;
-                let act = kept_or(&a.act, &mut slot, || ops.swiglu_fwd(&a.gate, &a.up, 0))?;
-                need(self.linear_bwd(l, Proj::Down, &dx_out, act, a, &mut grads, InputGrad::New)?)?
+            // down_proj's input act = swiglu(gate, up), when not kept, is read only by its
+            // LoRA or weight gradient. Then the SwiGLU backward writes it beside dgate and
+            // dup (one pass over gate and up, not two): down_proj's input gradient comes
+            // first, its own gradients after. Its input gradient alone reads only the
+            // input's shape, gate's.
+            let gu_rank = self.lora_rank(l, &[Proj::Gate, Proj::Up]);
+            let act_read =
+                grads.model.is_some() || (grads.adapter.is_some() && self.lora(l, Proj::Down).is_some());
+            let (dgate, dup) = match (&a.act, act_read) {
+                (None, true) => {
+                    let no_grads = &mut Grads { adapter: None, model: None };
+                    let dact =
+                        self.linear_bwd(l, Proj::Down, &dx_out, &a.gate, a, no_grads, InputGrad::New)?;
+                    let (dgate, dup, act) = ops.swiglu_bwd_h(&need(dact)?, &a.gate, &a.up, gu_rank)?;
+                    self.linear_bwd(l, Proj::Down, &dx_out, &act, a, &mut grads, InputGrad::Skip)?;
+                    (dgate, dup)
+                }
+                (act, _) => {
+                    let x = act.as_ref().unwrap_or(&a.gate);
+                    let dact =
+                        need(self.linear_bwd(l, Proj::Down, &dx_out, x, a, &mut grads, InputGrad::New)?)?;
+                    ops.swiglu_bwd(&dact, &a.gate, &a.up, gu_rank)?
+                }
             };
-            let (dgate, dup) =
-                ops.swiglu_bwd(&dact, &a.gate, &a.up, self.lora_rank(l, &[Proj::Gate, Proj::Up]))?;
-            drop(dact);
             let dn2 = {
                 let mut slot = None;
                 let n2 = kept_or(&a.n2, &mut slot, || {

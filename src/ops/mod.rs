@@ -390,6 +390,19 @@ pub trait Ops {
         up: &Self::Tensor,
         tail: usize,
     ) -> Result<(Self::Tensor, Self::Tensor)>;
+    /// [`Ops::swiglu_bwd`] and the forward's `h` (without room), for a backward that did
+    /// not keep h and needs it after dh (down_proj's LoRA or weight gradient): in one pass
+    /// where the backend can.
+    fn swiglu_bwd_h(
+        &self,
+        dh: &Self::Tensor,
+        gate: &Self::Tensor,
+        up: &Self::Tensor,
+        tail: usize,
+    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)> {
+        let (dgate, dup) = self.swiglu_bwd(dh, gate, up, tail)?;
+        Ok((dgate, dup, self.swiglu_fwd(gate, up, 0)?))
+    }
 
     // ---- loss ----
     /// Cross-entropy of `logits [N, V]` against `targets [N]` (`-100` = not counted).

@@ -150,6 +150,42 @@ impl CudaOps {
         Ok(t)
     }
 
+    /// The SwiGLU backward's kernel: (dgate, dup) with `tail` elements of room after
+    /// their rows, and with `want_h` h = silu(gate)·up (dense) from the same pass.
+    fn swiglu_backward(
+        &self,
+        dh: &CudaTensor,
+        gate: &CudaTensor,
+        up: &CudaTensor,
+        tail: usize,
+        want_h: bool,
+    ) -> Result<(CudaTensor, CudaTensor, Option<CudaTensor>)> {
+        same_shape(dh, gate, "swiglu_bwd")?;
+        same_shape(up, gate, "swiglu_bwd")?;
+        let (dh, gate, up) = (self.act(dh)?, self.act(gate)?, self.act(up)?);
+        let n = gate.numel();
+        let dg = self.alloc_with_tail(&gate.shape, room(tail), self.dtype)?;
+        let du = self.alloc_with_tail(&up.shape, room(tail), self.dtype)?;
+        let h = want_h.then(|| self.alloc(&gate.shape)).transpose()?;
+        let width = dg.rows_cols().1.max(1);
+        self.rt.launch(
+            &self.kernel("swiglu_bwd"),
+            grid_1d(n.div_ceil(8)), // 8 values a thread (kernels/swiglu.cu)
+            args![
+                self.base_ptr(&dg),
+                self.base_ptr(&du),
+                h.as_ref().map_or(0, |h| self.ptr(h)),
+                self.ptr(&dh),
+                self.ptr(&gate),
+                self.ptr(&up),
+                n as u64,
+                int(width, "width")?,
+                int(dg.ld().max(1), "row stride")?
+            ],
+        )?;
+        Ok((dg, du, h))
+    }
+
     /// An attention output (or input gradient) of the activation type with `tail`
     /// elements of room after each row: zeroed unless `written`, when the kernel writes
     /// every row itself (`AttnLayout::covers_rows`; the room is the LoRA path's).
@@ -1388,28 +1424,21 @@ impl Ops for CudaOps {
         tail: usize,
     ) -> Result<(CudaTensor, CudaTensor)> {
         let _range = crate::profiling::range(c"swiglu_bwd");
-        same_shape(dh, gate, "swiglu_bwd")?;
-        same_shape(up, gate, "swiglu_bwd")?;
-        let (dh, gate, up) = (self.act(dh)?, self.act(gate)?, self.act(up)?);
-        let n = gate.numel();
-        let dg = self.alloc_with_tail(&gate.shape, room(tail), self.dtype)?;
-        let du = self.alloc_with_tail(&up.shape, room(tail), self.dtype)?;
-        let width = dg.rows_cols().1.max(1);
-        self.rt.launch(
-            &self.kernel("swiglu_bwd"),
-            grid_1d(n.div_ceil(8)), // 8 values a thread (kernels/swiglu.cu)
-            args![
-                self.base_ptr(&dg),
-                self.base_ptr(&du),
-                self.ptr(&dh),
-                self.ptr(&gate),
-                self.ptr(&up),
-                n as u64,
-                int(width, "width")?,
-                int(dg.ld().max(1), "row stride")?
-            ],
-        )?;
+        let (dg, du, _) = self.swiglu_backward(dh, gate, up, tail, false)?;
         Ok((dg, du))
+    }
+
+    /// One pass: the kernel writes h beside dgate and dup.
+    fn swiglu_bwd_h(
+        &self,
+        dh: &CudaTensor,
+        gate: &CudaTensor,
+        up: &CudaTensor,
+        tail: usize,
+    ) -> Result<(CudaTensor, CudaTensor, CudaTensor)> {
+        let _range = crate::profiling::range(c"swiglu_bwd_h");
+        let (dg, du, h) = self.swiglu_backward(dh, gate, up, tail, true)?;
+        Ok((dg, du, h.context("the SwiGLU backward wrote no h")?))
     }
 
     fn cross_entropy(

@@ -770,6 +770,94 @@ __device__ void bwd_dq_mma(__nv_bfloat16* dq, const __nv_bfloat16* dout, const _
     }
 }
 
+// The geometry of a block of a key-side kernel (bwd_dkdv_mma, bwd_dkdv_mma8): its span,
+// K/V head and first key, and the (query head of the group, query tile) pairs it streams
+// through shared memory, `n_tiles` of them.
+struct MmaKeyBlock {
+    Span sp;
+    int j0;       // the block's first key, in the span
+    int kvh;      // K/V head
+    int group;    // query heads a K/V head
+    int shift;    // k_len - q_len: query i sees keys 0 ..= i + shift
+    int first_q;  // the first query that sees the block's first key: i + shift >= j0
+    int q_tiles;  // query tiles from first_q on
+    int n_tiles;  // pairs
+    // The first query of pair `it`'s tile.
+    __device__ int row(int it) const { return first_q + it % q_tiles * MMA_TILE; }
+};
+
+__device__ __forceinline__ MmaKeyBlock mma_key_block(const int* spans, const int* tiles, int n_heads,
+                                                     int n_kv_heads) {
+    MmaKeyBlock b;
+    b.sp = load_span(spans, tiles[2 * blockIdx.x]);
+    b.j0 = tiles[2 * blockIdx.x + 1];
+    b.kvh = blockIdx.y;
+    b.group = n_heads / n_kv_heads;
+    b.shift = b.sp.k_len - b.sp.q_len;
+    b.first_q = max(0, b.j0 - b.shift);
+    b.q_tiles = b.sp.q_len > b.first_q ? (b.sp.q_len - b.first_q + MMA_TILE - 1) / MMA_TILE : 0;
+    b.n_tiles = b.group * b.q_tiles;
+    return b;
+}
+
+// A key-side kernel's inputs and the shared memory they stream through: 2 stages of Q
+// and dO tiles (stage s: Q at 2 s TILE, dO after it) and of their lse·log2 e and D
+// (stage s: at 128 s, D after lse).
+struct MmaKeyInputs {
+    const __nv_bfloat16 *q, *dout, *k, *v;
+    const float *lse, *D;
+    int n_heads, n_kv_heads;
+    __nv_bfloat16* qo_s;
+    float* stats_s;
+};
+
+// Starts the copy of pair `it` into stage it % 2 (lse and D with plain loads).
+template <int HD>
+__device__ __forceinline__ void mma_load_pair(const MmaKeyBlock& b, const MmaKeyInputs& in, int it) {
+    constexpr int TILE = MMA_TILE * (HD + 8);
+    const int h = b.kvh * b.group + it / b.q_tiles, i0 = b.row(it), wq = in.n_heads * HD;
+    __nv_bfloat16* q_s = in.qo_s + 2 * (it % 2) * TILE;
+    mma_load_tile<HD>(q_s, in.q, b.sp.q_start + i0, b.sp.q_len - i0, wq, h * HD);
+    mma_load_tile<HD>(q_s + TILE, in.dout, b.sp.q_start + i0, b.sp.q_len - i0, wq, h * HD);
+    float* st = in.stats_s + 2 * MMA_TILE * (it % 2);
+    for (int r = threadIdx.x; r < MMA_TILE; r += blockDim.x) {
+        const bool ok = i0 + r < b.sp.q_len;
+        const size_t at = ((size_t)b.sp.q_start + i0 + r) * in.n_heads + h;
+        st[r] = ok ? in.lse[at] * LOG2E : 0.0f;
+        st[MMA_TILE + r] = ok ? in.D[at] : 0.0f;
+    }
+}
+
+// Starts copying K and V rows of the block's KEYS keys into k_s and v_s, then pair 0,
+// as one cp.async group.
+template <int HD, int KEYS>
+__device__ __forceinline__ void mma_load_keys(__nv_bfloat16* k_s, __nv_bfloat16* v_s, const MmaKeyBlock& b,
+                                              const MmaKeyInputs& in) {
+    constexpr int TILE = MMA_TILE * (HD + 8);
+    static_assert(KEYS % MMA_TILE == 0, "K and V are loaded in tiles");
+    const int wk = in.n_kv_heads * HD;
+#pragma unroll
+    for (int part = 0; part < KEYS / MMA_TILE; ++part) {
+        const int row0 = b.j0 + part * MMA_TILE;
+        mma_load_tile<HD>(k_s + part * TILE, in.k, b.sp.k_start + row0, b.sp.k_len - row0, wk, b.kvh * HD);
+        mma_load_tile<HD>(v_s + part * TILE, in.v, b.sp.k_start + row0, b.sp.k_len - row0, wk, b.kvh * HD);
+    }
+    if (b.n_tiles > 0) mma_load_pair<HD>(b, in, 0);
+    tl::cp_async_commit();
+}
+
+// The top of a key-side kernel's loop over its pairs: starts the copy of pair it + 1,
+// waits for pair `it` and makes it visible; returns its stage.
+template <int HD>
+__device__ __forceinline__ int mma_next_pair(const MmaKeyBlock& b, const MmaKeyInputs& in, int it) {
+    if (it + 1 < b.n_tiles) {
+        mma_load_pair<HD>(b, in, it + 1);
+        tl::cp_async_commit();
+    }
+    mma_wait_tile(it, b.n_tiles);
+    return it % 2;
+}
+
 // dk, dv: per warp MI 16-row m-tiles of key rows (as in bwd_dq_mma; K and V of the
 // block's 64 MI keys stay in shared memory, dK and dV accumulate in registers); for every
 // query head of the group, query tiles stream through shared memory with their lse and
@@ -784,51 +872,21 @@ __device__ void bwd_dkdv_mma(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bf
                              const float* lse, const float* D, const int* spans, const int* tiles, int n_heads,
                              int n_kv_heads, float scale, int ldg) {
     constexpr int LD = HD + 8, TILE = MMA_TILE * LD, KPW = 16 * MI, KEYS = KPW * MMA_WARPS;
-    static_assert(KEYS % MMA_TILE == 0, "K and V are loaded in tiles");
     TL_DYNAMIC_SHARED(float, smem);
     __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(smem);
     __nv_bfloat16* v_s = k_s + KEYS * LD;
-    __nv_bfloat16* qo_s = v_s + KEYS * LD;                       // stage s: Q at 2 s TILE, dO after it
-    float* stats_s = reinterpret_cast<float*>(qo_s + 4 * TILE);  // stage s: lse·log2 e at 128 s, D after it
+    __nv_bfloat16* qo_s = v_s + KEYS * LD;
+    const MmaKeyInputs in{q, dout, k, v, lse, D, n_heads, n_kv_heads, qo_s,
+                          reinterpret_cast<float*>(qo_s + 4 * TILE)};
     const int warp = threadIdx.x / tl::WARP_SIZE, lane = threadIdx.x % tl::WARP_SIZE;
     const int g = lane / 4, t = lane % 4;
-
-    const Span sp = load_span(spans, tiles[2 * blockIdx.x]);
-    const int j0 = tiles[2 * blockIdx.x + 1];  // the block's first key
-    const int kvh = blockIdx.y;
-    const int group = n_heads / n_kv_heads;
-    const int wq = n_heads * HD, wk = n_kv_heads * HD;
-    const int shift = sp.k_len - sp.q_len;
+    const MmaKeyBlock blk = mma_key_block(spans, tiles, n_heads, n_kv_heads);
+    const Span& sp = blk.sp;
+    const int j0 = blk.j0, kvh = blk.kvh, shift = blk.shift;
     const int c0 = KPW * warp;  // the warp's first key, in the block
     const float sl2 = scale * LOG2E;
-    // The first query that sees the block's first key: i + shift >= j0.
-    const int first_q = max(0, j0 - shift);
-    const int q_tiles = sp.q_len > first_q ? (sp.q_len - first_q + MMA_TILE - 1) / MMA_TILE : 0;
-    const int n_tiles = group * q_tiles;  // (query head of the group, query tile) pairs
 
-    // Starts the copy of pair `it` into stage it % 2 (lse and D with plain loads).
-    auto load_pair = [&](int it) {
-        const int h = kvh * group + it / q_tiles, i0 = first_q + it % q_tiles * MMA_TILE;
-        __nv_bfloat16* q_s = qo_s + 2 * (it % 2) * TILE;
-        mma_load_tile<HD>(q_s, q, sp.q_start + i0, sp.q_len - i0, wq, h * HD);
-        mma_load_tile<HD>(q_s + TILE, dout, sp.q_start + i0, sp.q_len - i0, wq, h * HD);
-        float* st = stats_s + 2 * MMA_TILE * (it % 2);
-        for (int r = threadIdx.x; r < MMA_TILE; r += blockDim.x) {
-            const bool ok = i0 + r < sp.q_len;
-            const size_t at = ((size_t)sp.q_start + i0 + r) * n_heads + h;
-            st[r] = ok ? lse[at] * LOG2E : 0.0f;
-            st[MMA_TILE + r] = ok ? D[at] : 0.0f;
-        }
-    };
-
-#pragma unroll
-    for (int part = 0; part < KEYS / MMA_TILE; ++part) {
-        const int row0 = j0 + part * MMA_TILE;
-        mma_load_tile<HD>(k_s + part * TILE, k, sp.k_start + row0, sp.k_len - row0, wk, kvh * HD);
-        mma_load_tile<HD>(v_s + part * TILE, v, sp.k_start + row0, sp.k_len - row0, wk, kvh * HD);
-    }
-    if (n_tiles > 0) load_pair(0);
-    tl::cp_async_commit();
+    mma_load_keys<HD, KEYS>(k_s, v_s, blk, in);
     float dk_acc[MI][HD / 8][4], dv_acc[MI][HD / 8][4];
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi) {
@@ -836,16 +894,11 @@ __device__ void bwd_dkdv_mma(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bf
         zero_acc(dv_acc[mi]);
     }
 
-    for (int it = 0; it < n_tiles; ++it) {
-        const int i0 = first_q + it % q_tiles * MMA_TILE;
-        if (it + 1 < n_tiles) {
-            load_pair(it + 1);
-            tl::cp_async_commit();
-        }
-        mma_wait_tile(it, n_tiles);
-        const __nv_bfloat16* q_s = qo_s + 2 * (it % 2) * TILE;
+    for (int it = 0; it < blk.n_tiles; ++it) {
+        const int i0 = blk.row(it), stage = mma_next_pair<HD>(blk, in, it);
+        const __nv_bfloat16* q_s = qo_s + 2 * stage * TILE;
         const __nv_bfloat16* o_s = q_s + TILE;
-        const float* lse2_s = stats_s + 2 * MMA_TILE * (it % 2);
+        const float* lse2_s = in.stats_s + 2 * MMA_TILE * stage;
         const float* d_s = lse2_s + MMA_TILE;
         // warp-uniform: no query of this tile sees the warp's first key, or no key
         const bool active = j0 + c0 < sp.k_len && i0 + MMA_TILE - 1 + shift >= j0 + c0;
@@ -963,49 +1016,22 @@ __device__ void bwd_dkdv_mma8(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_b
     TL_DYNAMIC_SHARED(float, smem);
     __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(smem);
     __nv_bfloat16* v_s = k_s + KEYS * LD;
-    __nv_bfloat16* qo_s = v_s + KEYS * LD;  // stage s: Q at 2 s TILE, dO after it
-    __nv_bfloat16* p_s = qo_s + 4 * TILE;   // Pᵀ [key][query]
+    __nv_bfloat16* qo_s = v_s + KEYS * LD;
+    __nv_bfloat16* p_s = qo_s + 4 * TILE;    // Pᵀ [key][query]
     __nv_bfloat16* ds_s = p_s + KEYS * PLD;  // dSᵀ [key][query]
-    float* stats_s = reinterpret_cast<float*>(ds_s + KEYS * PLD);  // stage s: lse·log2 e at 128 s, D after it
+    const MmaKeyInputs in{q, dout, k, v, lse, D, n_heads, n_kv_heads, qo_s,
+                          reinterpret_cast<float*>(ds_s + KEYS * PLD)};
     const int warp = threadIdx.x / tl::WARP_SIZE, lane = threadIdx.x % tl::WARP_SIZE;
     const int g = lane / 4, t = lane % 4;
-    const int kw = 32 * (warp % 4);  // the warp's first key, in the block (both phases)
-    const int qw = 32 * (warp / 4);  // phase 1: its first query, in the tile
+    const int kw = 32 * (warp % 4);    // the warp's first key, in the block (both phases)
+    const int qw = 32 * (warp / 4);    // phase 1: its first query, in the tile
     const int cw = HALF * (warp / 4);  // phase 2: its first head column
-
-    const Span sp = load_span(spans, tiles[2 * blockIdx.x]);
-    const int j0 = tiles[2 * blockIdx.x + 1];  // the block's first key
-    const int kvh = blockIdx.y;
-    const int group = n_heads / n_kv_heads;
-    const int wq = n_heads * HD, wk = n_kv_heads * HD;
-    const int shift = sp.k_len - sp.q_len;
+    const MmaKeyBlock blk = mma_key_block(spans, tiles, n_heads, n_kv_heads);
+    const Span& sp = blk.sp;
+    const int j0 = blk.j0, kvh = blk.kvh, shift = blk.shift;
     const float sl2 = scale * LOG2E;
-    const int first_q = max(0, j0 - shift);  // the first query that sees the block's first key
-    const int q_tiles = sp.q_len > first_q ? (sp.q_len - first_q + MMA_TILE - 1) / MMA_TILE : 0;
-    const int n_tiles = group * q_tiles;  // (query head of the group, query tile) pairs
 
-    auto load_pair = [&](int it) {
-        const int h = kvh * group + it / q_tiles, i0 = first_q + it % q_tiles * MMA_TILE;
-        __nv_bfloat16* q_s = qo_s + 2 * (it % 2) * TILE;
-        mma_load_tile<HD>(q_s, q, sp.q_start + i0, sp.q_len - i0, wq, h * HD);
-        mma_load_tile<HD>(q_s + TILE, dout, sp.q_start + i0, sp.q_len - i0, wq, h * HD);
-        float* st = stats_s + 2 * MMA_TILE * (it % 2);
-        for (int r = threadIdx.x; r < MMA_TILE; r += blockDim.x) {
-            const bool ok = i0 + r < sp.q_len;
-            const size_t at = ((size_t)sp.q_start + i0 + r) * n_heads + h;
-            st[r] = ok ? lse[at] * LOG2E : 0.0f;
-            st[MMA_TILE + r] = ok ? D[at] : 0.0f;
-        }
-    };
-
-#pragma unroll
-    for (int part = 0; part < KEYS / MMA_TILE; ++part) {
-        const int row0 = j0 + part * MMA_TILE;
-        mma_load_tile<HD>(k_s + part * TILE, k, sp.k_start + row0, sp.k_len - row0, wk, kvh * HD);
-        mma_load_tile<HD>(v_s + part * TILE, v, sp.k_start + row0, sp.k_len - row0, wk, kvh * HD);
-    }
-    if (n_tiles > 0) load_pair(0);
-    tl::cp_async_commit();
+    mma_load_keys<HD, KEYS>(k_s, v_s, blk, in);
     float dk_acc[2][HALF / 8][4], dv_acc[2][HALF / 8][4];
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi) {
@@ -1015,16 +1041,11 @@ __device__ void bwd_dkdv_mma8(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_b
     // warp-uniform: the warp's keys lie in the span
     const bool keys_in = j0 + kw < sp.k_len;
 
-    for (int it = 0; it < n_tiles; ++it) {
-        const int i0 = first_q + it % q_tiles * MMA_TILE;
-        if (it + 1 < n_tiles) {
-            load_pair(it + 1);
-            tl::cp_async_commit();
-        }
-        mma_wait_tile(it, n_tiles);
-        const __nv_bfloat16* q_s = qo_s + 2 * (it % 2) * TILE;
+    for (int it = 0; it < blk.n_tiles; ++it) {
+        const int i0 = blk.row(it), stage = mma_next_pair<HD>(blk, in, it);
+        const __nv_bfloat16* q_s = qo_s + 2 * stage * TILE;
         const __nv_bfloat16* o_s = q_s + TILE;
-        const float* lse2_s = stats_s + 2 * MMA_TILE * (it % 2);
+        const float* lse2_s = in.stats_s + 2 * MMA_TILE * stage;
         const float* d_s = lse2_s + MMA_TILE;
 
         // Phase 1: Sᵀ and dPᵀ of the warp's 32 keys x 32 queries; Pᵀ and dSᵀ to shared memory.

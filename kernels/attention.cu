@@ -408,6 +408,29 @@ __device__ __forceinline__ void mma_2n(float (&d0)[4], float (&d1)[4], const uin
     tl::mma_bf16_16816(d1, a, b1);
 }
 
+// acc[mi][nt] += Ma[ra + 16 mi + .., :] · Mb[rb + 8 nt + .., :]ᵀ over the HD columns of two
+// row-major bf16 matrices in shared memory (row stride HD + 8): MI m-tiles of Ma's rows
+// against N / 8 column tiles of Mb's rows, the scores of a warp (S = Q·Kᵀ, Sᵀ = K·Qᵀ,
+// dPᵀ = V·dOᵀ). Each B fragment read feeds MI products, each A fragment N / 8.
+template <int HD, int MI, int N>
+__device__ __forceinline__ void mma_rows_by_rows(float (&acc)[MI][N / 8][4], const __nv_bfloat16* ma, int ra,
+                                                 const __nv_bfloat16* mb, int rb) {
+    constexpr int LD = HD + 8;
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) {
+        uint32_t a[MI][4];
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi) mma_a_rows(a[mi], ma, LD, ra + 16 * mi, 16 * kk);
+#pragma unroll
+        for (int np = 0; np < N / 16; ++np) {
+            uint32_t b0[2], b1[2];
+            mma_b_transposed(b0, b1, mb, LD, rb + 16 * np, 16 * kk);
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi) mma_2n(acc[mi][2 * np], acc[mi][2 * np + 1], a[mi], b0, b1);
+        }
+    }
+}
+
 // The A fragments of 16 rows (rows past `valid` zero) of one head of a [*, width] matrix
 // in global memory, straight into registers.
 template <int HD>
@@ -612,19 +635,7 @@ __device__ void fwd_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, 
             float s[MI][SUB / 8][4];
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi) zero_acc(s[mi]);
-#pragma unroll
-            for (int kk = 0; kk < HD / 16; ++kk) {
-                uint32_t a[MI][4];
-#pragma unroll
-                for (int mi = 0; mi < MI; ++mi) mma_a_rows(a[mi], q_s, LD, FWD_RPW * warp + 16 * mi, 16 * kk);
-#pragma unroll
-                for (int np = 0; np < SUB / 16; ++np) {
-                    uint32_t b0[2], b1[2];
-                    mma_b_transposed(b0, b1, k_s, LD, c0 + 16 * np, 16 * kk);
-#pragma unroll
-                    for (int mi = 0; mi < MI; ++mi) mma_2n(s[mi][2 * np], s[mi][2 * np + 1], a[mi], b0, b1);
-                }
-            }
+            mma_rows_by_rows<HD, MI, SUB>(s, q_s, FWD_RPW * warp, k_s, c0);
             // Scale and mask (causal, bottom-right aligned; rows past the span see
             // nothing), then the online softmax of each m-tile.
             const bool full = rows_full && j0 + SUB - 1 <= r0 + shift;
@@ -909,26 +920,8 @@ __device__ void bwd_dkdv_mma(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bf
                 zero_acc(s[mi]);
                 zero_acc(dp[mi]);
             }
-#pragma unroll
-            for (int kk = 0; kk < HD / 16; ++kk) {
-                uint32_t a[MI][4], b0[2], b1[2];
-#pragma unroll
-                for (int mi = 0; mi < MI; ++mi) mma_a_rows(a[mi], k_s, LD, c0 + 16 * mi, 16 * kk);
-#pragma unroll
-                for (int np = 0; np < QS / 16; ++np) {
-                    mma_b_transposed(b0, b1, q_s, LD, q0 + 16 * np, 16 * kk);
-#pragma unroll
-                    for (int mi = 0; mi < MI; ++mi) mma_2n(s[mi][2 * np], s[mi][2 * np + 1], a[mi], b0, b1);
-                }
-#pragma unroll
-                for (int mi = 0; mi < MI; ++mi) mma_a_rows(a[mi], v_s, LD, c0 + 16 * mi, 16 * kk);
-#pragma unroll
-                for (int np = 0; np < QS / 16; ++np) {
-                    mma_b_transposed(b0, b1, o_s, LD, q0 + 16 * np, 16 * kk);
-#pragma unroll
-                    for (int mi = 0; mi < MI; ++mi) mma_2n(dp[mi][2 * np], dp[mi][2 * np + 1], a[mi], b0, b1);
-                }
-            }
+            mma_rows_by_rows<HD, MI, QS>(s, k_s, c0, q_s, q0);
+            mma_rows_by_rows<HD, MI, QS>(dp, v_s, c0, o_s, q0);
             // Pᵀ into s, dSᵀ into dp
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi) {
@@ -1059,26 +1052,8 @@ __device__ void bwd_dkdv_mma8(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_b
             // warp-uniform: some query of the warp's 32 is in the span and sees its first key
             const bool active = keys_in && i0 + qw < sp.q_len && i0 + qw + 31 + shift >= j0 + kw;
             if (active) {
-#pragma unroll
-                for (int kk = 0; kk < HD / 16; ++kk) {
-                    uint32_t a[2][4], b0[2], b1[2];
-#pragma unroll
-                    for (int mi = 0; mi < 2; ++mi) mma_a_rows(a[mi], k_s, LD, kw + 16 * mi, 16 * kk);
-#pragma unroll
-                    for (int np = 0; np < 2; ++np) {
-                        mma_b_transposed(b0, b1, q_s, LD, qw + 16 * np, 16 * kk);
-#pragma unroll
-                        for (int mi = 0; mi < 2; ++mi) mma_2n(s[mi][2 * np], s[mi][2 * np + 1], a[mi], b0, b1);
-                    }
-#pragma unroll
-                    for (int mi = 0; mi < 2; ++mi) mma_a_rows(a[mi], v_s, LD, kw + 16 * mi, 16 * kk);
-#pragma unroll
-                    for (int np = 0; np < 2; ++np) {
-                        mma_b_transposed(b0, b1, o_s, LD, qw + 16 * np, 16 * kk);
-#pragma unroll
-                        for (int mi = 0; mi < 2; ++mi) mma_2n(dp[mi][2 * np], dp[mi][2 * np + 1], a[mi], b0, b1);
-                    }
-                }
+                mma_rows_by_rows<HD, 2, 32>(s, k_s, kw, q_s, qw);
+                mma_rows_by_rows<HD, 2, 32>(dp, v_s, kw, o_s, qw);
             }
 #pragma unroll
             for (int mi = 0; mi < 2; ++mi) {

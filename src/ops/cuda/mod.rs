@@ -64,13 +64,9 @@ pub struct CudaOps {
 /// Rows of a tile of the attention kernels: warps per block (kernels/attention.cu).
 const ATTN_ROWS: usize = 4;
 
-/// Rows of a block of the tensor-core attention kernels at one m-tile a warp (16 per warp
-/// of 4); they take one or two (`attn_mma_rows`).
-const ATTN_MMA_ROWS: usize = 64;
-/// Rows of the tiles they stream through shared memory (`MMA_TILE`).
+/// Rows of the tiles the tensor-core attention kernels stream through shared memory
+/// (`MMA_TILE`).
 const ATTN_MMA_KEYS: usize = 64;
-/// Keys of a block of dkdv's 8-warp kernel at head_dim 128 (`DKDV8_KEYS`).
-const DKDV8_KEYS: usize = 128;
 
 /// PyTorch's `ignore_index`.
 const IGNORE_INDEX: i64 = -100;
@@ -563,15 +559,32 @@ impl CudaOps {
     }
 }
 
-/// Rows of a block of the tensor-core attention kernels (query rows in the forward and
-/// dq, key rows in dkdv): 16 a warp times their `MI` m-tiles (kernels/attention.cu). The
-/// forward takes two at both widths; the backward's kernels two at head_dim 64 and one at
-/// 128, where two would need more than 255 registers.
-fn attn_mma_rows(hd: usize, forward: bool) -> usize {
-    if forward || hd == 64 {
-        2 * ATTN_MMA_ROWS
-    } else {
-        ATTN_MMA_ROWS
+/// A tensor-core attention kernel (kernels/attention.cu).
+#[derive(Clone, Copy)]
+enum MmaKernel {
+    Fwd,
+    Dq,
+    Dkdv,
+}
+
+/// A block of a tensor-core attention kernel at head width `hd`, as kernels/attention.cu
+/// lays it out: (rows of its own side: query rows in the forward and dq, keys in dkdv;
+/// warps; bytes of dynamic shared memory). A warp takes 16 rows times its m-tiles: two,
+/// but one in dq at head_dim 128, where two would need more than 255 registers; dkdv at
+/// 128 has 8 warps, 32 keys each, with Pᵀ and dSᵀ in shared memory (bwd_dkdv_mma8).
+fn attn_mma_block(kernel: MmaKernel, hd: usize) -> (usize, usize, usize) {
+    let tile = ATTN_MMA_KEYS * (hd + 8) * 2; // 64 rows of bf16, hd + 8 apart
+    let stats = 4 * ATTN_MMA_KEYS * 4; // two stages of lse and D
+    match (kernel, hd) {
+        // Q of the block's rows, two stages of K and V tiles
+        (MmaKernel::Fwd, _) => (128, 4, 2 * tile + 4 * tile),
+        // two stages of K and V tiles
+        (MmaKernel::Dq, 64) => (128, 4, 4 * tile),
+        (MmaKernel::Dq, _) => (64, 4, 4 * tile),
+        // K and V of the block's keys, two stages of Q and dO tiles with their lse and D
+        (MmaKernel::Dkdv, 64) => (128, 4, 4 * tile + 4 * tile + stats),
+        // and Pᵀ, dSᵀ of a tile: 128 keys × 72 bf16 each
+        (MmaKernel::Dkdv, _) => (128, 8, 4 * tile + 4 * tile + 2 * 128 * (ATTN_MMA_KEYS + 8) * 2 + stats),
     }
 }
 
@@ -586,12 +599,12 @@ fn same_shape(a: &CudaTensor, b: &CudaTensor, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// An attention launch: `tiles` × `heads` blocks of 4 warps (one a row in the CUDA-core
-/// kernels, 16 rows each in the tensor-core ones).
-fn attn_cfg(tiles: u32, heads: usize, smem_bytes: usize) -> LaunchConfig {
+/// An attention launch: `tiles` × `heads` blocks of `warps` warps (4 in the CUDA-core
+/// kernels, one a row; `attn_mma_block` in the tensor-core ones).
+fn attn_cfg(tiles: u32, heads: usize, (warps, smem_bytes): (usize, usize)) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (tiles, heads as u32, 1),
-        block_dim: ((ATTN_ROWS * 32) as u32, 1, 1),
+        block_dim: ((warps * 32) as u32, 1, 1),
         shared_mem_bytes: smem_bytes as u32,
     }
 }
@@ -1235,17 +1248,15 @@ impl Ops for CudaOps {
         let mut lse = self.alloc_as(&[nq, shape.n_heads], DType::F32)?;
         self.fill(&mut lse, f32::NEG_INFINITY)?;
         let mma = self.attn_on_tensor_cores(hd);
-        let rows = if mma { attn_mma_rows(hd, true) } else { ATTN_ROWS };
-        let (spans, tiles, n_tiles) = self.attn_tiles(layout, false, rows)?;
-        let (name, cfg) = if mma {
-            // Q of the block's rows, then two stages of K and V tiles
-            let smem = (rows + 4 * ATTN_MMA_KEYS) * (hd + 8) * 2;
-            (format!("attn_fwd_mma_bf16_hd{hd}"), attn_cfg(n_tiles, shape.n_heads, smem))
+        let (name, (rows, warps, smem)) = if mma {
+            (format!("attn_fwd_mma_bf16_hd{hd}"), attn_mma_block(MmaKernel::Fwd, hd))
         } else {
             let (suffix, bc) = Self::attn_variant(hd);
             let smem = 4 * (ATTN_ROWS * hd + bc * (hd + 1) + bc * hd);
-            (format!("{}_{suffix}", self.kernel("attn_fwd")), attn_cfg(n_tiles, shape.n_heads, smem))
+            (format!("{}_{suffix}", self.kernel("attn_fwd")), (ATTN_ROWS, ATTN_ROWS, smem))
         };
+        let (spans, tiles, n_tiles) = self.attn_tiles(layout, false, rows)?;
+        let cfg = attn_cfg(n_tiles, shape.n_heads, (warps, smem));
         self.rt.launch(
             &name,
             cfg,
@@ -1316,38 +1327,27 @@ impl Ops for CudaOps {
         let dk = self.alloc_attn_out(&k.shape, room(tail), k_written)?;
         let dv = self.alloc_attn_out(&v.shape, room(tail), k_written)?;
         let mma = self.attn_on_tensor_cores(hd);
-        let rows = if mma { attn_mma_rows(hd, false) } else { ATTN_ROWS };
-        // dkdv at head_dim 128: 8 warps and 128 keys a block (bwd_dkdv_mma8)
-        let dkdv8 = mma && hd == 128;
-        let key_rows = if dkdv8 { DKDV8_KEYS } else { rows };
-        let (spans, q_tiles, n_q_tiles) = self.attn_tiles(layout, false, rows)?;
-        let (_, k_tiles, n_k_tiles) = self.attn_tiles(layout, true, key_rows)?;
-        let (dq_name, dq_cfg, dkdv_name, dkdv_cfg) = if mma {
-            // dq streams two stages of K and V tiles; dkdv keeps K and V of its keys
-            // beside two stages of Q and dO tiles with their lse and D (and, with 8
-            // warps, Pᵀ and dSᵀ of a tile: 128 keys × 72 bf16 each)
-            let row = (hd + 8) * 2;
-            let ps = if dkdv8 { 2 * DKDV8_KEYS * (ATTN_MMA_KEYS + 8) * 2 } else { 0 };
-            let dkdv_smem = (2 * key_rows + 4 * ATTN_MMA_KEYS) * row + ps + 4 * ATTN_MMA_KEYS * 4;
-            let mut dkdv_cfg = attn_cfg(n_k_tiles, shape.n_kv_heads, dkdv_smem);
-            if dkdv8 {
-                dkdv_cfg.block_dim.0 = 8 * 32;
-            }
+        let (dq_name, (q_rows, dq_warps, dq_smem), dkdv_name, (k_rows, dkdv_warps, dkdv_smem)) = if mma {
             (
                 format!("attn_bwd_dq_mma_bf16_hd{hd}"),
-                attn_cfg(n_q_tiles, shape.n_heads, 4 * ATTN_MMA_KEYS * row),
+                attn_mma_block(MmaKernel::Dq, hd),
                 format!("attn_bwd_dkdv_mma_bf16_hd{hd}"),
-                dkdv_cfg,
+                attn_mma_block(MmaKernel::Dkdv, hd),
             )
         } else {
             let (suffix, bc) = Self::attn_variant(hd);
+            let dq_smem = 4 * (2 * ATTN_ROWS * hd + 2 * bc * (hd + 1));
             (
                 format!("{}_{suffix}", self.kernel("attn_bwd_dq")),
-                attn_cfg(n_q_tiles, shape.n_heads, 4 * (2 * ATTN_ROWS * hd + 2 * bc * (hd + 1))),
+                (ATTN_ROWS, ATTN_ROWS, dq_smem),
                 format!("{}_{suffix}", self.kernel("attn_bwd_dkdv")),
-                attn_cfg(n_k_tiles, shape.n_kv_heads, 4 * (2 * ATTN_ROWS * hd + 2 * bc * (hd + 1) + 2 * bc)),
+                (ATTN_ROWS, ATTN_ROWS, dq_smem + 4 * 2 * bc),
             )
         };
+        let (spans, q_tiles, n_q_tiles) = self.attn_tiles(layout, false, q_rows)?;
+        let (_, k_tiles, n_k_tiles) = self.attn_tiles(layout, true, k_rows)?;
+        let dq_cfg = attn_cfg(n_q_tiles, shape.n_heads, (dq_warps, dq_smem));
+        let dkdv_cfg = attn_cfg(n_k_tiles, shape.n_kv_heads, (dkdv_warps, dkdv_smem));
         self.rt.launch(
             &dq_name,
             dq_cfg,

@@ -12,7 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use super::profile::{attention_fwd_flops, linear_fwd_flops};
-use super::{gemm_rate, BenchOptions, GemmRate};
+use super::{gemm_rate, with_kernel_clock, BenchOptions, GemmRate};
 use crate::model::{Adapter, LoraConfig, Proj};
 use crate::ops::{AdamWParams, AttnLayout, AttnShape, HostWeight, KernelClock, LoraRef, Ops};
 use crate::train::AdamW;
@@ -56,20 +56,13 @@ fn mean_time<O: Ops>(
 ) -> Result<(f64, Vec<KernelClock>)> {
     f()?;
     let ((), s) = ops.timed(|| (0..reps).try_for_each(|_| f()))?;
-    if !ops.kernel_clock(true)? {
-        return Ok((s / reps as f64, vec![]));
+    let clocked = with_kernel_clock(ops, || (0..reps).try_for_each(|_| f()))?;
+    let mut split = clocked.map(|((), split)| split).unwrap_or_default();
+    for k in &mut split {
+        k.calls /= reps as u64;
+        k.seconds /= reps as f64;
     }
-    let split = (|| -> Result<Vec<KernelClock>> {
-        (0..reps).try_for_each(|_| f())?;
-        let mut split = ops.kernel_times()?;
-        for k in &mut split {
-            k.calls /= reps as u64;
-            k.seconds /= reps as f64;
-        }
-        Ok(split)
-    })();
-    ops.kernel_clock(false)?;
-    Ok((s / reps as f64, split?))
+    Ok((s / reps as f64, split))
 }
 
 /// Runs the micro-benchmarks of `opts.model`'s shapes at `seq × batch` tokens, `steps`

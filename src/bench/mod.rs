@@ -344,6 +344,20 @@ pub fn peak_rss_bytes() -> Option<u64> {
 
 /// Runs the benchmark on `ops`: `warmup` steps, `steps` timed steps, one profiled step
 /// (unless turned off), then the GEMM rate. Progress goes to stderr.
+/// Runs `f` with [`Ops::kernel_clock`] on and returns its result with the kernels it
+/// queued; `None`, without running `f`, where ops are not kernels (the CPU).
+fn with_kernel_clock<O: Ops, R>(
+    ops: &O,
+    f: impl FnOnce() -> Result<R>,
+) -> Result<Option<(R, Vec<KernelClock>)>> {
+    if !ops.kernel_clock(true)? {
+        return Ok(None);
+    }
+    let r = f().and_then(|r| Ok((r, ops.kernel_times()?)));
+    ops.kernel_clock(false)?;
+    r.map(Some)
+}
+
 pub fn run<O: Ops>(ops: &O, opts: &BenchOptions) -> Result<BenchReport> {
     opts.check()?;
     let (name, cfg) = opts.model.load()?;
@@ -392,12 +406,8 @@ pub fn run<O: Ops>(ops: &O, opts: &BenchOptions) -> Result<BenchReport> {
     } else {
         None
     };
-    let kernels = if opts.profile && ops.kernel_clock(true)? {
-        let step = ops.timed(|| st.step(ops));
-        let kernels = ops.kernel_times();
-        ops.kernel_clock(false)?;
-        let ((_, step_s), kernels) = (step?, kernels?);
-        (!kernels.is_empty()).then(|| {
+    let kernels = if opts.profile {
+        with_kernel_clock(ops, || ops.timed(|| st.step(ops)))?.map(|((_, step_s), kernels)| {
             eprintln!("step with every kernel between events: {step_s:.3} s");
             KernelSplit { step_s, kernels }
         })

@@ -193,15 +193,11 @@ impl CudaOps {
         }
     }
 
-    /// A zeroed tensor of type `dtype`.
+    /// A zeroed tensor of type `dtype` (zeroed by `fill_zero`, as every activation is).
     fn alloc_zeros_as(&self, shape: &[usize], dtype: DType) -> Result<CudaTensor> {
-        let n = shape.iter().product::<usize>().max(1);
-        let s = &self.rt.stream;
-        let buf = match dtype {
-            DType::F32 => CudaBuf::F32(s.alloc_zeros::<f32>(n).context("CUDA allocation")?),
-            DType::Bf16 => CudaBuf::Bf16(s.alloc_zeros::<half::bf16>(n).context("CUDA allocation")?),
-        };
-        Ok(CudaTensor::new(buf, shape.to_vec()))
+        let mut t = self.alloc_as(shape, dtype)?;
+        self.fill_zero(&mut t)?;
+        Ok(t)
     }
 
     fn upload_i32(&self, v: &[i32]) -> Result<CudaSlice<i32>> {
@@ -1304,7 +1300,8 @@ impl Ops for CudaOps {
         let (h, hkv) = (int(shape.n_heads, "heads")?, int(shape.n_kv_heads, "kv heads")?);
         let scale = 1.0 / (hd as f32).sqrt();
 
-        let d = self.alloc_zeros_as(&[nq, shape.n_heads], DType::F32)?;
+        // attn_bwd_dot writes D of every (row, head)
+        let d = self.alloc_as(&[nq, shape.n_heads], DType::F32)?;
         let warps = nq * shape.n_heads;
         self.rt.launch(
             &self.kernel("attn_bwd_dot"),
@@ -1614,10 +1611,7 @@ impl Ops for CudaOps {
     }
 
     fn activation_bytes(&self) -> usize {
-        match self.dtype {
-            DType::F32 => 4,
-            DType::Bf16 => 2,
-        }
+        self.dtype.size()
     }
 
     fn kernel_clock(&self, on: bool) -> Result<bool> {

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
@@ -59,8 +59,11 @@ pub struct Runtime {
     functions: HashMap<&'static str, Kernel>,
     /// While on (`Some`): every launch, GEMM and memset with the events on the stream
     /// before and after it ([`Runtime::clocked`]).
-    clock: Mutex<Option<Vec<(String, CudaEvent, CudaEvent)>>>,
+    clock: Mutex<Option<Vec<ClockedLaunch>>>,
 }
+
+/// A launch's name and the events before and after it.
+type ClockedLaunch = (String, CudaEvent, CudaEvent);
 
 impl Runtime {
     pub fn new(ordinal: usize) -> Result<Self> {
@@ -106,10 +109,13 @@ impl Runtime {
         self.stream.synchronize().context("CUDA stream synchronisation failed (a kernel faulted?)")
     }
 
+    fn clock_events(&self) -> Result<MutexGuard<'_, Option<Vec<ClockedLaunch>>>> {
+        self.clock.lock().map_err(|_| anyhow::anyhow!("the kernel clock's lock is poisoned"))
+    }
+
     /// Starts timing every launch, GEMM and memset (`on`), or stops and forgets.
     pub fn kernel_clock(&self, on: bool) -> Result<()> {
-        *self.clock.lock().map_err(|_| anyhow::anyhow!("the kernel clock's lock is poisoned"))? =
-            on.then(Vec::new);
+        *self.clock_events()? = on.then(Vec::new);
         Ok(())
     }
 
@@ -118,8 +124,7 @@ impl Runtime {
     /// the GPU reaches before the host has queued it also counts the host's latency, so
     /// the figures hold for kernels longer than a launch (microseconds).
     pub fn kernel_times(&self) -> Result<Vec<KernelClock>> {
-        let mut clock =
-            self.clock.lock().map_err(|_| anyhow::anyhow!("the kernel clock's lock is poisoned"))?;
+        let mut clock = self.clock_events()?;
         let Some(events) = clock.as_mut() else { return Ok(vec![]) };
         let mut by_name: BTreeMap<String, (u64, f64)> = BTreeMap::new();
         for (name, start, end) in events.drain(..) {
@@ -140,15 +145,14 @@ impl Runtime {
     /// Runs `f`, which queues one piece of work on the stream, between two events when
     /// the kernel clock is on (`name` is only built then).
     pub fn clocked<R>(&self, name: impl FnOnce() -> String, f: impl FnOnce() -> Result<R>) -> Result<R> {
-        let lock = || self.clock.lock().map_err(|_| anyhow::anyhow!("the kernel clock's lock is poisoned"));
-        if lock()?.is_none() {
+        if self.clock_events()?.is_none() {
             return f();
         }
         let event = || self.stream.record_event(Some(CU_EVENT_DEFAULT)).context("recording a CUDA event");
         let start = event()?;
         let r = f()?;
         let end = event()?;
-        if let Some(events) = lock()?.as_mut() {
+        if let Some(events) = self.clock_events()?.as_mut() {
             events.push((name(), start, end));
         }
         Ok(r)

@@ -112,12 +112,22 @@ extern "C" __global__ void add_bias_rows_bf16(__nv_bfloat16* y, const __nv_bfloa
 // db[c] += sum over rows of dy[r, c], rows in order (the CPU backend's order, so a bias
 // gradient has the same rounding on both). One thread per column: simple and
 // deterministic; bias gradients exist only in full fine-tuning of Qwen2's q/k/v.
-extern "C" __global__ void col_sum_acc_f32(float* db, const float* dy, int rows, int cols) {
+namespace tl_util {
+template <typename T>
+__device__ void col_sum_acc(float* db, const T* dy, int rows, int cols) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= cols) return;
     float s = db[c];
-    for (int r = 0; r < rows; ++r) s += dy[(size_t)r * cols + c];
+    for (int r = 0; r < rows; ++r) s += tl::load_f32(dy + (size_t)r * cols + c);
     db[c] = s;
+}
+}  // namespace tl_util
+
+extern "C" __global__ void col_sum_acc_f32(float* db, const float* dy, int rows, int cols) {
+    tl_util::col_sum_acc(db, dy, rows, cols);
+}
+extern "C" __global__ void col_sum_acc_bf16(float* db, const __nv_bfloat16* dy, int rows, int cols) {
+    tl_util::col_sum_acc(db, dy, rows, cols);
 }
 
 // Many tensors in one launch (a training step's LoRA tensors are a few hundred small

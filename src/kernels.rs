@@ -113,6 +113,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "add_bias_rows_f32",
     "add_bias_rows_bf16",
     "col_sum_acc_f32",
+    "col_sum_acc_bf16",
     "cast_f32_to_bf16_multi",
     "zero_multi",
 ];

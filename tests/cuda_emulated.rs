@@ -2,8 +2,10 @@
 //! emulator (tests/emu: stand-ins for libcuda, libcublasLt and libnccl that run
 //! kernels/*.cu on the CPU): `finetune --backend cuda` follows the CPU backend and resumes
 //! bit for bit (and in the bf16 mode at head_dim 64, the tensor-core attention kernels and
-//! the folded LoRA paths, trains the CPU's adapter to bf16's precision), NCCL data parallelism (by hand with world size 1, and two workers on two
-//! emulated GPUs) follows one process, and `eval`, `bench` and `parity` run on it.
+//! the folded LoRA paths, trains the CPU's adapter to bf16's precision), full fine-tuning
+//! does too in both modes (in bf16 on f32 master weights), NCCL data parallelism (by hand
+//! with world size 1, and two workers on two emulated GPUs) follows one process, and
+//! `eval`, `bench` and `parity` run on it.
 //!
 //! These check the CUDA backend's host code, kernels and library calls for correctness,
 //! nothing about speed. Each test is skipped (and says so) in a build without kernels,
@@ -140,6 +142,67 @@ fn finetune_bf16_on_tensor_core_attention_follows_the_cpu() {
         eprintln!("{what}: adapters {e:.2e} apart (relative L2)");
         assert!(e < 1.2e-2, "{what}: adapters differ by {e:.2e}");
     }
+}
+
+/// What a full fine-tuning run in `run` changed: each weight of `run/model` minus the
+/// base's, by tensor name in the model's order.
+fn model_updates(run: &Path, base: &Path) -> Vec<(String, Vec<f32>)> {
+    use tuneloop::model::Model;
+    let cpu = tuneloop::ops::cpu::CpuOps;
+    let (trained, base) = (Model::load(&cpu, &run.join("model")).unwrap(), Model::load(&cpu, base).unwrap());
+    let (t, b) = (trained.named(), base.named());
+    assert_eq!(t.len(), b.len());
+    t.iter()
+        .zip(&b)
+        .map(|((name, t), (base_name, b))| {
+            assert_eq!(name, base_name);
+            (name.clone(), t.data.iter().zip(&b.data).map(|(t, b)| t - b).collect())
+        })
+        .collect()
+}
+
+#[test]
+fn full_finetune_on_cuda_follows_the_cpu_and_resumes_bit_for_bit() {
+    let Some(_) = emulated() else { return common::skipped_without_emulator() };
+    let tmp = tempfile::tempdir().unwrap();
+    let base = base_model(tmp.path());
+    let run = |name: &str, backend: &str, extra: &[&str]| {
+        let dir = tmp.path().join(name);
+        let flags: Vec<&str> = ["--peft.full=true"].iter().chain(extra).copied().collect();
+        let cmd = if backend == "cpu" { &mut tuneloop_cmd() } else { &mut emulated().unwrap() };
+        run_ok(cmd.args(finetune_args(&base, &dir, backend, &flags)), &format!("full finetune {name}"));
+        dir
+    };
+    let cpu = run("cpu", "cpu", &[]);
+    let cpu_updates = model_updates(&cpu, &base);
+    // f32 mode: the same training up to the order of additions. bf16 mode: f32 master
+    // weights, AdamW on them, and the forward and backward on their bf16 copies.
+    for (dtype, loss_rel, update_rel) in [("f32", 1e-5, 1e-4), ("bf16", 2e-2, 0.2)] {
+        let what = format!("full fine-tuning, CUDA {dtype} vs CPU");
+        let dir = run(dtype, "cuda", &[&format!("--model.dtype={dtype}")]);
+        close_losses(&train_losses(&dir), &train_losses(&cpu), loss_rel, &what);
+        // tensor by tensor: one weight's wrong gradient shows however small it is
+        let mut apart: Vec<(f64, &str)> = model_updates(&dir, &base)
+            .iter()
+            .zip(&cpu_updates)
+            .map(|((_, got), (name, want))| (rel_l2(got, want), name.as_str()))
+            .collect();
+        apart.sort_by(|a, b| b.0.total_cmp(&a.0));
+        eprintln!("{what}: weight updates apart (relative L2), the largest: {:?}", &apart[..4]);
+        let (e, name) = apart[0];
+        assert!(e < update_rel, "{what}: the updates of {name} differ by {e:.2e}");
+    }
+    // bf16, stopped after step 1 and resumed: the masters and moments come back in f32,
+    // so the run ends with the uninterrupted run's bytes
+    let resumed = tmp.path().join("resumed");
+    let bf16 = ["--peft.full=true", "--model.dtype=bf16"];
+    // (flags first: the recipe's overrides take the rest of the line)
+    let stop: Vec<&str> = ["--stop-after-steps", "1"].iter().chain(&bf16).copied().collect();
+    run_ok(emulated().unwrap().args(finetune_args(&base, &resumed, "cuda", &stop)), "the first step");
+    let resume: Vec<&str> = ["--resume"].iter().chain(&bf16).copied().collect();
+    run_ok(emulated().unwrap().args(finetune_args(&base, &resumed, "cuda", &resume)), "resuming");
+    let weights = |run: &Path| std::fs::read(run.join("model/model.safetensors")).expect("model file");
+    assert!(weights(&resumed) == weights(&tmp.path().join("bf16")), "resumed full bf16 run vs uninterrupted");
 }
 
 #[test]

@@ -135,12 +135,6 @@ fn poison_pool(p: &Pair) {
     drop(t);
 }
 
-/// Asserts that a weight-gradient op was refused as full fine-tuning in the bf16 mode.
-fn refused_in_bf16<T>(what: &str, r: anyhow::Result<T>) {
-    let e = r.err().unwrap_or_else(|| panic!("{what}: the bf16 mode should refuse it"));
-    assert!(format!("{e:#}").contains("full fine-tuning"), "{what}: {e:#}");
-}
-
 /// Defines the f32 and the bf16 test of one op test body `fn(DType)`.
 macro_rules! both_modes {
     ($body:ident: $f32_test:ident, $bf16_test:ident) => {
@@ -306,20 +300,11 @@ fn pointwise_ops(dtype: DType) {
             }
         };
         poison_pool(&p);
-        if p.bf16() {
-            refused_in_bf16(
-                "rmsnorm_bwd dw",
-                p.gpu.rmsnorm_bwd(&dyg, &xg, &wg, &rg, Some(&mut dwg), None, 0),
-            );
-            let dxc = p.cpu.rmsnorm_bwd(&dyc, &xc, &wc, &rc, None, None, 0).unwrap();
-            let dxg = p.gpu.rmsnorm_bwd(&dyg, &xg, &wg, &rg, None, None, 0).unwrap();
-            close_dx(&p.down(&dxg), &dxc.data, tol);
-        } else {
-            let dxc = p.cpu.rmsnorm_bwd(&dyc, &xc, &wc, &rc, Some(&mut dwc), None, 0).unwrap();
-            let dxg = p.gpu.rmsnorm_bwd(&dyg, &xg, &wg, &rg, Some(&mut dwg), None, 0).unwrap();
-            close_dx(&p.down(&dxg), &dxc.data, TOL);
-            close("rmsnorm_bwd dw", &p.down(&dwg), &dwc.data, TOL);
-        }
+        // dw (full fine-tuning): f32 in both modes, from the activation-type dy and x
+        let dxc = p.cpu.rmsnorm_bwd(&dyc, &xc, &wc, &rc, Some(&mut dwc), None, 0).unwrap();
+        let dxg = p.gpu.rmsnorm_bwd(&dyg, &xg, &wg, &rg, Some(&mut dwg), None, 0).unwrap();
+        close_dx(&p.down(&dxg), &dxc.data, tol);
+        close("rmsnorm_bwd dw", &p.down(&dwg), &dwc.data, tol);
         // with the residual stream's gradient added in the same pass
         let (resc, resg) = p.both(&[n, d], 1.0);
         poison_pool(&p);
@@ -364,13 +349,10 @@ fn embedding_and_rope(dtype: DType) {
         close("embedding_fwd", &p.down(&p.gpu.embedding_fwd(&tg, &idg).unwrap()), &yc.data, 0.0);
         let (dyc, dyg) = p.both(&[n, d], 1.0);
         let (mut dtc, mut dtg) = p.both_f32(&[v, d], 1.0);
-        if p.bf16() {
-            refused_in_bf16("embedding_bwd", p.gpu.embedding_bwd(&dyg, &idg, &mut dtg));
-        } else {
-            p.cpu.embedding_bwd(&dyc, &idc, &mut dtc).unwrap();
-            p.gpu.embedding_bwd(&dyg, &idg, &mut dtg).unwrap();
-            close("embedding_bwd", &p.down(&dtg), &dtc.data, TOL);
-        }
+        // dy in the activation type (its values the same on both), the table gradient f32
+        p.cpu.embedding_bwd(&dyc, &idc, &mut dtc).unwrap();
+        p.gpu.embedding_bwd(&dyg, &idg, &mut dtg).unwrap();
+        close("embedding_bwd", &p.down(&dtg), &dtc.data, TOL);
         // an id outside the table is an error, not a fault
         let bad = p.gpu.upload_ids(&[0, v as u32]).unwrap();
         assert!(p.gpu.embedding_fwd(&tg, &bad).is_err());
@@ -448,25 +430,6 @@ fn linear_with_lora(dtype: DType) {
         let (mut dbc, mut dbg) = p.both_f32(&[out, r], 1.0);
         let (mut dwc, mut dwg) = p.both_f32(&[out, inp], 1.0);
         let (mut dbiasc, mut dbiasg) = p.both_f32(&[out], 1.0);
-        // full fine-tuning's weight gradients: f32 mode only
-        let full = !p.bf16();
-        if p.bf16() {
-            refused_in_bf16(
-                "linear_bwd weight gradient",
-                p.gpu.linear_bwd(
-                    &dyg,
-                    &xg,
-                    &wg,
-                    Some(lg()),
-                    xag.as_ref(),
-                    Some(LoraGradRef { da: &mut dag, db: &mut dbg }),
-                    Some(LinearGradRef { dw: &mut dwg, db: bias.then_some(&mut dbiasg) }),
-                    InputGrad::New,
-                ),
-            );
-            // refused before touching anything
-            close("refused linear_bwd left dA", &p.down(&dag), &dac.data, 0.0);
-        }
         poison_pool(&p);
         let dxc = p
             .cpu
@@ -477,11 +440,8 @@ fn linear_with_lora(dtype: DType) {
                 Some(lc()),
                 xac.as_ref(),
                 Some(LoraGradRef { da: &mut dac, db: &mut dbc }),
-                if full {
-                    Some(LinearGradRef { dw: &mut dwc, db: bias.then_some(&mut dbiasc) })
-                } else {
-                    None
-                },
+                // full fine-tuning's weight gradients (f32 in both modes), beside the LoRA ones
+                Some(LinearGradRef { dw: &mut dwc, db: bias.then_some(&mut dbiasc) }),
                 InputGrad::New,
             )
             .unwrap()
@@ -495,11 +455,8 @@ fn linear_with_lora(dtype: DType) {
                 Some(lg()),
                 xag.as_ref(),
                 Some(LoraGradRef { da: &mut dag, db: &mut dbg }),
-                if full {
-                    Some(LinearGradRef { dw: &mut dwg, db: bias.then_some(&mut dbiasg) })
-                } else {
-                    None
-                },
+                // full fine-tuning's weight gradients (f32 in both modes), beside the LoRA ones
+                Some(LinearGradRef { dw: &mut dwg, db: bias.then_some(&mut dbiasg) }),
                 InputGrad::New,
             )
             .unwrap()
@@ -507,10 +464,9 @@ fn linear_with_lora(dtype: DType) {
         close("linear_bwd dx", &p.down(&dxg), &dxc.data, tol);
         close("linear_bwd dA", &p.down(&dag), &dac.data, tol);
         close("linear_bwd dB", &p.down(&dbg), &dbc.data, tol);
-        if full {
-            close("linear_bwd dW", &p.down(&dwg), &dwc.data, TOL);
-            close("linear_bwd dbias", &p.down(&dbiasg), &dbiasc.data, TOL);
-        }
+        // products of the same activation-type values, summed in f32
+        close("linear_bwd dW", &p.down(&dwg), &dwc.data, TOL);
+        close("linear_bwd dbias", &p.down(&dbiasg), &dbiasc.data, TOL);
         // added into another projection's input gradient (q, k and v share their input)
         let (accc, accg) = p.both(&[n, inp], 1.0);
         poison_pool(&p);
@@ -923,14 +879,12 @@ fn optimizer_ops(dtype: DType) {
     let norm_g = p.gpu.sum_squares(&acts.iter().map(|t| &t.1).collect::<Vec<_>>()).unwrap();
     assert!((norm_c - norm_g).abs() / norm_c < 1e-10, "{norm_c} vs {norm_g}");
     if p.bf16() {
-        // a bf16 (base) weight cannot be a parameter: full fine-tuning is refused
+        // a bf16 (base) weight cannot be a parameter: trained tensors are f32 masters
         let (mut w, g) = (p.both(&[4], 1.0).1, p.both_f32(&[4], 1.0).1);
         let (mut m, mut v) = (p.gpu.zeros(&[4]).unwrap(), p.gpu.zeros(&[4]).unwrap());
         let hp = AdamWParams { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
-        refused_in_bf16(
-            "adamw on a bf16 weight",
-            p.gpu.adamw_step(&mut [&mut w], &[&g], &mut [&mut m], &mut [&mut v], 1, hp, 1.0),
-        );
+        let e = p.gpu.adamw_step(&mut [&mut w], &[&g], &mut [&mut m], &mut [&mut v], 1, hp, 1.0).unwrap_err();
+        assert!(format!("{e:#}").contains("master weights"), "adamw on a bf16 weight: {e:#}");
     }
 
     let hp = AdamWParams { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };

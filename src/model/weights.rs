@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use super::config::ModelConfig;
 use super::lora::{Adapter, Proj};
 use super::safetensors_io::TensorStore;
-use crate::ops::{LinearGradRef, Ops};
+use crate::ops::{HostWeight, LinearGradRef, Ops};
 
 /// Values a [`Model::random`] stream draws for one chunk of a tensor.
 const RANDOM_CHUNK: usize = 1 << 20;
@@ -77,15 +77,37 @@ impl<T> Model<T> {
         }
     }
 
-    /// Loads `config.json` and the safetensors weights of an HF model directory.
+    /// Loads `config.json` and the safetensors weights of an HF model directory, each
+    /// weight in the backend's base-weight type ([`Ops::upload_weight`]).
     pub fn load<O: Ops<Tensor = T>>(ops: &O, dir: &Path) -> Result<Self> {
+        Self::load_with(dir, |w| ops.upload_weight(w))
+    }
+
+    /// Loads an HF model directory as the master weights of a full fine-tuning run:
+    /// every tensor in f32 ([`Ops::upload_master`]), in any mode of the backend.
+    pub fn load_master<O: Ops<Tensor = T>>(ops: &O, dir: &Path) -> Result<Self> {
+        Self::load_with(dir, |w| ops.upload_master(w))
+    }
+
+    fn load_with(dir: &Path, upload: impl Fn(&HostWeight) -> Result<T>) -> Result<Self> {
         let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
         let store = TensorStore::open_dir(dir)?;
-        Self::from_store(ops, cfg, &store).with_context(|| format!("loading model {}", dir.display()))
+        Self::build(cfg, |name, shape| upload(&store.get_shaped(name, shape)?))
+            .with_context(|| format!("loading model {}", dir.display()))
     }
 
     pub fn from_store<O: Ops<Tensor = T>>(ops: &O, cfg: ModelConfig, store: &TensorStore) -> Result<Self> {
         Self::build(cfg, |name, shape| ops.upload_weight(&store.get_shaped(name, shape)?))
+    }
+
+    /// A model of the same config from `tensors`, one for each of [`Model::named`]'s
+    /// names (in any order), tied the same way.
+    pub fn from_named(cfg: ModelConfig, tensors: impl IntoIterator<Item = (String, T)>) -> Result<Self> {
+        let mut by_name: std::collections::HashMap<String, T> = tensors.into_iter().collect();
+        let model =
+            Self::build(cfg, |name, _| by_name.remove(name).with_context(|| format!("no tensor {name}")))?;
+        anyhow::ensure!(by_name.is_empty(), "tensors the model does not have: {:?}", by_name.keys());
+        Ok(model)
     }
 
     /// Random weights of the config's shapes (benchmarks, tests, a base to try the
@@ -94,6 +116,26 @@ impl<T> Model<T> {
     /// logits to a few units, so nothing trained on top of the frozen base can become
     /// confident; a larger value gives an adapter room to learn.)
     pub fn random<O: Ops<Tensor = T>>(ops: &O, cfg: ModelConfig, seed: u64, embed_std: f32) -> Result<Self> {
+        Self::random_with(cfg, seed, embed_std, |w| ops.upload_weight(w))
+    }
+
+    /// [`Model::random`]'s values as the f32 master weights of a full fine-tuning run
+    /// ([`Ops::upload_master`]).
+    pub fn random_master<O: Ops<Tensor = T>>(
+        ops: &O,
+        cfg: ModelConfig,
+        seed: u64,
+        embed_std: f32,
+    ) -> Result<Self> {
+        Self::random_with(cfg, seed, embed_std, |w| ops.upload_master(w))
+    }
+
+    fn random_with(
+        cfg: ModelConfig,
+        seed: u64,
+        embed_std: f32,
+        upload: impl Fn(&HostWeight) -> Result<T>,
+    ) -> Result<Self> {
         use rand::{Rng, SeedableRng};
         use rayon::prelude::*;
         // Tensor t's chunk c of RANDOM_CHUNK values comes from ChaCha8 stream (t << 40) + c
@@ -115,13 +157,14 @@ impl<T> Model<T> {
                 });
             }
             // as a checkpoint's weight: the backend stores it in its base-weight type
-            let w = crate::ops::HostWeight {
+            // (or as a master weight)
+            let w = HostWeight {
                 name,
                 shape: shape.to_vec(),
                 dtype: safetensors::Dtype::F32,
                 bytes: bytemuck::cast_slice(&v),
             };
-            ops.upload_weight(&w)
+            upload(&w)
         })
     }
 

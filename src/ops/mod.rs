@@ -231,8 +231,15 @@ pub trait Ops {
     // ---- memory ----
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor>;
     /// A model weight as a checkpoint stores it; the backend converts from the
-    /// checkpoint dtype. It is frozen in a LoRA run and trained in a full one.
+    /// checkpoint dtype into its base-weight type (bf16 in a bf16 mode). It is frozen in
+    /// a LoRA run.
     fn upload_weight(&self, w: &HostWeight) -> Result<Self::Tensor>;
+    /// A model weight that a full fine-tuning run trains: an f32 master copy whatever the
+    /// checkpoint's dtype or the backend's mode (AdamW updates it; the forward and
+    /// backward read its [`Ops::compute_copy`]).
+    fn upload_master(&self, w: &HostWeight) -> Result<Self::Tensor> {
+        self.upload(&crate::model::safetensors_io::decode_f32(w)?, &w.shape)
+    }
     fn upload_ids(&self, ids: &[u32]) -> Result<Self::Ids>;
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
     fn shape<'a>(&self, t: &'a Self::Tensor) -> &'a [usize];

@@ -145,7 +145,9 @@ fn run<O: Ops>(
             model_dir.display()
         );
     }
-    let mut model = Model::load(ops, model_dir)?;
+    // a full run trains f32 master weights; a LoRA run's base stays in the base-weight type
+    let mut model =
+        if recipe.peft.full { Model::load_master(ops, model_dir)? } else { Model::load(ops, model_dir)? };
     let chat = ChatModel::load(model_dir)
         .with_context(|| format!("loading the tokenizer of {}", model_dir.display()))?;
 

@@ -114,8 +114,26 @@ impl<T> Trainable<T> for Model<T> {
         Model::save(self, ops, dir)
     }
 
+    /// The f32 master weights, whatever the checkpoint's dtype ([`Model::load_master`]).
     fn load<O: Ops<Tensor = T>>(ops: &O, dir: &Path, _: &()) -> Result<Self> {
-        Model::load(ops, dir)
+        Model::load_master(ops, dir)
+    }
+
+    /// The whole model in the compute type (bf16 copies of the f32 masters in a bf16
+    /// mode), in one [`Ops::compute_copies`] call.
+    fn compute_copy<O: Ops<Tensor = T>>(&self, ops: &O) -> Result<Option<Self>> {
+        let named = self.named();
+        let Some(copies) = ops.compute_copies(&named.iter().map(|(_, t)| *t).collect::<Vec<_>>())? else {
+            return Ok(None);
+        };
+        anyhow::ensure!(
+            copies.len() == named.len(),
+            "{} compute copies of {} tensors",
+            copies.len(),
+            named.len()
+        );
+        let names = named.into_iter().map(|(n, _)| n);
+        Model::from_named(self.cfg.clone(), names.zip(copies)).map(Some)
     }
 }
 

@@ -71,11 +71,6 @@ const ATTN_MMA_KEYS: usize = 64;
 /// PyTorch's `ignore_index`.
 const IGNORE_INDEX: i64 = -100;
 
-/// Why the bf16 mode refuses the ops only full fine-tuning uses.
-const NO_FULL_BF16: &str = "full fine-tuning is not supported in the CUDA backend's bf16 mode: the base \
-     weights are stored in bf16 and frozen, and training them would need f32 master copies, which \
-     this mode does not keep; use --dtype f32 for full fine-tuning, or train a LoRA adapter";
-
 impl CudaOps {
     /// Opens CUDA device `ordinal`. Errors, never panics, when this build has no kernels,
     /// the driver or cuBLASLt cannot be loaded, or there is no such device.
@@ -811,10 +806,11 @@ impl Ops for CudaOps {
         Ok(out)
     }
 
-    /// The embedding's gradient: full fine-tuning only, so the f32 mode only.
+    /// The embedding's gradient (full fine-tuning): dy in the activation type, added
+    /// into the f32 table gradient with atomics.
     fn embedding_bwd(&self, dy: &CudaTensor, ids: &CudaIds, dtable: &mut CudaTensor) -> Result<()> {
         let _range = crate::profiling::range(c"embedding_bwd");
-        ensure!(self.dtype == DType::F32, "embedding_bwd: {NO_FULL_BF16}");
+        ensure!(dtable.dtype() == DType::F32, "embedding_bwd: the table gradient must be f32");
         let (v, d) = dtable.rows_cols();
         let n = ids.host.len();
         ensure!(dy.numel() == n * d, "embedding_bwd: dy {:?} for {n} ids of width {d}", dy.shape);
@@ -824,7 +820,7 @@ impl Ops for CudaOps {
         let err = self.rt.stream.alloc_zeros::<i32>(1).context("CUDA allocation")?;
         let dy = self.act(dy)?;
         self.rt.launch(
-            "embedding_bwd_f32",
+            &self.kernel("embedding_bwd"),
             grid_1d(n * d),
             args![
                 self.ptr(dtable),
@@ -896,7 +892,6 @@ impl Ops for CudaOps {
             w.shape,
             rstd.shape
         );
-        ensure!(dw.is_none() || self.dtype == DType::F32, "rmsnorm_bwd weight gradient: {NO_FULL_BF16}");
         let (dy, x, w, rstd) = (self.act(dy)?, self.act(x)?, self.act(w)?, self.to_type(rstd, DType::F32)?);
         let accumulate = residual.is_some();
         let dx = match residual {
@@ -1099,10 +1094,6 @@ impl Ops for CudaOps {
         let (out, w_in) = w.rows_cols();
         ensure!(w_in == inp, "linear_bwd: input width {inp}, weight {:?}", w.shape);
         ensure!(dy.numel() == n * out, "linear_bwd: dy {:?} for weight {:?}", dy.shape, w.shape);
-        ensure!(
-            weight_grads.is_none() || self.dtype == DType::F32,
-            "linear_bwd weight gradient: {NO_FULL_BF16}"
-        );
         let (dy, x, w) = (self.act_ld(dy)?, self.act_ld(x)?, self.act_ld(w)?);
         if let Some(g) = weight_grads {
             same_shape(g.dw, &w, "linear_bwd weight gradient")?;
@@ -1115,8 +1106,9 @@ impl Ops for CudaOps {
                     block_dim: (BLOCK, 1, 1),
                     shared_mem_bytes: 0,
                 };
+                ensure!(db.dtype() == DType::F32, "linear_bwd: the bias gradient must be f32");
                 self.rt.launch(
-                    "col_sum_acc_f32",
+                    &self.kernel("col_sum_acc"),
                     cfg,
                     args![self.ptr(db), self.ptr(&*self.dense(&dy)?), int(n, "rows")?, int(out, "width")?],
                 )?;
@@ -1545,7 +1537,8 @@ impl Ops for CudaOps {
         for i in 0..n {
             ensure!(
                 params[i].dtype() == DType::F32,
-                "adamw: parameter {i} is stored in bf16; {NO_FULL_BF16}"
+                "adamw: parameter {i} is stored in bf16; trained tensors are f32 master weights \
+                 (a full fine-tuning run loads the model with Model::load_master)"
             );
             ensure!(
                 [grads[i].dtype(), m[i].dtype(), v[i].dtype()] == [DType::F32; 3],

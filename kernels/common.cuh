@@ -158,6 +158,33 @@ __device__ __forceinline__ float block_reduce_sum(float v) {
     return total;
 }
 
+// out[c] += sum over r < rows of in[r, c]   (in [rows, d] of f32 or bf16; f32 sums)
+//
+// Launch: grid = ceil(d / 32), 1-D blocks of a multiple of 32 threads (at most 1024).
+// Each block owns 32 adjacent columns; its warps split the rows between them (every warp
+// reads 32 consecutive values a row: coalesced) and then add their sums in a fixed
+// order, so the result is deterministic.
+template <typename T>
+__device__ __forceinline__ void col_sum_acc(float* __restrict__ out, const T* __restrict__ in, int rows, int d) {
+    __shared__ float warp_sums[WARP_SIZE][WARP_SIZE];
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int warp = threadIdx.x / WARP_SIZE;
+    const int num_warps = blockDim.x / WARP_SIZE;
+    const int c = blockIdx.x * WARP_SIZE + lane;
+
+    float s = 0.0f;
+    if (c < d) {
+        for (int r = warp; r < rows; r += num_warps) s += load_f32(in + (size_t)r * d + c);
+    }
+    warp_sums[warp][lane] = s;
+    __syncthreads();
+    if (warp == 0 && c < d) {
+        float total = 0.0f;
+        for (int k = 0; k < num_warps; ++k) total += warp_sums[k][lane];
+        out[c] += total;
+    }
+}
+
 // Max over the whole (1-D) block; same contract as block_reduce_sum.
 __device__ __forceinline__ float block_reduce_max(float v) {
     __shared__ float warp_maxes[WARP_SIZE];

@@ -168,30 +168,11 @@ rmsnorm_bwd_bf16(__nv_bfloat16* dx, float* dw_partial, const __nv_bfloat16* dy,
     rmsnorm_bwd_impl(dx, dw_partial, dy, x, w, rstd, rows, d, ldx, accumulate);
 }
 
-// dw[c] += sum over b < num_partials of dw_partial[b, c]   (both f32; dw_partial [num_partials, d])
-//
-// Launch: grid = ceil(d / 32), 1-D blocks of a multiple of 32 threads (at most 1024).
-// Each block owns 32 adjacent columns; its warps split the partial rows between them
-// (every warp reads 32 consecutive floats per row: coalesced) and then add their sums
-// in a fixed order, so the result is deterministic.
+// dw[c] += sum over b < num_partials of dw_partial[b, c]   (both f32; dw_partial [num_partials, d]),
+// deterministic (tl::col_sum_acc). Launch: grid = ceil(d / 32), 1-D blocks of a multiple of
+// 32 threads (at most 1024).
 extern "C" __global__ void __launch_bounds__(1024)
 rmsnorm_dw_reduce(float* __restrict__ dw, const float* __restrict__ dw_partial, int num_partials,
                   int d) {
-    __shared__ float warp_sums[tl::WARP_SIZE][tl::WARP_SIZE];
-    const int lane = threadIdx.x % tl::WARP_SIZE;
-    const int warp = threadIdx.x / tl::WARP_SIZE;
-    const int num_warps = blockDim.x / tl::WARP_SIZE;
-    const int c = blockIdx.x * tl::WARP_SIZE + lane;
-
-    float s = 0.0f;
-    if (c < d) {
-        for (int b = warp; b < num_partials; b += num_warps) s += dw_partial[(size_t)b * d + c];
-    }
-    warp_sums[warp][lane] = s;
-    __syncthreads();
-    if (warp == 0 && c < d) {
-        float total = 0.0f;
-        for (int k = 0; k < num_warps; ++k) total += warp_sums[k][lane];
-        dw[c] += total;
-    }
+    tl::col_sum_acc(dw, dw_partial, num_partials, d);
 }

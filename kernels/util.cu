@@ -109,25 +109,15 @@ extern "C" __global__ void add_bias_rows_bf16(__nv_bfloat16* y, const __nv_bfloa
     tl_util::add_bias_rows(y, b, rows, cols);
 }
 
-// db[c] += sum over rows of dy[r, c], rows in order (the CPU backend's order, so a bias
-// gradient has the same rounding on both). One thread per column: simple and
-// deterministic; bias gradients exist only in full fine-tuning of Qwen2's q/k/v.
-namespace tl_util {
-template <typename T>
-__device__ void col_sum_acc(float* db, const T* dy, int rows, int cols) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= cols) return;
-    float s = db[c];
-    for (int r = 0; r < rows; ++r) s += tl::load_f32(dy + (size_t)r * cols + c);
-    db[c] = s;
+// db[c] += sum over rows of dy[r, c] (the bias gradient of full fine-tuning, Qwen2's
+// q/k/v): tl::col_sum_acc, deterministic. Launch: grid = ceil(cols / 32), 1-D blocks of a
+// multiple of 32 threads (at most 1024).
+extern "C" __global__ void __launch_bounds__(1024) col_sum_acc_f32(float* db, const float* dy, int rows, int cols) {
+    tl::col_sum_acc(db, dy, rows, cols);
 }
-}  // namespace tl_util
-
-extern "C" __global__ void col_sum_acc_f32(float* db, const float* dy, int rows, int cols) {
-    tl_util::col_sum_acc(db, dy, rows, cols);
-}
-extern "C" __global__ void col_sum_acc_bf16(float* db, const __nv_bfloat16* dy, int rows, int cols) {
-    tl_util::col_sum_acc(db, dy, rows, cols);
+extern "C" __global__ void __launch_bounds__(1024)
+col_sum_acc_bf16(float* db, const __nv_bfloat16* dy, int rows, int cols) {
+    tl::col_sum_acc(db, dy, rows, cols);
 }
 
 // Many tensors in one launch (a training step's LoRA tensors are a few hundred small

@@ -1101,12 +1101,13 @@ impl Ops for CudaOps {
             self.gemm(g.dw, &dy, true, &x, false, (out, inp, n), 1.0, 1.0)?;
             if let Some(db) = g.db {
                 ensure!(db.numel() == out, "linear_bwd: bias gradient of {} for {out} outputs", db.numel());
+                ensure!(db.dtype() == DType::F32, "linear_bwd: the bias gradient must be f32");
+                // 32 columns a block, its 32 warps splitting the rows
                 let cfg = LaunchConfig {
-                    grid_dim: (out.div_ceil(BLOCK as usize).max(1) as u32, 1, 1),
-                    block_dim: (BLOCK, 1, 1),
+                    grid_dim: (out.div_ceil(32).max(1) as u32, 1, 1),
+                    block_dim: (1024, 1, 1),
                     shared_mem_bytes: 0,
                 };
-                ensure!(db.dtype() == DType::F32, "linear_bwd: the bias gradient must be f32");
                 self.rt.launch(
                     &self.kernel("col_sum_acc"),
                     cfg,

@@ -5,7 +5,8 @@
 # shapes, then `tuneloop bench` on the shapes of DESIGN.md's anchor table (the 1B one
 # also with `--lora-apart`, for what the LoRA fold gains), as markdown tables into $OUT
 # (or gpu-logs/). Copy the numbers into BENCHMARKS.md.
-# TUNELOOP_BENCH_QUICK=1 leaves out the 8B seq-2048 shape (scripts/gpu-all.sh).
+# TUNELOOP_BENCH_QUICK=1 leaves out the 8B seq-2048 shape and the full fine-tuning step
+# of Qwen2.5-0.5B (scripts/gpu-all.sh).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bundle=gpu-bundle
@@ -31,6 +32,8 @@ bench bench-1b.log 170 --preset llama3.2-1b --seq 2048 --batch 4 --warmup 2 --st
 bench bench-1b-apart.log 60 --preset llama3.2-1b --seq 2048 --batch 4 --warmup 1 --steps 3 --no-profile --lora-apart
 if [[ ${TUNELOOP_BENCH_QUICK:-0} == 0 ]]; then
     bench bench-8b-2048.log 150 --preset llama3.1-8b --seq 2048 --batch 2 --warmup 1 --steps 3
+    # full fine-tuning of a small model: f32 masters, bf16 copies, every weight's gradient
+    bench bench-0.5b-full.log 90 --preset qwen2.5-0.5b --full --seq 2048 --batch 4 --warmup 1 --steps 3
 fi
 bench bench-8b-4096.log 170 --preset llama3.1-8b --seq 4096 --batch 2 --warmup 1 --steps 3
 exit $failed

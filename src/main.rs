@@ -170,8 +170,9 @@ enum Command {
         #[arg(long, default_value_t = 0.02)]
         embed_std: f32,
     },
-    /// Time full LoRA training steps (forward, loss, backward, AdamW) on random weights of
-    /// a model's real shapes: tokens/s, model TFLOP/s, MFU, peak memory, time per op.
+    /// Time LoRA training steps (forward, loss, backward, AdamW; with --full, full
+    /// fine-tuning ones) on random weights of a model's real shapes: tokens/s, model
+    /// TFLOP/s, MFU, peak memory, time per op.
     Bench {
         /// tiny, smollm2-135m, qwen2.5-0.5b, llama3.2-1b, llama3.1-8b or qwen2.5-7b.
         #[arg(long, required_unless_present = "model", conflicts_with = "model")]
@@ -197,6 +198,10 @@ enum Command {
         /// one (what the fold gains, on a backend that folds: CUDA).
         #[arg(long)]
         lora_apart: bool,
+        /// Full fine-tuning steps: every weight trained (f32 masters, bf16 copies on CUDA)
+        /// and no adapter.
+        #[arg(long, conflicts_with = "lora_apart")]
+        full: bool,
         #[arg(long, default_value_t = 2)]
         warmup: usize,
         #[arg(long, default_value_t = 10)]
@@ -540,6 +545,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             recompute,
             packing,
             lora_apart,
+            full,
             warmup,
             steps,
             no_profile,
@@ -565,6 +571,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 },
                 packing,
                 lora_apart,
+                full,
                 warmup,
                 steps,
                 profile: !no_profile,

@@ -2,10 +2,12 @@
 
 use std::process::{Command, Output};
 
-use tuneloop::bench::{anchors, packed_lengths, synthetic_batch, LoraStep, Profiled};
+use tuneloop::bench::{anchors, packed_lengths, synthetic_batch, FullStep, LoraStep, Profiled};
 use tuneloop::model::decoder::Recompute;
-use tuneloop::model::presets::{linear_params, lora_step_flops, lora_step_flops_per_token, preset};
-use tuneloop::model::{LoraConfig, Proj};
+use tuneloop::model::presets::{
+    linear_params, lora_step_flops, lora_step_flops_per_token, preset, step_flops_per_token,
+};
+use tuneloop::model::{LoraConfig, Model, Proj};
 use tuneloop::ops::cpu::{CpuOps, CpuTensor};
 
 #[test]
@@ -79,7 +81,7 @@ fn profiled_cpu_gives_the_same_bits_and_times_every_op() {
             assert_eq!(a.to_bits(), b.to_bits(), "loss");
         }
         let pairs = [
-            (plain.adapter.named(), profiled.adapter.named()),
+            (plain.params.named(), profiled.params.named()),
             (plain.grads.named(), profiled.grads.named()),
             (plain.opt.m.named(), profiled.opt.m.named()),
             (plain.opt.v.named(), profiled.opt.v.named()),
@@ -93,7 +95,7 @@ fn profiled_cpu_gives_the_same_bits_and_times_every_op() {
         // the step changed the adapter, so the comparison above compared something
         let fresh = LoraStep::new(&CpuOps, preset("tiny").unwrap(), &lora, Default::default(), 5).unwrap();
         let moved =
-            fresh.adapter.named().iter().zip(plain.adapter.named()).any(|(a, b)| bits(a.1) != bits(b.1));
+            fresh.params.named().iter().zip(plain.params.named()).any(|(a, b)| bits(a.1) != bits(b.1));
         assert!(moved, "two AdamW steps left the adapter as initialised");
 
         let times = p.times();
@@ -189,6 +191,44 @@ fn tuneloop(args: &[&str]) -> Output {
 
 fn close(a: f64, b: f64, rel: f64) -> bool {
     (a - b).abs() <= rel * b.abs().max(1e-300)
+}
+
+#[test]
+fn full_steps_train_every_weight_and_count_six_flops_a_parameter() {
+    let cfg = preset("tiny").unwrap();
+    let batch = synthetic_batch(&cfg, 48, 2, false, 3).unwrap();
+    let mut st = FullStep::new(&CpuOps, cfg.clone(), batch, 5).unwrap();
+    let p = Profiled::new(&CpuOps);
+    let first = st.step(&p).unwrap();
+    let fresh = Model::random_master(&CpuOps, cfg.clone(), 5, 0.02).unwrap();
+    for ((name, a), (_, b)) in fresh.named().iter().zip(st.params.named()) {
+        assert!(bits(a) != bits(b), "{name} was not trained");
+    }
+    // the linear layers' model FLOPs: 2 a parameter and token forward, 4 backward (the
+    // input gradient and the weight's own)
+    let times = p.times();
+    let flops = |op: &str| times.iter().find(|t| t.op == op).map_or(0.0, |t| t.flops);
+    let n = linear_params(&cfg) as f64 * 96.0;
+    assert!(close(flops("linear_fwd"), 2.0 * n, 1e-12), "linear_fwd {} vs {}", flops("linear_fwd"), 2.0 * n);
+    assert!(close(flops("linear_bwd"), 4.0 * n, 1e-12), "linear_bwd {} vs {}", flops("linear_bwd"), 4.0 * n);
+    assert!(st.step(&CpuOps).unwrap() < first, "a second step on the same batch lowers its loss");
+
+    let out = tuneloop(&[
+        "bench", "--preset", "tiny", "--seq", "64", "--batch", "2", "--steps", "1", "--full", "--json",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let j: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    assert_eq!(j["full"], true);
+    assert!(j["lora_r"].is_null());
+    let all: usize = fresh.named().iter().map(|(_, t)| t.data.len()).sum();
+    assert_eq!(j["trainable_params"], all);
+    assert_eq!(j["flops_per_token"].as_f64(), Some(step_flops_per_token(&cfg, 64, true)));
+    // --kernels times a LoRA step's kernels; --lora-apart is about LoRA paths
+    for extra in ["--kernels", "--lora-apart"] {
+        let out = tuneloop(&["bench", "--preset", "tiny", "--seq", "64", "--full", extra]);
+        assert!(!out.status.success(), "--full {extra} should be refused");
+    }
 }
 
 #[test]

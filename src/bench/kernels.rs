@@ -72,6 +72,7 @@ pub fn run_kernels<O: Ops>(ops: &O, opts: &BenchOptions) -> Result<KernelReport>
     let (model, cfg) = opts.model.load()?;
     let (seq, batch, reps) = (opts.seq, opts.batch, opts.steps);
     ensure!(reps > 0, "--steps must be at least 1");
+    ensure!(!opts.full, "--kernels times the kernels of a LoRA step; leave out --full");
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let mut random =
         |n: usize, amp: f32| -> Vec<f32> { (0..n).map(|_| rng.random_range(-amp..amp)).collect() };

@@ -1,14 +1,15 @@
-//! `tuneloop bench`: full LoRA training steps (forward, loss, backward, gradient
-//! clipping, AdamW) on random weights of a real model's shapes, on any backend. A step
-//! is the one fine-tuning runs: [`train_step`] (lm_head and cross-entropy in row chunks),
-//! optionally with activation recompute.
+//! `tuneloop bench`: LoRA training steps (forward, loss, backward, gradient clipping,
+//! AdamW), or with `--full` full fine-tuning ones, on random weights of a real model's
+//! shapes, on any backend. A step is the one fine-tuning runs: [`train_step`] (lm_head
+//! and cross-entropy in row chunks), optionally with activation recompute.
 //!
 //! What it reports and how it measures:
 //! - step time: [`Ops::timed`] around each step (CUDA events on the CUDA backend, the
 //!   host clock between synchronizes on the CPU), mean over the timed steps after the
 //!   warm-up ones;
-//! - model FLOPs as DESIGN.md counts them ([`lora_step_flops`]): 4 × linear parameters
-//!   (lm_head included) + 3.5 × causal attention, per sequence of the batch;
+//! - model FLOPs as DESIGN.md counts them ([`step_flops`]): 4 × linear parameters
+//!   (lm_head included; 6 × in full fine-tuning, for the weight gradients) + 3.5 ×
+//!   causal attention, per sequence of the batch;
 //! - MFU against a GEMM rate measured here, on the same backend, through the same
 //!   `linear_fwd` the frozen projections use (an `n × n` by `n × n` product);
 //! - peak memory: the process's peak resident set (VmHWM) for host tensors, or the
@@ -29,11 +30,11 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::model::decoder::{Grads, Recompute};
-use crate::model::presets::{lora_step_flops, preset};
-use crate::model::{Adapter, Decoder, LoraConfig, Model, ModelConfig, Proj};
+use crate::model::decoder::Recompute;
+use crate::model::presets::{preset, step_flops};
+use crate::model::{Adapter, LoraConfig, Model, ModelConfig, Proj};
 use crate::ops::{AdamWParams, HostWeight, Ops};
-use crate::train::Trainable as _;
+use crate::train::Trainable;
 use crate::train::{clip_scale, grad_norm, train_step, AdamW, TokenBatch};
 
 use crate::ops::KernelClock;
@@ -76,7 +77,7 @@ pub struct BenchOptions {
     /// LoRA rank on all seven projections; alpha is 2r.
     pub lora_r: usize,
     /// Which layers keep only their input and recompute their activations in the
-    /// backward ([`Decoder::recompute`]).
+    /// backward ([`crate::model::Decoder::recompute`]).
     pub recompute: Recompute,
     /// The batch's `batch × seq` tokens as one packed run of documents of random
     /// lengths up to `seq`, instead of `batch` rows of `seq`.
@@ -84,6 +85,9 @@ pub struct BenchOptions {
     /// The LoRA paths as separate products instead of folded into the frozen ones
     /// ([`Model::reserve_lora_tails`] left out), to measure what the fold gains.
     pub lora_apart: bool,
+    /// Full fine-tuning steps (every weight trained, from f32 master weights) instead of
+    /// LoRA ones.
+    pub full: bool,
     pub warmup: usize,
     pub steps: usize,
     /// Run one more step through [`Profiled`] for the time split per op.
@@ -104,6 +108,7 @@ impl BenchOptions {
             recompute: Recompute::Off,
             packing: false,
             lora_apart: false,
+            full: false,
             warmup: 2,
             steps: 10,
             profile: true,
@@ -118,6 +123,10 @@ impl BenchOptions {
         ensure!(self.lora_r >= 1, "--lora-r must be at least 1");
         ensure!(self.steps >= 1, "--steps must be at least 1 (the timed steps)");
         ensure!(self.gemm_size != Some(0), "--gemm-size must be at least 1");
+        ensure!(
+            !(self.full && self.lora_apart),
+            "--lora-apart is about LoRA paths; --full trains no adapter"
+        );
         Ok(())
     }
 
@@ -166,20 +175,27 @@ pub fn synthetic_batch(
     Ok(tb)
 }
 
-/// Everything one LoRA training step touches: the frozen model, the adapter, its
-/// gradients, AdamW and the batch. The tensors belong to a backend's tensor type `T`,
-/// so a [`Profiled`] wrapper of that backend can run the same state.
-pub struct LoraStep<T> {
-    pub model: Model<T>,
-    pub adapter: Adapter<T>,
-    pub grads: Adapter<T>,
-    pub opt: AdamW<Adapter<T>>,
+/// Everything one training step touches: what stays frozen (the base model under a LoRA
+/// adapter, nothing in full fine-tuning), the trained tensors `P` (an [`Adapter`], or the
+/// whole [`Model`]'s f32 masters), their gradients, AdamW and the batch. The tensors
+/// belong to a backend's tensor type `T`, so a [`Profiled`] wrapper of that backend can
+/// run the same state.
+pub struct TrainStep<T, P: Trainable<T>> {
+    pub frozen: P::Frozen,
+    pub params: P,
+    pub grads: P,
+    pub opt: AdamW<P>,
     pub batch: TokenBatch,
     /// Clip the gradient norm to this, as HF's Trainer does by default (1.0).
     pub max_grad_norm: f64,
     /// Which layers recompute their activations.
     pub recompute: Recompute,
 }
+
+/// A LoRA step: a frozen base model under a trained adapter.
+pub type LoraStep<T> = TrainStep<T, Adapter<T>>;
+/// A full fine-tuning step: every weight trained (f32 masters, [`Model::random_master`]).
+pub type FullStep<T> = TrainStep<T, Model<T>>;
 
 impl<T> LoraStep<T> {
     /// A random-initialised model of `cfg`'s shapes (HF's init, std 0.02) and a fresh
@@ -193,31 +209,44 @@ impl<T> LoraStep<T> {
     ) -> Result<Self> {
         let model = Model::random(ops, cfg, seed, 0.02)?;
         let adapter = Adapter::init(ops, lora, &model.cfg, seed)?;
-        let grads = adapter.zeros_like(ops, &model.cfg)?;
+        Self::with(ops, model, adapter, batch)
+    }
+}
+
+impl<T> FullStep<T> {
+    /// The random-initialised model of [`LoraStep::new`], all of it trained.
+    pub fn new<O: Ops<Tensor = T>>(ops: &O, cfg: ModelConfig, batch: TokenBatch, seed: u64) -> Result<Self> {
+        Self::with(ops, (), Model::random_master(ops, cfg, seed, 0.02)?, batch)
+    }
+}
+
+impl<T, P: Trainable<T>> TrainStep<T, P> {
+    fn with<O: Ops<Tensor = T>>(ops: &O, frozen: P::Frozen, params: P, batch: TokenBatch) -> Result<Self> {
+        let grads = params.zeros(ops)?;
         let hp = AdamWParams { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
-        let opt = AdamW::new(ops, &adapter, hp)?;
-        Ok(Self { model, adapter, grads, opt, batch, max_grad_norm: 1.0, recompute: Recompute::Off })
+        let opt = AdamW::new(ops, &params, hp)?;
+        Ok(Self { frozen, params, grads, opt, batch, max_grad_norm: 1.0, recompute: Recompute::Off })
     }
 
     /// One training step: zero the gradients, forward, chunked lm_head and loss,
     /// backward, clip, AdamW. Returns the batch's mean loss.
     pub fn step<O: Ops<Tensor = T>>(&mut self, ops: &O) -> Result<f64> {
         ops.fill_zero_all(&mut self.grads.tensors_mut())?;
-        // as a training step: the adapter in the compute type once, not at every op
-        let copy = self.adapter.compute_copy(ops)?;
-        let mut dec = Decoder::new(ops, &self.model, Some(copy.as_ref().unwrap_or(&self.adapter)));
+        // as a training step: the trained tensors in the compute type once, not at every op
+        let copy = self.params.compute_copy(ops)?;
+        let mut dec = copy.as_ref().unwrap_or(&self.params).decoder(ops, &self.frozen);
         dec.recompute = self.recompute;
-        let r = train_step(&dec, &self.batch, Grads::adapter(&mut self.grads), None, None)?;
+        let r = train_step(&dec, &self.batch, self.grads.as_grads(), None, None)?;
         let loss = r.loss_sum / r.n_counted.max(1) as f64;
         let clip = clip_scale(grad_norm(ops, &self.grads)?, Some(self.max_grad_norm));
         let lr = self.opt.hp.lr;
-        self.opt.update(ops, &mut self.adapter, &self.grads, lr, clip)?;
+        self.opt.update(ops, &mut self.params, &self.grads, lr, clip)?;
         Ok(loss)
     }
 
-    /// Elements of the adapter's trained tensors.
+    /// Elements of the trained tensors.
     pub fn trainable_params<O: Ops<Tensor = T>>(&self, ops: &O) -> u64 {
-        self.adapter.named().iter().map(|(_, t)| ops.shape(t).iter().product::<usize>() as u64).sum()
+        self.params.named().iter().map(|(_, t)| ops.shape(t).iter().product::<usize>() as u64).sum()
     }
 }
 
@@ -302,8 +331,11 @@ pub struct BenchReport {
     /// Sequences in the batch (`batch` rows, or the packed documents).
     pub documents: usize,
     pub tokens_per_step: usize,
-    pub lora_r: usize,
-    pub lora_alpha: f64,
+    /// Full fine-tuning steps (`--full`) rather than LoRA ones.
+    pub full: bool,
+    /// The adapter's rank and alpha (none in full fine-tuning).
+    pub lora_r: Option<usize>,
+    pub lora_alpha: Option<f64>,
     pub trainable_params: u64,
     /// Which layers recomputed their activations, in words ("off", "every layer", ...).
     pub recompute: String,
@@ -362,17 +394,32 @@ pub fn run<O: Ops>(ops: &O, opts: &BenchOptions) -> Result<BenchReport> {
     opts.check()?;
     let (name, cfg) = opts.model.load()?;
     let batch = synthetic_batch(&cfg, opts.seq, opts.batch, opts.packing, opts.seed)?;
-    let documents = batch.seq_lens.len();
-    let flops = lora_step_flops(&cfg, &batch.seq_lens);
-    let tokens = batch.ids.len();
+    if opts.full {
+        let st = FullStep::new(ops, cfg.clone(), batch, opts.seed)?;
+        return measure(ops, opts, name, &cfg, st, None);
+    }
     let lora = LoraConfig::new(opts.lora_r, 2.0 * opts.lora_r as f64, Proj::ALL.to_vec());
-    let cfg_layers = cfg.num_hidden_layers;
-    let mut st = LoraStep::new(ops, cfg, &lora, batch, opts.seed)?;
-    st.recompute = opts.recompute;
+    let mut st = LoraStep::new(ops, cfg.clone(), &lora, batch, opts.seed)?;
     if !opts.lora_apart {
         // as fine-tuning runs it: the LoRA updates inside the frozen products
-        st.model.reserve_lora_tails(ops, &st.adapter)?;
+        st.frozen.reserve_lora_tails(ops, &st.params)?;
     }
+    measure(ops, opts, name, &cfg, st, Some(&lora))
+}
+
+/// Times `st`'s steps as [`run`] describes.
+fn measure<O: Ops, P: Trainable<O::Tensor>>(
+    ops: &O,
+    opts: &BenchOptions,
+    name: String,
+    cfg: &ModelConfig,
+    mut st: TrainStep<O::Tensor, P>,
+    lora: Option<&LoraConfig>,
+) -> Result<BenchReport> {
+    let documents = st.batch.seq_lens.len();
+    let flops = step_flops(cfg, &st.batch.seq_lens, opts.full);
+    let tokens = st.batch.ids.len();
+    st.recompute = opts.recompute;
     let mut device_peak = ops.memory_in_use();
     let mut sample = |m: Option<u64>| {
         if let Some(m) = m {
@@ -438,7 +485,9 @@ pub fn run<O: Ops>(ops: &O, opts: &BenchOptions) -> Result<BenchReport> {
         (None, Some(h)) => (Some(h), "peak resident set of the process (VmHWM), host memory".into()),
         (None, None) => (None, "not measured".into()),
     };
-    let anchors = anchors::matching(opts.model.preset_name(), opts.seq, opts.batch, opts.packing)
+    // the anchors are LoRA runs
+    let preset = opts.model.preset_name().filter(|_| !opts.full);
+    let anchors = anchors::matching(preset, opts.seq, opts.batch, opts.packing)
         .into_iter()
         .map(|a| AnchorRatio {
             system: a.system,
@@ -457,10 +506,11 @@ pub fn run<O: Ops>(ops: &O, opts: &BenchOptions) -> Result<BenchReport> {
         packing: opts.packing,
         documents,
         tokens_per_step: tokens,
-        lora_r: lora.r,
-        lora_alpha: lora.lora_alpha,
+        full: opts.full,
+        lora_r: lora.map(|l| l.r),
+        lora_alpha: lora.map(|l| l.lora_alpha),
         trainable_params: st.trainable_params(ops),
-        recompute: opts.recompute.describe(cfg_layers),
+        recompute: opts.recompute.describe(cfg.num_hidden_layers),
         lora_apart: opts.lora_apart,
         warmup: opts.warmup,
         steps: opts.steps,
@@ -513,6 +563,9 @@ impl BenchReport {
         if self.lora_apart {
             layout.push_str(", LoRA apart");
         }
+        if self.full {
+            layout.push_str(", full fine-tuning");
+        }
         let backend = if self.backend == "cpu" {
             format!("cpu ({} threads)", self.threads)
         } else {
@@ -541,14 +594,16 @@ impl BenchReport {
             "off" => "activation recompute off".to_string(),
             layers => format!("activation recompute in {layers} (its forward runs again in the backward)"),
         };
+        let (trained, linear_factor) = match (self.lora_r, self.lora_alpha) {
+            (Some(r), Some(alpha)) => (format!("LoRA r={r} alpha={alpha} on all seven projections"), 4),
+            _ => ("every weight trained (full fine-tuning, f32 master weights)".to_string(), 6),
+        };
         let _ = writeln!(
             s,
-            "\nLoRA r={} alpha={} on all seven projections ({} trainable parameters); mean of {} timed \
-             steps after {} warm-up ({}); loss {:.4} -> {:.4}; {:.3e} model FLOPs per token (4 × linear \
-             parameters incl. lm_head + 3.5 × causal attention); MFU against the GEMM rate measured \
-             here through linear_fwd; peak memory: {}; {recompute}.",
-            self.lora_r,
-            self.lora_alpha,
+            "\n{trained} ({} trainable parameters); mean of {} timed steps after {} warm-up ({}); loss \
+             {:.4} -> {:.4}; {:.3e} model FLOPs per token ({linear_factor} × linear parameters incl. \
+             lm_head + 3.5 × causal attention); MFU against the GEMM rate measured here through \
+             linear_fwd; peak memory: {}; {recompute}.",
             self.trainable_params,
             self.steps,
             self.warmup,

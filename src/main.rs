@@ -223,7 +223,8 @@ enum Command {
         kernels: bool,
     },
     /// Export a model with an adapter: `--merge` folds the LoRA weights into the base
-    /// and writes a plain HF model directory (safetensors, config, tokenizer).
+    /// and writes a plain HF model directory (safetensors in the base's dtypes, its
+    /// config, the tokenizer), one tensor in memory at a time.
     Export {
         /// Base model directory.
         #[arg(long)]
@@ -600,14 +601,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Export { model, adapter, out, merge: _ } => {
-            let ops = CpuOps;
-            let mut base = Model::load(&ops, &model)?;
-            let lora = Adapter::load(&ops, &adapter, &base.cfg)?;
-            base.merge(&ops, &lora)?;
-            base.save(&ops, &out)?;
-            tuneloop::model::export::copy_tokenizer_files(&model, &out)?;
-            tuneloop::model::export::copy_tokenizer_files(&adapter, &out)?;
-            println!("wrote merged model {}", out.display());
+            let r = tuneloop::model::export::merge_export(&model, &adapter, &out)?;
+            println!(
+                "wrote merged model {} ({} tensors, {} with the adapter folded in, {:.2} GiB in the base's dtypes)",
+                out.display(),
+                r.tensors,
+                r.merged,
+                r.bytes as f64 / (1u64 << 30) as f64
+            );
             Ok(ExitCode::SUCCESS)
         }
     }

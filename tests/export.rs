@@ -1,9 +1,12 @@
 //! Model directories written by tuneloop: they load back, and a merged export gives
-//! the same logits as base + adapter.
+//! the same logits as base + adapter, in the base checkpoint's dtypes.
 
 mod common;
 
-use tuneloop::model::{Adapter, Decoder, Model};
+use std::path::Path;
+
+use tuneloop::model::safetensors_io::{decode_f32, TensorStore};
+use tuneloop::model::{Adapter, Decoder, Model, Proj};
 use tuneloop::ops::{cpu::CpuOps, Ops};
 use tuneloop::train::{forward_backward, TokenBatch};
 use tuneloop::util::rel_l2;
@@ -39,6 +42,92 @@ fn merged_export_matches_base_plus_adapter() {
         // and the merge did something: the base alone is far off
         assert!(rel_l2(&logits(&base, None), &want) > 1e-3);
     }
+}
+
+/// `tuneloop export --merge` of `base` with `adapter` into `out`.
+fn export(base: &Path, adapter: &Path, out: &Path) {
+    let mut cmd = common::tuneloop_cmd();
+    cmd.args(["export", "--merge", "--model"]).arg(base).arg("--adapter").arg(adapter).arg("--out").arg(out);
+    let (stdout, _) = common::run_ok(&mut cmd, "export --merge");
+    assert!(stdout.contains("wrote merged model"), "{stdout}");
+}
+
+/// The HF names of the weights `adapter` has a LoRA pair for.
+fn adapted(adapter: &Adapter<tuneloop::ops::cpu::CpuTensor>, layers: usize) -> Vec<String> {
+    (0..layers)
+        .flat_map(|l| Proj::ALL.into_iter().map(move |p| (l, p)))
+        .filter(|&(l, p)| adapter.pair(l, p).is_some())
+        .map(|(l, p)| format!("{}.weight", p.hf_prefix(l)))
+        .collect()
+}
+
+#[test]
+fn export_merge_keeps_the_base_dtype_and_every_other_byte() {
+    for case in common::CASES {
+        let dir = common::golden(case);
+        let (base_dir, adapter_dir) = (dir.join("model"), dir.join("adapter"));
+        let out = tempfile::tempdir().unwrap();
+        export(&base_dir, &adapter_dir, out.path());
+        let base = Model::load(&CpuOps, &base_dir).unwrap();
+        let adapter = Adapter::load(&CpuOps, &adapter_dir, &base.cfg).unwrap();
+        let e =
+            rel_l2(&logits(&Model::load(&CpuOps, out.path()).unwrap(), None), &logits(&base, Some(&adapter)));
+        assert!(e < 1e-5, "{case}: exported logits differ from base+adapter by {e}");
+        let config = |d: &Path| std::fs::read(d.join("config.json")).unwrap();
+        assert_eq!(config(out.path()), config(&base_dir), "{case}: config.json as the base's");
+        // the same tensors in the same dtypes; only the adapted ones changed
+        let (a, b) = (TensorStore::open_dir(&base_dir).unwrap(), TensorStore::open_dir(out.path()).unwrap());
+        assert_eq!(a.names(), b.names(), "{case}");
+        let adapted = adapted(&adapter, base.cfg.num_hidden_layers);
+        assert!(!adapted.is_empty());
+        for name in a.names() {
+            let (x, y) = (a.get(name).unwrap(), b.get(name).unwrap());
+            assert_eq!((x.dtype, &x.shape), (y.dtype, &y.shape), "{case}: {name}");
+            assert_eq!(x.bytes == y.bytes, !adapted.iter().any(|n| n == name), "{case}: {name}");
+        }
+    }
+
+    // a bf16 checkpoint stays bf16: half the bytes, merged weights rounded back to bf16
+    let dir = common::golden("llama-gqa");
+    let (base_f32, adapter_dir) = (dir.join("model"), dir.join("adapter"));
+    let tmp = tempfile::tempdir().unwrap();
+    let base_dir = tmp.path().join("bf16");
+    std::fs::create_dir_all(&base_dir).unwrap();
+    std::fs::copy(base_f32.join("config.json"), base_dir.join("config.json")).unwrap();
+    let store = TensorStore::open_dir(&base_f32).unwrap();
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = store
+        .names()
+        .into_iter()
+        .map(|name| {
+            let w = store.get(name).unwrap();
+            let bytes = decode_f32(&w)
+                .unwrap()
+                .into_iter()
+                .flat_map(|x| half::bf16::from_f32(x).to_le_bytes())
+                .collect();
+            (name.to_string(), w.shape.clone(), bytes)
+        })
+        .collect();
+    let views = tensors.iter().map(|(n, shape, bytes)| {
+        (
+            n.clone(),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, shape.clone(), bytes).unwrap(),
+        )
+    });
+    safetensors::serialize_to_file(views, None, &base_dir.join("model.safetensors")).unwrap();
+    let out = tmp.path().join("merged");
+    export(&base_dir, &adapter_dir, &out);
+    let merged = TensorStore::open_dir(&out).unwrap();
+    for name in merged.names() {
+        assert_eq!(merged.get(name).unwrap().dtype, safetensors::Dtype::BF16, "{name}");
+    }
+    let size = |d: &Path| std::fs::metadata(d.join("model.safetensors")).unwrap().len() as f64;
+    assert!(size(&out) < 0.55 * size(&base_f32), "{} vs {} bytes", size(&out), size(&base_f32));
+    let base = Model::load(&CpuOps, &base_dir).unwrap();
+    let adapter = Adapter::load(&CpuOps, &adapter_dir, &base.cfg).unwrap();
+    let e = rel_l2(&logits(&Model::load(&CpuOps, &out).unwrap(), None), &logits(&base, Some(&adapter)));
+    eprintln!("bf16 export: logits {e:.2e} (relative L2) from the bf16 base + adapter");
+    assert!(e > 0.0 && e < 1e-2, "bf16 export: logits {e:.2e} from the bf16 base + adapter");
 }
 
 #[test]

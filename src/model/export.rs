@@ -146,25 +146,160 @@ impl<T> Model<T> {
                 let Some(pair) = adapter.pair(l, p) else { continue };
                 let w = &mut layer.proj[p as usize].w;
                 let shape = ops.shape(w).to_vec();
-                let (out, inp) = (shape[0], shape[1]);
                 let (a, b) = (ops.download(&pair.a)?, ops.download(&pair.b)?);
-                let r = a.len() / inp;
                 let mut host = ops.download(w)?;
-                for i in 0..out {
-                    for k in 0..r {
-                        let bik = b[i * r + k] * scale;
-                        for (wj, aj) in
-                            host[i * inp..(i + 1) * inp].iter_mut().zip(&a[k * inp..(k + 1) * inp])
-                        {
-                            *wj += bik * aj;
-                        }
-                    }
-                }
+                add_low_rank(&mut host, &a, &b, shape[1], scale);
                 *w = ops.upload(&host, &shape)?;
             }
         }
         Ok(())
     }
+}
+
+/// `W += scale · B·A` on a row-major `[out, in]` weight (`B [out, r]`, `A [r, in]`), in
+/// f32, each element's products added in the order of k.
+pub fn add_low_rank(w: &mut [f32], a: &[f32], b: &[f32], inp: usize, scale: f32) {
+    use rayon::prelude::*;
+    let r = a.len() / inp.max(1);
+    w.par_chunks_exact_mut(inp.max(1)).enumerate().for_each(|(i, row)| {
+        for k in 0..r {
+            let bik = b[i * r + k] * scale;
+            for (wj, aj) in row.iter_mut().zip(&a[k * inp..(k + 1) * inp]) {
+                *wj += bik * aj;
+            }
+        }
+    });
+}
+
+/// What [`merge_export`] wrote.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MergeReport {
+    /// Tensors in `model.safetensors`.
+    pub tensors: usize,
+    /// Of those, the ones a LoRA pair was folded into.
+    pub merged: usize,
+    pub bytes: u64,
+}
+
+/// How a merged weight goes back into its file: the dtype it came in.
+#[derive(Clone, Copy)]
+enum Encoding {
+    F32,
+    Bf16,
+    F16,
+}
+
+/// One tensor of a merged export: the base's bytes as they are, or (`delta`: A, B and
+/// the scale) `W + scale·B·A` in W's own dtype, computed when the writer reaches it, so
+/// one merged tensor is in memory at a time.
+struct ExportView<'a> {
+    w: crate::ops::HostWeight<'a>,
+    delta: Option<(&'a [f32], &'a [f32], f32, Encoding)>,
+}
+
+impl safetensors::View for ExportView<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.w.dtype
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.w.shape
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        use half::{bf16, f16};
+        let Some((a, b, scale, enc)) = self.delta else { return self.w.bytes.into() };
+        let bytes = self.w.bytes;
+        let mut v: Vec<f32> = match enc {
+            Encoding::F32 => {
+                bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+            }
+            Encoding::Bf16 => {
+                bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+            }
+            Encoding::F16 => {
+                bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+            }
+        };
+        add_low_rank(&mut v, a, b, self.w.shape[1], scale);
+        let out: Vec<u8> = match enc {
+            Encoding::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Encoding::Bf16 => v.iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect(),
+            Encoding::F16 => v.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect(),
+        };
+        out.into()
+    }
+
+    fn data_len(&self) -> usize {
+        self.w.bytes.len()
+    }
+}
+
+/// `export --merge`: writes `out/model.safetensors` with every tensor of the base model
+/// directory `base` (one file or shards), those the adapter in `adapter_dir` has a LoRA
+/// pair for as `W + scale·B·A` (in f32, then rounded to W's own dtype: a bf16 checkpoint
+/// stays bf16), the others byte for byte; then the base's `config.json` as it is and the
+/// tokenizer files of both. One merged tensor is in memory at a time, and the file
+/// appears whole (written to a temporary file and renamed).
+pub fn merge_export(base: &Path, adapter_dir: &Path, out: &Path) -> Result<MergeReport> {
+    use super::safetensors_io::TensorStore;
+    use crate::ops::cpu::CpuOps;
+    let cfg = ModelConfig::from_file(&base.join("config.json"))?;
+    let adapter = Adapter::load(&CpuOps, adapter_dir, &cfg)?;
+    let scale = adapter.cfg.scale();
+    let store = TensorStore::open_dir(base)?;
+    let mut deltas = std::collections::HashMap::new();
+    for l in 0..cfg.num_hidden_layers {
+        for p in Proj::ALL {
+            if let Some(pair) = adapter.pair(l, p) {
+                deltas.insert(format!("{}.weight", p.hf_prefix(l)), pair);
+            }
+        }
+    }
+    let names = store.names();
+    let mut views = Vec::with_capacity(names.len());
+    for name in &names {
+        let w = store.get(name)?;
+        let delta = match deltas.remove(*name) {
+            None => None,
+            Some(pair) => {
+                let enc = match w.dtype {
+                    safetensors::Dtype::F32 => Encoding::F32,
+                    safetensors::Dtype::BF16 => Encoding::Bf16,
+                    safetensors::Dtype::F16 => Encoding::F16,
+                    other => anyhow::bail!(
+                        "{}: tensor `{name}` is {other:?}; a LoRA pair merges into F32, BF16 or F16 weights",
+                        base.display()
+                    ),
+                };
+                let (out_dim, in_dim) = (pair.b.shape[0], pair.a.shape[1]);
+                anyhow::ensure!(
+                    w.shape == [out_dim, in_dim],
+                    "{}: tensor `{name}` has shape {:?}; the adapter's pair is for [{out_dim}, {in_dim}]",
+                    base.display(),
+                    w.shape
+                );
+                Some((pair.a.data.as_slice(), pair.b.data.as_slice(), scale, enc))
+            }
+        };
+        views.push((name.to_string(), ExportView { w, delta }));
+    }
+    if let Some(name) = deltas.keys().next() {
+        anyhow::bail!("{}: no tensor `{name}` for the adapter's LoRA pair", base.display());
+    }
+    let merged = views.iter().filter(|(_, v)| v.delta.is_some()).count();
+    let bytes = views.iter().map(|(_, v)| v.w.bytes.len() as u64).sum();
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
+    let file = out.join("model.safetensors");
+    safetensors::serialize_to_file(views, Some(meta), &file)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", file.display()))?;
+    let config = std::fs::read(base.join("config.json"))
+        .with_context(|| format!("reading {}", base.join("config.json").display()))?;
+    crate::util::atomic_write(&out.join("config.json"), &config)?;
+    copy_tokenizer_files(base, out)?;
+    copy_tokenizer_files(adapter_dir, out)?;
+    Ok(MergeReport { tensors: names.len(), merged, bytes })
 }
 
 /// A new HF model directory with random weights of a preset's shapes (its vocabulary

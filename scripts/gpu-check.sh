@@ -15,6 +15,7 @@
 #   - tuneloop parity --backend cuda --dtype f32 and --dtype bf16 on the golden cases;
 #   - a quickstart fine-tune on CUDA alone and as world size 1 over the rendezvous and
 #     NCCL, whose adapters must be identical;
+#   - a full fine-tune in the bf16 mode against the same on the CPU backend;
 # and prints a table of what passed last. Logs go to $OUT (the device tool brings them
 # back) or to gpu-logs/. The exit status is non-zero when anything failed.
 set -uo pipefail
@@ -99,7 +100,27 @@ dp_check() {
         echo "world-size-1 NCCL adapter == single-process adapter (byte for byte)"
 }
 run_step "NCCL world size 1 == single process" dp-nccl.log dp_check
-rm -rf "$dp/base" "$dp/plain/checkpoints" "$dp/nccl/checkpoints"
+
+# ---- full fine-tuning in the bf16 mode (f32 master weights, bf16 copies, every weight's
+# gradient) against the CPU backend: 6 steps at a full fine-tune's learning rate, the
+# losses within 1e-3 (5.8e-5 apart on the CUDA emulator)
+full_args=(finetune -c configs/quickstart.yaml --model.path="$dp/base" --step_scheduler.max_steps=6
+    --peft.full=true --optimizer.lr=2e-5)
+full_check() {
+    $bundle/tuneloop "${full_args[@]}" --backend=cuda --model.dtype=bf16 --output_dir="$dp/full-cuda" &&
+        $bundle/tuneloop "${full_args[@]}" --backend=cpu --output_dir="$dp/full-cpu" &&
+        python3 - "$dp/full-cuda/metrics.jsonl" "$dp/full-cpu/metrics.jsonl" <<'PY'
+import json, sys
+def losses(path):
+    return [m["loss"] for m in map(json.loads, open(path)) if m.get("loss") is not None]
+got, want = losses(sys.argv[1]), losses(sys.argv[2])
+worst = max((abs(g - w) / abs(w) for g, w in zip(got, want)), default=float("inf"))
+print(f"full fine-tuning, CUDA bf16 vs CPU: losses {got} vs {want}, at most {worst:.2e} apart")
+sys.exit(0 if len(got) == len(want) == 6 and worst < 1e-3 else 1)
+PY
+}
+run_step "full fine-tuning bf16 vs CPU (losses 1e-3)" full-bf16.log full_check
+rm -rf "$dp/base" "$dp/plain/checkpoints" "$dp/nccl/checkpoints" "$dp/full-cuda" "$dp/full-cpu"
 
 echo
 echo "gpu-check on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1), bundle $(cat $bundle/commit 2>/dev/null)"

@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::eval::gate::{self, GateConfig, GateReport};
@@ -270,6 +270,13 @@ fn cycle(
         overrides.push(("peft.init_from".into(), reg.resolve(&a.name, v)?.display().to_string()));
     }
     let recipe = Recipe::load(&a.recipe, &overrides)?;
+    ensure!(
+        !recipe.peft.full,
+        "{}: peft.full is true, but the loop versions, gates and promotes LoRA adapters on the shared \
+         base model; give the agent a LoRA recipe (peft.full: false), or run full fine-tuning with \
+         `tuneloop finetune`",
+        a.recipe.display()
+    );
     let done = run_dir.join("adapter").join("adapter_model.safetensors").exists()
         && run_dir.join("loss.png").exists();
     if !done {

@@ -108,3 +108,22 @@ fn a_failing_gate_registers_but_keeps_production() {
     assert_eq!(reg.versions("order-help").unwrap().len(), 1);
     assert!(!reg.aliases("order-help").unwrap().contains_key("production"));
 }
+
+#[test]
+fn a_full_fine_tuning_recipe_is_refused_before_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = setup(tmp.path());
+    let recipe = tmp.path().join("recipe.yaml");
+    let text = std::fs::read_to_string(&recipe).unwrap();
+    assert!(text.contains("  full: false"));
+    std::fs::write(&recipe, text.replace("  full: false", "  full: true")).unwrap();
+    let e = format!("{:#}", run(&cfg, None, false, false).unwrap_err());
+    assert!(e.contains("order-help") && e.contains("recipe.yaml") && e.contains("peft.full"), "{e}");
+    // nothing was trained or registered
+    let runs: Vec<PathBuf> = match cfg.work_dir.join("order-help").read_dir() {
+        Ok(d) => d.map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect(),
+        Err(_) => vec![],
+    };
+    assert!(runs.iter().all(|r| !r.join("checkpoints").exists() && !r.join("model").exists()), "{runs:?}");
+    assert!(Registry::open(&cfg.registry).unwrap().versions("order-help").map_or(true, |v| v.is_empty()));
+}

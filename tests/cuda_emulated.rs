@@ -3,7 +3,7 @@
 //! kernels/*.cu on the CPU): `finetune --backend cuda` follows the CPU backend and resumes
 //! bit for bit (and in the bf16 mode at head_dim 64, the tensor-core attention kernels and
 //! the folded LoRA paths, trains the CPU's adapter to bf16's precision), full fine-tuning
-//! does too in both modes (in bf16 on f32 master weights), NCCL data parallelism (by hand
+//! does too in both modes (in bf16 on f32 master weights, also on two GPUs), NCCL data parallelism (by hand
 //! with world size 1, and two workers on two emulated GPUs) follows one process, and
 //! `eval`, `bench` and `parity` run on it.
 //!
@@ -203,6 +203,25 @@ fn full_finetune_on_cuda_follows_the_cpu_and_resumes_bit_for_bit() {
     run_ok(emulated().unwrap().args(finetune_args(&base, &resumed, "cuda", &resume)), "resuming");
     let weights = |run: &Path| std::fs::read(run.join("model/model.safetensors")).expect("model file");
     assert!(weights(&resumed) == weights(&tmp.path().join("bf16")), "resumed full bf16 run vs uninterrupted");
+
+    // bf16 on two emulated GPUs over NCCL: every weight's gradient all-reduced (the
+    // layers in buckets, the embedding and the final norm last), the same run up to the
+    // order of the f32 additions
+    let two = tmp.path().join("two");
+    let flags: Vec<&str> = ["--nproc-per-node", "2"].iter().chain(&bf16).copied().collect();
+    let mut cmd = emulated().unwrap();
+    cmd.args(finetune_args(&base, &two, "cuda", &flags)).env("TUNELOOP_EMU_DEVICES", "2");
+    let (_, err) = run_ok(&mut cmd, "full fine-tuning on two GPUs");
+    assert!(err.contains("all 2 ranks arrived"), "{err}");
+    let one = tmp.path().join("bf16");
+    close_losses(&train_losses(&two), &train_losses(&one), 1e-5, "full bf16, 2 GPUs vs 1");
+    let e = model_updates(&two, &base)
+        .iter()
+        .zip(&model_updates(&one, &base))
+        .map(|((_, got), (_, want))| rel_l2(got, want))
+        .fold(0.0, f64::max);
+    eprintln!("full fine-tuning bf16, 2 GPUs vs 1: weight updates at most {e:.2e} apart");
+    assert!(e < 1e-5, "full bf16, 2 GPUs vs 1: weight updates {e:.2e} apart");
 }
 
 #[test]

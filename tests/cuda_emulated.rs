@@ -3,9 +3,9 @@
 //! kernels/*.cu on the CPU): `finetune --backend cuda` follows the CPU backend and resumes
 //! bit for bit (and in the bf16 mode at head_dim 64, the tensor-core attention kernels and
 //! the folded LoRA paths, trains the CPU's adapter to bf16's precision), full fine-tuning
-//! does too in both modes (in bf16 on f32 master weights, also on two GPUs), NCCL data parallelism (by hand
-//! with world size 1, and two workers on two emulated GPUs) follows one process, and
-//! `eval`, `bench` and `parity` run on it.
+//! does too in both modes (in bf16 on f32 master weights, also on two GPUs), NCCL data
+//! parallelism (by hand with world size 1, and two workers on two emulated GPUs) follows
+//! one process, and `eval`, `bench` and `parity` run on it.
 //!
 //! These check the CUDA backend's host code, kernels and library calls for correctness,
 //! nothing about speed. Each test is skipped (and says so) in a build without kernels,

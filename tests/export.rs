@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use tuneloop::model::safetensors_io::{decode_f32, TensorStore};
+use tuneloop::model::safetensors_io::TensorStore;
 use tuneloop::model::{Adapter, Decoder, Model, Proj};
 use tuneloop::ops::{cpu::CpuOps, Ops};
 use tuneloop::train::{forward_backward, TokenBatch};
@@ -92,29 +92,7 @@ fn export_merge_keeps_the_base_dtype_and_every_other_byte() {
     let (base_f32, adapter_dir) = (dir.join("model"), dir.join("adapter"));
     let tmp = tempfile::tempdir().unwrap();
     let base_dir = tmp.path().join("bf16");
-    std::fs::create_dir_all(&base_dir).unwrap();
-    std::fs::copy(base_f32.join("config.json"), base_dir.join("config.json")).unwrap();
-    let store = TensorStore::open_dir(&base_f32).unwrap();
-    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = store
-        .names()
-        .into_iter()
-        .map(|name| {
-            let w = store.get(name).unwrap();
-            let bytes = decode_f32(&w)
-                .unwrap()
-                .into_iter()
-                .flat_map(|x| half::bf16::from_f32(x).to_le_bytes())
-                .collect();
-            (name.to_string(), w.shape.clone(), bytes)
-        })
-        .collect();
-    let views = tensors.iter().map(|(n, shape, bytes)| {
-        (
-            n.clone(),
-            safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, shape.clone(), bytes).unwrap(),
-        )
-    });
-    safetensors::serialize_to_file(views, None, &base_dir.join("model.safetensors")).unwrap();
+    common::bf16_copy(&base_f32, &base_dir);
     let out = tmp.path().join("merged");
     export(&base_dir, &adapter_dir, &out);
     let merged = TensorStore::open_dir(&out).unwrap();

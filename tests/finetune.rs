@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use common::base_model;
 use tuneloop::model::{Adapter, Model};
@@ -19,22 +19,25 @@ fn tuneloop(args: &[&str]) -> std::process::Output {
     common::tuneloop_cmd().args(args).output().expect("runs")
 }
 
+/// `finetune -c configs/quickstart.yaml` of `base` into `out_dir` with these overrides.
+fn finetune_quickstart(base: &Path, out_dir: &Path, overrides: &[&str]) -> std::process::Output {
+    let overrides: Vec<String> = overrides.iter().map(|o| o.to_string()).collect();
+    common::tuneloop_cmd()
+        .args(common::quickstart_finetune(base, out_dir, &[], &overrides))
+        .output()
+        .expect("runs")
+}
+
 #[test]
 fn finetune_writes_a_peft_adapter_with_its_tokenizer() {
     let tmp = tempfile::tempdir().unwrap();
     let base = base_model(tmp.path());
     let out_dir = tmp.path().join("run");
-    let out = tuneloop(&[
-        "finetune",
-        "-c",
-        "configs/quickstart.yaml",
-        &format!("--model.path={}", base.display()),
-        "--output_dir",
-        out_dir.to_str().unwrap(),
-        "--step_scheduler.max_steps=4",
-        "--step_scheduler.val_every_steps=2",
-        "--peft.dropout=0.1",
-    ]);
+    let out = finetune_quickstart(
+        &base,
+        &out_dir,
+        &["--step_scheduler.max_steps=4", "--step_scheduler.val_every_steps=2", "--peft.dropout=0.1"],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("trained 4 steps"), "{stdout}");
@@ -64,16 +67,7 @@ fn full_finetune_writes_an_hf_model_dir() {
     let tmp = tempfile::tempdir().unwrap();
     let base = base_model(tmp.path());
     let out_dir = tmp.path().join("run");
-    let out = tuneloop(&[
-        "finetune",
-        "-c",
-        "configs/quickstart.yaml",
-        &format!("--model.path={}", base.display()),
-        "--output_dir",
-        out_dir.to_str().unwrap(),
-        "--peft.full=true",
-        "--step_scheduler.max_steps=3",
-    ]);
+    let out = finetune_quickstart(&base, &out_dir, &["--peft.full=true", "--step_scheduler.max_steps=3"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("trained 3 steps"), "{stdout}");
@@ -83,12 +77,37 @@ fn full_finetune_writes_an_hf_model_dir() {
         assert!(dir.join(f).exists(), "{f} missing");
     }
     assert!(!out_dir.join("adapter").exists(), "a full run writes no adapter");
+    let config = |d: &Path| std::fs::read(d.join("config.json")).unwrap();
+    assert_eq!(config(&dir), config(&base), "the base's config.json as it is");
     let (trained, base) = (Model::load(&CpuOps, &dir).unwrap(), Model::load(&CpuOps, &base).unwrap());
     assert_eq!(trained.cfg, base.cfg);
     let (t, b) = (trained.named(), base.named());
     assert_eq!(t.len(), b.len());
     for ((name, tw), (_, bw)) in t.iter().zip(&b) {
         assert_ne!(tw.data, bw.data, "{name} was not trained");
+    }
+}
+
+#[test]
+fn full_finetune_of_a_bf16_checkpoint_writes_bf16() {
+    use tuneloop::model::safetensors_io::{decode_f32, FloatDtype, TensorStore};
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("bf16");
+    common::bf16_copy(&base_model(tmp.path()), &base);
+    let out_dir = tmp.path().join("run");
+    let out = finetune_quickstart(&base, &out_dir, &["--peft.full=true", "--step_scheduler.max_steps=3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // each weight as the base stores it: the last checkpoint's f32 masters, rounded
+    let written = TensorStore::open_dir(&out_dir.join("model")).unwrap();
+    let masters = TensorStore::open_dir(&out_dir.join("checkpoints/step-000003/model")).unwrap();
+    assert_eq!(written.names(), masters.names());
+    for name in written.names() {
+        let (w, m) = (written.get(name).unwrap(), masters.get(name).unwrap());
+        assert_eq!((w.dtype, m.dtype), (safetensors::Dtype::BF16, safetensors::Dtype::F32), "{name}");
+        assert!(
+            w.bytes == FloatDtype::Bf16.encode(&decode_f32(&m).unwrap()),
+            "{name}: not the masters rounded"
+        );
     }
 }
 

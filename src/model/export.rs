@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::config::{Arch, ModelConfig, RopeScaling};
 use super::lora::{Adapter, Proj};
-use super::safetensors_io::save_named;
+use super::safetensors_io::{save_named, FloatDtype};
 use super::weights::Model;
 use crate::ops::Ops;
 
@@ -181,20 +181,12 @@ pub struct MergeReport {
     pub bytes: u64,
 }
 
-/// How a merged weight goes back into its file: the dtype it came in.
-#[derive(Clone, Copy)]
-enum Encoding {
-    F32,
-    Bf16,
-    F16,
-}
-
 /// One tensor of a merged export: the base's bytes as they are, or (`delta`: A, B and
 /// the scale) `W + scale·B·A` in W's own dtype, computed when the writer reaches it, so
 /// one merged tensor is in memory at a time.
 struct ExportView<'a> {
     w: crate::ops::HostWeight<'a>,
-    delta: Option<(&'a [f32], &'a [f32], f32, Encoding)>,
+    delta: Option<(&'a [f32], &'a [f32], f32, FloatDtype)>,
 }
 
 impl safetensors::View for ExportView<'_> {
@@ -207,27 +199,10 @@ impl safetensors::View for ExportView<'_> {
     }
 
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        use half::{bf16, f16};
-        let Some((a, b, scale, enc)) = self.delta else { return self.w.bytes.into() };
-        let bytes = self.w.bytes;
-        let mut v: Vec<f32> = match enc {
-            Encoding::F32 => {
-                bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-            }
-            Encoding::Bf16 => {
-                bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
-            }
-            Encoding::F16 => {
-                bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
-            }
-        };
+        let Some((a, b, scale, dtype)) = self.delta else { return self.w.bytes.into() };
+        let mut v = dtype.decode(self.w.bytes);
         add_low_rank(&mut v, a, b, self.w.shape[1], scale);
-        let out: Vec<u8> = match enc {
-            Encoding::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            Encoding::Bf16 => v.iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect(),
-            Encoding::F16 => v.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect(),
-        };
-        out.into()
+        dtype.encode(&v).into()
     }
 
     fn data_len(&self) -> usize {
@@ -263,14 +238,12 @@ pub fn merge_export(base: &Path, adapter_dir: &Path, out: &Path) -> Result<Merge
         let delta = match deltas.remove(*name) {
             None => None,
             Some(pair) => {
-                let enc = match w.dtype {
-                    safetensors::Dtype::F32 => Encoding::F32,
-                    safetensors::Dtype::BF16 => Encoding::Bf16,
-                    safetensors::Dtype::F16 => Encoding::F16,
-                    other => anyhow::bail!(
-                        "{}: tensor `{name}` is {other:?}; a LoRA pair merges into F32, BF16 or F16 weights",
-                        base.display()
-                    ),
+                let Some(dtype) = FloatDtype::of(w.dtype) else {
+                    anyhow::bail!(
+                        "{}: tensor `{name}` is {:?}; a LoRA pair merges into F32, BF16 or F16 weights",
+                        base.display(),
+                        w.dtype
+                    )
                 };
                 let (out_dim, in_dim) = (pair.b.shape[0], pair.a.shape[1]);
                 anyhow::ensure!(
@@ -279,7 +252,7 @@ pub fn merge_export(base: &Path, adapter_dir: &Path, out: &Path) -> Result<Merge
                     base.display(),
                     w.shape
                 );
-                Some((pair.a.data.as_slice(), pair.b.data.as_slice(), scale, enc))
+                Some((pair.a.data.as_slice(), pair.b.data.as_slice(), scale, dtype))
             }
         };
         views.push((name.to_string(), ExportView { w, delta }));

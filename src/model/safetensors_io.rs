@@ -144,15 +144,60 @@ impl TensorStore {
     }
 }
 
+/// The floating-point dtypes a weight is read from and written in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FloatDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl FloatDtype {
+    /// `None` for a dtype that is not F32, BF16 or F16.
+    pub fn of(dtype: Dtype) -> Option<Self> {
+        match dtype {
+            Dtype::F32 => Some(Self::F32),
+            Dtype::BF16 => Some(Self::Bf16),
+            Dtype::F16 => Some(Self::F16),
+            _ => None,
+        }
+    }
+
+    pub fn dtype(self) -> Dtype {
+        match self {
+            Self::F32 => Dtype::F32,
+            Self::Bf16 => Dtype::BF16,
+            Self::F16 => Dtype::F16,
+        }
+    }
+
+    /// Little-endian element bytes as f32 values.
+    pub fn decode(self, b: &[u8]) -> Vec<f32> {
+        match self {
+            Self::F32 => {
+                b.par_chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+            }
+            Self::Bf16 => b.par_chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Self::F16 => b.par_chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        }
+    }
+
+    /// f32 values as little-endian element bytes of this dtype (rounded to nearest even).
+    pub fn encode(self, v: &[f32]) -> Vec<u8> {
+        match self {
+            Self::F32 => v.par_iter().flat_map_iter(|x| x.to_le_bytes()).collect(),
+            Self::Bf16 => v.par_iter().flat_map_iter(|&x| bf16::from_f32(x).to_le_bytes()).collect(),
+            Self::F16 => v.par_iter().flat_map_iter(|&x| f16::from_f32(x).to_le_bytes()).collect(),
+        }
+    }
+}
+
 /// A floating-point tensor as f32 values (F32, BF16 and F16 are accepted).
 pub fn decode_f32(w: &HostWeight) -> Result<Vec<f32>> {
-    let b = w.bytes;
-    Ok(match w.dtype {
-        Dtype::F32 => b.par_chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        Dtype::BF16 => b.par_chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        Dtype::F16 => b.par_chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        other => bail!("tensor `{}` has dtype {other:?}; expected F32, BF16 or F16", w.name),
-    })
+    match FloatDtype::of(w.dtype) {
+        Some(f) => Ok(f.decode(w.bytes)),
+        None => bail!("tensor `{}` has dtype {:?}; expected F32, BF16 or F16", w.name, w.dtype),
+    }
 }
 
 /// An integer tensor (I64 or I32) as i64 values.

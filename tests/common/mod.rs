@@ -154,3 +154,32 @@ pub fn adapter_values(run_dir: &Path, base: &Path) -> Vec<f32> {
         tuneloop::model::Adapter::load(&cpu, &run_dir.join("adapter"), &model.cfg).expect("adapter");
     adapter.named().into_iter().flat_map(|(_, t)| cpu.download(t).expect("download")).collect()
 }
+
+/// A copy of the HF model directory `src` in `dst` with every weight stored in bf16
+/// (rounded to nearest even), its config.json and tokenizer files as they are.
+pub fn bf16_copy(src: &Path, dst: &Path) {
+    use tuneloop::model::safetensors_io::{decode_f32, FloatDtype, TensorStore};
+    std::fs::create_dir_all(dst).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() && !path.to_string_lossy().contains("safetensors") {
+            std::fs::copy(&path, dst.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let store = TensorStore::open_dir(src).unwrap();
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = store
+        .names()
+        .into_iter()
+        .map(|name| {
+            let w = store.get(name).unwrap();
+            (name.to_string(), w.shape.clone(), FloatDtype::Bf16.encode(&decode_f32(&w).unwrap()))
+        })
+        .collect();
+    let views = tensors.iter().map(|(n, shape, bytes)| {
+        (
+            n.clone(),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, shape.clone(), bytes).unwrap(),
+        )
+    });
+    safetensors::serialize_to_file(views, None, &dst.join("model.safetensors")).unwrap();
+}

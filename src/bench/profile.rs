@@ -163,6 +163,10 @@ impl<O: Ops> Ops for Profiled<'_, O> {
         self.run("zeros", || self.inner.zeros(shape))
     }
 
+    fn zeros_like(&self, t: &Self::Tensor) -> Result<Self::Tensor> {
+        self.run("zeros_like", || self.inner.zeros_like(t))
+    }
+
     fn fill_zero(&self, t: &mut Self::Tensor) -> Result<()> {
         self.run("fill_zero", || self.inner.fill_zero(t))
     }

@@ -244,6 +244,11 @@ pub trait Ops {
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
     fn shape<'a>(&self, t: &'a Self::Tensor) -> &'a [usize];
     fn zeros(&self, shape: &[usize]) -> Result<Self::Tensor>;
+    /// Zeros of `t`'s shape and element type (an activation-type accumulator; [`Ops::zeros`]
+    /// gives f32 ones, as gradients and optimizer states are).
+    fn zeros_like(&self, t: &Self::Tensor) -> Result<Self::Tensor> {
+        self.zeros(self.shape(t))
+    }
     fn fill_zero(&self, t: &mut Self::Tensor) -> Result<()>;
     /// Copy `n` rows of `src` starting at `src_row` into `dst` at `dst_row`.
     fn copy_rows(

@@ -168,10 +168,11 @@ pub fn train_step<O: Ops>(
     };
     let denom = loss_denominator(denominator, &targets);
     let scale = 1.0 / denom.max(1) as f32;
-    let (n, d) = rows_cols(ops.shape(&state.final_norm));
+    let n = rows_cols(ops.shape(&state.final_norm)).0;
     let chunk =
         head_rows.unwrap_or_else(|| head_chunk_rows(dec.model.cfg.vocab_size, ops.activation_bytes())).max(1);
-    let mut dnorm = ops.zeros(&[n, d])?;
+    // in the activation type, as each chunk's input gradient comes (no casts either way)
+    let mut dnorm = ops.zeros_like(&state.final_norm)?;
     let mut out = StepLoss::default();
     {
         let _head = crate::profiling::range(c"lm_head_loss");

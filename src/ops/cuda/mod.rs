@@ -682,6 +682,11 @@ impl Ops for CudaOps {
         self.alloc_zeros_as(shape, DType::F32)
     }
 
+    fn zeros_like(&self, t: &CudaTensor) -> Result<CudaTensor> {
+        let _range = crate::profiling::range(c"zeros_like");
+        self.alloc_zeros_as(&t.shape, t.dtype())
+    }
+
     fn fill_zero(&self, t: &mut CudaTensor) -> Result<()> {
         let _range = crate::profiling::range(c"fill_zero");
         let stream = &self.rt.stream;

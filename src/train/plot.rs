@@ -41,7 +41,7 @@ pub fn loss_curve_png(history: &[Metrics], path: &Path) -> Result<()> {
         root.fill(&WHITE).map_err(err)?;
         let y_ticks = ticks(y0, y1, 8);
         let x_ticks = ticks(0.0, x1, 10);
-        let y_label_width = y_ticks.iter().map(|&v| label(v, &y_ticks).len()).max().unwrap_or(1) as i32;
+        let y_label_width = y_ticks.iter().map(|(_, text)| text.len()).max().unwrap_or(1) as i32;
         let mut chart = ChartBuilder::on(&root)
             .margin(20)
             .margin_top(20 + GLYPH + 8) // the legend
@@ -51,10 +51,10 @@ pub fn loss_curve_png(history: &[Metrics], path: &Path) -> Result<()> {
             .build_cartesian_2d(0.0..x1, y0..y1)
             .map_err(err)?;
         let grid = ShapeStyle::from(&RGBColor(225, 225, 225)).stroke_width(1);
-        for &x in &x_ticks {
+        for &(x, _) in &x_ticks {
             chart.draw_series(std::iter::once(PathElement::new([(x, y0), (x, y1)], grid))).map_err(err)?;
         }
-        for &y in &y_ticks {
+        for &(y, _) in &y_ticks {
             chart.draw_series(std::iter::once(PathElement::new([(0.0, y), (x1, y)], grid))).map_err(err)?;
         }
         let axes = ShapeStyle::from(&RGBColor(120, 120, 120)).stroke_width(1);
@@ -65,32 +65,28 @@ pub fn loss_curve_png(history: &[Metrics], path: &Path) -> Result<()> {
         chart.draw_series(val.iter().map(|&p| Circle::new(p, 4, RED.filled()))).map_err(err)?;
 
         let ink = RGBColor(60, 60, 60);
-        for &x in &x_ticks {
-            let text = label(x, &x_ticks);
-            let (px, py) = chart.backend_coord(&(x, y0));
-            let w = text.chars().count() as i32 * GLYPH;
-            draw_text(&root, &text, (px - w / 2, py + 6), &ink).map_err(err)?;
+        for (x, text) in &x_ticks {
+            let (px, py) = chart.backend_coord(&(*x, y0));
+            draw_text(&root, text, (px - width(text) / 2, py + 6), &ink).map_err(err)?;
         }
-        for &y in &y_ticks {
-            let text = label(y, &y_ticks);
-            let (px, py) = chart.backend_coord(&(0.0, y));
-            let w = text.chars().count() as i32 * GLYPH;
-            draw_text(&root, &text, (px - 8 - w, py - GLYPH / 2), &ink).map_err(err)?;
+        for (y, text) in &y_ticks {
+            let (px, py) = chart.backend_coord(&(0.0, *y));
+            draw_text(&root, text, (px - 8 - width(text), py - GLYPH / 2), &ink).map_err(err)?;
         }
         let (left, bottom) = chart.backend_coord(&(0.0, y0));
         let (right, _) = chart.backend_coord(&(x1, y0));
-        draw_text(&root, "step", ((left + right) / 2 - 2 * GLYPH, bottom + GLYPH + 12), &ink).map_err(err)?;
-        // legend, top right: a blue line for the training loss, a red dot for validation
-        let top = 20;
-        // a 24-pixel line, "train loss", a gap, a dot, "val loss"
-        let mut x = SIZE.0 as i32 - 20 - (32 + 11 * GLYPH + 16 + 8 * GLYPH);
-        root.draw(&PathElement::new([(x, top + GLYPH / 2), (x + 24, top + GLYPH / 2)], BLUE.stroke_width(2)))
+        draw_text(&root, "step", ((left + right - width("step")) / 2, bottom + GLYPH + 12), &ink)
             .map_err(err)?;
-        x += 32;
-        draw_text(&root, "train loss", (x, top), &ink).map_err(err)?;
-        x += 11 * GLYPH;
-        root.draw(&Circle::new((x + 4, top + GLYPH / 2), 4, RED.filled())).map_err(err)?;
-        draw_text(&root, "val loss", (x + 16, top), &ink).map_err(err)?;
+        // legend, top right: a 24-pixel blue line and "train loss", a gap of one glyph, a
+        // red dot and "val loss"
+        let (top, mid) = (20, 20 + GLYPH / 2);
+        let (train_text, val_text) = ("train loss", "val loss");
+        let mut x = SIZE.0 as i32 - 20 - (32 + width(train_text) + GLYPH + 16 + width(val_text));
+        root.draw(&PathElement::new([(x, mid), (x + 24, mid)], BLUE.stroke_width(2))).map_err(err)?;
+        draw_text(&root, train_text, (x + 32, top), &ink).map_err(err)?;
+        x += 32 + width(train_text) + GLYPH;
+        root.draw(&Circle::new((x + 4, mid), 4, RED.filled())).map_err(err)?;
+        draw_text(&root, val_text, (x + 16, top), &ink).map_err(err)?;
         root.present().map_err(err)?;
     }
     std::fs::rename(&tmp, path).map_err(|e| anyhow!("renaming into {}: {e}", path.display()))?;
@@ -98,34 +94,29 @@ pub fn loss_curve_png(history: &[Metrics], path: &Path) -> Result<()> {
 }
 
 /// Round values from `lo` to `hi` at a step of 1, 2 or 5 times a power of ten, about
-/// `n` of them (at least 2 when the range is not empty).
-fn ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
+/// `n` of them, each with its label: as many decimals as the step needs.
+fn ticks(lo: f64, hi: f64, n: usize) -> Vec<(f64, String)> {
     let span = hi - lo;
     if span.is_nan() || span <= 0.0 || span.is_infinite() {
-        return vec![lo];
+        return vec![(lo, format!("{lo}"))];
     }
     let rough = span / n.max(1) as f64;
     let pow = 10f64.powf(rough.log10().floor());
     let step = [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * pow).find(|&s| s >= rough).unwrap_or(10.0 * pow);
-    let first = (lo / step).ceil() as i64;
-    let last = (hi / step).floor() as i64;
-    (first..=last).map(|i| i as f64 * step).collect()
-}
-
-/// A tick value with as many decimals as the ticks' spacing needs.
-fn label(v: f64, ticks: &[f64]) -> String {
-    let step = match ticks {
-        [a, b, ..] => (b - a).abs(),
-        _ => 1.0,
-    };
     // (log10 of 0.1 may come out a hair above or below -1)
     let decimals = if step >= 1.0 { 0 } else { (-step.log10() - 1e-9).ceil() as usize };
-    let s = format!("{v:.decimals$}");
-    if s.starts_with('-') && s.trim_start_matches(['-', '0', '.']).is_empty() {
-        s[1..].to_string() // no "-0.0"
-    } else {
-        s
-    }
+    let (first, last) = ((lo / step).ceil() as i64, (hi / step).floor() as i64);
+    (first..=last)
+        .map(|i| {
+            let v = i as f64 * step;
+            (v, format!("{v:.decimals$}"))
+        })
+        .collect()
+}
+
+/// Pixels `text` takes across.
+fn width(text: &str) -> i32 {
+    text.chars().count() as i32 * GLYPH
 }
 
 /// Writes `text` with its top-left corner at `at`, each font pixel a [`TEXT_SCALE`]-wide
@@ -178,24 +169,19 @@ mod tests {
 
     #[test]
     fn ticks_are_round_values_inside_the_range() {
-        assert_eq!(ticks(0.0, 100.0, 10), (0..=10).map(|i| 10.0 * i as f64).collect::<Vec<_>>());
-        assert_eq!(ticks(1.93, 9.83, 8), vec![2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]);
-        let t = ticks(2.031, 2.069, 8);
+        let labels = |t: Vec<(f64, String)>| t.into_iter().map(|(_, s)| s).collect::<Vec<_>>();
+        let values = |t: Vec<(f64, String)>| t.into_iter().map(|(v, _)| v).collect::<Vec<_>>();
+        assert_eq!(values(ticks(0.0, 100.0, 10)), (0..=10).map(|i| 10.0 * i as f64).collect::<Vec<_>>());
+        assert_eq!(values(ticks(1.93, 9.83, 8)), vec![2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]);
         assert_eq!(
-            t.iter().map(|&v| label(v, &t)).collect::<Vec<_>>(),
+            labels(ticks(2.031, 2.069, 8)),
             ["2.035", "2.040", "2.045", "2.050", "2.055", "2.060", "2.065"]
         );
-        assert_eq!(
-            ticks(0.0, 3.0, 10).iter().map(|&v| label(v, &ticks(0.0, 3.0, 10))).collect::<Vec<_>>()[..3],
-            ["0.0", "0.5", "1.0"]
-        );
-        let t = ticks(6.33, 6.93, 8);
-        assert_eq!(
-            t.iter().map(|&v| label(v, &t)).collect::<Vec<_>>(),
-            ["6.4", "6.5", "6.6", "6.7", "6.8", "6.9"]
-        );
-        assert_eq!(ticks(4.0, 4.0, 8), vec![4.0]);
-        assert_eq!(label(-0.0001, &[0.0, 0.5]), "0.0");
+        assert_eq!(labels(ticks(0.0, 3.0, 10))[..3], ["0.0", "0.5", "1.0"]);
+        assert_eq!(labels(ticks(6.33, 6.93, 8)), ["6.4", "6.5", "6.6", "6.7", "6.8", "6.9"]);
+        assert_eq!(values(ticks(4.0, 4.0, 8)), vec![4.0]);
+        // a range through zero: "0.0", never "-0.0"
+        assert_eq!(labels(ticks(-0.27, 0.26, 5)), ["-0.2", "0.0", "0.2"]);
     }
 
     #[test]

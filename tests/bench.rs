@@ -4,9 +4,7 @@ use std::process::{Command, Output};
 
 use tuneloop::bench::{anchors, packed_lengths, synthetic_batch, FullStep, LoraStep, Profiled};
 use tuneloop::model::decoder::Recompute;
-use tuneloop::model::presets::{
-    linear_params, lora_step_flops, lora_step_flops_per_token, preset, step_flops_per_token,
-};
+use tuneloop::model::presets::{linear_params, preset, step_flops, step_flops_per_token};
 use tuneloop::model::{LoraConfig, Model, Proj};
 use tuneloop::ops::cpu::{CpuOps, CpuTensor};
 
@@ -32,9 +30,9 @@ fn flops_of_llama32_1b_at_seq_2048_by_hand() {
 
     let cfg = preset("llama3.2-1b").unwrap();
     assert_eq!(linear_params(&cfg), linear);
-    assert_eq!(lora_step_flops_per_token(&cfg, 2048), by_hand);
+    assert_eq!(step_flops_per_token(&cfg, 2048, false), by_hand);
     // a [4, 2048] batch is 4 sequences of 2048 tokens at that rate
-    assert_eq!(lora_step_flops(&cfg, &[2048; 4]), 4.0 * 2048.0 * by_hand);
+    assert_eq!(step_flops(&cfg, &[2048; 4], false), 4.0 * 2048.0 * by_hand);
 }
 
 #[test]
@@ -49,7 +47,7 @@ fn packed_documents_fill_the_batch_and_attend_over_less() {
     assert_eq!(plain.seq_lens, vec![256; 4]);
     assert_eq!(packed.ids.len(), plain.ids.len());
     assert!(packed.seq_lens.len() > 4);
-    assert!(lora_step_flops(&cfg, &packed.seq_lens) < lora_step_flops(&cfg, &plain.seq_lens));
+    assert!(step_flops(&cfg, &packed.seq_lens, false) < step_flops(&cfg, &plain.seq_lens, false));
 }
 
 #[test]
@@ -254,7 +252,7 @@ fn bench_json_is_one_consistent_line() {
     assert!(close(step_s, mean, 1e-12));
 
     let fpt = f("flops_per_token");
-    assert_eq!(fpt, lora_step_flops_per_token(&preset("tiny").unwrap(), 64));
+    assert_eq!(fpt, step_flops_per_token(&preset("tiny").unwrap(), 64, false));
     assert!(close(f("tflops"), fpt * tok_s / 1e12, 1e-9));
     assert!(close(f("mfu"), f("tflops") / j["gemm"]["tflops"].as_f64().unwrap(), 1e-9));
     assert_eq!(j["gemm"]["n"], 1024);

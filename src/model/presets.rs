@@ -54,28 +54,18 @@ pub fn linear_params(c: &ModelConfig) -> u64 {
     per_layer * c.num_hidden_layers as u64 + d * c.vocab_size as u64
 }
 
-/// Model FLOPs per token of a LoRA training step, counted as the anchor figures are:
-/// 4 × linear parameters + 3.5 × causal attention (2·2·layers·seq·hidden / 2).
-pub fn lora_step_flops_per_token(c: &ModelConfig, seq: usize) -> f64 {
-    step_flops_per_token(c, seq, false)
-}
-
-/// Model FLOPs per token of a training step: 4 × linear parameters (forward and input
-/// gradient) in a LoRA step, 6 × in full fine-tuning (the weight gradients too), plus
-/// 3.5 × causal attention (2·2·layers·seq·hidden / 2) in both.
+/// Model FLOPs per token of a training step, counted as the anchor figures are: 4 ×
+/// linear parameters (forward and input gradient) in a LoRA step, 6 × in full
+/// fine-tuning (the weight gradients too), plus 3.5 × causal attention
+/// (2·2·layers·seq·hidden / 2) in both.
 pub fn step_flops_per_token(c: &ModelConfig, seq: usize, full: bool) -> f64 {
     let attn = 2.0 * 2.0 * c.num_hidden_layers as f64 * seq as f64 * c.hidden_size as f64 / 2.0;
     (if full { 6.0 } else { 4.0 }) * linear_params(c) as f64 + 3.5 * attn
 }
 
-/// Model FLOPs of one LoRA training step over sequences of these lengths (a plain
+/// Model FLOPs of one training step over sequences of these lengths (a plain
 /// `[batch, seq]` batch, or packed documents, whose attention spans only their own
-/// tokens): each sequence's tokens at [`lora_step_flops_per_token`] of its length.
-pub fn lora_step_flops(c: &ModelConfig, seq_lens: &[usize]) -> f64 {
-    step_flops(c, seq_lens, false)
-}
-
-/// [`lora_step_flops`] for a LoRA (`full` false) or a full fine-tuning step.
+/// tokens): each sequence's tokens at [`step_flops_per_token`] of its length.
 pub fn step_flops(c: &ModelConfig, seq_lens: &[usize], full: bool) -> f64 {
     seq_lens.iter().map(|&len| len as f64 * step_flops_per_token(c, len, full)).sum()
 }

@@ -8,17 +8,22 @@ use anyhow::{Context, Result};
 /// Writes `bytes` to `path` through a temp file in the same directory and a rename, so
 /// a reader (or a run killed half-way) never sees a half-written file.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = temp_file_beside(path)?;
+    tmp.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
+    tmp.as_file().sync_all().with_context(|| format!("syncing {}", path.display()))?;
+    tmp.persist(path).with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
+}
+
+/// A temporary file in `path`'s directory (created if missing), to be renamed onto
+/// `path` once whole: a rename within one file system replaces the file at once.
+pub fn temp_file_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("creating a temp file in {}", dir.display()))?;
-    tmp.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
-    tmp.as_file().sync_all().with_context(|| format!("syncing {}", path.display()))?;
-    tmp.persist(path).with_context(|| format!("renaming into {}", path.display()))?;
-    Ok(())
+    tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a temp file in {}", dir.display()))
 }
 
 /// ‖a − b‖ / ‖b‖ in f64 (‖a − b‖ when b is all zeros).

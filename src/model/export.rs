@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::config::{Arch, ModelConfig, RopeScaling};
 use super::lora::{Adapter, Proj};
-use super::safetensors_io::{save_named, FloatDtype};
+use super::safetensors_io::{pt_metadata, save_named, write_views, FloatDtype};
 use super::weights::Model;
 use crate::ops::Ops;
 
@@ -21,6 +21,17 @@ pub const TOKENIZER_FILES: &[&str] = &[
     "chat_template.json",
     "generation_config.json",
 ];
+
+/// Copies a model directory's `config.json` as it is and whichever tokenizer files it
+/// has from `base` into `to` (each atomically): what a model derived from `base` without
+/// changing its shapes (merged, or fully fine-tuned) carries over.
+pub fn copy_config_and_tokenizer(base: &Path, to: &Path) -> Result<()> {
+    let config = base.join("config.json");
+    let bytes = std::fs::read(&config).with_context(|| format!("reading {}", config.display()))?;
+    crate::util::atomic_write(&to.join("config.json"), &bytes)?;
+    copy_tokenizer_files(base, to)?;
+    Ok(())
+}
 
 /// Copies whichever tokenizer files `from` has into `to` (each atomically).
 pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<usize> {
@@ -137,28 +148,11 @@ impl<T> Model<T> {
             &serde_json::to_vec_pretty(&self.cfg.to_hf_json())?,
         )
     }
-
-    /// Folds the adapter into the frozen weights: `W += scale · B·A` for every LoRA pair.
-    pub fn merge<O: Ops<Tensor = T>>(&mut self, ops: &O, adapter: &Adapter<T>) -> Result<()> {
-        let scale = adapter.cfg.scale();
-        for (l, layer) in self.layers.iter_mut().enumerate() {
-            for p in Proj::ALL {
-                let Some(pair) = adapter.pair(l, p) else { continue };
-                let w = &mut layer.proj[p as usize].w;
-                let shape = ops.shape(w).to_vec();
-                let (a, b) = (ops.download(&pair.a)?, ops.download(&pair.b)?);
-                let mut host = ops.download(w)?;
-                add_low_rank(&mut host, &a, &b, shape[1], scale);
-                *w = ops.upload(&host, &shape)?;
-            }
-        }
-        Ok(())
-    }
 }
 
 /// `W += scale · B·A` on a row-major `[out, in]` weight (`B [out, r]`, `A [r, in]`), in
 /// f32, each element's products added in the order of k.
-pub fn add_low_rank(w: &mut [f32], a: &[f32], b: &[f32], inp: usize, scale: f32) {
+fn add_low_rank(w: &mut [f32], a: &[f32], b: &[f32], inp: usize, scale: f32) {
     use rayon::prelude::*;
     let r = a.len() / inp.max(1);
     w.par_chunks_exact_mut(inp.max(1)).enumerate().for_each(|(i, row)| {
@@ -262,15 +256,8 @@ pub fn merge_export(base: &Path, adapter_dir: &Path, out: &Path) -> Result<Merge
     }
     let merged = views.iter().filter(|(_, v)| v.delta.is_some()).count();
     let bytes = views.iter().map(|(_, v)| v.w.bytes.len() as u64).sum();
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
-    let file = out.join("model.safetensors");
-    safetensors::serialize_to_file(views, Some(meta), &file)
-        .map_err(|e| anyhow::anyhow!("writing {}: {e}", file.display()))?;
-    let config = std::fs::read(base.join("config.json"))
-        .with_context(|| format!("reading {}", base.join("config.json").display()))?;
-    crate::util::atomic_write(&out.join("config.json"), &config)?;
-    copy_tokenizer_files(base, out)?;
+    write_views(&out.join("model.safetensors"), views, pt_metadata())?;
+    copy_config_and_tokenizer(base, out)?;
     copy_tokenizer_files(adapter_dir, out)?;
     Ok(MergeReport { tensors: names.len(), merged, bytes })
 }

@@ -163,6 +163,14 @@ impl FloatDtype {
         }
     }
 
+    /// Bytes an element.
+    pub fn size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::Bf16 | Self::F16 => 2,
+        }
+    }
+
     pub fn dtype(self) -> Dtype {
         match self {
             Self::F32 => Dtype::F32,
@@ -212,6 +220,11 @@ pub fn decode_i64(w: &HostWeight) -> Result<Vec<i64>> {
     })
 }
 
+/// The metadata PyTorch writes (`format: pt`), which transformers expects.
+pub fn pt_metadata() -> Option<HashMap<String, String>> {
+    Some([("format".to_string(), "pt".to_string())].into_iter().collect())
+}
+
 /// Downloads each named tensor and writes them all as f32 safetensors (PyTorch's
 /// `format: pt` metadata), atomically.
 pub fn save_named<'a, O: crate::ops::Ops>(
@@ -222,31 +235,86 @@ pub fn save_named<'a, O: crate::ops::Ops>(
 where
     O::Tensor: 'a,
 {
-    let mut tensors = BTreeMap::new();
-    for (name, t) in named {
-        tensors.insert(name, (ops.shape(t).to_vec(), ops.download(t)?));
-    }
-    let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
-    write_f32(path, &tensors, Some(meta))
+    save_named_as(ops, named, path, |_| FloatDtype::F32)
 }
 
-/// Serialises f32 tensors (sorted by name, as safetensors stores them) with optional
-/// metadata, and writes them atomically.
+/// [`save_named`] with each tensor stored as `dtype_of(name)` (f32 values rounded to
+/// nearest even for BF16 and F16).
+pub fn save_named_as<'a, O: crate::ops::Ops>(
+    ops: &O,
+    named: impl IntoIterator<Item = (String, &'a O::Tensor)>,
+    path: &Path,
+    dtype_of: impl Fn(&str) -> FloatDtype,
+) -> Result<()>
+where
+    O::Tensor: 'a,
+{
+    let mut tensors = Vec::new();
+    for (name, t) in named {
+        let dtype = dtype_of(&name);
+        tensors.push((name, ops.shape(t).to_vec(), dtype, ops.download(t)?));
+    }
+    let views = tensors.iter().map(|(name, shape, dtype, values)| {
+        (name.clone(), Encoded { dtype: *dtype, shape: shape.clone(), values })
+    });
+    write_views(path, views, pt_metadata())
+}
+
+/// f32 values stored as `dtype`: F32 as they are, BF16 and F16 rounded when the writer
+/// reaches them.
+struct Encoded<'a> {
+    dtype: FloatDtype,
+    shape: Vec<usize>,
+    values: &'a [f32],
+}
+
+impl safetensors::View for Encoded<'_> {
+    fn dtype(&self) -> Dtype {
+        self.dtype.dtype()
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        match self.dtype {
+            FloatDtype::F32 => bytemuck::cast_slice(self.values).into(),
+            other => other.encode(self.values).into(),
+        }
+    }
+
+    fn data_len(&self) -> usize {
+        self.values.len() * self.dtype.size()
+    }
+}
+
+/// Writes f32 tensors (safetensors stores them sorted by name) with optional metadata,
+/// atomically ([`write_views`]).
 pub fn write_f32(
     path: &Path,
     tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(name, (shape, data))| {
-            let bytes: &[u8] = bytemuck::cast_slice(data);
-            safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| anyhow::anyhow!("tensor `{name}`: {e}"))
-        })
-        .collect::<Result<_>>()?;
-    let bytes =
-        safetensors::serialize(views, metadata).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    crate::util::atomic_write(path, &bytes)
+    let views = tensors.iter().map(|(name, (shape, values))| {
+        (name.clone(), Encoded { dtype: FloatDtype::F32, shape: shape.clone(), values })
+    });
+    write_views(path, views, metadata)
+}
+
+/// Writes a safetensors file of `tensors` at `path`, each tensor's bytes taken from its
+/// view when the writer reaches them (never the whole file in memory), then synced to
+/// disk and renamed into place: a reader sees the old file or the whole new one, as
+/// [`crate::util::atomic_write`] gives for bytes.
+pub fn write_views<V: safetensors::View>(
+    path: &Path,
+    tensors: impl IntoIterator<Item = (String, V)>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let tmp = crate::util::temp_file_beside(path)?.into_temp_path();
+    safetensors::serialize_to_file(tensors, metadata, &tmp)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    File::open(&tmp).and_then(|f| f.sync_all()).with_context(|| format!("syncing {}", path.display()))?;
+    tmp.persist(path).with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
 }

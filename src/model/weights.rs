@@ -96,10 +96,6 @@ impl<T> Model<T> {
             .with_context(|| format!("loading model {}", dir.display()))
     }
 
-    pub fn from_store<O: Ops<Tensor = T>>(ops: &O, cfg: ModelConfig, store: &TensorStore) -> Result<Self> {
-        Self::build(cfg, |name, shape| ops.upload_weight(&store.get_shaped(name, shape)?))
-    }
-
     /// A model of the same config from `tensors`, one for each of [`Model::named`]'s
     /// names (in any order), tied the same way.
     pub fn from_named(cfg: ModelConfig, tensors: impl IntoIterator<Item = (String, T)>) -> Result<Self> {

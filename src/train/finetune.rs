@@ -355,29 +355,10 @@ pub fn save_adapter<O: Ops>(
 /// HF saves a model loaded in bf16; the checkpoints keep them in f32), the base's
 /// `config.json` as it is (training changes no shape) and its tokenizer files.
 pub fn save_model<O: Ops>(ops: &O, model: &Model<O::Tensor>, dir: &Path, base_dir: &Path) -> Result<()> {
-    use crate::model::safetensors_io::{FloatDtype, TensorStore};
-    let store = TensorStore::open_dir(base_dir)?;
-    let mut tensors = Vec::new();
-    for (name, t) in model.named() {
-        let dtype = store.get(&name).ok().and_then(|w| FloatDtype::of(w.dtype)).unwrap_or(FloatDtype::F32);
-        tensors.push((name, ops.shape(t).to_vec(), dtype, dtype.encode(&ops.download(t)?)));
-    }
-    let views = tensors
-        .iter()
-        .map(|(name, shape, dtype, bytes)| {
-            safetensors::tensor::TensorView::new(dtype.dtype(), shape.clone(), bytes)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| anyhow::anyhow!("tensor `{name}`: {e}"))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let file = dir.join("model.safetensors");
-    let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
-    safetensors::serialize_to_file(views, Some(meta), &file)
-        .map_err(|e| anyhow::anyhow!("writing {}: {e}", file.display()))?;
-    let config = base_dir.join("config.json");
-    let bytes = std::fs::read(&config).with_context(|| format!("reading {}", config.display()))?;
-    crate::util::atomic_write(&dir.join("config.json"), &bytes)?;
-    crate::model::export::copy_tokenizer_files(base_dir, dir)?;
-    Ok(())
+    use crate::model::safetensors_io::{save_named_as, FloatDtype, TensorStore};
+    let base = TensorStore::open_dir(base_dir)?;
+    let dtype_of =
+        |name: &str| base.get(name).ok().and_then(|w| FloatDtype::of(w.dtype)).unwrap_or(FloatDtype::F32);
+    save_named_as(ops, model.named(), &dir.join("model.safetensors"), dtype_of)?;
+    crate::model::export::copy_config_and_tokenizer(base_dir, dir)
 }

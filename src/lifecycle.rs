@@ -5,9 +5,11 @@
 //! Idempotent: an agent whose feedback files are all as the last cycle saw them
 //! (`<work_dir>/<agent>/loop_state.json`) is skipped. Resumable: a cycle's run directory is named by its inputs, so a killed
 //! cycle resumes its fine-tune from the last checkpoint, and a version already
-//! registered for the same inputs is reused rather than registered twice.
+//! registered for the same inputs is reused rather than registered twice. The fine-tune
+//! runs in this process, or data-parallel over worker processes ([`TrainOn`]).
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -15,6 +17,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::dist::launch::{run_workers, LaunchArgs, Output};
 use crate::eval::gate::{self, GateConfig, GateReport};
 use crate::eval::{EvalOptions, Turns};
 use crate::recipe::Recipe;
@@ -178,13 +181,30 @@ fn fmt_cmp(c: &gate::Comparison) -> String {
     format!("{} {} vs {} ({})", c.metric, f(c.candidate), f(c.reference), c.reference_label)
 }
 
+/// Where a cycle's fine-tune runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TrainOn {
+    /// In this process, on one device.
+    InProcess,
+    /// Data-parallel over `nproc_per_node` worker processes on this node (one per GPU):
+    /// `exe finetune -c <recipe> [--resume] --key=value ...`, the loop's overrides given
+    /// as the command line's, started and watched as `finetune --nproc-per-node` does.
+    Workers { exe: PathBuf, nproc_per_node: usize },
+}
+
 /// Runs one cycle for every agent (`only`: just that one); `force` ignores cadence.
-pub fn run(cfg: &LoopConfig, only: Option<&str>, force: bool, progress: bool) -> Result<Vec<CycleOutcome>> {
+pub fn run(
+    cfg: &LoopConfig,
+    only: Option<&str>,
+    force: bool,
+    progress: bool,
+    train: &TrainOn,
+) -> Result<Vec<CycleOutcome>> {
     let reg = Registry::open(&cfg.registry)?;
     let mut out = Vec::new();
     for agent in cfg.agents.iter().filter(|a| only.is_none_or(|o| o == a.name)) {
-        let outcome =
-            cycle(cfg, &reg, agent, force, progress).with_context(|| format!("agent {}", agent.name))?;
+        let outcome = cycle(cfg, &reg, agent, force, progress, train)
+            .with_context(|| format!("agent {}", agent.name))?;
         out.push(outcome);
     }
     if let Some(o) = only {
@@ -201,6 +221,7 @@ fn cycle(
     a: &AgentConfig,
     force: bool,
     progress: bool,
+    train: &TrainOn,
 ) -> Result<CycleOutcome> {
     let skip = |why: String| CycleOutcome {
         agent: a.name.clone(),
@@ -281,7 +302,27 @@ fn cycle(
         && run_dir.join("loss.png").exists();
     if !done {
         let resume = !crate::train::checkpoint::list(&run_dir.join("checkpoints"))?.is_empty();
-        crate::train::finetune::finetune(&recipe, resume, None, progress)?;
+        match train {
+            TrainOn::InProcess => {
+                crate::train::finetune::finetune(&recipe, resume, None, progress)?;
+            }
+            TrainOn::Workers { exe, nproc_per_node } => {
+                let mut argv: Vec<OsString> = vec!["finetune".into(), "-c".into(), a.recipe.clone().into()];
+                if resume {
+                    argv.push("--resume".into());
+                }
+                argv.extend(overrides.iter().map(|(k, v)| OsString::from(format!("--{k}={v}"))));
+                let args = LaunchArgs {
+                    nproc_per_node: *nproc_per_node,
+                    nnodes: 1,
+                    node_rank: 0,
+                    master_addr: None,
+                    master_port: None,
+                };
+                run_workers(&args, exe, &argv, Output::Stderr)
+                    .with_context(|| format!("fine-tuning {}", run_dir.display()))?;
+            }
+        }
     }
 
     // gate: against production (or the base), on the task set and the regression set

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use clap::{Parser, Subcommand};
 
 use std::io::{IsTerminal, Write};
@@ -139,6 +139,10 @@ enum Command {
         /// Ignore the agents' cadence.
         #[arg(long)]
         force: bool,
+        /// Run each cycle's fine-tune data-parallel over N worker processes on this node
+        /// (one per GPU), as `finetune --nproc-per-node N`; eval and gate stay on one.
+        #[arg(long, value_name = "N")]
+        nproc_per_node: Option<usize>,
     },
     /// The adapter registry: versions, aliases (production, canary, ...) and history.
     Registry {
@@ -463,10 +467,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print!("{}", report.markdown());
             Ok(if report.passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Command::Loop { config, agent, force } => {
+        Command::Loop { config, agent, force, nproc_per_node } => {
             let cfg = tuneloop::lifecycle::LoopConfig::load(&config)?;
-            let rows =
-                tuneloop::lifecycle::run(&cfg, agent.as_deref(), force, std::io::stderr().is_terminal())?;
+            let env = tuneloop::dist::DistEnv::from_env()?;
+            ensure!(
+                env.world_size <= 1,
+                "loop runs as one process, but this one is rank {} of {} (RANK/WORLD_SIZE or Slurm's \
+                 variables): start it once, with --nproc-per-node N for a data-parallel fine-tune",
+                env.rank,
+                env.world_size
+            );
+            let train = match nproc_per_node {
+                None => tuneloop::lifecycle::TrainOn::InProcess,
+                Some(n) => tuneloop::lifecycle::TrainOn::Workers {
+                    exe: std::env::current_exe().context("finding the tuneloop executable")?,
+                    nproc_per_node: n,
+                },
+            };
+            let rows = tuneloop::lifecycle::run(
+                &cfg,
+                agent.as_deref(),
+                force,
+                std::io::stderr().is_terminal(),
+                &train,
+            )?;
             print!("{}", tuneloop::lifecycle::summary_table(&rows));
             Ok(ExitCode::SUCCESS)
         }

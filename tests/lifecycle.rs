@@ -1,12 +1,27 @@
 //! `tuneloop loop`: a cycle trains, gates, registers and promotes; running it again
 //! with no new feedback does nothing; a cycle killed after registering reuses its
 //! version instead of registering it twice; new feedback makes a second version whose
-//! rollback restores the first adapter's bytes.
+//! rollback restores the first adapter's bytes. With `--nproc-per-node`, the cycle's
+//! fine-tune runs data-parallel over worker processes and gives one process's adapter.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 
-use tuneloop::lifecycle::{run, LoopConfig};
+use common::{adapter_values, tuneloop_cmd};
+use tuneloop::lifecycle::{run as run_loop, LoopConfig, TrainOn};
 use tuneloop::registry::Registry;
+use tuneloop::util::rel_l2;
+
+/// A cycle for every agent, its fine-tune in this process.
+fn run(
+    cfg: &LoopConfig,
+    only: Option<&str>,
+    force: bool,
+    progress: bool,
+) -> anyhow::Result<Vec<tuneloop::lifecycle::CycleOutcome>> {
+    run_loop(cfg, only, force, progress, &TrainOn::InProcess)
+}
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -126,4 +141,63 @@ fn a_full_fine_tuning_recipe_is_refused_before_training() {
     };
     assert!(runs.iter().all(|r| !r.join("checkpoints").exists() && !r.join("model").exists()), "{runs:?}");
     assert!(Registry::open(&cfg.registry).unwrap().versions("order-help").map_or(true, |v| v.is_empty()));
+}
+
+#[test]
+fn a_cycle_on_two_workers_trains_the_adapter_of_one_process() {
+    let one = tempfile::tempdir().unwrap();
+    let cfg = setup(one.path());
+    let rows = run(&cfg, None, false, false).unwrap();
+    assert_eq!(rows[0].version.as_deref(), Some("v1"), "{rows:?}");
+
+    let two = tempfile::tempdir().unwrap();
+    let cfg2 = setup(two.path());
+    let out = tuneloop_cmd()
+        .args(["loop", "--nproc-per-node", "2", "-c"])
+        .arg(two.path().join("loop.yaml"))
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("launching 2 worker(s)") && stderr.contains("all 2 ranks arrived"), "{stderr}");
+    // standard output is the summary table alone: the workers' lines went to stderr
+    assert!(stdout.starts_with("| agent |") && stdout.contains("| order-help | v1 | pass |"), "{stdout}");
+    assert!(!stdout.contains("trained 4 steps") && stderr.contains("trained 4 steps"), "{stdout}");
+
+    // the cycle's run directory: one per set of inputs
+    let run_dir = |cfg: &LoopConfig| {
+        let dirs: Vec<PathBuf> = cfg
+            .work_dir
+            .join("order-help")
+            .read_dir()
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_dir())
+            .collect();
+        assert_eq!(dirs.len(), 1, "{dirs:?}");
+        dirs[0].clone()
+    };
+    let e = rel_l2(
+        &adapter_values(&run_dir(&cfg2), &cfg2.base_model),
+        &adapter_values(&run_dir(&cfg), &cfg.base_model),
+    );
+    assert!(e < 1e-4, "2 workers vs 1 process: adapters differ by {e:.2e}");
+    let reg2 = Registry::open(&cfg2.registry).unwrap();
+    assert_eq!(reg2.aliases("order-help").unwrap()["production"].version, "v1");
+}
+
+#[test]
+fn loop_refuses_to_run_as_one_rank_of_many() {
+    let tmp = tempfile::tempdir().unwrap();
+    setup(tmp.path());
+    let out = tuneloop_cmd()
+        .args(["loop", "-c"])
+        .arg(tmp.path().join("loop.yaml"))
+        .envs([("RANK", "1"), ("WORLD_SIZE", "2")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("rank 1 of 2") && err.contains("--nproc-per-node"), "{err}");
+    assert!(!tmp.path().join("work").exists(), "it started a cycle");
 }

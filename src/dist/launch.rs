@@ -8,6 +8,7 @@
 //! names the rank that failed first.
 
 use std::ffi::OsString;
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
@@ -112,6 +113,20 @@ pub fn launch(args: &LaunchArgs, argv: &[OsString]) -> Result<()> {
     );
     let exe = std::env::current_exe().context("finding the tuneloop executable")?;
     let worker_argv = strip_launcher_flags(argv.get(1..).unwrap_or_default());
+    run_workers(args, &exe, &worker_argv, Output::Inherit)
+}
+
+/// Where the workers' standard output goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    Inherit,
+    /// To this process's standard error (its standard output stays its own).
+    Stderr,
+}
+
+/// Runs this node's workers of `exe worker_argv` to the end, each with its rank's
+/// variables ([`worker_envs`]).
+pub fn run_workers(args: &LaunchArgs, exe: &Path, worker_argv: &[OsString], output: Output) -> Result<()> {
     let envs = worker_envs(args)?;
     let world = args.nnodes * args.nproc_per_node;
     eprintln!(
@@ -121,12 +136,16 @@ pub fn launch(args: &LaunchArgs, argv: &[OsString]) -> Result<()> {
     let mut workers: Vec<(usize, Child)> = Vec::with_capacity(envs.len());
     for (local, vars) in envs {
         let rank = args.node_rank * args.nproc_per_node + local;
-        let child = Command::new(&exe).args(&worker_argv).envs(vars).spawn();
-        match child {
+        let mut cmd = Command::new(exe);
+        cmd.args(worker_argv).envs(vars);
+        if output == Output::Stderr {
+            cmd.stdout(std::io::stderr());
+        }
+        match cmd.spawn() {
             Ok(c) => workers.push((rank, c)),
             Err(e) => {
                 stop_all(&mut workers);
-                return Err(e).with_context(|| format!("starting rank {rank}"));
+                return Err(e).with_context(|| format!("starting rank {rank} ({})", exe.display()));
             }
         }
     }

@@ -55,21 +55,30 @@ run_step() { # name, log, command...
     if "$@" >"$logs/$log" 2>&1; then
         record "$name" ok
     else
-        record "$name" "FAIL (rc $?, see $log)"
+        local rc=$?
+        if [[ $rc == 124 ]]; then
+            record "$name" "FAIL (timed out, see $log)"
+        else
+            record "$name" "FAIL (rc $rc, see $log)"
+        fi
     fi
     tail -n 25 "$logs/$log"
 }
 
+# Every command has a time limit, so that one that hangs (a kernel that never ends, a
+# collective waiting for nobody) costs its own step, not the session's device time.
+tl() { timeout 150 $bundle/tuneloop "$@"; }
+
 run_step "cuda_ops tests (GPU, ignored ones)" cuda-ops.log \
-    $bundle/cuda_ops --ignored --test-threads=1
-run_step "cuda_ops tests (no-GPU ones)" cuda-ops-plain.log $bundle/cuda_ops --test-threads=1
+    timeout 240 $bundle/cuda_ops --ignored --test-threads=1
+run_step "cuda_ops tests (no-GPU ones)" cuda-ops-plain.log timeout 60 $bundle/cuda_ops --test-threads=1
 
 if [[ ${TUNELOOP_MEMCHECK:-1} == 0 ]]; then
     record "compute-sanitizer memcheck (op tests)" "skipped (TUNELOOP_MEMCHECK=0)"
 elif command -v compute-sanitizer >/dev/null 2>&1 || [[ -x /usr/local/cuda/bin/compute-sanitizer ]]; then
     cs="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
     run_step "compute-sanitizer memcheck (op tests)" memcheck.log \
-        "$cs" --tool memcheck --error-exitcode 1 $bundle/cuda_ops --ignored --test-threads=1 \
+        timeout 500 "$cs" --tool memcheck --error-exitcode 1 $bundle/cuda_ops --ignored --test-threads=1 \
         --skip cuda_f32_matches_hf_goldens --skip cuda_bf16_matches_hf_goldens
     # shared-memory hazards of the tensor-core attention's cp.async/ldmatrix pipeline
     run_step "compute-sanitizer racecheck (attention bf16)" racecheck.log \
@@ -81,9 +90,9 @@ fi
 
 cases=(tests/fixtures/hf-goldens/*/)
 run_step "parity cuda f32 (tol 1e-4)" parity-f32.log \
-    $bundle/tuneloop parity --backend cuda --dtype f32 --tol 1e-4 --case "${cases[@]}"
+    tl parity --backend cuda --dtype f32 --tol 1e-4 --case "${cases[@]}"
 run_step "parity cuda bf16 (tol 2e-2)" parity-bf16.log \
-    $bundle/tuneloop parity --backend cuda --dtype bf16 --tol 2e-2 --case "${cases[@]}"
+    tl parity --backend cuda --dtype bf16 --tol 2e-2 --case "${cases[@]}"
 
 # ---- data parallel over NCCL: world size 1 through the rendezvous and NCCL must give the
 # plain run's adapter (issue: scale out). The tiny quickstart model, CUDA f32.
@@ -92,10 +101,10 @@ mkdir -p "$dp"
 dp_args=(finetune -c configs/quickstart.yaml --model.path="$dp/base" --step_scheduler.max_steps=20
     --step_scheduler.ckpt_every_steps=10 --backend=cuda --model.dtype=f32)
 dp_check() {
-    $bundle/tuneloop init-model --tokenizer configs/quickstart/tokenizer --out "$dp/base" --embed-std 0.08 &&
-        $bundle/tuneloop "${dp_args[@]}" --output_dir="$dp/plain" &&
-        RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29517 \
-            $bundle/tuneloop "${dp_args[@]}" --output_dir="$dp/nccl" &&
+    tl init-model --tokenizer configs/quickstart/tokenizer --out "$dp/base" --embed-std 0.08 &&
+        tl "${dp_args[@]}" --output_dir="$dp/plain" &&
+        RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29517 TUNELOOP_DIST_TIMEOUT=60 \
+            tl "${dp_args[@]}" --output_dir="$dp/nccl" &&
         cmp "$dp/plain/adapter/adapter_model.safetensors" "$dp/nccl/adapter/adapter_model.safetensors" &&
         echo "world-size-1 NCCL adapter == single-process adapter (byte for byte)"
 }
@@ -107,8 +116,8 @@ run_step "NCCL world size 1 == single process" dp-nccl.log dp_check
 full_args=(finetune -c configs/quickstart.yaml --model.path="$dp/base" --step_scheduler.max_steps=6
     --peft.full=true --optimizer.lr=2e-5)
 full_check() {
-    $bundle/tuneloop "${full_args[@]}" --backend=cuda --model.dtype=bf16 --output_dir="$dp/full-cuda" &&
-        $bundle/tuneloop "${full_args[@]}" --backend=cpu --output_dir="$dp/full-cpu" &&
+    tl "${full_args[@]}" --backend=cuda --model.dtype=bf16 --output_dir="$dp/full-cuda" &&
+        tl "${full_args[@]}" --backend=cpu --output_dir="$dp/full-cpu" &&
         python3 - "$dp/full-cuda/metrics.jsonl" "$dp/full-cpu/metrics.jsonl" <<'PY'
 import json, sys
 def losses(path):

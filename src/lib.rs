@@ -6,6 +6,7 @@ pub mod bench;
 pub mod data;
 pub mod dist;
 pub mod eval;
+pub mod interrupt;
 pub mod kernels;
 pub mod lifecycle;
 pub mod model;

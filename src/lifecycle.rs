@@ -203,6 +203,11 @@ pub fn run(
     let reg = Registry::open(&cfg.registry)?;
     let mut out = Vec::new();
     for agent in cfg.agents.iter().filter(|a| only.is_none_or(|o| o == a.name)) {
+        if crate::interrupt::requested() {
+            bail!(crate::interrupt::Interrupted {
+                what: format!("stopped by a signal before agent {}'s cycle", agent.name)
+            });
+        }
         let outcome = cycle(cfg, &reg, agent, force, progress, train)
             .with_context(|| format!("agent {}", agent.name))?;
         out.push(outcome);

@@ -389,6 +389,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print!("{}", recipe.to_yaml());
                 return Ok(ExitCode::SUCCESS);
             }
+            // Ctrl-C or SIGTERM: stop after the step with a checkpoint (a second: at once)
+            tuneloop::interrupt::install()?;
             if let Some(args) = launch.launcher() {
                 let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
                 tuneloop::dist::launch::launch(&args, &argv)?;
@@ -477,6 +479,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 env.rank,
                 env.world_size
             );
+            tuneloop::interrupt::install()?;
             let train = match nproc_per_node {
                 None => tuneloop::lifecycle::TrainOn::InProcess,
                 Some(n) => tuneloop::lifecycle::TrainOn::Workers {
@@ -680,6 +683,11 @@ fn main() -> ExitCode {
         .init();
     match run(Cli::parse()) {
         Ok(code) => code,
+        // stopped by a signal with its work kept: 130, as a shell reports SIGINT
+        Err(e) if e.downcast_ref::<tuneloop::interrupt::Interrupted>().is_some() => {
+            eprintln!("{e:#}");
+            ExitCode::from(tuneloop::interrupt::EXIT_STATUS)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)

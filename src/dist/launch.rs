@@ -6,6 +6,11 @@
 //! When a worker fails, the others get a grace period to notice on their own (they lose
 //! its connection, or their collective times out), then are killed; the launcher's error
 //! names the rank that failed first.
+//!
+//! The workers run in a process group of their own, so Ctrl-C at a terminal reaches the
+//! launcher alone: it passes the first SIGINT or SIGTERM on to every worker as SIGTERM
+//! (they stop after the same step, with a checkpoint: [`crate::interrupt`]) and kills
+//! them on the second. A worker whose launcher dies gets SIGTERM too (Linux).
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -138,6 +143,7 @@ pub fn run_workers(args: &LaunchArgs, exe: &Path, worker_argv: &[OsString], outp
         let rank = args.node_rank * args.nproc_per_node + local;
         let mut cmd = Command::new(exe);
         cmd.args(worker_argv).envs(vars);
+        own_group_and_parent_death_signal(&mut cmd);
         if output == Output::Stderr {
             cmd.stdout(std::io::stderr());
         }
@@ -149,7 +155,44 @@ pub fn run_workers(args: &LaunchArgs, exe: &Path, worker_argv: &[OsString], outp
             }
         }
     }
+    let _second = crate::interrupt::SecondSignalHandled::new();
     watch(workers)
+}
+
+#[cfg(unix)]
+fn own_group_and_parent_death_signal(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    cmd.process_group(0);
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl is async-signal-safe, and the closure touches nothing else.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(unix))]
+fn own_group_and_parent_death_signal(_cmd: &mut Command) {}
+
+/// Sends SIGTERM to each worker still running.
+fn terminate(workers: &[(usize, Child)]) {
+    #[cfg(unix)]
+    for (_, c) in workers {
+        if let Ok(pid) = libc::pid_t::try_from(c.id()) {
+            // SAFETY: kill has no memory-safety preconditions; the pid is our child's,
+            // not yet waited for, so it names that process.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    }
+}
+
+/// A worker that stopped on a signal with its checkpoint ([`crate::interrupt`]).
+fn stopped_on_signal(status: &ExitStatus) -> bool {
+    status.code() == Some(i32::from(crate::interrupt::EXIT_STATUS))
 }
 
 /// Waits for every worker; after the first failure, gives the rest [`GRACE`] and kills
@@ -157,13 +200,32 @@ pub fn run_workers(args: &LaunchArgs, exe: &Path, worker_argv: &[OsString], outp
 fn watch(mut workers: Vec<(usize, Child)>) -> Result<()> {
     let mut first_failure: Option<(usize, ExitStatus)> = None;
     let mut failed_at: Option<Instant> = None;
+    let (mut forwarded, mut stopped) = (false, 0usize);
     while !workers.is_empty() {
+        match crate::interrupt::signals() {
+            0 => {}
+            1 if !forwarded => {
+                eprintln!("signal: asking the workers to stop after this step, with a checkpoint");
+                terminate(&workers);
+                forwarded = true;
+            }
+            1 => {}
+            _ => {
+                eprintln!("second signal: killing the workers");
+                stop_all(&mut workers);
+                bail!(crate::interrupt::Interrupted {
+                    what: "killed by a second signal; the last checkpoint is intact".into()
+                });
+            }
+        }
         let mut i = 0;
         while i < workers.len() {
             match workers[i].1.try_wait() {
                 Ok(Some(status)) => {
                     let (rank, _) = workers.remove(i);
-                    if !status.success() && first_failure.is_none() {
+                    if stopped_on_signal(&status) {
+                        stopped += 1;
+                    } else if !status.success() && first_failure.is_none() {
                         eprintln!("rank {rank} failed ({status}); stopping the other ranks");
                         first_failure = Some((rank, status));
                         failed_at = Some(Instant::now());
@@ -183,6 +245,11 @@ fn watch(mut workers: Vec<(usize, Child)>) -> Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     match first_failure {
+        None if stopped > 0 => bail!(crate::interrupt::Interrupted {
+            what: format!(
+                "{stopped} worker(s) stopped by a signal after the same step, rank 0 with a checkpoint"
+            )
+        }),
         None => Ok(()),
         Some((rank, status)) => {
             bail!("rank {rank} failed ({status}); the run stopped (its last checkpoint is intact)")

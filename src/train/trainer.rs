@@ -156,6 +156,9 @@ pub struct BatchStats {
     /// the sum took on this rank (waiting for the slowest rank included).
     pub reduced_values: usize,
     pub reduce_s: f64,
+    /// Whether a signal asked any rank to stop ([`crate::interrupt`]) before its share
+    /// of this batch was summed: every rank sees the same answer.
+    pub stop_requested: bool,
 }
 
 /// The gradient of the global batch's mean loss, into `grads` (zeroed first).
@@ -179,7 +182,7 @@ pub fn global_batch_gradients<O: Ops, P: Trainable<O::Tensor>>(
 ) -> Result<BatchStats> {
     let denom: usize = micro.iter().map(|b| b.n_targets()).sum();
     ops.fill_zero_all(&mut grads.tensors_mut())?;
-    let mut host = [0.0f64, 0.0]; // loss sum, tokens
+    let mut host = [0.0f64, 0.0, 0.0]; // loss sum, tokens, ranks asked to stop
     let copy = params.compute_copy(ops)?;
     let params = copy.as_ref().unwrap_or(params);
     // Every rank starts the layers' buckets in the same order (the backward's, last
@@ -209,6 +212,7 @@ pub fn global_batch_gradients<O: Ops, P: Trainable<O::Tensor>>(
             start(l, &g)?;
         }
     }
+    host[2] = f64::from(u8::from(crate::interrupt::requested()));
     let mut tensors = grads.tensors_mut();
     let reduced_values =
         tensors.iter().map(|t| ops.shape(t).iter().product::<usize>()).sum::<usize>() + host.len();
@@ -217,7 +221,14 @@ pub fn global_batch_gradients<O: Ops, P: Trainable<O::Tensor>>(
     dist.all_reduce_sum(ops, &mut tensors, &mut host)?;
     drop(reduce);
     let reduce_s = t0.elapsed().as_secs_f64();
-    Ok(BatchStats { loss_sum: host[0], n_targets: denom, tokens: host[1] as usize, reduced_values, reduce_s })
+    Ok(BatchStats {
+        loss_sum: host[0],
+        n_targets: denom,
+        tokens: host[1] as usize,
+        reduced_values,
+        reduce_s,
+        stop_requested: host[2] > 0.0,
+    })
 }
 
 struct MetricsLog {
@@ -474,12 +485,25 @@ pub fn train_data_parallel<O: Ops, P: Trainable<O::Tensor>>(
             (m.val_loss, m.val_token_accuracy) = (Some(l), Some(a));
         }
         log.push(m)?;
-        let stopping = state.step == stop;
+        // a signal: stop here with a checkpoint, unless this step ends the run anyway
+        let interrupted = stats.stop_requested && !last;
+        let stopping = state.step == stop || interrupted;
         if root && (last || stopping || cfg.ckpt_every.is_some_and(|n| n > 0 && state.step % n == 0)) {
             let _range = crate::profiling::range(c"checkpoint");
             let dir = checkpoint::save(ops, &ckpt_root, &state, &params, &opt)?;
             checkpoint::prune(&ckpt_root, cfg.keep_last)?;
             tracing::info!("checkpoint {}", dir.display());
+        }
+        if interrupted {
+            bar.finish_and_clear();
+            return Err(crate::interrupt::Interrupted {
+                what: format!(
+                    "stopped by a signal after step {} of {total_steps}, its checkpoint in {}",
+                    state.step,
+                    ckpt_root.display()
+                ),
+            }
+            .into());
         }
     }
     bar.finish_and_clear();

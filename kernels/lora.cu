@@ -3,13 +3,22 @@
 // a uniform in [0, 1)), so the backward regenerates the mask and every backend draws
 // the same one.
 //
-//   dropout_fwd:      out[i] = x[i] * factor(i)
-//   dropout_bwd_acc:  dx[i] += g[i] * factor(i)     (g: gradient of the dropped input)
+// The dropped input drop(x)[i] = x[i] * factor(i) is never written: the three products
+// that read it apply the mask as they load x (i is the flat index into the dense
+// [n, in] input, as on the CPU; x's rows may be ldx >= in elements apart, an input with
+// room for the LoRA path, below):
 //
-// Launch: 1-D, any grid (grid-stride), blockDim.x a multiple of 32. The element index i
-// is the flat index into the [rows, in] input, as on the CPU. The forward's x may have
-// rows `ldx` >= in elements apart (an input with room for the LoRA path, below); out is
-// dense.
+//   xa_dropout:    xa[row, j] = sum_c drop(x)[row, c] * a[j, c]          ([n, r], T)
+//       The LoRA path's forward. One warp a group of XA_ROWS rows (grid-stride), its
+//       lanes striding the columns, RC ranks at a time; f32 sums, warp-reduced.
+//       Launch: any grid, blockDim.x a multiple of 32.
+//   da_dropout:    part[chunk, j, c] = sum over the chunk's rows of dxa[row, j] * drop(x)[row, c]
+//       dA's share of each chunk of rows (f32), summed over the chunks in their order by
+//       col_sum_acc into dA: deterministic. One thread a column, RC ranks at a time.
+//       Launch: grid (ceil(in / blockDim.x), chunks), rows split evenly over the chunks.
+//   dx_dropout_acc: dx[row, c] += factor(row * in + c) * sum_j dxa[row, j] * a[j, c]
+//       The input gradient's low-rank share added to dx = dy·W (dense), each value
+//       rounded once. Launch: 1-D, any grid.
 //
 // The LoRA path inside the frozen product. With x [n, in] stored in rows of ldx >= in + r
 // and W [out, in] in rows of ldw >= in + r, one GEMM over K = in + r computes
@@ -40,12 +49,80 @@ __device__ __forceinline__ float dropout_factor(unsigned long long seed, unsigne
     return u < p ? 0.0f : 1.0f / (1.0f - p);
 }
 
+// ranks a pass (sums in registers); a larger rank takes several passes
+constexpr int RC = 16;
+constexpr int XA_ROWS = 4;
+
 template <typename T>
-__device__ void dropout_fwd(T* out, const T* x, size_t n, int in, int ldx, float p, unsigned long long seed) {
-    if (in <= 0) return;
-    tl::for_each_rc(n / in, (size_t)in, [&](size_t i, size_t r, size_t c) {
-        tl::store_f32(out + i, tl::load_f32(x + r * ldx + c) * dropout_factor(seed, i, p));
-    });
+__device__ void xa_dropout(T* xa, const T* x, int ldx, const T* a, int n, int in, int r, float p,
+                           unsigned long long seed) {
+    const int lane = threadIdx.x % 32;
+    const int warps = (gridDim.x * blockDim.x) / 32;
+    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    for (int row0 = warp * XA_ROWS; row0 < n; row0 += warps * XA_ROWS) {
+        for (int j0 = 0; j0 < r; j0 += RC) {
+            float acc[XA_ROWS][RC];
+#pragma unroll
+            for (int k = 0; k < XA_ROWS; ++k) {
+#pragma unroll
+                for (int j = 0; j < RC; ++j) acc[k][j] = 0.0f;
+            }
+            for (int c = lane; c < in; c += 32) {
+                float v[XA_ROWS];
+#pragma unroll
+                for (int k = 0; k < XA_ROWS; ++k) {
+                    const int row = row0 + k;
+                    v[k] = row < n ? tl::load_f32(x + (size_t)row * ldx + c) *
+                                         dropout_factor(seed, (size_t)row * in + c, p)
+                                   : 0.0f;
+                }
+#pragma unroll
+                for (int j = 0; j < RC; ++j) {
+                    if (j0 + j < r) {
+                        const float aj = tl::load_f32(a + (size_t)(j0 + j) * in + c);
+#pragma unroll
+                        for (int k = 0; k < XA_ROWS; ++k) acc[k][j] += v[k] * aj;
+                    }
+                }
+            }
+#pragma unroll
+            for (int k = 0; k < XA_ROWS; ++k) {
+#pragma unroll
+                for (int j = 0; j < RC; ++j) {
+                    const float total = tl::warp_reduce_sum(acc[k][j]);
+                    if (lane == j && row0 + k < n && j0 + j < r) {
+                        tl::store_f32(xa + (size_t)(row0 + k) * r + j0 + j, total);
+                    }
+                }
+            }
+        }
+    }
+}
+
+template <typename T>
+__device__ void da_dropout(float* part, const T* dxa, const T* x, int ldx, int n, int in, int r, float p,
+                           unsigned long long seed) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    const int chunks = gridDim.y, chunk = blockIdx.y;
+    const int per = (n + chunks - 1) / chunks;
+    const int r0 = chunk * per, r1 = min(n, r0 + per);
+    if (c >= in) return;
+    for (int j0 = 0; j0 < r; j0 += RC) {
+        float acc[RC];
+#pragma unroll
+        for (int j = 0; j < RC; ++j) acc[j] = 0.0f;
+        for (int row = r0; row < r1; ++row) {
+            const float v = tl::load_f32(x + (size_t)row * ldx + c) * dropout_factor(seed, (size_t)row * in + c, p);
+#pragma unroll
+            for (int j = 0; j < RC; ++j) {
+                if (j0 + j < r) acc[j] += tl::load_f32(dxa + (size_t)row * r + j0 + j) * v;
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < RC; ++j) {
+            if (j0 + j < r) part[((size_t)chunk * r + j0 + j) * in + c] = acc[j];
+        }
+    }
 }
 
 template <typename T>
@@ -64,10 +141,13 @@ __device__ void tails(T* x, int ldx, int in, const T* xa, int n, int r, float sc
 }
 
 template <typename T>
-__device__ void dropout_bwd_acc(T* dx, const T* g, size_t n, float p, unsigned long long seed) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        tl::store_f32(dx + i, tl::load_f32(dx + i) + tl::load_f32(g + i) * dropout_factor(seed, i, p));
-    }
+__device__ void dx_dropout_acc(T* dx, const T* dxa, const T* a, int n, int in, int r, float p,
+                               unsigned long long seed) {
+    tl::for_each_rc((size_t)n, (size_t)in, [&](size_t i, size_t row, size_t c) {
+        float s = 0.0f;
+        for (int j = 0; j < r; ++j) s += tl::load_f32(dxa + row * r + j) * tl::load_f32(a + (size_t)j * in + c);
+        tl::store_f32(dx + i, tl::load_f32(dx + i) + s * dropout_factor(seed, i, p));
+    });
 }
 
 template <typename T>
@@ -86,13 +166,22 @@ __device__ void rows(T* dy, int ldy, int out, const T* dxa, int n, int r, T* w, 
 
 }  // namespace tl_lora
 
-extern "C" __global__ void lora_dropout_fwd_f32(float* out, const float* x, size_t n, int in, int ldx, float p,
-                                                unsigned long long seed) {
-    tl_lora::dropout_fwd(out, x, n, in, ldx, p, seed);
+extern "C" __global__ void lora_xa_dropout_f32(float* xa, const float* x, int ldx, const float* a, int n, int in,
+                                               int r, float p, unsigned long long seed) {
+    tl_lora::xa_dropout(xa, x, ldx, a, n, in, r, p, seed);
 }
-extern "C" __global__ void lora_dropout_fwd_bf16(__nv_bfloat16* out, const __nv_bfloat16* x, size_t n, int in,
-                                                 int ldx, float p, unsigned long long seed) {
-    tl_lora::dropout_fwd(out, x, n, in, ldx, p, seed);
+extern "C" __global__ void lora_xa_dropout_bf16(__nv_bfloat16* xa, const __nv_bfloat16* x, int ldx,
+                                                const __nv_bfloat16* a, int n, int in, int r, float p,
+                                                unsigned long long seed) {
+    tl_lora::xa_dropout(xa, x, ldx, a, n, in, r, p, seed);
+}
+extern "C" __global__ void lora_da_dropout_f32(float* part, const float* dxa, const float* x, int ldx, int n, int in,
+                                               int r, float p, unsigned long long seed) {
+    tl_lora::da_dropout(part, dxa, x, ldx, n, in, r, p, seed);
+}
+extern "C" __global__ void lora_da_dropout_bf16(float* part, const __nv_bfloat16* dxa, const __nv_bfloat16* x,
+                                                int ldx, int n, int in, int r, float p, unsigned long long seed) {
+    tl_lora::da_dropout(part, dxa, x, ldx, n, in, r, p, seed);
 }
 extern "C" __global__ void lora_tails_f32(float* x, int ldx, int in, const float* xa, int n, int r, float scale,
                                           float* w, int ldw, const float* b, int out) {
@@ -111,11 +200,12 @@ extern "C" __global__ void lora_tails_bf16(__nv_bfloat16* x, int ldx, int in, co
                                            int out) {
     tl_lora::tails(x, ldx, in, xa, n, r, scale, w, ldw, b, out);
 }
-extern "C" __global__ void lora_dropout_bwd_acc_f32(float* dx, const float* g, size_t n, float p,
-                                                    unsigned long long seed) {
-    tl_lora::dropout_bwd_acc(dx, g, n, p, seed);
+extern "C" __global__ void lora_dx_dropout_acc_f32(float* dx, const float* dxa, const float* a, int n, int in,
+                                                   int r, float p, unsigned long long seed) {
+    tl_lora::dx_dropout_acc(dx, dxa, a, n, in, r, p, seed);
 }
-extern "C" __global__ void lora_dropout_bwd_acc_bf16(__nv_bfloat16* dx, const __nv_bfloat16* g, size_t n,
-                                                     float p, unsigned long long seed) {
-    tl_lora::dropout_bwd_acc(dx, g, n, p, seed);
+extern "C" __global__ void lora_dx_dropout_acc_bf16(__nv_bfloat16* dx, const __nv_bfloat16* dxa,
+                                                    const __nv_bfloat16* a, int n, int in, int r, float p,
+                                                    unsigned long long seed) {
+    tl_lora::dx_dropout_acc(dx, dxa, a, n, in, r, p, seed);
 }

@@ -3,8 +3,9 @@
 # checks correctness first; keep the two in separate calls, each fits the 10-minute
 # limit): `tuneloop bench --kernels` (each kernel against its floor) at the 1B and 8B
 # shapes, then `tuneloop bench` on the shapes of DESIGN.md's anchor table (the 1B one
-# also with `--lora-apart`, for what the LoRA fold gains), as markdown tables into $OUT
-# (or gpu-logs/). Copy the numbers into BENCHMARKS.md.
+# also with `--lora-apart`, for what the LoRA fold gains, and with `--lora-dropout
+# 0.05`), as markdown tables into $OUT (or gpu-logs/). Copy the numbers into
+# BENCHMARKS.md.
 # TUNELOOP_BENCH_QUICK=1 leaves out the 8B seq-2048 shape and the full fine-tuning step
 # of Qwen2.5-0.5B (scripts/gpu-all.sh).
 set -uo pipefail
@@ -36,4 +37,7 @@ if [[ ${TUNELOOP_BENCH_QUICK:-0} == 0 ]]; then
     bench bench-0.5b-full.log 90 --preset qwen2.5-0.5b --full --seq 2048 --batch 4 --warmup 1 --steps 3
 fi
 bench bench-8b-4096.log 170 --preset llama3.1-8b --seq 4096 --batch 2 --warmup 1 --steps 3
+# with PEFT's common lora_dropout: the mask applied inside the LoRA products (last: the
+# one a slow session leaves out)
+bench bench-1b-dropout.log 60 --preset llama3.2-1b --seq 2048 --batch 4 --warmup 1 --steps 3 --no-profile --lora-dropout 0.05
 exit $failed

@@ -191,6 +191,9 @@ enum Command {
         /// LoRA rank on all seven projections (alpha = 2r).
         #[arg(long, default_value_t = 16)]
         lora_r: usize,
+        /// LoRA dropout on the LoRA paths' inputs (PEFT's `lora_dropout`; 0: none).
+        #[arg(long, default_value_t = 0.0)]
+        lora_dropout: f32,
         /// Keep only each layer's input and recompute its activations in the backward;
         /// `--recompute K` does it in every K-th layer only (layers 0, K, 2K, ...).
         #[arg(long, value_name = "K", num_args = 0..=1, default_missing_value = "1")]
@@ -570,6 +573,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             seq,
             batch,
             lora_r,
+            lora_dropout,
             recompute,
             packing,
             lora_apart,
@@ -592,6 +596,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 seq,
                 batch,
                 lora_r,
+                lora_dropout,
                 recompute: match recompute {
                     None => tuneloop::model::decoder::Recompute::Off,
                     Some(k) => tuneloop::model::decoder::Recompute::every(k)

@@ -258,6 +258,7 @@ fn bench_json_is_one_consistent_line() {
     assert_eq!(j["gemm"]["n"], 1024);
     assert!(j["peak_memory_bytes"].as_u64().unwrap() > 0);
     assert_eq!(j["recompute"], "off");
+    assert_eq!(j["lora_dropout"], 0.0);
     assert!(f("loss_first").is_finite() && f("loss_last").is_finite());
     let ops = j["profile"]["ops"].as_array().expect("profile");
     assert!(ops.iter().any(|o| o["op"] == "linear_fwd" && o["seconds"].as_f64().unwrap() > 0.0));
@@ -320,6 +321,8 @@ fn bench_errors_name_what_is_wrong() {
     assert_clean_error(&out, "unknown preset `llama9-70b`");
     let out = tuneloop(&["bench", "--preset", "tiny", "--seq", "1"]);
     assert_clean_error(&out, "--seq 1");
+    let out = tuneloop(&["bench", "--preset", "tiny", "--seq", "8", "--lora-dropout", "1"]);
+    assert_clean_error(&out, "--lora-dropout 1 is not in [0, 1)");
     let dir = tempfile::tempdir().unwrap();
     let out = tuneloop(&["bench", "--model", dir.path().to_str().unwrap(), "--backend", "cpu"]);
     assert_clean_error(&out, "config.json");
@@ -378,4 +381,22 @@ fn bench_kernels_times_every_kernel_against_its_floor() {
     let attn = |name: &str| kernels.iter().find(|k| k["kernel"] == name).unwrap()["flops"].as_f64().unwrap();
     assert_eq!(attn("attention_fwd"), 4.0 * 128.0 * 1056.0);
     assert_eq!(attn("attention_bwd"), 2.5 * 4.0 * 128.0 * 1056.0);
+}
+
+#[test]
+fn lora_dropout_steps_draw_a_mask_and_train_otherwise() {
+    let cfg = preset("tiny").unwrap();
+    let batch = synthetic_batch(&cfg, 48, 2, false, 3).unwrap();
+    let lora = LoraConfig::new(4, 8.0, Proj::ALL.to_vec());
+    let run = |p: f32| {
+        let mut st = LoraStep::new(&CpuOps, cfg.clone(), &lora, batch.clone(), 5).unwrap();
+        st.lora_dropout = p;
+        (0..3).map(|_| st.step(&CpuOps).unwrap()).collect::<Vec<f64>>()
+    };
+    let (plain, dropped) = (run(0.0), run(0.3));
+    // B starts at zero, so the first forward is the base model's either way; the masks
+    // change the gradients and so every later loss
+    assert_eq!(plain[0].to_bits(), dropped[0].to_bits());
+    assert!(plain[1] != dropped[1] && plain[2] != dropped[2], "{plain:?} vs {dropped:?}");
+    assert_eq!(run(0.3), dropped, "the masks are drawn from the step's seed");
 }

@@ -76,6 +76,8 @@ pub struct BenchOptions {
     pub batch: usize,
     /// LoRA rank on all seven projections; alpha is 2r.
     pub lora_r: usize,
+    /// PEFT's `lora_dropout` on the LoRA paths' inputs (0: none).
+    pub lora_dropout: f32,
     /// Which layers keep only their input and recompute their activations in the
     /// backward ([`crate::model::Decoder::recompute`]).
     pub recompute: Recompute,
@@ -105,6 +107,7 @@ impl BenchOptions {
             seq: 2048,
             batch: 4,
             lora_r: 16,
+            lora_dropout: 0.0,
             recompute: Recompute::Off,
             packing: false,
             lora_apart: false,
@@ -121,6 +124,15 @@ impl BenchOptions {
         ensure!(self.seq >= 2, "--seq {}: a sequence needs at least 2 tokens to train on", self.seq);
         ensure!(self.batch >= 1, "--batch must be at least 1");
         ensure!(self.lora_r >= 1, "--lora-r must be at least 1");
+        ensure!(
+            (0.0..1.0).contains(&self.lora_dropout),
+            "--lora-dropout {} is not in [0, 1)",
+            self.lora_dropout
+        );
+        ensure!(
+            !(self.full && self.lora_dropout > 0.0),
+            "--lora-dropout is about LoRA paths; --full trains no adapter"
+        );
         ensure!(self.steps >= 1, "--steps must be at least 1 (the timed steps)");
         ensure!(self.gemm_size != Some(0), "--gemm-size must be at least 1");
         ensure!(
@@ -190,6 +202,9 @@ pub struct TrainStep<T, P: Trainable<T>> {
     pub max_grad_norm: f64,
     /// Which layers recompute their activations.
     pub recompute: Recompute,
+    /// LoRA dropout's probability (none at 0), a new mask every step.
+    pub lora_dropout: f32,
+    steps_done: u64,
 }
 
 /// A LoRA step: a frozen base model under a trained adapter.
@@ -225,7 +240,17 @@ impl<T, P: Trainable<T>> TrainStep<T, P> {
         let grads = params.zeros(ops)?;
         let hp = AdamWParams { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
         let opt = AdamW::new(ops, &params, hp)?;
-        Ok(Self { frozen, params, grads, opt, batch, max_grad_norm: 1.0, recompute: Recompute::Off })
+        Ok(Self {
+            frozen,
+            params,
+            grads,
+            opt,
+            batch,
+            max_grad_norm: 1.0,
+            recompute: Recompute::Off,
+            lora_dropout: 0.0,
+            steps_done: 0,
+        })
     }
 
     /// One training step: zero the gradients, forward, chunked lm_head and loss,
@@ -236,6 +261,11 @@ impl<T, P: Trainable<T>> TrainStep<T, P> {
         let copy = self.params.compute_copy(ops)?;
         let mut dec = copy.as_ref().unwrap_or(&self.params).decoder(ops, &self.frozen);
         dec.recompute = self.recompute;
+        self.steps_done += 1;
+        dec.lora_dropout = (self.lora_dropout > 0.0).then_some(crate::ops::Dropout {
+            p: self.lora_dropout,
+            seed: self.steps_done.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        });
         let r = train_step(&dec, &self.batch, self.grads.as_grads(), None, None)?;
         let loss = r.loss_sum / r.n_counted.max(1) as f64;
         let clip = clip_scale(grad_norm(ops, &self.grads)?, Some(self.max_grad_norm));
@@ -336,6 +366,7 @@ pub struct BenchReport {
     /// The adapter's rank and alpha (none in full fine-tuning).
     pub lora_r: Option<usize>,
     pub lora_alpha: Option<f64>,
+    pub lora_dropout: Option<f32>,
     pub trainable_params: u64,
     /// Which layers recomputed their activations, in words ("off", "every layer", ...).
     pub recompute: String,
@@ -420,6 +451,7 @@ fn measure<O: Ops, P: Trainable<O::Tensor>>(
     let flops = step_flops(cfg, &st.batch.seq_lens, opts.full);
     let tokens = st.batch.ids.len();
     st.recompute = opts.recompute;
+    st.lora_dropout = opts.lora_dropout;
     let mut device_peak = ops.memory_in_use();
     let mut sample = |m: Option<u64>| {
         if let Some(m) = m {
@@ -509,6 +541,7 @@ fn measure<O: Ops, P: Trainable<O::Tensor>>(
         full: opts.full,
         lora_r: lora.map(|l| l.r),
         lora_alpha: lora.map(|l| l.lora_alpha),
+        lora_dropout: lora.map(|_| opts.lora_dropout),
         trainable_params: st.trainable_params(ops),
         recompute: opts.recompute.describe(cfg.num_hidden_layers),
         lora_apart: opts.lora_apart,
@@ -562,6 +595,9 @@ impl BenchReport {
         }
         if self.lora_apart {
             layout.push_str(", LoRA apart");
+        }
+        if let Some(p) = self.lora_dropout.filter(|&p| p > 0.0) {
+            layout.push_str(&format!(", LoRA dropout {p}"));
         }
         if self.full {
             layout.push_str(", full fine-tuning");

@@ -456,24 +456,77 @@ impl CudaOps {
     }
 
     /// The dropped-out copy of `x` (dense), in x's type.
-    fn dropout(&self, x: &CudaTensor, d: Dropout) -> Result<CudaTensor> {
-        let n = x.numel();
-        let out = self.alloc_as(&x.shape, x.dtype())?;
-        let cols = x.rows_cols().1;
+    /// `xa = drop(x)·Aᵀ` [n, r] with the dropout mask applied as x is read
+    /// (kernels/lora.cu: the dropped input is never written).
+    fn lora_xa_dropout(&self, xa: &CudaTensor, x: &CudaTensor, a: &CudaTensor, d: Dropout) -> Result<()> {
+        let (n, inp) = x.rows_cols();
+        let r = a.rows_cols().0;
+        // a warp for each 4 rows
+        let blocks = n.div_ceil(4 * (BLOCK as usize / 32)).clamp(1, 65_535) as u32;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
         self.rt.launch(
-            &format!("lora_dropout_fwd_{}", x.dtype().suffix()),
-            grid_1d(n),
+            &self.kernel("lora_xa_dropout"),
+            cfg,
             args![
-                self.ptr(&out),
+                self.ptr(xa),
                 self.base_ptr(x),
-                n as u64,
-                int(cols.max(1), "width")?,
                 int(x.ld().max(1), "row stride")?,
+                self.ptr(a),
+                int(n, "rows")?,
+                int(inp, "width")?,
+                int(r, "rank")?,
+                d.p,
+                d.seed
+            ],
+        )
+    }
+
+    /// `dA += dxaᵀ·drop(x)` with the mask applied as x is read: each chunk of rows' share
+    /// into f32 partials, then the chunks summed in order (deterministic).
+    fn lora_da_dropout(
+        &self,
+        da: &mut CudaTensor,
+        dxa: &CudaTensor,
+        x: &CudaTensor,
+        d: Dropout,
+    ) -> Result<()> {
+        let (n, inp) = x.rows_cols();
+        let r = dxa.rows_cols().1;
+        ensure!(da.dtype() == DType::F32, "linear_bwd: the LoRA A gradient must be f32");
+        let strips = inp.div_ceil(BLOCK as usize).max(1);
+        // about two blocks an SM of an H100 in all, chunks of at least 16 rows
+        let chunks = (264usize.div_ceil(strips)).clamp(1, n.div_ceil(16).max(1));
+        let part = self.alloc_as(&[chunks, r * inp], DType::F32)?;
+        let cfg = LaunchConfig {
+            grid_dim: (int(strips, "column strips")? as u32, chunks as u32, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.rt.launch(
+            &self.kernel("lora_da_dropout"),
+            cfg,
+            args![
+                self.ptr(&part),
+                self.ptr(dxa),
+                self.base_ptr(x),
+                int(x.ld().max(1), "row stride")?,
+                int(n, "rows")?,
+                int(inp, "width")?,
+                int(r, "rank")?,
                 d.p,
                 d.seed
             ],
         )?;
-        Ok(out)
+        let cfg = LaunchConfig {
+            grid_dim: ((r * inp).div_ceil(32).max(1) as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.rt.launch(
+            "col_sum_acc_f32",
+            cfg,
+            args![self.ptr(da), self.ptr(&part), int(chunks, "rows")?, int(r * inp, "width")?],
+        )
     }
 
     /// The (span, first row) tiles of `rows` rows of one side of an attention layout,
@@ -999,10 +1052,13 @@ impl Ops for CudaOps {
             Some(l) => {
                 let r = l.rank(|t| &t.shape, inp, out)?;
                 let (a, b) = (self.act(l.a)?, self.act(l.b)?);
-                let dropped = l.dropout.map(|d| self.dropout(&x, d)).transpose()?;
-                let xd = dropped.as_ref().unwrap_or(&x);
                 let xa = self.alloc(&[n, r])?;
-                self.gemm_in(&mut blas, &xa, None, xd, false, &a, true, (n, r, inp), 1.0, 0.0, None)?;
+                match l.dropout {
+                    Some(d) => self.lora_xa_dropout(&xa, &x, &a, d)?,
+                    None => {
+                        self.gemm_in(&mut blas, &xa, None, &x, false, &a, true, (n, r, inp), 1.0, 0.0, None)?
+                    }
+                }
                 if r > 0 && inp > 0 && x.tail >= r && w.tail >= r {
                     self.rt.launch(
                         &self.kernel("lora_tails"),
@@ -1136,9 +1192,10 @@ impl Ops for CudaOps {
                 same_shape(g.db, l.b, "linear_bwd LoRA B gradient")?;
                 // dB += scale · dyᵀ·xa  [out, r];  dA += dxaᵀ·drop(x)  [r, in]
                 self.gemm(g.db, &dy, true, &xa, false, (out, r, n), l.scale, 1.0)?;
-                let dropped = l.dropout.map(|d| self.dropout(&x, d)).transpose()?;
-                let xd = dropped.as_ref().unwrap_or(&x);
-                self.gemm(g.da, &dxa, true, xd, false, (r, inp, n), 1.0, 1.0)?;
+                match l.dropout {
+                    Some(d) => self.lora_da_dropout(g.da, &dxa, &x, d)?,
+                    None => self.gemm(g.da, &dxa, true, &x, false, (r, inp, n), 1.0, 1.0)?,
+                }
             }
             low_rank = Some((dxa, a, r, l.dropout));
         }
@@ -1185,13 +1242,20 @@ impl Ops for CudaOps {
                 self.gemm_in(&mut blas, &dx, None, &dxa, false, &a, false, (n, inp, r), 1.0, 1.0, None)?
             }
             Some((dxa, a, r, Some(d))) => {
-                let dxd = self.alloc(&x.shape)?;
-                self.gemm_in(&mut blas, &dxd, None, &dxa, false, &a, false, (n, inp, r), 1.0, 0.0, None)?;
-                let len = dx.numel();
+                // the mask applied to dxa·A as it is formed and added: no [n, in] temporary
                 self.rt.launch(
-                    &self.kernel("lora_dropout_bwd_acc"),
-                    grid_1d(len),
-                    args![self.ptr(&dx), self.ptr(&dxd), len as u64, d.p, d.seed],
+                    &self.kernel("lora_dx_dropout_acc"),
+                    grid_1d(n * inp),
+                    args![
+                        self.ptr(&dx),
+                        self.ptr(&dxa),
+                        self.ptr(&a),
+                        int(n, "rows")?,
+                        int(inp, "width")?,
+                        int(r, "rank")?,
+                        d.p,
+                        d.seed
+                    ],
                 )?;
             }
             _ => {}

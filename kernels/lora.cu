@@ -10,7 +10,8 @@
 //
 //   xa_dropout:    xa[row, j] = sum_c drop(x)[row, c] * a[j, c]          ([n, r], T)
 //       The LoRA path's forward. One warp a group of XA_ROWS rows (grid-stride), its
-//       lanes striding the columns, RC ranks at a time; f32 sums, warp-reduced.
+//       lanes striding the columns (8 at a time where the rows allow 16-byte loads), RC
+//       ranks at a time; f32 sums, warp-reduced.
 //       Launch: any grid, blockDim.x a multiple of 32.
 //   da_dropout:    part[chunk, j, c] = sum over the chunk's rows of dxa[row, j] * drop(x)[row, c]
 //       dA's share of each chunk of rows (f32), summed over the chunks in their order by
@@ -18,7 +19,8 @@
 //       Launch: grid (ceil(in / blockDim.x), chunks), rows split evenly over the chunks.
 //   dx_dropout_acc: dx[row, c] += factor(row * in + c) * sum_j dxa[row, j] * a[j, c]
 //       The input gradient's low-rank share added to dx = dy·W (dense), each value
-//       rounded once. Launch: 1-D, any grid.
+//       rounded once; 8 columns a thread where in is a multiple of 8. Launch: 1-D, any
+//       grid.
 //
 // The LoRA path inside the frozen product. With x [n, in] stored in rows of ldx >= in + r
 // and W [out, in] in rows of ldw >= in + r, one GEMM over K = in + r computes
@@ -53,9 +55,10 @@ __device__ __forceinline__ float dropout_factor(unsigned long long seed, unsigne
 constexpr int RC = 16;
 constexpr int XA_ROWS = 4;
 
-template <typename T>
-__device__ void xa_dropout(T* xa, const T* x, int ldx, const T* a, int n, int in, int r, float p,
-                           unsigned long long seed) {
+// V = 8 consecutive columns a lane (16-byte loads of x and A) or 1.
+template <int V, typename T>
+__device__ void xa_dropout_v(T* xa, const T* x, int ldx, const T* a, int n, int in, int r, float p,
+                             unsigned long long seed) {
     const int lane = threadIdx.x % 32;
     const int warps = (gridDim.x * blockDim.x) / 32;
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
@@ -67,21 +70,30 @@ __device__ void xa_dropout(T* xa, const T* x, int ldx, const T* a, int n, int in
 #pragma unroll
                 for (int j = 0; j < RC; ++j) acc[k][j] = 0.0f;
             }
-            for (int c = lane; c < in; c += 32) {
-                float v[XA_ROWS];
+            for (int c = V * lane; c < in; c += 32 * V) {
+                float v[XA_ROWS][V];
 #pragma unroll
                 for (int k = 0; k < XA_ROWS; ++k) {
                     const int row = row0 + k;
-                    v[k] = row < n ? tl::load_f32(x + (size_t)row * ldx + c) *
-                                         dropout_factor(seed, (size_t)row * in + c, p)
-                                   : 0.0f;
+                    if (row < n) {
+                        tl::load_n(v[k], x + (size_t)row * ldx + c);
+#pragma unroll
+                        for (int e = 0; e < V; ++e) v[k][e] *= dropout_factor(seed, (size_t)row * in + c + e, p);
+                    } else {
+#pragma unroll
+                        for (int e = 0; e < V; ++e) v[k][e] = 0.0f;
+                    }
                 }
 #pragma unroll
                 for (int j = 0; j < RC; ++j) {
                     if (j0 + j < r) {
-                        const float aj = tl::load_f32(a + (size_t)(j0 + j) * in + c);
+                        float aj[V];
+                        tl::load_n(aj, a + (size_t)(j0 + j) * in + c);
 #pragma unroll
-                        for (int k = 0; k < XA_ROWS; ++k) acc[k][j] += v[k] * aj;
+                        for (int k = 0; k < XA_ROWS; ++k) {
+#pragma unroll
+                            for (int e = 0; e < V; ++e) acc[k][j] += v[k][e] * aj[e];
+                        }
                     }
                 }
             }
@@ -96,6 +108,16 @@ __device__ void xa_dropout(T* xa, const T* x, int ldx, const T* a, int n, int in
                 }
             }
         }
+    }
+}
+
+template <typename T>
+__device__ void xa_dropout(T* xa, const T* x, int ldx, const T* a, int n, int in, int r, float p,
+                           unsigned long long seed) {
+    if (in % 8 == 0 && ldx % 8 == 0 && tl::aligned16(x) && tl::aligned16(a)) {
+        xa_dropout_v<8>(xa, x, ldx, a, n, in, r, p, seed);
+    } else {
+        xa_dropout_v<1>(xa, x, ldx, a, n, in, r, p, seed);
     }
 }
 
@@ -140,14 +162,39 @@ __device__ void tails(T* x, int ldx, int in, const T* xa, int n, int r, float sc
     }
 }
 
+// V = 8 columns a thread (16-byte loads and stores of dx and A, each dxa value loaded once
+// for 8 columns) or 1.
+template <int V, typename T>
+__device__ void dx_dropout_acc_v(T* dx, const T* dxa, const T* a, int n, int in, int r, float p,
+                                 unsigned long long seed) {
+    tl::for_each_rc((size_t)n, (size_t)(in / V), [&](size_t, size_t row, size_t g) {
+        const size_t c0 = g * V, i0 = row * in + c0;
+        float s[V];
+#pragma unroll
+        for (int e = 0; e < V; ++e) s[e] = 0.0f;
+        for (int j = 0; j < r; ++j) {
+            const float d = tl::load_f32(dxa + row * r + j);
+            float av[V];
+            tl::load_n(av, a + (size_t)j * in + c0);
+#pragma unroll
+            for (int e = 0; e < V; ++e) s[e] += d * av[e];
+        }
+        float v[V];
+        tl::load_n(v, dx + i0);
+#pragma unroll
+        for (int e = 0; e < V; ++e) v[e] += s[e] * dropout_factor(seed, i0 + e, p);
+        tl::store_n(dx + i0, v);
+    });
+}
+
 template <typename T>
 __device__ void dx_dropout_acc(T* dx, const T* dxa, const T* a, int n, int in, int r, float p,
                                unsigned long long seed) {
-    tl::for_each_rc((size_t)n, (size_t)in, [&](size_t i, size_t row, size_t c) {
-        float s = 0.0f;
-        for (int j = 0; j < r; ++j) s += tl::load_f32(dxa + row * r + j) * tl::load_f32(a + (size_t)j * in + c);
-        tl::store_f32(dx + i, tl::load_f32(dx + i) + s * dropout_factor(seed, i, p));
-    });
+    if (in % 8 == 0 && tl::aligned16(dx) && tl::aligned16(a)) {
+        dx_dropout_acc_v<8>(dx, dxa, a, n, in, r, p, seed);
+    } else {
+        dx_dropout_acc_v<1>(dx, dxa, a, n, in, r, p, seed);
+    }
 }
 
 template <typename T>

@@ -22,17 +22,35 @@ static SIGNALS: AtomicUsize = AtomicUsize::new(0);
 static EXIT_ON_SECOND: AtomicBool = AtomicBool::new(true);
 static INSTALL: Once = Once::new();
 
+/// What the first signal prints at once (a step, or the data preparation before the
+/// first, can take a while).
+const FIRST: &[u8] =
+    b"\nsignal: stopping after the current training step, with a checkpoint (again: stop now)\n";
+
+/// Writes `msg` to stderr from a signal handler (write(2) is async-signal-safe).
+fn say(msg: &[u8]) {
+    #[cfg(unix)]
+    // SAFETY: the pointer and length are a live static slice's.
+    unsafe {
+        libc::write(2, msg.as_ptr().cast(), msg.len());
+    }
+    #[cfg(not(unix))]
+    let _ = msg;
+}
+
 /// Installs the handlers of SIGINT and SIGTERM (once a process; later calls do nothing).
 pub fn install() -> Result<()> {
     let mut result = Ok(());
     INSTALL.call_once(|| {
         for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-            // SAFETY: the handler does only async-signal-safe things: atomic operations
-            // and `_exit`.
+            // SAFETY: the handler does only async-signal-safe things: atomic operations,
+            // write(2) and `_exit`.
             let r = unsafe {
                 signal_hook::low_level::register(sig, || {
                     let n = SIGNALS.fetch_add(1, Ordering::SeqCst) + 1;
-                    if n >= 2 && EXIT_ON_SECOND.load(Ordering::SeqCst) {
+                    if n == 1 {
+                        say(FIRST);
+                    } else if EXIT_ON_SECOND.load(Ordering::SeqCst) {
                         signal_hook::low_level::exit(EXIT_STATUS as i32);
                     }
                 })

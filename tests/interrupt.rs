@@ -84,6 +84,7 @@ fn a_signal_stops_after_the_step_with_a_checkpoint_and_resume_finishes_the_same_
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("signal: stopping after the current training step"), "{err}");
     assert!(err.contains("interrupted: stopped by a signal after step") && err.contains("--resume"), "{err}");
     // the checkpoint is the last logged step's; nothing says the run is done
     let logged = train_losses(&run).len();

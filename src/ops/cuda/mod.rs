@@ -1245,7 +1245,7 @@ impl Ops for CudaOps {
                 // the mask applied to dxa·A as it is formed and added: no [n, in] temporary
                 self.rt.launch(
                     &self.kernel("lora_dx_dropout_acc"),
-                    grid_1d(n * inp),
+                    grid_1d((n * inp).div_ceil(8)),
                     args![
                         self.ptr(&dx),
                         self.ptr(&dxa),

@@ -387,6 +387,8 @@ fn linear_with_lora(dtype: DType) {
         (13, 33, 65, 4, true, false),
         (70, 256, 130, 16, false, true),
         (257, 512, 1024, 8, true, true),
+        // a rank over the dropout kernels' 16 a pass
+        (21, 64, 48, 20, false, true),
     ] {
         let (xc, xg) = p.both(&[n, inp], 1.0);
         let (wc, wg) = p.both(&[out, inp], 0.1);

@@ -201,3 +201,52 @@ fn loop_refuses_to_run_as_one_rank_of_many() {
     assert!(err.contains("rank 1 of 2") && err.contains("--nproc-per-node"), "{err}");
     assert!(!tmp.path().join("work").exists(), "it started a cycle");
 }
+
+#[test]
+fn an_interrupted_cycle_keeps_its_checkpoint_and_the_next_run_finishes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = setup(tmp.path());
+    let recipe = tmp.path().join("recipe.yaml");
+    let text = std::fs::read_to_string(&recipe).unwrap();
+    std::fs::write(&recipe, text.replace("max_steps: 4", "max_steps: 40")).unwrap();
+    let child = tuneloop_cmd()
+        .args(["loop", "-c"])
+        .arg(tmp.path().join("loop.yaml"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // the cycle's run directory, once its fine-tune has logged two steps
+    let t0 = std::time::Instant::now();
+    let run_dir = loop {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(120), "no training steps after 2 minutes");
+        let found = cfg.work_dir.join("order-help").read_dir().ok().and_then(|d| {
+            d.map(|e| e.unwrap().path()).find(|p| {
+                std::fs::read_to_string(p.join("metrics.jsonl"))
+                    .is_ok_and(|t| t.lines().filter(|l| l.contains("\"loss\"")).count() >= 2)
+            })
+        });
+        if let Some(d) = found {
+            break d;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    // SAFETY: kill has no memory-safety preconditions; the pid is our running child's.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("interrupted: stopped by a signal after step") && err.contains("order-help"),
+        "{err}"
+    );
+    let stopped_at = common::train_losses(&run_dir).len();
+    assert!(stopped_at < 40, "the cycle ran to its end");
+    let reg = Registry::open(&cfg.registry).unwrap();
+    assert!(reg.versions("order-help").map_or(true, |v| v.is_empty()), "an interrupted cycle registered");
+
+    // the next run resumes the same cycle from its checkpoint and registers it
+    let rows = run(&cfg, None, false, false).unwrap();
+    assert_eq!(rows[0].version.as_deref(), Some("v1"), "{rows:?}");
+    assert_eq!(common::train_losses(&run_dir).len(), 40, "the cycle's steps, each logged once");
+}

@@ -455,7 +455,6 @@ impl CudaOps {
         self.rt.launch(kernel, cfg, args![self.rt.ptr(&desc), int(n, "tensors")?])
     }
 
-    /// The dropped-out copy of `x` (dense), in x's type.
     /// `xa = drop(x)·Aᵀ` [n, r] with the dropout mask applied as x is read
     /// (kernels/lora.cu: the dropped input is never written).
     fn lora_xa_dropout(&self, xa: &CudaTensor, x: &CudaTensor, a: &CudaTensor, d: Dropout) -> Result<()> {
@@ -517,15 +516,21 @@ impl CudaOps {
                 d.seed
             ],
         )?;
+        self.col_sum_acc(da, &part, chunks, r * inp)
+    }
+
+    /// `out[c] += Σ_rows input[row, c]` (out f32, input dense [rows, width] of f32 or
+    /// bf16): 32 columns a block, its 32 warps splitting the rows, in a fixed order.
+    fn col_sum_acc(&self, out: &CudaTensor, input: &CudaTensor, rows: usize, width: usize) -> Result<()> {
         let cfg = LaunchConfig {
-            grid_dim: ((r * inp).div_ceil(32).max(1) as u32, 1, 1),
+            grid_dim: (width.div_ceil(32).max(1) as u32, 1, 1),
             block_dim: (1024, 1, 1),
             shared_mem_bytes: 0,
         };
         self.rt.launch(
-            "col_sum_acc_f32",
+            &format!("col_sum_acc_{}", input.dtype().suffix()),
             cfg,
-            args![self.ptr(da), self.ptr(&part), int(chunks, "rows")?, int(r * inp, "width")?],
+            args![self.ptr(out), self.ptr(input), int(rows, "rows")?, int(width, "width")?],
         )
     }
 
@@ -1163,17 +1168,7 @@ impl Ops for CudaOps {
             if let Some(db) = g.db {
                 ensure!(db.numel() == out, "linear_bwd: bias gradient of {} for {out} outputs", db.numel());
                 ensure!(db.dtype() == DType::F32, "linear_bwd: the bias gradient must be f32");
-                // 32 columns a block, its 32 warps splitting the rows
-                let cfg = LaunchConfig {
-                    grid_dim: (out.div_ceil(32).max(1) as u32, 1, 1),
-                    block_dim: (1024, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                self.rt.launch(
-                    &self.kernel("col_sum_acc"),
-                    cfg,
-                    args![self.ptr(db), self.ptr(&*self.dense(&dy)?), int(n, "rows")?, int(out, "width")?],
-                )?;
+                self.col_sum_acc(db, &*self.dense(&dy)?, n, out)?;
             }
         }
         // The LoRA path: dxa = scale·dy·B and the adapter's gradients; the input

@@ -7,9 +7,11 @@ mod common;
 
 use std::path::Path;
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{base_model, quickstart_finetune, train_losses, tuneloop_cmd};
+use common::{
+    base_model, quickstart_finetune, send_signal as signal, train_losses, tuneloop_cmd, wait_for_steps,
+};
 
 const STEPS: usize = 40;
 
@@ -40,25 +42,6 @@ fn start_with(base: &Path, out: &Path, flags: &[&str], global: usize) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
-}
-
-/// Waits until the run in `out` has logged `n` training steps (whole lines with a loss).
-fn wait_for_steps(out: &Path, n: usize) {
-    let t0 = Instant::now();
-    let steps = || {
-        std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |t| {
-            t.split_inclusive('\n').filter(|l| l.ends_with('\n') && l.contains("\"loss\"")).count()
-        })
-    };
-    while steps() < n {
-        assert!(t0.elapsed() < Duration::from_secs(120), "no {n} steps logged after 2 minutes");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn signal(child: &Child, sig: i32) {
-    // SAFETY: kill has no memory-safety preconditions; the pid is our running child's.
-    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, sig) }, 0);
 }
 
 fn checkpoint_steps(out: &Path) -> Vec<usize> {

@@ -67,6 +67,14 @@ fn setup(tmp: &Path) -> LoopConfig {
     LoopConfig::load(&tmp.join("loop.yaml")).unwrap()
 }
 
+/// The agent's cycle run directories so far (none before its first cycle starts).
+fn cycle_dirs(cfg: &LoopConfig) -> Vec<PathBuf> {
+    match cfg.work_dir.join("order-help").read_dir() {
+        Ok(d) => d.map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
 fn adapter_bytes(reg: &Registry, alias: &str) -> Vec<u8> {
     std::fs::read(reg.resolve("order-help", alias).unwrap().join("adapter_model.safetensors")).unwrap()
 }
@@ -135,10 +143,7 @@ fn a_full_fine_tuning_recipe_is_refused_before_training() {
     let e = format!("{:#}", run(&cfg, None, false, false).unwrap_err());
     assert!(e.contains("order-help") && e.contains("recipe.yaml") && e.contains("peft.full"), "{e}");
     // nothing was trained or registered
-    let runs: Vec<PathBuf> = match cfg.work_dir.join("order-help").read_dir() {
-        Ok(d) => d.map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect(),
-        Err(_) => vec![],
-    };
+    let runs = cycle_dirs(&cfg);
     assert!(runs.iter().all(|r| !r.join("checkpoints").exists() && !r.join("model").exists()), "{runs:?}");
     assert!(Registry::open(&cfg.registry).unwrap().versions("order-help").map_or(true, |v| v.is_empty()));
 }
@@ -166,14 +171,7 @@ fn a_cycle_on_two_workers_trains_the_adapter_of_one_process() {
 
     // the cycle's run directory: one per set of inputs
     let run_dir = |cfg: &LoopConfig| {
-        let dirs: Vec<PathBuf> = cfg
-            .work_dir
-            .join("order-help")
-            .read_dir()
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.is_dir())
-            .collect();
+        let dirs = cycle_dirs(cfg);
         assert_eq!(dirs.len(), 1, "{dirs:?}");
         dirs[0].clone()
     };
@@ -219,20 +217,14 @@ fn an_interrupted_cycle_keeps_its_checkpoint_and_the_next_run_finishes_it() {
     // the cycle's run directory, once its fine-tune has logged two steps
     let t0 = std::time::Instant::now();
     let run_dir = loop {
-        assert!(t0.elapsed() < std::time::Duration::from_secs(120), "no training steps after 2 minutes");
-        let found = cfg.work_dir.join("order-help").read_dir().ok().and_then(|d| {
-            d.map(|e| e.unwrap().path()).find(|p| {
-                std::fs::read_to_string(p.join("metrics.jsonl"))
-                    .is_ok_and(|t| t.lines().filter(|l| l.contains("\"loss\"")).count() >= 2)
-            })
-        });
-        if let Some(d) = found {
+        if let Some(d) = cycle_dirs(&cfg).pop() {
             break d;
         }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(60), "no cycle after a minute");
         std::thread::sleep(std::time::Duration::from_millis(10));
     };
-    // SAFETY: kill has no memory-safety preconditions; the pid is our running child's.
-    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) }, 0);
+    common::wait_for_steps(&run_dir, 2);
+    common::send_signal(&child, libc::SIGTERM);
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");

@@ -136,6 +136,29 @@ pub fn base_model(dir: &Path) -> PathBuf {
     base
 }
 
+/// Training steps the run in `run_dir` has logged so far: whole lines of metrics.jsonl
+/// with a loss (the file may be read while a line is being written).
+pub fn logged_steps(run_dir: &Path) -> usize {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl")).map_or(0, |t| {
+        t.split_inclusive('\n').filter(|l| l.ends_with('\n') && l.contains("\"loss\"")).count()
+    })
+}
+
+/// Waits (two minutes at most) until the run in `run_dir` has logged `n` training steps.
+pub fn wait_for_steps(run_dir: &Path, n: usize) {
+    let t0 = std::time::Instant::now();
+    while logged_steps(run_dir) < n {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(120), "no {n} steps logged after 2 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Sends signal `sig` to a running child process.
+pub fn send_signal(child: &std::process::Child, sig: i32) {
+    // SAFETY: kill has no memory-safety preconditions; the pid is our running child's.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, sig) }, 0);
+}
+
 /// The training losses of `run_dir/metrics.jsonl`, step by step.
 pub fn train_losses(run_dir: &Path) -> Vec<f64> {
     let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).expect("metrics.jsonl");

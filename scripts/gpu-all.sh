@@ -7,7 +7,8 @@
 # Correctness first (scripts/gpu-check.sh without memcheck unless TUNELOOP_MEMCHECK=1:
 # the GPU op tests in both modes, parity in f32 and bf16, NCCL world size 1), then the
 # benchmarks (scripts/gpu-bench.sh with TUNELOOP_BENCH_QUICK=1: every kernel against its
-# floor at the 1B and 8B shapes, the 1B anchor shape and the 8B seq-4096 anchor shape).
+# floor at the 1B and 8B shapes, the 1B anchor shape and the 8B seq-4096 anchor shape,
+# then the 1B shape with LoRA dropout).
 # Logs go to $OUT; both scripts' tables are printed, the check's last. The exit status is
 # non-zero when either failed.
 set -uo pipefail

@@ -90,6 +90,21 @@ fn finetune_on_cuda_follows_the_cpu_and_resumes_bit_for_bit() {
     );
     assert!(err.contains("backend: cuda-bf16, GPU 0"), "{err}");
     close_losses(&train_losses(&bf16_run), &train_losses(&cpu), 2e-2, "CUDA bf16 vs CPU");
+    // every micro-batch after the first in the activation arena's places (each filled
+    // with NaNs first, see common::on_emulator), the bytes of a run with every buffer
+    // its own allocation
+    assert!(err.contains("activation arena: "), "{err}");
+    let pooled = tmp.path().join("cuda-bf16-pool");
+    run_ok(
+        emulated().unwrap().env("TUNELOOP_ARENA", "off").args(finetune_args(
+            &base,
+            &pooled,
+            "cuda",
+            &["--model.dtype=bf16"],
+        )),
+        "finetune on CUDA bf16 without the arena",
+    );
+    assert_eq!(adapter_bytes(&pooled), adapter_bytes(&bf16_run), "CUDA bf16 with and without the arena");
 
     // stopped after step 1 and resumed from its checkpoint: the uninterrupted run's bytes
     let resumed = tmp.path().join("resumed");
@@ -310,6 +325,13 @@ fn eval_bench_and_parity_run_on_cuda() {
     let (first, last) = (v["loss_first"].as_f64().unwrap(), v["loss_last"].as_f64().unwrap());
     assert!(first.is_finite() && last < first, "bench's loss {first} -> {last}");
     assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0 && v["peak_memory_bytes"].as_u64().unwrap() > 0);
+    // four steps of one shape (warm-up, timed, profiled, kernels clocked): the first
+    // recorded (its buffers from the pool), every buffer of the other three in the arena
+    let arena = &v["arena"];
+    let (placed, pooled) = (arena["placed"].as_u64().unwrap(), arena["pooled"].as_u64().unwrap());
+    assert!(arena["plans"] == 1 && pooled > 0 && placed == 3 * pooled, "{arena}");
+    let (size, peak) = (arena["plan_bytes"].as_u64().unwrap(), arena["plan_live_peak"].as_u64().unwrap());
+    assert!(peak > 0 && size >= peak && arena["region_bytes"].as_u64() == Some(size), "{arena}");
     // one more step's time per kernel: each attention kernel once a layer, the GEMMs per
     // shape, all of it inside that step's time
     let layers = v["kernels"]["kernels"].as_array().expect("the time per kernel");

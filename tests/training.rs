@@ -8,7 +8,7 @@ use tuneloop::model::decoder::{Grads, Recompute};
 use tuneloop::model::{Adapter, Decoder, LoraConfig, Model, Proj};
 use tuneloop::ops::{cpu::CpuOps, cpu::CpuTensor, AdamWParams, Ops};
 use tuneloop::train::{
-    clip_scale, forward_backward, forward_backward_into, grad_norm, train_step, AdamW, TokenBatch,
+    clip_scale, eval_step, forward_backward, forward_backward_into, grad_norm, train_step, AdamW, TokenBatch,
 };
 use tuneloop::util::rel_l2;
 
@@ -277,6 +277,13 @@ fn chunked_lm_head_and_loss_give_the_whole_logits_gradients() {
         };
         let e = rel_l2(&flat(&c_full), &flat(&full));
         assert!(e < 1e-6, "{case}: model gradients (lm_head accumulated over chunks) off by {e:.2e}");
+        // validation's step: the same loss and accuracy without gradients, in chunks or whole
+        for rows in [Some(4), None] {
+            let eval = eval_step(&dec, &batch, rows).unwrap();
+            assert_eq!((eval.n_counted, eval.n_correct), (whole.n_counted, whole.n_correct), "{case}");
+            let d = (eval.loss_sum - whole.loss_sum).abs();
+            assert!(d <= 1e-9 * whole.loss_sum.abs(), "{case}, head rows {rows:?}: eval loss");
+        }
     }
 }
 

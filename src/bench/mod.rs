@@ -390,6 +390,8 @@ pub struct BenchReport {
     pub peak_memory_bytes: Option<u64>,
     /// What `peak_memory_bytes` measures.
     pub peak_memory: String,
+    /// The backend's activation arena after the steps, where it has one.
+    pub arena: Option<crate::ops::ArenaStats>,
     pub loss_first: f64,
     pub loss_last: f64,
     pub profile: Option<ProfileReport>,
@@ -510,7 +512,8 @@ fn measure<O: Ops, P: Trainable<O::Tensor>>(
                  included), peak of samples after every op of the profiled step"
             } else {
                 "device memory in use (cuMemGetInfo total − free: the whole GPU, CUDA context \
-                 included), sampled between steps only, after activations are freed"
+                 included), sampled between steps only (the activation arena's region, where \
+                 there is one, included; other activations freed)"
             }
             .to_string(),
         ),
@@ -557,6 +560,7 @@ fn measure<O: Ops, P: Trainable<O::Tensor>>(
         gemm,
         peak_memory_bytes,
         peak_memory,
+        arena: ops.arena_stats(),
         loss_first: losses.first().copied().unwrap_or(f64::NAN),
         loss_last: losses.last().copied().unwrap_or(f64::NAN),
         profile,
@@ -649,6 +653,19 @@ impl BenchReport {
             self.flops_per_token,
             self.peak_memory,
         );
+        if let Some(a) = self.arena.filter(|a| a.plans > 0) {
+            let _ = writeln!(
+                s,
+                "\nActivation arena: {:.3} GiB laid out for a step that has at most {:.3} GiB of buffers \
+                 alive at once ({:.1}% over); {} buffers placed in it, {} from the pool (the first, \
+                 recorded step's, and any the plan had no room for).",
+                gib(a.plan_bytes),
+                gib(a.plan_live_peak),
+                100.0 * (a.plan_bytes as f64 / a.plan_live_peak.max(1) as f64 - 1.0),
+                a.placed,
+                a.pooled,
+            );
+        }
         if let Some(p) = &self.profile {
             let _ = writeln!(
                 s,

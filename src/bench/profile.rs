@@ -396,6 +396,14 @@ impl<O: Ops> Ops for Profiled<'_, O> {
         self.inner.activation_bytes()
     }
 
+    fn planned<R>(&self, key: u64, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        self.inner.planned(key, f)
+    }
+
+    fn arena_stats(&self) -> Option<crate::ops::ArenaStats> {
+        self.inner.arena_stats()
+    }
+
     fn kernel_clock(&self, on: bool) -> Result<bool> {
         self.inner.kernel_clock(on)
     }

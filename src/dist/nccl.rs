@@ -16,13 +16,13 @@ use std::mem::MaybeUninit;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::{CudaSlice, CudaStream};
 use cudarc::nccl::{result, sys};
 
 use super::rendezvous::{self, PAYLOAD};
 use super::{Collective, DistEnv};
-use crate::ops::cuda::{probe_nccl, CudaBuf, CudaOps, CudaTensor};
+use crate::ops::cuda::{probe_nccl, CudaBuf, CudaOps, CudaTensor, DType};
 
 pub struct NcclGroup {
     comm: sys::ncclComm_t,
@@ -216,7 +216,7 @@ impl Collective<CudaOps> for NcclGroup {
             .collect();
         let mut rest = Vec::new();
         for t in tensors.iter() {
-            if !taken.contains(&ops.runtime().ptr(f32_buf(t)?)) {
+            if !taken.contains(&f32_buf(t)?.ptr()) {
                 rest.push(&**t);
             }
         }
@@ -235,17 +235,17 @@ impl Collective<CudaOps> for NcclGroup {
         self.wait(ops, seq)?;
         let mut by_ptr = HashMap::new();
         for t in tensors.iter_mut() {
-            let buf = f32_buf_mut(t)?;
-            by_ptr.insert(ops.runtime().ptr(buf), buf);
+            let buf = f32_buf(t)?;
+            by_ptr.insert(buf.ptr(), buf.len());
         }
         for b in &self.buckets.borrow()[..self.started.replace(0)] {
-            let mut off = 0;
+            let (base, mut off) = (ops.runtime().ptr(&b.buf), 0);
             for &(ptr, n) in &b.members {
-                let dst = by_ptr
-                    .get_mut(&ptr)
-                    .context("all-reduce: a started gradient is not among the tensors")?;
-                stream
-                    .memcpy_dtod(&b.buf.slice(off..off + n), &mut dst.slice_mut(..n))
+                let len =
+                    by_ptr.get(&ptr).context("all-reduce: a started gradient is not among the tensors")?;
+                ensure!(n <= *len, "all-reduce: a gradient shrank since its bucket started");
+                ops.runtime()
+                    .copy_dtod(ptr, base + (off * 4) as u64, n * 4)
                     .context("unpacking the gradients")?;
                 off += n;
             }
@@ -274,12 +274,14 @@ impl Collective<CudaOps> for NcclGroup {
         }
         b.members.clear();
         let mut off = 0;
+        let base = ops.runtime().ptr(&b.buf);
         for t in tensors {
             let (src, n) = (f32_buf(t)?, t.numel());
-            stream
-                .memcpy_dtod(&src.slice(..n), &mut b.buf.slice_mut(off..off + n))
+            ensure!(n <= src.len(), "all-reduce: a gradient of {n} values in a buffer of {}", src.len());
+            ops.runtime()
+                .copy_dtod(base + (off * 4) as u64, src.ptr(), n * 4)
                 .context("packing the gradients")?;
-            b.members.push((ops.runtime().ptr(src), n));
+            b.members.push((src.ptr(), n));
             off += n;
         }
         self.started.set(idx + 1);
@@ -290,17 +292,9 @@ impl Collective<CudaOps> for NcclGroup {
     }
 }
 
-/// The f32 buffer of a gradient (gradients are f32 in both modes).
-fn f32_buf(t: &CudaTensor) -> Result<&CudaSlice<f32>> {
-    match &t.buf {
-        CudaBuf::F32(b) => Ok(b),
-        CudaBuf::Bf16(_) => bail!("all-reduce: a bf16 gradient (gradients are f32)"),
-    }
-}
-
-fn f32_buf_mut(t: &mut CudaTensor) -> Result<&mut CudaSlice<f32>> {
-    match &mut t.buf {
-        CudaBuf::F32(b) => Ok(b),
-        CudaBuf::Bf16(_) => bail!("all-reduce: a bf16 gradient (gradients are f32)"),
-    }
+/// The f32 buffer of a dense gradient (gradients are f32 in both modes).
+fn f32_buf(t: &CudaTensor) -> Result<&CudaBuf> {
+    ensure!(t.dtype() == DType::F32, "all-reduce: a bf16 gradient (gradients are f32)");
+    ensure!(t.is_dense(), "all-reduce: a gradient with room after its rows");
+    Ok(&t.buf)
 }

@@ -514,6 +514,35 @@ pub trait Ops {
     fn kernel_times(&self) -> Result<Vec<KernelClock>> {
         Ok(vec![])
     }
+
+    // ---- memory planning ----
+    /// Runs `f`, one training micro-step, as a step whose buffers the backend may plan:
+    /// runs with the same `key` ask for the same buffers in the same order (the key names
+    /// the batch's shape). The CUDA backend lays the first run's buffers out in its
+    /// activation arena and places every later run's there; elsewhere this is `f()`.
+    fn planned<R>(&self, _key: u64, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        f()
+    }
+    /// What the backend's activation arena holds, where it has one.
+    fn arena_stats(&self) -> Option<ArenaStats> {
+        None
+    }
+}
+
+/// What a backend's activation arena holds ([`Ops::arena_stats`]; the CUDA backend's is
+/// `ops/cuda/arena.rs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ArenaStats {
+    /// Bytes of the region.
+    pub region_bytes: u64,
+    /// Keys with a plan.
+    pub plans: usize,
+    /// The size of the largest plan, and the most bytes its step had alive at once.
+    pub plan_bytes: u64,
+    pub plan_live_peak: u64,
+    /// Allocations of planned steps placed in the region, and those that went to the pool.
+    pub placed: u64,
+    pub pooled: u64,
 }
 
 /// The time the launches of one kernel (or GEMM shape, or memset) took: see

@@ -4,7 +4,6 @@ use anyhow::{ensure, Context, Result};
 
 use crate::model::decoder::{shift_labels, ForwardState, Grads, StepInputs};
 use crate::model::{Adapter, Decoder};
-use crate::ops::rows_cols;
 use crate::ops::{AttnLayout, Ops};
 
 /// Sequences laid end to end on one token axis (a `[batch, seq]` batch, or packed
@@ -148,11 +147,47 @@ pub struct StepLoss {
     pub n_correct: usize,
 }
 
+impl StepLoss {
+    fn add(&mut self, loss_sum: f64, n_counted: usize, n_correct: usize) {
+        self.loss_sum += loss_sum;
+        self.n_counted += n_counted;
+        self.n_correct += n_correct;
+    }
+}
+
+/// How a step runs its lm_head: chunks of `chunk` rows, those with a trained token
+/// (`ranges`; the others have no loss and their gradient rows stay zero), and the key of
+/// the step's buffers for [`Ops::planned`]: steps with the same tokens, chunks and
+/// `kind` ask for the same buffers.
+struct HeadChunks {
+    ranges: Vec<std::ops::Range<usize>>,
+    key: u64,
+}
+
+impl HeadChunks {
+    fn new<O: Ops>(dec: &Decoder<O>, targets: &[i64], head_rows: Option<usize>, kind: &str) -> Self {
+        use std::hash::{Hash, Hasher};
+        let n = targets.len();
+        let chunk = head_rows
+            .unwrap_or_else(|| head_chunk_rows(dec.model.cfg.vocab_size, dec.ops.activation_bytes()))
+            .max(1);
+        let ranges: Vec<_> = (0..n)
+            .step_by(chunk)
+            .map(|r0| r0..(r0 + chunk).min(n))
+            .filter(|r| targets[r.clone()].iter().any(|&t| t != -100))
+            .collect();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (kind, n, chunk, &ranges).hash(&mut h);
+        Self { ranges, key: h.finish() }
+    }
+}
+
 /// Forward, loss and backward for training: the gradients of [`forward_backward_into`],
 /// with the lm_head and the cross-entropy run over chunks of `head_rows` token rows
 /// (by default [`head_chunk_rows`]), each chunk's logits gone before
 /// the next one's exist. Chunks without a trained token are skipped. The lm_head is
-/// frozen under LoRA, so no weight gradient is formed for it there.
+/// frozen under LoRA, so no weight gradient is formed for it there. The step's buffers
+/// are planned ([`Ops::planned`]).
 pub fn train_step<O: Ops>(
     dec: &Decoder<O>,
     batch: &TokenBatch,
@@ -162,41 +197,59 @@ pub fn train_step<O: Ops>(
 ) -> Result<StepLoss> {
     let ops = dec.ops;
     let (inputs, targets) = step_inputs(dec, batch)?;
-    let state = {
-        let _fwd = crate::profiling::range(c"forward");
-        dec.forward(&inputs, None, true)?
-    };
-    let denom = loss_denominator(denominator, &targets);
-    let scale = 1.0 / denom.max(1) as f32;
-    let n = rows_cols(ops.shape(&state.final_norm)).0;
-    let chunk =
-        head_rows.unwrap_or_else(|| head_chunk_rows(dec.model.cfg.vocab_size, ops.activation_bytes())).max(1);
-    // in the activation type, as each chunk's input gradient comes (no casts either way)
-    let mut dnorm = ops.zeros_like(&state.final_norm)?;
-    let mut out = StepLoss::default();
-    {
-        let _head = crate::profiling::range(c"lm_head_loss");
-        for r0 in (0..n).step_by(chunk) {
-            let r1 = (r0 + chunk).min(n);
-            if targets[r0..r1].iter().all(|&t| t == -100) {
-                continue; // no loss there: its gradient rows stay zero
+    let head = HeadChunks::new(dec, &targets, head_rows, "train");
+    ops.planned(head.key, || {
+        let state = {
+            let _fwd = crate::profiling::range(c"forward");
+            dec.forward(&inputs, None, true)?
+        };
+        let denom = loss_denominator(denominator, &targets);
+        let scale = 1.0 / denom.max(1) as f32;
+        // in the activation type, as each chunk's input gradient comes (no casts either way)
+        let mut dnorm = ops.zeros_like(&state.final_norm)?;
+        let mut out = StepLoss::default();
+        {
+            let _head = crate::profiling::range(c"lm_head_loss");
+            for r in &head.ranges {
+                let x = ops.gather_rows(&state.final_norm, &r.clone().collect::<Vec<_>>())?;
+                let logits = ops.linear_fwd(&x, dec.model.lm_head(), None, None, None)?.0;
+                let ce = ops.cross_entropy(&logits, &targets[r.clone()], Some(scale))?;
+                drop(logits);
+                let dlogits = ce.dlogits.context("cross-entropy gave no gradient")?;
+                let dx = dec.head_backward(&x, &dlogits, &mut grads)?;
+                ops.copy_rows(&mut dnorm, r.start, &dx, 0, r.len())?;
+                out.add(ce.loss_sum, ce.n_counted, ce.n_correct);
             }
-            let rows: Vec<usize> = (r0..r1).collect();
-            let x = ops.gather_rows(&state.final_norm, &rows)?;
-            let logits = ops.linear_fwd(&x, dec.model.lm_head(), None, None, None)?.0;
-            let ce = ops.cross_entropy(&logits, &targets[r0..r1], Some(scale))?;
-            drop(logits);
-            let dlogits = ce.dlogits.context("cross-entropy gave no gradient")?;
-            let dx = dec.head_backward(&x, &dlogits, &mut grads)?;
-            ops.copy_rows(&mut dnorm, r0, &dx, 0, r1 - r0)?;
-            out.loss_sum += ce.loss_sum;
-            out.n_counted += ce.n_counted;
-            out.n_correct += ce.n_correct;
         }
-    }
-    let _bwd = crate::profiling::range(c"backward");
-    dec.backward_from_norm(&inputs, &state, &dnorm, grads)?;
-    Ok(out)
+        let _bwd = crate::profiling::range(c"backward");
+        dec.backward_from_norm(&inputs, &state, &dnorm, grads)?;
+        Ok(out)
+    })
+}
+
+/// The loss and token accuracy of a batch, without gradients: a forward that keeps no
+/// activations and the lm_head in chunks of rows as in [`train_step`], so the
+/// `[tokens × vocab]` logits never exist (validation on an 8k-token batch of a 128k
+/// vocabulary would otherwise hold 2 GiB of them in bf16). Its buffers are planned too.
+pub fn eval_step<O: Ops>(dec: &Decoder<O>, batch: &TokenBatch, head_rows: Option<usize>) -> Result<StepLoss> {
+    let ops = dec.ops;
+    let (inputs, targets) = step_inputs(dec, batch)?;
+    let head = HeadChunks::new(dec, &targets, head_rows, "eval");
+    ops.planned(head.key, || {
+        let state = {
+            let _fwd = crate::profiling::range(c"forward");
+            dec.forward(&inputs, None, false)?
+        };
+        let _head = crate::profiling::range(c"lm_head_loss");
+        let mut out = StepLoss::default();
+        for r in &head.ranges {
+            let x = ops.gather_rows(&state.final_norm, &r.clone().collect::<Vec<_>>())?;
+            let logits = ops.linear_fwd(&x, dec.model.lm_head(), None, None, None)?.0;
+            let ce = ops.cross_entropy(&logits, &targets[r.clone()], None)?;
+            out.add(ce.loss_sum, ce.n_counted, ce.n_correct);
+        }
+        Ok(out)
+    })
 }
 
 #[cfg(test)]

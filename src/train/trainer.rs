@@ -17,7 +17,7 @@ use super::optim::{clip_scale, grad_norm, AdamW};
 use super::pack::{batch_of, rows, Example};
 use super::params::Trainable;
 use super::schedule::Schedule;
-use super::step::{forward_backward, train_step, TokenBatch};
+use super::step::{eval_step, train_step, TokenBatch};
 use crate::dist::{Collective, Single};
 use crate::model::decoder::{Grads, Recompute};
 use crate::model::Decoder;
@@ -126,7 +126,7 @@ pub fn evaluate_sharded<O: Ops>(
     let mut sums = [0.0f64; 3]; // loss, counted, correct
     for chunk in &chunks[mine] {
         let b = batch_of(val, chunk, seq_len);
-        let r = forward_backward(dec, &b, None, None)?;
+        let r = eval_step(dec, &b, None)?;
         sums[0] += r.loss_sum;
         sums[1] += r.n_counted as f64;
         sums[2] += r.n_correct as f64;
@@ -421,6 +421,7 @@ pub fn train_data_parallel<O: Ops, P: Trainable<O::Tensor>>(
     // allocated once: a full run's gradients are as large as the model
     let mut grads = params.zeros(ops)?;
     let stop = cfg.stop_after.unwrap_or(total_steps).min(total_steps);
+    let mut arena_told = false;
     while state.step < stop {
         let _step = crate::profiling::range(c"step");
         let t0 = Instant::now();
@@ -455,6 +456,18 @@ pub fn train_data_parallel<O: Ops, P: Trainable<O::Tensor>>(
                 stats.reduced_values as f64 * 4.0 / 1e6,
                 stats.reduce_s * 1e3
             ));
+        }
+        if !arena_told {
+            if let Some(a) = ops.arena_stats().filter(|a| a.plans > 0) {
+                say(format!(
+                    "activation arena: {:.3} GiB, laid out from the first micro-batch of {} tokens \
+                     (at most {:.3} GiB of its buffers alive at once)",
+                    a.plan_bytes as f64 / (1u64 << 30) as f64,
+                    micro[0].ids.len(),
+                    a.plan_live_peak as f64 / (1u64 << 30) as f64,
+                ));
+                arena_told = true;
+            }
         }
         let loss = stats.loss_sum / stats.n_targets.max(1) as f64;
         if !loss.is_finite() {

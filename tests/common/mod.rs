@@ -77,7 +77,9 @@ pub fn on_emulator(cmd: &mut std::process::Command) -> Option<&mut std::process:
         Ok(old) if !old.is_empty() => format!("{dir}:{old}"),
         _ => dir.to_string(),
     };
-    Some(cmd.env("LD_LIBRARY_PATH", path))
+    // the activation arena's reused places filled with NaNs before each use, as the
+    // emulator fills fresh allocations: a kernel that reads what it did not write shows
+    Some(cmd.env("LD_LIBRARY_PATH", path).env("TUNELOOP_ARENA_POISON", "1"))
 }
 
 /// Runs `cmd` (already pointed at the emulator) and fails the test with its output

@@ -606,6 +606,13 @@ EXPORT CUresult cuMemPoolSetAttribute(void* pool, int attribute, void* value) {
     return CUDA_ERROR_NOT_SUPPORTED;
 }
 
+// Nothing to trim: a freed allocation is unmapped at once.
+EXPORT CUresult cuMemPoolTrimTo(void* pool, size_t) {
+    const int* p = static_cast<const int*>(pool);
+    if (p < pool_objects || p >= pool_objects + device_count()) return CUDA_ERROR_INVALID_VALUE;
+    return CUDA_SUCCESS;
+}
+
 EXPORT CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
     if (!free_bytes || !total) return CUDA_ERROR_INVALID_VALUE;
     std::lock_guard<std::recursive_mutex> lock(mu);

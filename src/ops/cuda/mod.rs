@@ -15,18 +15,23 @@
 //! What is verified: nothing here has run on a GPU yet, in either mode. Checked without
 //! one: the kernels compile (build.rs with the pinned nvcc), every kernel name a launcher
 //! forms exists in the fatbin's list, checkpoint bytes convert to bf16 with
-//! round-to-nearest-even. Written but not yet run: `tests/cuda_ops.rs` compares every op
-//! with the CPU op in both modes (1e-5 in f32, 1e-2 relative L2 in bf16) and runs the
-//! golden cases on CUDA; `scripts/gpu-check.sh` runs those tests, compute-sanitizer and
-//! `tuneloop parity --backend cuda` with `--dtype f32` and `--dtype bf16` on a GPU machine.
-//! Until that has run, every launcher, kernel and cuBLASLt plan (the bf16 layouts, the
-//! bf16 -> f32 GEMM, the bias epilogue) is unverified, and so are the bf16 mode's
-//! tolerances.
+//! round-to-nearest-even, and on the CUDA emulator (tests/emu: the kernels, launchers and
+//! library calls run on the CPU) every op matches the CPU op in both modes
+//! (`tests/cuda_ops.rs`: 1e-5 in f32, 1e-2 relative L2 in bf16) and the golden cases
+//! pass `parity` in both. `scripts/gpu-check.sh` runs those tests, compute-sanitizer and
+//! `tuneloop parity --backend cuda` on a GPU machine; until it has, what only a GPU shows
+//! (real mma/ldmatrix/cp.async hardware, cuBLASLt's own algorithms, timing, races the
+//! emulator's schedule does not produce) is unverified.
+//!
+//! Memory: base weights, LoRA tensors and optimizer states are allocations of their own
+//! from the stream-ordered pool; a training or validation step's activations go in the
+//! activation arena ([`arena`]), laid out once per step shape.
 //!
 //! Synchronisation: one compute stream, no per-buffer events (data parallelism's NCCL
 //! stream orders itself against it with explicit events, `dist::nccl`); the host waits
 //! only where it reads results back (download, loss, norms, the embedding's error flag).
 
+pub mod arena;
 mod blaslt;
 pub mod runtime;
 pub mod tensor;
@@ -37,13 +42,14 @@ use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use super::{
-    AdamWParams, AttnLayout, AttnShape, CrossEntropyOut, Dropout, HostWeight, InputGrad, LinearGradRef,
-    LoraGradRef, LoraRef, Ops,
+    AdamWParams, ArenaStats, AttnLayout, AttnShape, CrossEntropyOut, Dropout, HostWeight, InputGrad,
+    LinearGradRef, LoraGradRef, LoraRef, Ops,
 };
 use crate::model::safetensors_io::decode_f32;
 use blaslt::{BlasLt, GemmDtype, GemmShape};
 use runtime::{args, grid_1d, int, Runtime, BLOCK};
 
+use arena::{Arena, Placement};
 pub use runtime::{probe_libraries, probe_nccl};
 use tensor::{host_bf16, Operand};
 pub use tensor::{CudaBuf, CudaTensor, DType};
@@ -59,6 +65,8 @@ pub struct CudaOps {
     blas: Mutex<BlasLt>,
     /// The activation type: what `upload_weight` and the ops' outputs are stored in.
     dtype: DType,
+    /// Where a planned step's buffers go ([`Ops::planned`]).
+    arena: Arena,
 }
 
 /// Rows of a tile of the attention kernels: warps per block (kernels/attention.cu).
@@ -77,7 +85,7 @@ impl CudaOps {
     pub fn new(ordinal: usize, dtype: DType) -> Result<Self> {
         let rt = Runtime::new(ordinal)?;
         let blas = BlasLt::new(rt.stream.clone())?;
-        Ok(Self { rt, blas: Mutex::new(blas), dtype })
+        Ok(Self { rt, blas: Mutex::new(blas), dtype, arena: Arena::from_env() })
     }
 
     pub fn dtype(&self) -> DType {
@@ -107,18 +115,29 @@ impl CudaOps {
 
     /// An uninitialised tensor of type `dtype`.
     fn alloc_as(&self, shape: &[usize], dtype: DType) -> Result<CudaTensor> {
-        let n = shape.iter().product::<usize>().max(1);
-        // SAFETY: f32 and bf16 have no invalid bit patterns; callers overwrite the buffer
-        // before reading it.
-        let buf = unsafe {
-            match dtype {
-                DType::F32 => CudaBuf::F32(self.rt.stream.alloc::<f32>(n).context("CUDA allocation")?),
-                DType::Bf16 => {
-                    CudaBuf::Bf16(self.rt.stream.alloc::<half::bf16>(n).context("CUDA allocation")?)
-                }
-            }
-        };
+        let buf = self.buffer(shape.iter().product::<usize>().max(1), dtype)?;
         Ok(CudaTensor::new(buf, shape.to_vec()))
+    }
+
+    /// An uninitialised buffer of `n` elements: in the arena's region when a planned step
+    /// has a place for it, else from the pool.
+    fn buffer(&self, n: usize, dtype: DType) -> Result<CudaBuf> {
+        let bytes = n * dtype.size();
+        match self.arena.place(bytes as u64) {
+            Placement::Region { ptr, tie } => {
+                if self.arena.poison() {
+                    self.rt.memset(ptr, 0xff, bytes)?;
+                }
+                Ok(CudaBuf::region(ptr, n, dtype, tie))
+            }
+            Placement::Pool { tie } => {
+                // SAFETY: u8 has no invalid bit patterns; callers overwrite the buffer
+                // before reading it.
+                let slice = unsafe { self.rt.stream.alloc::<u8>(bytes) }.context("CUDA allocation")?;
+                let ptr = self.rt.ptr(&slice);
+                Ok(CudaBuf::pool(slice, ptr, n, dtype, tie))
+            }
+        }
     }
 
     /// An uninitialised tensor of type `dtype` whose rows have `tail` elements of room
@@ -212,10 +231,7 @@ impl CudaOps {
 
     /// The device address of a tensor's first element, whatever its row stride.
     fn base_ptr(&self, t: &CudaTensor) -> u64 {
-        match &t.buf {
-            CudaBuf::F32(b) => self.rt.ptr(b),
-            CudaBuf::Bf16(b) => self.rt.ptr(b),
-        }
+        t.buf.ptr()
     }
 
     /// `t` without room after its rows: itself, or a dense copy.
@@ -662,6 +678,20 @@ impl Ops for CudaOps {
     type Tensor = CudaTensor;
     type Ids = CudaIds;
 
+    /// `f` with its buffers in the activation arena ([`arena`]).
+    fn planned<R>(&self, key: u64, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        self.arena.begin(&self.rt, key)?;
+        let r = f();
+        let ended = self.arena.end(&self.rt);
+        let r = r?;
+        ended?;
+        Ok(r)
+    }
+
+    fn arena_stats(&self) -> Option<ArenaStats> {
+        Some(self.arena.stats())
+    }
+
     fn name(&self) -> &'static str {
         match self.dtype {
             DType::F32 => "cuda-f32",
@@ -680,8 +710,9 @@ impl Ops for CudaOps {
         if data.is_empty() {
             return self.zeros(shape);
         }
-        let buf = self.rt.stream.clone_htod(data).context("host-to-device copy")?;
-        Ok(CudaTensor::new(CudaBuf::F32(buf), shape.to_vec()))
+        let buf = self.buffer(data.len(), DType::F32)?;
+        self.rt.copy_htod(buf.ptr(), data)?;
+        Ok(CudaTensor::new(buf, shape.to_vec()))
     }
 
     /// In the activation type: f32 as before in the f32 mode; bf16 in the bf16 mode, a
@@ -695,8 +726,9 @@ impl Ops for CudaOps {
                 if data.is_empty() {
                     return self.alloc_zeros_as(&w.shape, DType::Bf16);
                 }
-                let buf = self.rt.stream.clone_htod(&data).context("host-to-device copy")?;
-                Ok(CudaTensor::new(CudaBuf::Bf16(buf), w.shape.clone()))
+                let buf = self.buffer(data.len(), DType::Bf16)?;
+                self.rt.copy_htod(buf.ptr(), &data)?;
+                Ok(CudaTensor::new(buf, w.shape.clone()))
             }
         }
     }
@@ -715,10 +747,15 @@ impl Ops for CudaOps {
     /// f32 values whatever the tensor's type (bf16 widens exactly).
     fn download(&self, t: &CudaTensor) -> Result<Vec<f32>> {
         let _range = crate::profiling::range(c"download");
-        let mut v = match &t.buf {
-            CudaBuf::F32(b) => self.rt.stream.clone_dtoh(b).context("device-to-host copy")?,
-            CudaBuf::Bf16(b) => {
-                let h = self.rt.stream.clone_dtoh(b).context("device-to-host copy")?;
+        let mut v = match t.dtype() {
+            DType::F32 => {
+                let mut h = vec![0f32; t.buf.len()];
+                self.rt.copy_dtoh(&mut h, t.buf.ptr())?;
+                h
+            }
+            DType::Bf16 => {
+                let mut h = vec![half::bf16::ZERO; t.buf.len()];
+                self.rt.copy_dtoh(&mut h, t.buf.ptr())?;
                 h.into_iter().map(half::bf16::to_f32).collect()
             }
         };
@@ -747,17 +784,7 @@ impl Ops for CudaOps {
 
     fn fill_zero(&self, t: &mut CudaTensor) -> Result<()> {
         let _range = crate::profiling::range(c"fill_zero");
-        let stream = &self.rt.stream;
-        self.rt.clocked(
-            || "memset".to_string(),
-            || {
-                match &mut t.buf {
-                    CudaBuf::F32(b) => stream.memset_zeros(b),
-                    CudaBuf::Bf16(b) => stream.memset_zeros(b),
-                }
-                .context("memset")
-            },
-        )
+        self.rt.memset(t.buf.ptr(), 0, t.buf.bytes())
     }
 
     /// Rows of either type into rows of either type (converted when they differ, e.g.
@@ -790,16 +817,12 @@ impl Ops for CudaOps {
             let kernel = format!("cast_{}_to_{}", st.suffix(), dt.suffix());
             return self.rt.launch(&kernel, grid_1d(len), args![dst_at, src_at, len as u64]);
         }
-        match (&mut dst.buf, &src.buf) {
-            (CudaBuf::F32(d), CudaBuf::F32(s)) => {
-                self.rt.stream.memcpy_dtod(&s.slice(from), &mut d.slice_mut(to))
-            }
-            (CudaBuf::Bf16(d), CudaBuf::Bf16(s)) => {
-                self.rt.stream.memcpy_dtod(&s.slice(from), &mut d.slice_mut(to))
-            }
-            _ => bail!("copy_rows: {st:?} rows into a {dt:?} tensor"),
-        }
-        .context("device-to-device copy")
+        let size = st.size();
+        self.rt.copy_dtod(
+            self.ptr(dst) + (to.start * size) as u64,
+            self.ptr(&src) + (from.start * size) as u64,
+            (from.end - from.start) * size,
+        )
     }
 
     /// In x's type.

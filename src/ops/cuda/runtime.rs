@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
 use cudarc::driver::{
-    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+    result, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+    PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 
@@ -109,6 +110,56 @@ impl Runtime {
         self.stream.synchronize().context("CUDA stream synchronisation failed (a kernel faulted?)")
     }
 
+    /// Gives the pool's unused memory back to the driver (after a [`Runtime::sync`], so
+    /// that what was freed in stream order is unused).
+    pub fn trim_pool(&self) -> Result<()> {
+        let Some(pool) = default_pool(&self.ctx)? else { return Ok(()) };
+        // SAFETY: the pool is the device's own; keeping 0 bytes releases what is unused.
+        unsafe { cudarc::driver::sys::cuMemPoolTrimTo(pool, 0) }
+            .result()
+            .context("trimming the memory pool")?;
+        Ok(())
+    }
+
+    /// Sets `bytes` bytes from `ptr` to `value`, in stream order.
+    pub fn memset(&self, ptr: u64, value: u8, bytes: usize) -> Result<()> {
+        self.ctx.bind_to_thread().context("binding the CUDA context")?;
+        self.clocked(
+            || "memset".to_string(),
+            // SAFETY: the caller's buffer holds `bytes` bytes from `ptr`.
+            || {
+                unsafe { result::memset_d8_async(ptr, value, bytes, self.stream.cu_stream()) }
+                    .context("memset")
+            },
+        )
+    }
+
+    /// Copies `bytes` bytes from `src` to `dst` (device addresses), in stream order.
+    pub fn copy_dtod(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        self.ctx.bind_to_thread().context("binding the CUDA context")?;
+        // SAFETY: the caller's buffers hold `bytes` bytes from each address.
+        unsafe { result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }
+            .context("device-to-device copy")
+    }
+
+    /// Copies `src` to the device at `dst`. Pageable host memory is staged before the call
+    /// returns, so `src` may go at once.
+    pub fn copy_htod<T: DeviceRepr>(&self, dst: u64, src: &[T]) -> Result<()> {
+        self.ctx.bind_to_thread().context("binding the CUDA context")?;
+        // SAFETY: the caller's buffer holds `size_of_val(src)` bytes from `dst`.
+        unsafe { result::memcpy_htod_async(dst, src, self.stream.cu_stream()) }.context("host-to-device copy")
+    }
+
+    /// `dst.len()` values from the device at `src`, after the work queued before them.
+    pub fn copy_dtoh<T: DeviceRepr>(&self, dst: &mut [T], src: u64) -> Result<()> {
+        self.ctx.bind_to_thread().context("binding the CUDA context")?;
+        // SAFETY: the caller's buffer holds `size_of_val(dst)` bytes from `src`; the
+        // synchronize below keeps `dst` borrowed until the copy has landed.
+        unsafe { result::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }
+            .context("device-to-host copy")?;
+        self.sync()
+    }
+
     fn clock_events(&self) -> Result<MutexGuard<'_, Option<Vec<ClockedLaunch>>>> {
         self.clock.lock().map_err(|_| anyhow::anyhow!("the kernel clock's lock is poisoned"))
     }
@@ -202,29 +253,36 @@ impl From<f32> for Arg {
 /// would map its activations afresh. A release threshold of "never" keeps it pooled, as
 /// PyTorch's caching allocator does; device memory in use then includes the pool.
 fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
+    let Some(pool) = default_pool(ctx)? else { return Ok(()) };
+    let mut threshold = u64::MAX;
+    // SAFETY: the attribute takes a u64 by pointer.
+    unsafe {
+        cudarc::driver::sys::cuMemPoolSetAttribute(
+            pool,
+            cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+    }
+    .result()
+    .context("setting the memory pool's release threshold")?;
+    Ok(())
+}
+
+/// The device's stream-ordered pool, where it has one.
+fn default_pool(ctx: &CudaContext) -> Result<Option<cudarc::driver::sys::CUmemoryPool>> {
     use cudarc::driver::sys;
     let pools = ctx
         .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED)
         .context("asking whether the GPU has memory pools")?;
     if pools == 0 {
-        return Ok(());
+        return Ok(None);
     }
     let mut pool = std::ptr::null_mut();
-    let mut threshold = u64::MAX;
-    // SAFETY: `pool` is written by the driver; the attribute takes a u64 by pointer.
-    unsafe {
-        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
-            .result()
-            .context("the default memory pool")?;
-        sys::cuMemPoolSetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            (&mut threshold as *mut u64).cast(),
-        )
+    // SAFETY: `pool` is written by the driver.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }
         .result()
-        .context("setting the memory pool's release threshold")?;
-    }
-    Ok(())
+        .context("the default memory pool")?;
+    Ok(Some(pool))
 }
 
 /// The dynamic shared memory a kernel gets without opting in.

@@ -27,6 +27,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 use safetensors::Dtype;
 
+use super::arena::Tie;
 use crate::ops::HostWeight;
 
 /// How the CUDA backend stores activations and base weights, and the element type of one
@@ -72,10 +73,61 @@ impl std::str::FromStr for DType {
     }
 }
 
-/// A device buffer of f32 or bf16 elements.
-pub enum CudaBuf {
-    F32(CudaSlice<f32>),
-    Bf16(CudaSlice<bf16>),
+/// A device buffer of `len` f32 or bf16 elements: an allocation of its own from the
+/// stream-ordered pool, or a place in the activation arena ([`super::arena`]). Dropping
+/// it frees the one or the other.
+pub struct CudaBuf {
+    ptr: u64,
+    len: usize,
+    dtype: DType,
+    _mem: Mem,
+}
+
+enum Mem {
+    /// Its own allocation, tied to the arena while the arena records the step it is made in.
+    Pool {
+        _slice: CudaSlice<u8>,
+        _tie: Option<Tie>,
+    },
+    Region {
+        _tie: Tie,
+    },
+}
+
+impl CudaBuf {
+    /// A buffer of the pool (`slice` holds at least `len` elements of `dtype`; `ptr` is
+    /// its address).
+    pub(super) fn pool(slice: CudaSlice<u8>, ptr: u64, len: usize, dtype: DType, tie: Option<Tie>) -> Self {
+        debug_assert!(slice.len() >= len * dtype.size());
+        Self { ptr, len, dtype, _mem: Mem::Pool { _slice: slice, _tie: tie } }
+    }
+
+    /// A buffer at `ptr` in the arena's region, `len` elements long.
+    pub(super) fn region(ptr: u64, len: usize, dtype: DType, tie: Tie) -> Self {
+        Self { ptr, len, dtype, _mem: Mem::Region { _tie: tie } }
+    }
+
+    /// The device address of the first element.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// Elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.len * self.dtype.size()
+    }
 }
 
 /// A row-major tensor in device memory. The buffer holds at least one element so that
@@ -121,10 +173,7 @@ impl CudaTensor {
     }
 
     pub fn dtype(&self) -> DType {
-        match self.buf {
-            CudaBuf::F32(_) => DType::F32,
-            CudaBuf::Bf16(_) => DType::Bf16,
-        }
+        self.buf.dtype()
     }
 }
 

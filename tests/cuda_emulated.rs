@@ -320,6 +320,16 @@ fn eval_bench_and_parity_run_on_cuda() {
     let (stdout, _) = run_ok(&mut cmd, "bench on CUDA");
     let line = stdout.lines().last().expect("a JSON line");
     let v: serde_json::Value = serde_json::from_str(line).expect("bench prints JSON");
+    // the emulator counting memory without computing (how BENCHMARKS.md counts the anchor
+    // shapes): the same allocations, so the same peak and the same arena
+    let (stdout, _) = run_ok(cmd.env("TUNELOOP_EMU_NO_COMPUTE", "1"), "bench on CUDA, not computed");
+    let counted: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().expect("a JSON line")).unwrap();
+    assert_eq!(
+        (&counted["peak_memory_bytes"], &counted["arena"]),
+        (&v["peak_memory_bytes"], &v["arena"]),
+        "device memory counted without computing vs computed"
+    );
     assert_eq!(v["backend"], "cuda-bf16");
     assert_eq!(v["clock"], "CUDA events on the stream");
     let (first, last) = (v["loss_first"].as_f64().unwrap(), v["loss_last"].as_f64().unwrap());

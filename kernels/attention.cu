@@ -353,6 +353,7 @@ __device__ __forceinline__ void mma_load_tile(__nv_bfloat16* dst, const __nv_bfl
 #pragma unroll
                 for (int j = 0; j < 4; ++j) v.w[j] = tl::pack_bf16(p[2 * j], p[2 * j + 1]);
             }
+            tl::assert_aligned<16>(d);
             *reinterpret_cast<Bf16x8*>(d) = v;
         }
     }
@@ -455,6 +456,7 @@ __device__ __forceinline__ void mma_store_row(__nv_bfloat16* dst, const float (&
     const int t = threadIdx.x % 4;
 #pragma unroll
     for (int dn = 0; dn < HD / 8; ++dn) {
+        tl::assert_aligned<4>(dst + 8 * dn + 2 * t);
         *reinterpret_cast<uint32_t*>(dst + 8 * dn + 2 * t) =
             tl::pack_bf16(acc[dn][2 * x] * mul, acc[dn][2 * x + 1] * mul);
     }
@@ -1075,7 +1077,9 @@ __device__ void bwd_dkdv_mma8(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_b
 #pragma unroll
                     for (int x = 0; x < 2; ++x) {
                         const int at = (kw + 16 * mi + g + 8 * x) * PLD + qw + 8 * nt + 2 * t;
+                        tl::assert_aligned<4>(p_s + at);
                         *reinterpret_cast<uint32_t*>(p_s + at) = tl::pack_bf16(p[2 * x], p[2 * x + 1]);
+                        tl::assert_aligned<4>(ds_s + at);
                         *reinterpret_cast<uint32_t*>(ds_s + at) = tl::pack_bf16(ds[2 * x], ds[2 * x + 1]);
                     }
                 }

@@ -44,9 +44,20 @@ template <typename T> struct alignas(16) Vec16 {
     T v[16 / sizeof(T)];
 };
 
+// A vector access of BYTES at p must be BYTES-aligned on a GPU (it faults otherwise); the
+// test suite's CPU emulator, which would not, checks it.
+template <unsigned BYTES> __device__ __forceinline__ void assert_aligned(const void* p) {
+#if defined(__CUDACC__)
+    (void)p;
+#else
+    ::tl_emu::check_aligned(p, BYTES);
+#endif
+}
+
 // v = the 8 values at p, as f32 (p 16-byte aligned: one load in bf16, two in f32).
 template <typename T> __device__ __forceinline__ void load8(float (&v)[8], const T* p) {
     constexpr int N = 16 / sizeof(T);
+    assert_aligned<16>(p);
 #pragma unroll
     for (int h = 0; h < 8 / N; ++h) {
         const Vec16<T> x = reinterpret_cast<const Vec16<T>*>(p)[h];
@@ -58,6 +69,7 @@ template <typename T> __device__ __forceinline__ void load8(float (&v)[8], const
 // The 8 values v at p, rounded once to T (p 16-byte aligned).
 template <typename T> __device__ __forceinline__ void store8(T* p, const float (&v)[8]) {
     constexpr int N = 16 / sizeof(T);
+    assert_aligned<16>(p);
 #pragma unroll
     for (int h = 0; h < 8 / N; ++h) {
         Vec16<T> x;

@@ -513,6 +513,15 @@ void cp_async_16(void* dst, const void* src, unsigned src_bytes) {
     }
 }
 
+void check_aligned(const void* p, unsigned bytes) {
+    if (reinterpret_cast<uintptr_t>(p) % bytes != 0) {
+        char buf[128];
+        snprintf(buf, sizeof buf, "a %u-byte vector access at %p, which is not %u-byte aligned (a GPU faults)", bytes,
+                 p, bytes);
+        fail_in_fiber(buf);
+    }
+}
+
 void cp_async_commit() {
     CpQueue& q = my_cp_queue();
     ++q.groups;

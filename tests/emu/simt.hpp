@@ -151,6 +151,9 @@ inline void ldmatrix_x4(uint32_t* r, const void* row, bool trans) {
 // so only a wait and then a barrier make it visible. A thread that exits with copies it
 // never waited for fails the launch, as does an unaligned or out-of-range address.
 void cp_async_16(void* dst, const void* src, unsigned src_bytes);
+// Fails the launch unless `p` is a multiple of `bytes`: a GPU faults on a misaligned
+// vector access ("misaligned address"), where the CPU would just read.
+void check_aligned(const void* p, unsigned bytes);
 // cp.async.commit_group: the copies issued since the last commit form one group.
 void cp_async_commit();
 // cp.async.wait_group n: waits until at most the n most recent groups are pending.

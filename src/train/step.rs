@@ -4,7 +4,7 @@ use anyhow::{ensure, Context, Result};
 
 use crate::model::decoder::{shift_labels, ForwardState, Grads, StepInputs};
 use crate::model::{Adapter, Decoder};
-use crate::ops::{AttnLayout, Ops};
+use crate::ops::{AttnLayout, CrossEntropyOut, Ops};
 
 /// Sequences laid end to end on one token axis (a `[batch, seq]` batch, or packed
 /// documents): positions restart at 0 for each sequence and attention never crosses
@@ -182,6 +182,21 @@ impl HeadChunks {
     }
 }
 
+/// Rows `r` of the final norm's output and their cross-entropy (with `scale`, the
+/// gradient of their logits); the chunk's logits are gone when it returns.
+fn chunk_loss<O: Ops>(
+    dec: &Decoder<O>,
+    final_norm: &O::Tensor,
+    targets: &[i64],
+    r: &std::ops::Range<usize>,
+    scale: Option<f32>,
+) -> Result<(O::Tensor, CrossEntropyOut<O::Tensor>)> {
+    let x = dec.ops.gather_rows(final_norm, &r.clone().collect::<Vec<_>>())?;
+    let logits = dec.ops.linear_fwd(&x, dec.model.lm_head(), None, None, None)?.0;
+    let ce = dec.ops.cross_entropy(&logits, &targets[r.clone()], scale)?;
+    Ok((x, ce))
+}
+
 /// Forward, loss and backward for training: the gradients of [`forward_backward_into`],
 /// with the lm_head and the cross-entropy run over chunks of `head_rows` token rows
 /// (by default [`head_chunk_rows`]), each chunk's logits gone before
@@ -211,10 +226,7 @@ pub fn train_step<O: Ops>(
         {
             let _head = crate::profiling::range(c"lm_head_loss");
             for r in &head.ranges {
-                let x = ops.gather_rows(&state.final_norm, &r.clone().collect::<Vec<_>>())?;
-                let logits = ops.linear_fwd(&x, dec.model.lm_head(), None, None, None)?.0;
-                let ce = ops.cross_entropy(&logits, &targets[r.clone()], Some(scale))?;
-                drop(logits);
+                let (x, ce) = chunk_loss(dec, &state.final_norm, &targets, r, Some(scale))?;
                 let dlogits = ce.dlogits.context("cross-entropy gave no gradient")?;
                 let dx = dec.head_backward(&x, &dlogits, &mut grads)?;
                 ops.copy_rows(&mut dnorm, r.start, &dx, 0, r.len())?;
@@ -243,9 +255,7 @@ pub fn eval_step<O: Ops>(dec: &Decoder<O>, batch: &TokenBatch, head_rows: Option
         let _head = crate::profiling::range(c"lm_head_loss");
         let mut out = StepLoss::default();
         for r in &head.ranges {
-            let x = ops.gather_rows(&state.final_norm, &r.clone().collect::<Vec<_>>())?;
-            let logits = ops.linear_fwd(&x, dec.model.lm_head(), None, None, None)?.0;
-            let ce = ops.cross_entropy(&logits, &targets[r.clone()], None)?;
+            let (_, ce) = chunk_loss(dec, &state.final_norm, &targets, r, None)?;
             out.add(ce.loss_sum, ce.n_counted, ce.n_correct);
         }
         Ok(out)

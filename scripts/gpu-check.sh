@@ -110,6 +110,18 @@ dp_check() {
 }
 run_step "NCCL world size 1 == single process" dp-nccl.log dp_check
 
+# ---- the activation arena (a step's buffers laid out once, reused every step) against
+# every buffer from the pool: the same bf16 fine-tune, the same bytes
+arena_args=(finetune -c configs/quickstart.yaml --model.path="$dp/base" --step_scheduler.max_steps=10
+    --backend=cuda --model.dtype=bf16)
+arena_check() {
+    tl "${arena_args[@]}" --output_dir="$dp/arena" 2>&1 | grep -E "activation arena|^backend" &&
+        TUNELOOP_ARENA=off tl "${arena_args[@]}" --output_dir="$dp/pool" &&
+        cmp "$dp/arena/adapter/adapter_model.safetensors" "$dp/pool/adapter/adapter_model.safetensors" &&
+        echo "bf16 adapter with the activation arena == without it (byte for byte)"
+}
+run_step "activation arena == pool (bf16 bytes)" arena.log arena_check
+
 # ---- full fine-tuning in the bf16 mode (f32 master weights, bf16 copies, every weight's
 # gradient) against the CPU backend: 6 steps at a full fine-tune's learning rate, the
 # losses within 1e-3 (5.8e-5 apart on the CUDA emulator)
@@ -129,7 +141,7 @@ sys.exit(0 if len(got) == len(want) == 6 and worst < 1e-3 else 1)
 PY
 }
 run_step "full fine-tuning bf16 vs CPU (losses 1e-3)" full-bf16.log full_check
-rm -rf "$dp/base" "$dp/plain/checkpoints" "$dp/nccl/checkpoints" "$dp/full-cuda" "$dp/full-cpu"
+rm -rf "$dp/base" "$dp/plain/checkpoints" "$dp/nccl/checkpoints" "$dp/full-cuda" "$dp/full-cpu" "$dp/arena" "$dp/pool"
 
 echo
 echo "gpu-check on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1), bundle $(cat $bundle/commit 2>/dev/null)"

@@ -516,10 +516,12 @@ pub trait Ops {
     }
 
     // ---- memory planning ----
-    /// Runs `f`, one training micro-step, as a step whose buffers the backend may plan:
-    /// runs with the same `key` ask for the same buffers in the same order (the key names
-    /// the batch's shape). The CUDA backend lays the first run's buffers out in its
-    /// activation arena and places every later run's there; elsewhere this is `f()`.
+    /// Runs `f`, one training or validation micro-step, as a step whose buffers the
+    /// backend may plan: runs with the same `key` ask for the same buffers in the same
+    /// order, at sizes that follow their tokens. The CUDA backend lays the first run's
+    /// buffers out in its activation arena, places every later run's there, and lays it
+    /// out again, large enough for both, after a run that did not fit; elsewhere this is
+    /// `f()`.
     fn planned<R>(&self, _key: u64, f: impl FnOnce() -> Result<R>) -> Result<R> {
         f()
     }

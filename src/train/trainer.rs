@@ -519,6 +519,16 @@ pub fn train_data_parallel<O: Ops, P: Trainable<O::Tensor>>(
             .into());
         }
     }
+    if let Some(a) = ops.arena_stats().filter(|a| a.plans > 0) {
+        say(format!(
+            "activation arena: {:.3} GiB at the end; {} of the planned steps' {} buffers placed in it \
+             (the others from the pool: the first step of each kind, and buffers larger than \
+             any before them)",
+            a.region_bytes as f64 / (1u64 << 30) as f64,
+            a.placed,
+            a.placed + a.pooled,
+        ));
+    }
     bar.finish_and_clear();
     Ok((params, TrainOutcome { steps: state.step, history: log.history }))
 }

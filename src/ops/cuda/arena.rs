@@ -1,28 +1,31 @@
-//! The activation arena: one device region per process, laid out once for a training
-//! micro-step of each shape, that the step's tensors are placed in on every later step.
+//! The activation arena: one device region per process, laid out for the training (and
+//! validation) micro-steps, that their tensors are placed in.
 //!
 //! A micro-step (forward, loss and backward of one micro-batch: `train_step`) asks for
-//! the same buffers in the same order each time it runs on a batch of the same shape;
-//! what changes is only their contents. So the first run of a shape (its *key*) is
-//! recorded: each allocation's size, and when it was made and dropped, on a clock that
-//! ticks at every allocation and drop. At its end the buffers that were dropped inside
-//! it are given offsets in one region so that buffers alive at the same time never
-//! share a byte (largest first, each at the lowest offset where it fits among those
-//! already placed that overlap it in time: the greedy-by-size layout of TFLite's memory
-//! planner), and the region is made that large. Every later run with that key takes its
-//! `i`-th allocation from the plan's `i`-th slot: no allocator runs, and the step's
-//! device memory is the plan's size, known after the first step.
+//! the same buffers in the same order each time it runs the same ops (its *key*: the
+//! kind of step and its number of lm_head chunks), each as large as its tokens make it.
+//! So every planned step is recorded: each allocation's size, and when it was made and
+//! dropped, on a clock that ticks at every allocation and drop. At the end of a key's
+//! first step its buffers that were dropped inside it are given offsets in one region
+//! so that buffers alive at the same time never share a byte (largest first, each at
+//! the lowest offset where it fits among those already placed that overlap it in time:
+//! the greedy-by-size layout of TFLite's memory planner), and the region is made that
+//! large. Every later step with that key takes its `i`-th allocation from the plan's
+//! `i`-th slot when it is no larger: no allocator runs, and the step's device memory is
+//! the plan's size. A step that did not fit (more tokens than any before it) lays the
+//! plan out again from its own record, each slot as large as the larger of the two, so
+//! the plan grows to the largest micro-batch after a few steps (at most [`MAX_LAYOUTS`]
+//! layouts a key).
 //!
-//! Nothing relies on a later run repeating the recorded one for correctness. An
-//! allocation takes a slot only if the slot's size is the one asked for (looked for a
-//! few slots ahead, so a skipped allocation costs nothing more) and no buffer of the
+//! Nothing relies on a step repeating the recorded one for correctness. An allocation
+//! takes a slot only if it is no larger than the slot (or, to step over a buffer this
+//! step skipped, has a later slot's exact size a few slots on) and no buffer of the
 //! region that is still alive overlaps it; otherwise it comes from the stream-ordered
-//! pool as every allocation outside a planned step does. A run that needed the pool is
-//! recorded again the next time (at most [`MAX_RECORDS`] times a key). Buffers that
-//! outlive the step (what it returns) are never planned. Reuse within the region is safe
-//! in stream order: every kernel that touches an activation runs on the one compute
-//! stream, so the next tensor's first writer queues behind the last reader of the one
-//! before it, as with `cuMemFreeAsync`.
+//! pool, as every allocation outside a planned step does. Buffers that outlive their
+//! step (what it returns) are never planned. Reuse within the region is safe in stream
+//! order: every kernel that touches an activation runs on the one compute stream, so
+//! the next tensor's first writer queues behind the last reader of the one before it,
+//! as with `cuMemFreeAsync`.
 //!
 //! `TUNELOOP_ARENA=off` turns the arena off (every buffer from the pool);
 //! `TUNELOOP_ARENA_POISON=1` fills each placed buffer with NaNs (all bits set) before
@@ -46,9 +49,9 @@ pub const ALIGN: u64 = 256;
 /// How many slots past the next one an allocation looks for a slot of its size.
 const LOOK_AHEAD: usize = 64;
 
-/// Times one key is recorded (its first run and runs that needed the pool) before its
-/// last plan is kept as it is.
-pub const MAX_RECORDS: u32 = 3;
+/// Times one key's plan is laid out (from its first step, then from steps that did not
+/// fit it) before it is kept as it is.
+pub const MAX_LAYOUTS: u32 = 8;
 
 /// A buffer's life on a recorded step's clock: made at `start`, dropped at `end`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,7 +121,8 @@ pub fn live_peak(lives: &[Life]) -> u64 {
     peak as u64
 }
 
-/// One allocation of a recorded step: its size and, if the step dropped it, its place.
+/// One allocation of a planned step: the most bytes it has asked for and, if the step
+/// dropped it, its place.
 #[derive(Clone, Copy, Debug)]
 struct Slot {
     bytes: u64,
@@ -129,22 +133,31 @@ struct Plan {
     slots: Vec<Slot>,
     size: u64,
     live_peak: u64,
-    records: u32,
-    /// A run with this plan needed the pool: record the key again.
-    stale: bool,
+    /// Times it was laid out (its key's first step, then steps that did not fit).
+    layouts: u32,
 }
 
-/// A recorded allocation: its size, and the ticks it was made and dropped at.
+/// An allocation of the step under way: its size, and the ticks it was made and
+/// dropped at.
 struct Recorded {
     bytes: u64,
     start: u64,
     end: Option<u64>,
 }
 
-enum Scope {
-    None,
-    Recording { key: u64, allocs: Vec<Recorded>, clock: u64 },
-    Replaying { key: u64, next: usize, missed: bool },
+/// The planned step under way: every allocation is recorded; with a plan, each is placed
+/// by it where it fits (`next`: the slot the next allocation is matched with first).
+struct Scope {
+    key: u64,
+    allocs: Vec<Recorded>,
+    clock: u64,
+    replay: Option<Replay>,
+}
+
+struct Replay {
+    next: usize,
+    /// An allocation the plan had no room for (larger than its slot, or no slot).
+    missed: bool,
 }
 
 struct State {
@@ -152,7 +165,7 @@ struct State {
     poison: bool,
     depth: u32,
     epoch: u64,
-    scope: Scope,
+    scope: Option<Scope>,
     plans: HashMap<u64, Plan>,
     region: Option<(CudaSlice<u8>, u64)>,
     region_len: u64,
@@ -169,34 +182,26 @@ fn unused(live: &BTreeMap<u64, u64>, off: u64, len: u64) -> bool {
     live.range(..off + len).next_back().is_none_or(|(_, &end)| end <= off)
 }
 
-/// A buffer's tie to the arena; dropping it tells the arena the buffer is gone.
+/// A buffer's tie to the arena: allocation `idx` of planned step `epoch`, at `offset`
+/// in the region if it was placed there. Dropping it frees that place and records the
+/// drop's tick, while its step is under way.
 pub struct Tie {
     state: Arc<Mutex<State>>,
-    kind: TieKind,
-}
-
-enum TieKind {
-    /// A pool buffer made while its step was recorded (allocation `idx` of `epoch`).
-    Recorded { epoch: u64, idx: usize },
-    /// A buffer of the region at `offset`.
-    Placed { offset: u64 },
+    epoch: u64,
+    idx: usize,
+    offset: Option<u64>,
 }
 
 impl Drop for Tie {
     fn drop(&mut self) {
         let mut s = lock(&self.state);
-        match self.kind {
-            TieKind::Recorded { epoch, idx } => {
-                if s.epoch == epoch {
-                    if let Scope::Recording { allocs, clock, .. } = &mut s.scope {
-                        allocs[idx].end = Some(*clock);
-                        *clock += 1;
-                    }
-                }
-            }
-            TieKind::Placed { offset } => {
-                s.live.remove(&offset);
-            }
+        if let Some(off) = self.offset {
+            s.live.remove(&off);
+        }
+        let epoch = s.epoch;
+        if let Some(sc) = s.scope.as_mut().filter(|_| epoch == self.epoch) {
+            sc.allocs[self.idx].end = Some(sc.clock);
+            sc.clock += 1;
         }
     }
 }
@@ -206,7 +211,7 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 }
 
 /// Where an allocation's bytes are: the region's (its address, with the tie that frees
-/// them), or the pool's, possibly tied to a step being recorded.
+/// them), or the pool's, tied to the step under way if there is one.
 pub enum Placement {
     Region { ptr: u64, tie: Tie },
     Pool { tie: Option<Tie> },
@@ -218,6 +223,25 @@ pub struct Arena {
 
 fn env_flag(name: &str) -> Option<String> {
     std::env::var(name).ok().map(|v| v.trim().to_ascii_lowercase())
+}
+
+/// A plan for the step recorded in `allocs`: its buffers dropped inside the step laid
+/// out, each slot as large as the larger of this step's buffer and `old`'s slot when
+/// `old` has as many (the same structure at another size), so that the plan covers
+/// both steps.
+fn plan_of(allocs: &[Recorded], old: Option<&Plan>) -> Plan {
+    let same = old.filter(|p| p.slots.len() == allocs.len());
+    let bytes = |i: usize| same.map_or(allocs[i].bytes, |p| p.slots[i].bytes.max(allocs[i].bytes));
+    let dropped: Vec<(usize, Life)> = (allocs.iter().enumerate())
+        .filter_map(|(i, a)| a.end.map(|end| (i, Life { bytes: bytes(i), start: a.start, end })))
+        .collect();
+    let lives: Vec<Life> = dropped.iter().map(|&(_, l)| l).collect();
+    let (offsets, size) = lay_out(&lives);
+    let mut slots: Vec<Slot> = (0..allocs.len()).map(|i| Slot { bytes: bytes(i), offset: None }).collect();
+    for (&(i, _), off) in dropped.iter().zip(offsets) {
+        slots[i].offset = Some(off);
+    }
+    Plan { slots, size, live_peak: live_peak(&lives), layouts: old.map_or(0, |p| p.layouts) + 1 }
 }
 
 impl Arena {
@@ -232,7 +256,7 @@ impl Arena {
                 poison,
                 depth: 0,
                 epoch: 0,
-                scope: Scope::None,
+                scope: None,
                 plans: HashMap::new(),
                 region: None,
                 region_len: 0,
@@ -256,49 +280,35 @@ impl Arena {
             return Ok(());
         }
         s.epoch += 1;
-        let plan = s.plans.get(&key).filter(|p| !p.stale).map(|p| p.size);
-        s.scope = match plan {
-            Some(size) => {
-                grow(&mut s, rt, size)?;
-                Scope::Replaying { key, next: 0, missed: false }
-            }
-            None => Scope::Recording { key, allocs: Vec::new(), clock: 0 },
-        };
+        let size = s.plans.get(&key).map(|p| p.size);
+        if let Some(size) = size {
+            grow(&mut s, rt, size)?;
+        }
+        let replay = size.map(|_| Replay { next: 0, missed: false });
+        s.scope = Some(Scope { key, allocs: Vec::new(), clock: 0, replay });
         Ok(())
     }
 
-    /// Ends the planned step: a recorded one becomes its key's plan.
+    /// Ends the planned step. The first step of a key becomes its plan; a later one that
+    /// did not fit its plan lays it out again, from both (at most [`MAX_LAYOUTS`] times a
+    /// key).
     pub fn end(&self, rt: &Runtime) -> Result<()> {
         let mut s = lock(&self.state);
         s.depth = s.depth.saturating_sub(1);
         if s.depth > 0 {
             return Ok(());
         }
-        match std::mem::replace(&mut s.scope, Scope::None) {
-            Scope::None => {}
-            Scope::Replaying { key, missed, .. } => {
-                if let Some(p) = s.plans.get_mut(&key) {
-                    p.stale = missed && p.records < MAX_RECORDS;
-                }
-            }
-            Scope::Recording { key, allocs, .. } => {
-                let dropped: Vec<(usize, Life)> = allocs
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, a)| a.end.map(|end| (i, Life { bytes: a.bytes, start: a.start, end })))
-                    .collect();
-                let lives: Vec<Life> = dropped.iter().map(|&(_, l)| l).collect();
-                let (offsets, size) = lay_out(&lives);
-                let mut slots: Vec<Slot> =
-                    allocs.iter().map(|a| Slot { bytes: a.bytes, offset: None }).collect();
-                for (&(i, _), off) in dropped.iter().zip(offsets) {
-                    slots[i].offset = Some(off);
-                }
-                let records = s.plans.get(&key).map_or(0, |p| p.records) + 1;
-                let live_peak = live_peak(&lives);
-                s.plans.insert(key, Plan { slots, size, live_peak, records, stale: false });
-                grow(&mut s, rt, size)?;
-            }
+        let Some(sc) = s.scope.take() else { return Ok(()) };
+        let old = s.plans.get(&sc.key);
+        let again = match (&sc.replay, old) {
+            (None, _) | (_, None) => true,
+            (Some(r), Some(p)) => r.missed && p.layouts < MAX_LAYOUTS,
+        };
+        if again {
+            let plan = plan_of(&sc.allocs, old);
+            let size = plan.size;
+            s.plans.insert(sc.key, plan);
+            grow(&mut s, rt, size)?;
         }
         Ok(())
     }
@@ -306,49 +316,41 @@ impl Arena {
     /// Where a buffer of `bytes` goes.
     pub fn place(&self, bytes: u64) -> Placement {
         let mut s = lock(&self.state);
-        let epoch = s.epoch;
-        let state = &mut *s;
-        match &mut state.scope {
-            Scope::None => Placement::Pool { tie: None },
-            Scope::Recording { allocs, clock, .. } => {
-                let idx = allocs.len();
-                allocs.push(Recorded { bytes, start: *clock, end: None });
-                *clock += 1;
-                state.pooled += 1;
-                Placement::Pool {
-                    tie: Some(Tie { state: self.state.clone(), kind: TieKind::Recorded { epoch, idx } }),
-                }
+        let (epoch, state) = (s.epoch, &mut *s);
+        let Some(sc) = state.scope.as_mut() else { return Placement::Pool { tie: None } };
+        let idx = sc.allocs.len();
+        sc.allocs.push(Recorded { bytes, start: sc.clock, end: None });
+        sc.clock += 1;
+        let tie = |offset| Tie { state: self.state.clone(), epoch, idx, offset };
+        let Some(replay) = sc.replay.as_mut() else {
+            state.pooled += 1;
+            return Placement::Pool { tie: Some(tie(None)) };
+        };
+        // The next slot if this fits it, else the first of the same size a few further
+        // on (a buffer this step skipped); slots without an offset hold buffers that
+        // outlive the step.
+        let slots = &state.plans[&sc.key].slots;
+        let k = (slots.get(replay.next).filter(|sl| bytes <= sl.bytes).map(|_| replay.next)).or_else(|| {
+            (replay.next..slots.len().min(replay.next + LOOK_AHEAD)).find(|&k| slots[k].bytes == bytes)
+        });
+        if let Some(k) = k {
+            replay.next = k + 1;
+        }
+        let len = bytes.div_ceil(ALIGN) * ALIGN;
+        let at = k.and_then(|k| slots[k].offset);
+        let fits = |off: u64| off + len <= state.region_len && unused(&state.live, off, len);
+        match (at.filter(|&off| fits(off)), &state.region) {
+            (Some(off), Some((_, base))) => {
+                state.live.insert(off, off + len);
+                state.placed += 1;
+                Placement::Region { ptr: base + off, tie: tie(Some(off)) }
             }
-            Scope::Replaying { key, next, missed } => {
-                let slots = &state.plans[key].slots;
-                let end = slots.len().min(*next + LOOK_AHEAD);
-                let found = (*next..end).find(|&k| slots[k].bytes == bytes);
-                let at = found.and_then(|k| {
-                    *next = k + 1;
-                    slots[k].offset
-                });
-                let len = bytes.div_ceil(ALIGN) * ALIGN;
-                let fits = |off: u64| off + len <= state.region_len && unused(&state.live, off, len);
-                match (at.filter(|&off| fits(off)), &state.region) {
-                    (Some(off), Some((_, base))) => {
-                        let ptr = base + off;
-                        state.live.insert(off, off + len);
-                        state.placed += 1;
-                        Placement::Region {
-                            ptr,
-                            tie: Tie { state: self.state.clone(), kind: TieKind::Placed { offset: off } },
-                        }
-                    }
-                    _ => {
-                        // a buffer the plan has no room for, or one that outlives the step
-                        // (slots without an offset): only the former is a miss
-                        if found.is_none() || at.is_some() {
-                            *missed = true;
-                        }
-                        state.pooled += 1;
-                        Placement::Pool { tie: None }
-                    }
+            _ => {
+                if k.is_none() || at.is_some() {
+                    replay.missed = true;
                 }
+                state.pooled += 1;
+                Placement::Pool { tie: Some(tie(None)) }
             }
         }
     }
@@ -455,6 +457,30 @@ mod tests {
             assert!(size >= peak);
             assert!((size as f64) < 1.5 * peak as f64, "size {size} for a peak of {peak}");
         }
+    }
+
+    #[test]
+    fn a_step_that_did_not_fit_lays_the_plan_out_for_the_larger_of_both() {
+        // the same three buffers (the last outlives its step) at two sizes
+        let step = |sizes: [u64; 3]| {
+            let ends = [Some(3), Some(4), None];
+            let starts = [0, 1, 2];
+            (0..3).map(|i| Recorded { bytes: sizes[i], start: starts[i], end: ends[i] }).collect::<Vec<_>>()
+        };
+        let first = plan_of(&step([100, 5000, 64]), None);
+        assert_eq!(first.layouts, 1);
+        assert!(first.slots[2].offset.is_none(), "what outlives its step is not placed");
+        let second = plan_of(&step([300, 4000, 64]), Some(&first));
+        let bytes: Vec<u64> = second.slots.iter().map(|s| s.bytes).collect();
+        assert_eq!(bytes, [300, 5000, 64]);
+        assert_eq!(second.layouts, 2);
+        let (a, b) = (second.slots[0].offset.unwrap(), second.slots[1].offset.unwrap());
+        assert!(a + 300 <= b || b + 5000 <= a, "alive together, apart: {a} and {b}");
+        assert_eq!(second.size, 5120 + 512);
+        // another structure (a buffer more) starts afresh from its own sizes
+        let mut other = step([10, 20, 64]);
+        other.push(Recorded { bytes: 8, start: 5, end: Some(6) });
+        assert_eq!(plan_of(&other, Some(&second)).slots[1].bytes, 20);
     }
 
     #[test]

@@ -25,7 +25,7 @@
 //!
 //! Memory: base weights, LoRA tensors and optimizer states are allocations of their own
 //! from the stream-ordered pool; a training or validation step's activations go in the
-//! activation arena ([`arena`]), laid out once per step shape.
+//! activation arena ([`arena`]), laid out from the steps' own records.
 //!
 //! Synchronisation: one compute stream, no per-buffer events (data parallelism's NCCL
 //! stream orders itself against it with explicit events, `dist::nccl`); the host waits

@@ -639,7 +639,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 out.display(),
                 r.tensors,
                 r.merged,
-                r.bytes as f64 / (1u64 << 30) as f64
+                tuneloop::util::gib(r.bytes)
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -27,6 +27,11 @@ pub fn temp_file_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
 }
 
 /// ‖a − b‖ / ‖b‖ in f64 (‖a − b‖ when b is all zeros).
+/// Bytes in GiB (2^30), for reports.
+pub fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
 pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     let (mut num, mut den) = (0.0f64, 0.0f64);
     for (&x, &y) in a.iter().zip(b) {

@@ -36,6 +36,7 @@ use crate::model::{Adapter, LoraConfig, Model, ModelConfig, Proj};
 use crate::ops::{AdamWParams, HostWeight, Ops};
 use crate::train::Trainable;
 use crate::train::{clip_scale, grad_norm, train_step, AdamW, TokenBatch};
+use crate::util::gib;
 
 use crate::ops::KernelClock;
 pub use anchors::{Anchor, ANCHORS};
@@ -576,10 +577,6 @@ fn tflops_str(x: f64) -> String {
     } else {
         format!("{x:.4}")
     }
-}
-
-fn gib(bytes: u64) -> f64 {
-    bytes as f64 / (1u64 << 30) as f64
 }
 
 impl BenchReport {

@@ -234,7 +234,7 @@ impl Collective<CudaOps> for NcclGroup {
         stream.join(&self.comm_stream).context("waiting for the all-reduce stream")?;
         self.wait(ops, seq)?;
         let mut by_ptr = HashMap::new();
-        for t in tensors.iter_mut() {
+        for t in tensors.iter() {
             let buf = f32_buf(t)?;
             by_ptr.insert(buf.ptr(), buf.len());
         }

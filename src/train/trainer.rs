@@ -22,6 +22,7 @@ use crate::dist::{Collective, Single};
 use crate::model::decoder::{Grads, Recompute};
 use crate::model::Decoder;
 use crate::ops::{AdamWParams, Dropout, Ops};
+use crate::util::gib;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainConfig {
@@ -421,7 +422,7 @@ pub fn train_data_parallel<O: Ops, P: Trainable<O::Tensor>>(
     // allocated once: a full run's gradients are as large as the model
     let mut grads = params.zeros(ops)?;
     let stop = cfg.stop_after.unwrap_or(total_steps).min(total_steps);
-    let mut arena_told = false;
+    let first_step = state.step;
     while state.step < stop {
         let _step = crate::profiling::range(c"step");
         let t0 = Instant::now();
@@ -457,16 +458,14 @@ pub fn train_data_parallel<O: Ops, P: Trainable<O::Tensor>>(
                 stats.reduce_s * 1e3
             ));
         }
-        if !arena_told {
+        if state.step == first_step {
             if let Some(a) = ops.arena_stats().filter(|a| a.plans > 0) {
                 say(format!(
-                    "activation arena: {:.3} GiB, laid out from the first micro-batch of {} tokens \
-                     (at most {:.3} GiB of its buffers alive at once)",
-                    a.plan_bytes as f64 / (1u64 << 30) as f64,
-                    micro[0].ids.len(),
-                    a.plan_live_peak as f64 / (1u64 << 30) as f64,
+                    "activation arena: {:.3} GiB after the first step (its largest plan has at most \
+                     {:.3} GiB of buffers alive at once)",
+                    gib(a.region_bytes),
+                    gib(a.plan_live_peak),
                 ));
-                arena_told = true;
             }
         }
         let loss = stats.loss_sum / stats.n_targets.max(1) as f64;
@@ -524,7 +523,7 @@ pub fn train_data_parallel<O: Ops, P: Trainable<O::Tensor>>(
             "activation arena: {:.3} GiB at the end; {} of the planned steps' {} buffers placed in it \
              (the others from the pool: the first step of each kind, and buffers larger than \
              any before them)",
-            a.region_bytes as f64 / (1u64 << 30) as f64,
+            gib(a.region_bytes),
             a.placed,
             a.placed + a.pooled,
         ));

@@ -500,11 +500,7 @@ void cp_async_16(void* dst, const void* src, unsigned src_bytes) {
         fail_in_fiber(buf);
     }
     if (src_bytes > 16) fail_in_fiber("cp.async of " + std::to_string(src_bytes) + " source bytes into 16");
-    if (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16 != 0) {
-        char buf[96];
-        snprintf(buf, sizeof buf, "cp.async of 16 bytes from %p, which is not 16-byte aligned", src);
-        fail_in_fiber(buf);
-    }
+    if (src_bytes > 0) check_aligned(src, 16);
     const CpCopy c{dst, src, src_bytes, -1};
     if (current_block->cp_async_eager) {
         land(c);

@@ -46,6 +46,11 @@ use crate::ops::ArenaStats;
 /// cuBLASLt's fastest algorithms and the kernels' 16-byte accesses expect).
 pub const ALIGN: u64 = 256;
 
+/// `bytes` rounded up to a multiple of [`ALIGN`].
+fn aligned(bytes: u64) -> u64 {
+    bytes.div_ceil(ALIGN) * ALIGN
+}
+
 /// How many slots past the next one an allocation looks for a slot of its size.
 const LOOK_AHEAD: usize = 64;
 
@@ -80,7 +85,7 @@ pub fn lay_out(lives: &[Life]) -> (Vec<u64>, u64) {
     let mut busy: Vec<(u64, u64)> = Vec::new();
     for i in order {
         let me = lives[i];
-        let len = me.bytes.div_ceil(ALIGN) * ALIGN;
+        let len = aligned(me.bytes);
         busy.clear();
         busy.extend(
             placed
@@ -94,7 +99,7 @@ pub fn lay_out(lives: &[Life]) -> (Vec<u64>, u64) {
             if s >= at + len {
                 break;
             }
-            at = at.max(e.div_ceil(ALIGN) * ALIGN);
+            at = at.max(aligned(e));
         }
         offsets[i] = at;
         size = size.max(at + len);
@@ -107,7 +112,7 @@ pub fn lay_out(lives: &[Life]) -> (Vec<u64>, u64) {
 pub fn live_peak(lives: &[Life]) -> u64 {
     let mut events: Vec<(u64, i128)> = Vec::with_capacity(2 * lives.len());
     for l in lives {
-        let len = (l.bytes.div_ceil(ALIGN) * ALIGN) as i128;
+        let len = aligned(l.bytes) as i128;
         events.push((l.start, len));
         events.push((l.end, -len));
     }
@@ -161,14 +166,12 @@ struct Replay {
 }
 
 struct State {
-    enabled: bool,
-    poison: bool,
     depth: u32,
     epoch: u64,
     scope: Option<Scope>,
     plans: HashMap<u64, Plan>,
+    /// The region and its address.
     region: Option<(CudaSlice<u8>, u64)>,
-    region_len: u64,
     /// The region's buffers alive now: offset -> end.
     live: BTreeMap<u64, u64>,
     placed: u64,
@@ -180,6 +183,12 @@ struct State {
 /// ends last).
 fn unused(live: &BTreeMap<u64, u64>, off: u64, len: u64) -> bool {
     live.range(..off + len).next_back().is_none_or(|(_, &end)| end <= off)
+}
+
+impl State {
+    fn region_len(&self) -> u64 {
+        self.region.as_ref().map_or(0, |(slice, _)| slice.len() as u64)
+    }
 }
 
 /// A buffer's tie to the arena: allocation `idx` of planned step `epoch`, at `offset`
@@ -219,6 +228,9 @@ pub enum Placement {
 
 pub struct Arena {
     state: Arc<Mutex<State>>,
+    enabled: bool,
+    /// Placed buffers are filled with NaNs first.
+    pub poison: bool,
 }
 
 fn env_flag(name: &str) -> Option<String> {
@@ -252,31 +264,25 @@ impl Arena {
             matches!(env_flag("TUNELOOP_ARENA_POISON").as_deref(), Some("1" | "on" | "true" | "yes"));
         Self {
             state: Arc::new(Mutex::new(State {
-                enabled,
-                poison,
                 depth: 0,
                 epoch: 0,
                 scope: None,
                 plans: HashMap::new(),
                 region: None,
-                region_len: 0,
                 live: BTreeMap::new(),
                 placed: 0,
                 pooled: 0,
             })),
+            enabled,
+            poison,
         }
-    }
-
-    /// Whether placed buffers are to be filled with NaNs first.
-    pub fn poison(&self) -> bool {
-        lock(&self.state).poison
     }
 
     /// Starts a planned step with `key` (nested calls join the outer step).
     pub fn begin(&self, rt: &Runtime, key: u64) -> Result<()> {
         let mut s = lock(&self.state);
         s.depth += 1;
-        if !s.enabled || s.depth > 1 {
+        if !self.enabled || s.depth > 1 {
             return Ok(());
         }
         s.epoch += 1;
@@ -317,6 +323,7 @@ impl Arena {
     pub fn place(&self, bytes: u64) -> Placement {
         let mut s = lock(&self.state);
         let (epoch, state) = (s.epoch, &mut *s);
+        let region_len = state.region_len();
         let Some(sc) = state.scope.as_mut() else { return Placement::Pool { tie: None } };
         let idx = sc.allocs.len();
         sc.allocs.push(Recorded { bytes, start: sc.clock, end: None });
@@ -336,9 +343,9 @@ impl Arena {
         if let Some(k) = k {
             replay.next = k + 1;
         }
-        let len = bytes.div_ceil(ALIGN) * ALIGN;
+        let len = aligned(bytes);
         let at = k.and_then(|k| slots[k].offset);
-        let fits = |off: u64| off + len <= state.region_len && unused(&state.live, off, len);
+        let fits = |off: u64| off + len <= region_len && unused(&state.live, off, len);
         match (at.filter(|&off| fits(off)), &state.region) {
             (Some(off), Some((_, base))) => {
                 state.live.insert(off, off + len);
@@ -359,7 +366,7 @@ impl Arena {
         let s = lock(&self.state);
         let largest = s.plans.values().max_by_key(|p| p.size);
         ArenaStats {
-            region_bytes: s.region_len,
+            region_bytes: s.region_len(),
             plans: s.plans.len(),
             plan_bytes: largest.map_or(0, |p| p.size),
             plan_live_peak: largest.map_or(0, |p| p.live_peak),
@@ -374,22 +381,20 @@ impl Arena {
 /// old region and what the pool keeps of freed buffers (the recorded step's, which it
 /// would otherwise hold on to beside the region) go back to the driver first.
 fn grow(s: &mut State, rt: &Runtime, size: u64) -> Result<()> {
-    if size <= s.region_len || !s.live.is_empty() {
+    if size <= s.region_len() || !s.live.is_empty() {
         return Ok(());
     }
     s.region = None;
-    s.region_len = 0;
     rt.sync()?;
     rt.trim_pool()?;
     let bytes = usize::try_from(size).context("arena size")?;
     // SAFETY: u8 has no invalid bit patterns; every buffer placed in it is written
     // before it is read (as a pool buffer would be).
     let slice = unsafe { rt.stream.alloc::<u8>(bytes) }.with_context(|| {
-        format!("CUDA allocation of the {:.2} GiB activation arena", size as f64 / (1u64 << 30) as f64)
+        format!("CUDA allocation of the {:.2} GiB activation arena", crate::util::gib(size))
     })?;
     let base = rt.ptr(&slice);
     s.region = Some((slice, base));
-    s.region_len = size;
     Ok(())
 }
 

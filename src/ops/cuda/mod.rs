@@ -125,7 +125,7 @@ impl CudaOps {
         let bytes = n * dtype.size();
         match self.arena.place(bytes as u64) {
             Placement::Region { ptr, tie } => {
-                if self.arena.poison() {
+                if self.arena.poison {
                     self.rt.memset(ptr, 0xff, bytes)?;
                 }
                 Ok(CudaBuf::region(ptr, n, dtype, tie))

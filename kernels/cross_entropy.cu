@@ -10,8 +10,14 @@
 //   dlogits[r,j] = (softmax(x_r)_j - [j == t_r]) * grad_scale   (0 on ignored rows;
 //                  pass dlogits = nullptr to skip)
 //
-// The host sums row_loss in f64 and counts the flags. targets are int32 and were
-// checked on the host (-100 or in [0, vocab)).
+// targets are int32 and were checked on the host (-100 or in [0, vocab)).
+//
+// loss_sums_add: sums[0] += Σ row_loss of counted rows, sums[1] += counted rows,
+//                sums[2] += rows predicted right, in f64. One block of 256 threads (any
+//                number of rows): each thread sums its rows r ≡ threadIdx.x (mod 256) in
+//                order, then a fixed tree, so the sums are the same bits on every run.
+//                Queued after cross_entropy_*, it lets a step's chunks add up their
+//                losses on the device: the host reads the three sums once.
 
 #include "common.cuh"
 
@@ -119,4 +125,39 @@ extern "C" __global__ void __launch_bounds__(1024)
 cross_entropy_bf16(float* row_loss, int* row_flag, __nv_bfloat16* dlogits, const __nv_bfloat16* logits,
                    const int* targets, int rows, int vocab, float grad_scale) {
     tl_ce::ce(row_loss, row_flag, dlogits, logits, targets, rows, vocab, grad_scale);
+}
+
+constexpr int LOSS_SUMS_THREADS = 256;  // the launcher's LOSS_SUMS_BLOCK
+
+extern "C" __global__ void __launch_bounds__(256)
+loss_sums_add(double* sums, const float* row_loss, const int* row_flag, int rows) {
+    __shared__ double s_loss[LOSS_SUMS_THREADS];
+    __shared__ double s_counted[LOSS_SUMS_THREADS];
+    __shared__ double s_correct[LOSS_SUMS_THREADS];
+    double loss = 0.0, counted = 0.0, correct = 0.0;
+    for (int r = threadIdx.x; r < rows; r += LOSS_SUMS_THREADS) {
+        const int f = row_flag[r];
+        if (f > 0) {
+            loss += (double)row_loss[r];
+            counted += 1.0;
+            correct += f == 2 ? 1.0 : 0.0;
+        }
+    }
+    s_loss[threadIdx.x] = loss;
+    s_counted[threadIdx.x] = counted;
+    s_correct[threadIdx.x] = correct;
+    __syncthreads();
+    for (int stride = LOSS_SUMS_THREADS / 2; stride > 0; stride /= 2) {
+        if ((int)threadIdx.x < stride) {
+            s_loss[threadIdx.x] += s_loss[threadIdx.x + stride];
+            s_counted[threadIdx.x] += s_counted[threadIdx.x + stride];
+            s_correct[threadIdx.x] += s_correct[threadIdx.x + stride];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        sums[0] += s_loss[0];
+        sums[1] += s_counted[0];
+        sums[2] += s_correct[0];
+    }
 }

@@ -67,6 +67,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     // kernels/cross_entropy.cu
     "cross_entropy_f32",
     "cross_entropy_bf16",
+    "loss_sums_add",
     // kernels/embedding.cu
     "embedding_fwd_f32",
     "embedding_fwd_bf16",

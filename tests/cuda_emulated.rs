@@ -343,6 +343,9 @@ fn eval_bench_and_parity_run_on_cuda() {
     let (first, last) = (v["loss_first"].as_f64().unwrap(), v["loss_last"].as_f64().unwrap());
     assert!(first.is_finite() && last < first, "bench's loss {first} -> {last}");
     assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0 && v["peak_memory_bytes"].as_u64().unwrap() > 0);
+    // a step queues everything and waits twice: for the loss sums and the gradient norm
+    // (not for the embedding's ids or each lm_head chunk's loss)
+    assert_eq!(v["host_waits_per_step"], 2, "host waits a step");
     // four steps of one shape (warm-up, timed, profiled, kernels clocked): the first
     // recorded (its buffers from the pool), every buffer of the other three in the arena
     let arena = &v["arena"];

@@ -787,11 +787,18 @@ both_modes!(cross_entropy: cross_entropy_matches_the_cpu, cross_entropy_matches_
 fn cross_entropy(dtype: DType) {
     let mut p = Pair::new(5, dtype);
     let tol = p.tol();
-    for &(n, v) in &[(1, 2), (7, 1000), (33, 32_000), (9, 128_256)] {
+    // every shape's statistics also added into one running sum on each side, which the
+    // device keeps (no wait) until it is read
+    let (mut c_sums, mut g_sums) = (p.cpu.loss_sums().unwrap(), p.gpu.loss_sums().unwrap());
+    for &(n, v) in &[(1, 2), (7, 1000), (33, 32_000), (9, 128_256), (600, 72)] {
         let (lc, lg) = p.both(&[n, v], 8.0);
         let targets: Vec<i64> =
             (0..n).map(|i| if i % 3 == 1 { -100 } else { ((i * 7919) % v) as i64 }).collect();
         poison_pool(&p);
+        let waits = p.gpu.host_waits().unwrap();
+        p.cpu.cross_entropy_into(&lc, &targets, Some(0.5), &mut c_sums).unwrap();
+        p.gpu.cross_entropy_into(&lg, &targets, Some(0.5), &mut g_sums).unwrap();
+        assert_eq!(p.gpu.host_waits(), Some(waits), "cross_entropy_into waited for the device");
         let c = p.cpu.cross_entropy(&lc, &targets, Some(0.25)).unwrap();
         let g = p.gpu.cross_entropy(&lg, &targets, Some(0.25)).unwrap();
         assert_eq!((g.n_counted, g.n_correct), (c.n_counted, c.n_correct), "n {n} v {v}");
@@ -812,6 +819,10 @@ fn cross_entropy(dtype: DType) {
         assert_eq!(g2.n_correct, g2.n_counted);
         assert!(g2.dlogits.is_none());
     }
+    let (c, g) = (p.cpu.read_loss(&c_sums).unwrap(), p.gpu.read_loss(&g_sums).unwrap());
+    assert_eq!((g.n_counted, g.n_correct), (c.n_counted, c.n_correct), "running sums");
+    let e = (g.loss_sum - c.loss_sum).abs() / c.loss_sum.abs();
+    assert!(e < TOL, "running loss sum {} vs {}", g.loss_sum, c.loss_sum);
     assert!(p.gpu.cross_entropy(&p.gpu.zeros(&[1, 4]).unwrap(), &[4], None).is_err());
 }
 

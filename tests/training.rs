@@ -6,7 +6,7 @@ mod common;
 
 use tuneloop::model::decoder::{Grads, Recompute};
 use tuneloop::model::{Adapter, Decoder, LoraConfig, Model, Proj};
-use tuneloop::ops::{cpu::CpuOps, cpu::CpuTensor, AdamWParams, Ops};
+use tuneloop::ops::{cpu::CpuOps, cpu::CpuTensor, AdamWParams, LossStats, Ops};
 use tuneloop::train::{
     clip_scale, eval_step, forward_backward, forward_backward_into, grad_norm, train_step, AdamW, TokenBatch,
 };
@@ -260,12 +260,14 @@ fn chunked_lm_head_and_loss_give_the_whole_logits_gradients() {
         // chunks of 4 rows: some hold only masked tokens (skipped), one is ragged
         let (mut c_lora, mut c_full) =
             (adapter.zeros_like(&ops, &model.cfg).unwrap(), model.zeros_like(&ops).unwrap());
-        let chunked = train_step(
+        let mut chunked = LossStats::default();
+        train_step(
             &dec,
             &batch,
             Grads { adapter: Some(&mut c_lora), model: Some(&mut c_full) },
             None,
             Some(4),
+            &mut chunked,
         )
         .unwrap();
         assert_eq!((chunked.n_counted, chunked.n_correct), (whole.n_counted, whole.n_correct));
@@ -277,12 +279,18 @@ fn chunked_lm_head_and_loss_give_the_whole_logits_gradients() {
         };
         let e = rel_l2(&flat(&c_full), &flat(&full));
         assert!(e < 1e-6, "{case}: model gradients (lm_head accumulated over chunks) off by {e:.2e}");
-        // validation's step: the same loss and accuracy without gradients, in chunks or whole
+        // validation's step: the same loss and accuracy without gradients, in chunks or
+        // whole, added to what the sums held (the training step's: twice the batch's)
         for rows in [Some(4), None] {
-            let eval = eval_step(&dec, &batch, rows).unwrap();
-            assert_eq!((eval.n_counted, eval.n_correct), (whole.n_counted, whole.n_correct), "{case}");
-            let d = (eval.loss_sum - whole.loss_sum).abs();
-            assert!(d <= 1e-9 * whole.loss_sum.abs(), "{case}, head rows {rows:?}: eval loss");
+            let mut eval = chunked;
+            eval_step(&dec, &batch, rows, &mut eval).unwrap();
+            assert_eq!(
+                (eval.n_counted, eval.n_correct),
+                (2 * whole.n_counted, 2 * whole.n_correct),
+                "{case}"
+            );
+            let d = (eval.loss_sum - 2.0 * whole.loss_sum).abs();
+            assert!(d <= 2e-9 * whole.loss_sum.abs(), "{case}, head rows {rows:?}: eval loss");
         }
     }
 }
@@ -298,12 +306,14 @@ fn recomputed_activations_give_the_same_gradients() {
             dec.recompute = recompute;
             let (mut lora, mut full) =
                 (adapter.zeros_like(&ops, &model.cfg).unwrap(), model.zeros_like(&ops).unwrap());
-            let r = train_step(
+            let mut r = LossStats::default();
+            train_step(
                 &dec,
                 &batch,
                 Grads { adapter: Some(&mut lora), model: Some(&mut full) },
                 None,
                 None,
+                &mut r,
             )
             .unwrap();
             let full: Vec<f32> = full.named().into_iter().flat_map(|(_, t)| t.data.clone()).collect();

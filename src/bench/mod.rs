@@ -267,7 +267,9 @@ impl<T, P: Trainable<T>> TrainStep<T, P> {
             p: self.lora_dropout,
             seed: self.steps_done.wrapping_mul(0x9E37_79B9_7F4A_7C15),
         });
-        let r = train_step(&dec, &self.batch, self.grads.as_grads(), None, None)?;
+        let mut sums = ops.loss_sums()?;
+        train_step(&dec, &self.batch, self.grads.as_grads(), None, None, &mut sums)?;
+        let r = ops.read_loss(&sums)?;
         let loss = r.loss_sum / r.n_counted.max(1) as f64;
         let clip = clip_scale(grad_norm(ops, &self.grads)?, Some(self.max_grad_norm));
         let lr = self.opt.hp.lr;
@@ -393,6 +395,10 @@ pub struct BenchReport {
     pub peak_memory: String,
     /// The backend's activation arena after the steps, where it has one.
     pub arena: Option<crate::ops::ArenaStats>,
+    /// The most times the host waited for the device inside one timed step (reading the
+    /// loss and the gradient norm), where there is a device. (A warm-up step also waits
+    /// where the activation arena is laid out.)
+    pub host_waits_per_step: Option<u64>,
     pub loss_first: f64,
     pub loss_last: f64,
     pub profile: Option<ProfileReport>,
@@ -464,8 +470,17 @@ fn measure<O: Ops, P: Trainable<O::Tensor>>(
 
     let mut losses = Vec::new();
     let mut step_seconds = Vec::new();
+    let mut host_waits_per_step = None;
     for i in 0..opts.warmup + opts.steps {
-        let (loss, s) = ops.timed(|| st.step(ops))?;
+        let (loss, s) = ops.timed(|| {
+            let before = ops.host_waits();
+            let loss = st.step(ops)?;
+            let waits = ops.host_waits().zip(before).map(|(after, before)| after - before);
+            if i >= opts.warmup {
+                host_waits_per_step = host_waits_per_step.max(waits);
+            }
+            Ok(loss)
+        })?;
         sample(ops.memory_in_use());
         let what = if i < opts.warmup { "warm-up" } else { "timed" };
         eprintln!("step {i} ({what}): loss {loss:.4} in {s:.3} s");
@@ -562,6 +577,7 @@ fn measure<O: Ops, P: Trainable<O::Tensor>>(
         peak_memory_bytes,
         peak_memory,
         arena: ops.arena_stats(),
+        host_waits_per_step,
         loss_first: losses.first().copied().unwrap_or(f64::NAN),
         loss_last: losses.last().copied().unwrap_or(f64::NAN),
         profile,
@@ -661,6 +677,13 @@ impl BenchReport {
                 100.0 * (a.plan_bytes as f64 / a.plan_live_peak.max(1) as f64 - 1.0),
                 a.placed,
                 a.pooled,
+            );
+        }
+        if let Some(w) = self.host_waits_per_step {
+            let _ = writeln!(
+                s,
+                "\nThe host waited for the device {w} times a step (reading the loss sums and the \
+                 gradient norm); everything else was queued without waiting."
             );
         }
         if let Some(p) = &self.profile {

@@ -11,8 +11,8 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::ops::{
-    AdamWParams, AttnLayout, AttnShape, CrossEntropyOut, HostWeight, InputGrad, LinearGradRef, LoraGradRef,
-    LoraRef, Ops,
+    AdamWParams, AttnLayout, AttnShape, HostWeight, InputGrad, LinearGradRef, LoraGradRef, LoraRef,
+    LossStats, Ops,
 };
 
 /// Time spent in one op over the calls recorded, and the model FLOPs of those calls
@@ -133,6 +133,7 @@ impl<'a, O: Ops> Profiled<'a, O> {
 
 impl<O: Ops> Ops for Profiled<'_, O> {
     type Tensor = O::Tensor;
+    type LossSums = O::LossSums;
     type Ids = O::Ids;
 
     fn name(&self) -> &'static str {
@@ -338,13 +339,22 @@ impl<O: Ops> Ops for Profiled<'_, O> {
         self.run("swiglu_bwd_h", || self.inner.swiglu_bwd_h(dh, gate, up, tail))
     }
 
-    fn cross_entropy(
+    fn cross_entropy_into(
         &self,
         logits: &Self::Tensor,
         targets: &[i64],
         grad_scale: Option<f32>,
-    ) -> Result<CrossEntropyOut<Self::Tensor>> {
-        self.run("cross_entropy", || self.inner.cross_entropy(logits, targets, grad_scale))
+        sums: &mut Self::LossSums,
+    ) -> Result<Option<Self::Tensor>> {
+        self.run("cross_entropy", || self.inner.cross_entropy_into(logits, targets, grad_scale, sums))
+    }
+
+    fn loss_sums(&self) -> Result<Self::LossSums> {
+        self.inner.loss_sums()
+    }
+
+    fn read_loss(&self, sums: &Self::LossSums) -> Result<LossStats> {
+        self.inner.read_loss(sums)
     }
 
     fn sum_squares(&self, ts: &[&Self::Tensor]) -> Result<f64> {
@@ -390,6 +400,10 @@ impl<O: Ops> Ops for Profiled<'_, O> {
 
     fn memory_in_use(&self) -> Option<u64> {
         self.inner.memory_in_use()
+    }
+
+    fn host_waits(&self) -> Option<u64> {
+        self.inner.host_waits()
     }
 
     fn activation_bytes(&self) -> usize {

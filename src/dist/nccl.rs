@@ -251,7 +251,7 @@ impl Collective<CudaOps> for NcclGroup {
             }
         }
         if let Some(d) = host_dev {
-            let v = stream.clone_dtoh(&d).context("device-to-host copy")?;
+            let v = ops.runtime().download(&d)?;
             host.copy_from_slice(&v[..host.len()]);
         }
         Ok(())

@@ -225,6 +225,10 @@ pub trait Ops {
     type Tensor: Send + Sync;
     /// Token ids / positions on the device.
     type Ids: Send + Sync;
+    /// A running sum of loss statistics where the backend computes
+    /// ([`Ops::cross_entropy_into`]), so that a step queues its chunks' losses without
+    /// waiting for them; [`Ops::read_loss`] brings it to the host.
+    type LossSums: Send;
 
     fn name(&self) -> &'static str;
 
@@ -418,15 +422,33 @@ pub trait Ops {
 
     // ---- loss ----
     /// Cross-entropy of `logits [N, V]` against `targets [N]` (`-100` = not counted).
-    /// Returns the *sum* of the counted tokens' losses, how many were counted, how many
-    /// of them were predicted right (argmax), and, when `grad_scale` is given,
-    /// `dlogits = (softmax − onehot) · grad_scale` on counted rows (0 elsewhere).
+    /// Adds the *sum* of the counted tokens' losses, how many were counted and how many
+    /// of them were predicted right (argmax) into `sums`, and returns, when `grad_scale`
+    /// is given, `dlogits = (softmax − onehot) · grad_scale` on counted rows (0
+    /// elsewhere). Nothing waits for the device.
+    fn cross_entropy_into(
+        &self,
+        logits: &Self::Tensor,
+        targets: &[i64],
+        grad_scale: Option<f32>,
+        sums: &mut Self::LossSums,
+    ) -> Result<Option<Self::Tensor>>;
+    /// Zeroed loss sums for [`Ops::cross_entropy_into`].
+    fn loss_sums(&self) -> Result<Self::LossSums>;
+    /// What `sums` holds, on the host (waits for the work queued so far).
+    fn read_loss(&self, sums: &Self::LossSums) -> Result<LossStats>;
+    /// [`Ops::cross_entropy_into`] of one batch, its statistics read at once.
     fn cross_entropy(
         &self,
         logits: &Self::Tensor,
         targets: &[i64],
         grad_scale: Option<f32>,
-    ) -> Result<CrossEntropyOut<Self::Tensor>>;
+    ) -> Result<CrossEntropyOut<Self::Tensor>> {
+        let mut sums = self.loss_sums()?;
+        let dlogits = self.cross_entropy_into(logits, targets, grad_scale, &mut sums)?;
+        let s = self.read_loss(&sums)?;
+        Ok(CrossEntropyOut { loss_sum: s.loss_sum, n_counted: s.n_counted, n_correct: s.n_correct, dlogits })
+    }
 
     // ---- optimizer ----
     /// Σ x² over all tensors, in f64.
@@ -497,6 +519,11 @@ pub trait Ops {
     fn memory_in_use(&self) -> Option<u64> {
         None
     }
+    /// How many times the host has waited for the device so far (downloads and
+    /// synchronizes), where there is a device to wait for.
+    fn host_waits(&self) -> Option<u64> {
+        None
+    }
     /// Bytes of one element of the activations this backend computes (the outputs of
     /// its ops): 4 in f32, 2 in the CUDA backend's bf16 mode.
     fn activation_bytes(&self) -> usize {
@@ -554,6 +581,23 @@ pub struct KernelClock {
     pub kernel: String,
     pub calls: u64,
     pub seconds: f64,
+}
+
+/// Loss statistics of some tokens: what a training or validation step measured.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LossStats {
+    /// Sum of the counted tokens' losses.
+    pub loss_sum: f64,
+    pub n_counted: usize,
+    pub n_correct: usize,
+}
+
+impl LossStats {
+    pub fn add(&mut self, other: LossStats) {
+        self.loss_sum += other.loss_sum;
+        self.n_counted += other.n_counted;
+        self.n_correct += other.n_correct;
+    }
 }
 
 pub struct CrossEntropyOut<T> {

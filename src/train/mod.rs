@@ -13,4 +13,4 @@ pub mod trainer;
 
 pub use optim::{clip_scale, grad_norm, AdamW};
 pub use params::Trainable;
-pub use step::{eval_step, forward_backward, forward_backward_into, train_step, StepLoss, TokenBatch};
+pub use step::{eval_step, forward_backward, forward_backward_into, train_step, TokenBatch};

@@ -4,7 +4,7 @@ use anyhow::{ensure, Context, Result};
 
 use crate::model::decoder::{shift_labels, ForwardState, Grads, StepInputs};
 use crate::model::{Adapter, Decoder};
-use crate::ops::{AttnLayout, CrossEntropyOut, Ops};
+use crate::ops::{AttnLayout, Ops};
 
 /// Sequences laid end to end on one token axis (a `[batch, seq]` batch, or packed
 /// documents): positions restart at 0 for each sequence and attention never crosses
@@ -138,23 +138,6 @@ pub fn head_chunk_rows(vocab: usize, elem_bytes: usize) -> usize {
     }
 }
 
-/// What a training micro-step measured.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct StepLoss {
-    /// Sum of the counted tokens' losses.
-    pub loss_sum: f64,
-    pub n_counted: usize,
-    pub n_correct: usize,
-}
-
-impl StepLoss {
-    fn add(&mut self, loss_sum: f64, n_counted: usize, n_correct: usize) {
-        self.loss_sum += loss_sum;
-        self.n_counted += n_counted;
-        self.n_correct += n_correct;
-    }
-}
-
 /// How a step runs its lm_head: chunks of `chunk` rows, those with a trained token
 /// (`ranges`; the others have no loss and their gradient rows stay zero), and the key of
 /// the step's buffers for [`Ops::planned`]: steps of one `kind` with as many chunks ask
@@ -183,19 +166,21 @@ impl HeadChunks {
     }
 }
 
-/// Rows `r` of the final norm's output and their cross-entropy (with `scale`, the
-/// gradient of their logits); the chunk's logits are gone when it returns.
+/// Rows `r` of the final norm's output and their cross-entropy, added into `sums`
+/// (with `scale`, also the gradient of their logits); the chunk's logits are gone when
+/// it returns.
 fn chunk_loss<O: Ops>(
     dec: &Decoder<O>,
     final_norm: &O::Tensor,
     targets: &[i64],
     r: &std::ops::Range<usize>,
     scale: Option<f32>,
-) -> Result<(O::Tensor, CrossEntropyOut<O::Tensor>)> {
+    sums: &mut O::LossSums,
+) -> Result<(O::Tensor, Option<O::Tensor>)> {
     let x = dec.ops.gather_rows(final_norm, &r.clone().collect::<Vec<_>>())?;
     let logits = dec.ops.linear_fwd(&x, dec.model.lm_head(), None, None, None)?.0;
-    let ce = dec.ops.cross_entropy(&logits, &targets[r.clone()], scale)?;
-    Ok((x, ce))
+    let dlogits = dec.ops.cross_entropy_into(&logits, &targets[r.clone()], scale, sums)?;
+    Ok((x, dlogits))
 }
 
 /// Forward, loss and backward for training: the gradients of [`forward_backward_into`],
@@ -203,14 +188,16 @@ fn chunk_loss<O: Ops>(
 /// (by default [`head_chunk_rows`]), each chunk's logits gone before
 /// the next one's exist. Chunks without a trained token are skipped. The lm_head is
 /// frozen under LoRA, so no weight gradient is formed for it there. The step's buffers
-/// are planned ([`Ops::planned`]).
+/// are planned ([`Ops::planned`]). Its loss statistics are added into `sums`, where the
+/// backend computes: the step never waits for the device ([`Ops::read_loss`] does).
 pub fn train_step<O: Ops>(
     dec: &Decoder<O>,
     batch: &TokenBatch,
     mut grads: Grads<O::Tensor>,
     denominator: Option<usize>,
     head_rows: Option<usize>,
-) -> Result<StepLoss> {
+    sums: &mut O::LossSums,
+) -> Result<()> {
     let ops = dec.ops;
     let (inputs, targets) = step_inputs(dec, batch)?;
     let head = HeadChunks::new(dec, &targets, head_rows, "train");
@@ -223,28 +210,31 @@ pub fn train_step<O: Ops>(
         let scale = 1.0 / denom.max(1) as f32;
         // in the activation type, as each chunk's input gradient comes (no casts either way)
         let mut dnorm = ops.zeros_like(&state.final_norm)?;
-        let mut out = StepLoss::default();
         {
             let _head = crate::profiling::range(c"lm_head_loss");
             for r in &head.ranges {
-                let (x, ce) = chunk_loss(dec, &state.final_norm, &targets, r, Some(scale))?;
-                let dlogits = ce.dlogits.context("cross-entropy gave no gradient")?;
+                let (x, dlogits) = chunk_loss(dec, &state.final_norm, &targets, r, Some(scale), sums)?;
+                let dlogits = dlogits.context("cross-entropy gave no gradient")?;
                 let dx = dec.head_backward(&x, &dlogits, &mut grads)?;
                 ops.copy_rows(&mut dnorm, r.start, &dx, 0, r.len())?;
-                out.add(ce.loss_sum, ce.n_counted, ce.n_correct);
             }
         }
         let _bwd = crate::profiling::range(c"backward");
-        dec.backward_from_norm(&inputs, &state, &dnorm, grads)?;
-        Ok(out)
+        dec.backward_from_norm(&inputs, &state, &dnorm, grads)
     })
 }
 
 /// The loss and token accuracy of a batch, without gradients: a forward that keeps no
 /// activations and the lm_head in chunks of rows as in [`train_step`], so the
 /// `[tokens × vocab]` logits never exist (validation on an 8k-token batch of a 128k
-/// vocabulary would otherwise hold 2 GiB of them in bf16). Its buffers are planned too.
-pub fn eval_step<O: Ops>(dec: &Decoder<O>, batch: &TokenBatch, head_rows: Option<usize>) -> Result<StepLoss> {
+/// vocabulary would otherwise hold 2 GiB of them in bf16). Its buffers are planned too,
+/// and its statistics added into `sums` as [`train_step`]'s.
+pub fn eval_step<O: Ops>(
+    dec: &Decoder<O>,
+    batch: &TokenBatch,
+    head_rows: Option<usize>,
+    sums: &mut O::LossSums,
+) -> Result<()> {
     let ops = dec.ops;
     let (inputs, targets) = step_inputs(dec, batch)?;
     let head = HeadChunks::new(dec, &targets, head_rows, "eval");
@@ -254,12 +244,10 @@ pub fn eval_step<O: Ops>(dec: &Decoder<O>, batch: &TokenBatch, head_rows: Option
             dec.forward(&inputs, None, false)?
         };
         let _head = crate::profiling::range(c"lm_head_loss");
-        let mut out = StepLoss::default();
         for r in &head.ranges {
-            let (_, ce) = chunk_loss(dec, &state.final_norm, &targets, r, None)?;
-            out.add(ce.loss_sum, ce.n_counted, ce.n_correct);
+            chunk_loss(dec, &state.final_norm, &targets, r, None, sums)?;
         }
-        Ok(out)
+        Ok(())
     })
 }
 

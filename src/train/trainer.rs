@@ -124,14 +124,12 @@ pub fn evaluate_sharded<O: Ops>(
     let all = rows(val, seq_len, true);
     let chunks: Vec<_> = all.chunks(local_batch.max(1)).collect();
     let mine = shard(chunks.len(), dist.rank(), dist.world_size());
-    let mut sums = [0.0f64; 3]; // loss, counted, correct
+    let mut on_device = dec.ops.loss_sums()?;
     for chunk in &chunks[mine] {
-        let b = batch_of(val, chunk, seq_len);
-        let r = eval_step(dec, &b, None)?;
-        sums[0] += r.loss_sum;
-        sums[1] += r.n_counted as f64;
-        sums[2] += r.n_correct as f64;
+        eval_step(dec, &batch_of(val, chunk, seq_len), None, &mut on_device)?;
     }
+    let r = dec.ops.read_loss(&on_device)?;
+    let mut sums = [r.loss_sum, r.n_counted as f64, r.n_correct as f64];
     dist.all_reduce_sum(dec.ops, &mut [], &mut sums)?;
     let [loss, counted, correct] = sums;
     ensure!(counted > 0.0, "the validation set has no trained tokens");
@@ -197,14 +195,15 @@ pub fn global_batch_gradients<O: Ops, P: Trainable<O::Tensor>>(
         Ok(())
     };
     let mine = shard(micro.len(), dist.rank(), dist.world_size());
+    // the micro-batches' losses add up on the device: read once, after all are queued
+    let mut losses = ops.loss_sums()?;
     for i in mine.clone() {
         let mut dec = params.decoder(ops, frozen);
         prepare(i, &mut dec);
         if i + 1 == mine.end {
             dec.layer_done = Some(&start);
         }
-        let r = train_step(&dec, &micro[i], grads.as_grads(), Some(denom), None)?;
-        host[0] += r.loss_sum;
+        train_step(&dec, &micro[i], grads.as_grads(), Some(denom), None, &mut losses)?;
         host[1] += micro[i].ids.len() as f64;
     }
     {
@@ -213,6 +212,7 @@ pub fn global_batch_gradients<O: Ops, P: Trainable<O::Tensor>>(
             start(l, &g)?;
         }
     }
+    host[0] = ops.read_loss(&losses)?.loss_sum;
     host[2] = f64::from(u8::from(crate::interrupt::requested()));
     let mut tensors = grads.tensors_mut();
     let reduced_values =

@@ -11,8 +11,8 @@ use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
 use super::{
-    AdamWParams, AttnLayout, AttnShape, CrossEntropyOut, Dropout, HostWeight, InputGrad, LinearGradRef,
-    LoraGradRef, LoraRef, Ops,
+    AdamWParams, AttnLayout, AttnShape, Dropout, HostWeight, InputGrad, LinearGradRef, LoraGradRef, LoraRef,
+    LossStats, Ops,
 };
 use crate::model::safetensors_io::decode_f32;
 use gemm::{matmul, Mat};
@@ -73,6 +73,7 @@ fn same_shape(a: &CpuTensor, b: &CpuTensor, what: &str) -> Result<()> {
 impl Ops for CpuOps {
     type Tensor = CpuTensor;
     type Ids = Vec<u32>;
+    type LossSums = LossStats;
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -383,21 +384,26 @@ impl Ops for CpuOps {
         Ok((CpuTensor::new(dg, &gate.shape), CpuTensor::new(du, &up.shape)))
     }
 
-    fn cross_entropy(
+    fn cross_entropy_into(
         &self,
         logits: &CpuTensor,
         targets: &[i64],
         grad_scale: Option<f32>,
-    ) -> Result<CrossEntropyOut<CpuTensor>> {
+        sums: &mut LossStats,
+    ) -> Result<Option<CpuTensor>> {
         let (n, v) = logits.rows_cols();
         ensure!(targets.len() == n, "cross_entropy: {} targets for {n} rows", targets.len());
         let r = loss::cross_entropy(&logits.data, targets, v, grad_scale)?;
-        Ok(CrossEntropyOut {
-            loss_sum: r.loss_sum,
-            n_counted: r.n_counted,
-            n_correct: r.n_correct,
-            dlogits: r.dlogits.map(|d| CpuTensor::new(d, &logits.shape)),
-        })
+        sums.add(LossStats { loss_sum: r.loss_sum, n_counted: r.n_counted, n_correct: r.n_correct });
+        Ok(r.dlogits.map(|d| CpuTensor::new(d, &logits.shape)))
+    }
+
+    fn loss_sums(&self) -> Result<LossStats> {
+        Ok(LossStats::default())
+    }
+
+    fn read_loss(&self, sums: &LossStats) -> Result<LossStats> {
+        Ok(*sums)
     }
 
     fn sum_squares(&self, ts: &[&CpuTensor]) -> Result<f64> {

@@ -29,7 +29,9 @@
 //!
 //! Synchronisation: one compute stream, no per-buffer events (data parallelism's NCCL
 //! stream orders itself against it with explicit events, `dist::nccl`); the host waits
-//! only where it reads results back (download, loss, norms, the embedding's error flag).
+//! only where it reads results back (download, the loss sums, norms): a training
+//! micro-step queues its chunks' losses into sums on the device and never waits
+//! (`Ops::host_waits` counts the waits).
 
 pub mod arena;
 mod blaslt;
@@ -42,12 +44,15 @@ use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use super::{
-    AdamWParams, ArenaStats, AttnLayout, AttnShape, CrossEntropyOut, Dropout, HostWeight, InputGrad,
-    LinearGradRef, LoraGradRef, LoraRef, Ops,
+    AdamWParams, ArenaStats, AttnLayout, AttnShape, Dropout, HostWeight, InputGrad, LinearGradRef,
+    LoraGradRef, LoraRef, LossStats, Ops,
 };
 use crate::model::safetensors_io::decode_f32;
 use blaslt::{BlasLt, GemmDtype, GemmShape};
 use runtime::{args, grid_1d, int, Runtime, BLOCK};
+
+/// Threads of `loss_sums_add`'s one block (kernels/cross_entropy.cu).
+const LOSS_SUMS_BLOCK: u32 = 256;
 
 use arena::{Arena, Placement};
 pub use runtime::{probe_libraries, probe_nccl};
@@ -677,6 +682,7 @@ fn attn_cfg(tiles: u32, heads: usize, (warps, smem_bytes): (usize, usize)) -> La
 impl Ops for CudaOps {
     type Tensor = CudaTensor;
     type Ids = CudaIds;
+    type LossSums = CudaSlice<f64>;
 
     /// `f` with its buffers in the activation arena ([`arena`]).
     fn planned<R>(&self, key: u64, f: impl FnOnce() -> Result<R>) -> Result<R> {
@@ -873,13 +879,12 @@ impl Ops for CudaOps {
         let table = self.act(table)?;
         let n = ids.host.len();
         let out = self.alloc(&[n, d])?;
-        let err = self.rt.stream.alloc_zeros::<i32>(1).context("CUDA allocation")?;
+        // the ids on the device are `ids.host`, checked above: nothing to wait for
         self.rt.launch(
             &self.kernel("embedding_fwd"),
             grid_1d(n * d),
             args![
                 self.ptr(&out),
-                self.rt.ptr(&err),
                 self.ptr(&table),
                 self.rt.ptr(&ids.buf),
                 int(n, "tokens")?,
@@ -887,8 +892,6 @@ impl Ops for CudaOps {
                 int(v, "vocab")?
             ],
         )?;
-        let flag = self.rt.stream.clone_dtoh(&err).context("device-to-host copy")?;
-        ensure!(flag[0] == 0, "embedding: the device saw a token id outside the vocabulary (size {v})");
         Ok(out)
     }
 
@@ -903,14 +906,12 @@ impl Ops for CudaOps {
         for &id in &ids.host {
             ensure!((id as usize) < v, "token id {id} is outside the vocabulary (size {v})");
         }
-        let err = self.rt.stream.alloc_zeros::<i32>(1).context("CUDA allocation")?;
         let dy = self.act(dy)?;
         self.rt.launch(
             &self.kernel("embedding_bwd"),
             grid_1d(n * d),
             args![
                 self.ptr(dtable),
-                self.rt.ptr(&err),
                 self.ptr(&dy),
                 self.rt.ptr(&ids.buf),
                 int(n, "tokens")?,
@@ -1518,12 +1519,13 @@ impl Ops for CudaOps {
         Ok((dg, du, h.context("the SwiGLU backward wrote no h")?))
     }
 
-    fn cross_entropy(
+    fn cross_entropy_into(
         &self,
         logits: &CudaTensor,
         targets: &[i64],
         grad_scale: Option<f32>,
-    ) -> Result<CrossEntropyOut<CudaTensor>> {
+        sums: &mut CudaSlice<f64>,
+    ) -> Result<Option<CudaTensor>> {
         let _range = crate::profiling::range(c"cross_entropy");
         let (n, v) = logits.rows_cols();
         ensure!(targets.len() == n, "cross_entropy: {} targets for {n} rows", targets.len());
@@ -1538,7 +1540,7 @@ impl Ops for CudaOps {
         let logits = self.act(logits)?;
         let dlogits = grad_scale.map(|_| self.alloc(&logits.shape)).transpose()?;
         if n == 0 {
-            return Ok(CrossEntropyOut { loss_sum: 0.0, n_counted: 0, n_correct: 0, dlogits });
+            return Ok(dlogits);
         }
         let row_loss = self.alloc_as(&[n], DType::F32)?;
         // SAFETY: i32 has no invalid bit patterns; the kernel writes every row.
@@ -1563,17 +1565,26 @@ impl Ops for CudaOps {
                 grad_scale.unwrap_or(0.0)
             ],
         )?;
-        let losses = self.download(&row_loss)?;
-        let flags = self.rt.stream.clone_dtoh(&row_flag).context("device-to-host copy")?;
-        let mut out = CrossEntropyOut { loss_sum: 0.0, n_counted: 0, n_correct: 0, dlogits };
-        for (&l, &f) in losses.iter().zip(&flags) {
-            if f > 0 {
-                out.loss_sum += l as f64;
-                out.n_counted += 1;
-                out.n_correct += usize::from(f == 2);
-            }
-        }
-        Ok(out)
+        // the rows' sums added on the device, in a fixed order (one block)
+        ensure!(sums.len() == 3, "cross_entropy: loss sums of {} values, not 3", sums.len());
+        let cfg =
+            LaunchConfig { grid_dim: (1, 1, 1), block_dim: (LOSS_SUMS_BLOCK, 1, 1), shared_mem_bytes: 0 };
+        self.rt.launch(
+            "loss_sums_add",
+            cfg,
+            args![self.rt.ptr(sums), self.ptr(&row_loss), self.rt.ptr(&row_flag), int(n, "rows")?],
+        )?;
+        Ok(dlogits)
+    }
+
+    fn loss_sums(&self) -> Result<CudaSlice<f64>> {
+        self.rt.stream.alloc_zeros::<f64>(3).context("CUDA allocation")
+    }
+
+    fn read_loss(&self, sums: &CudaSlice<f64>) -> Result<LossStats> {
+        let s = self.rt.download(sums)?;
+        ensure!(s.len() == 3, "loss sums of {} values, not 3", s.len());
+        Ok(LossStats { loss_sum: s[0], n_counted: s[1] as usize, n_correct: s[2] as usize })
     }
 
     fn sum_squares(&self, ts: &[&CudaTensor]) -> Result<f64> {
@@ -1599,7 +1610,7 @@ impl Ops for CudaOps {
         let grid = u32::try_from(total).context("sum_squares: too many blocks")?;
         let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
         self.rt.launch("sum_squares_multi", cfg, args![self.rt.ptr(&partial), self.rt.ptr(&desc), n])?;
-        let partials = self.rt.stream.clone_dtoh(&partial).context("device-to-host copy")?;
+        let partials = self.rt.download(&partial)?;
         Ok(partials.iter().sum())
     }
 
@@ -1689,6 +1700,10 @@ impl Ops for CudaOps {
     fn memory_in_use(&self) -> Option<u64> {
         let (free, total) = self.rt.ctx.mem_get_info().ok()?;
         Some(total.saturating_sub(free) as u64)
+    }
+
+    fn host_waits(&self) -> Option<u64> {
+        Some(self.rt.waits())
     }
 
     fn activation_bytes(&self) -> usize {

@@ -3,7 +3,7 @@
 //! fatbin's functions, and launch helpers.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -61,6 +61,8 @@ pub struct Runtime {
     /// While on (`Some`): every launch, GEMM and memset with the events on the stream
     /// before and after it ([`Runtime::clocked`]).
     clock: Mutex<Option<Vec<ClockedLaunch>>>,
+    /// How many times the host has waited for the stream ([`Runtime::sync`]).
+    waits: AtomicU64,
 }
 
 /// A launch's name and the events before and after it.
@@ -93,7 +95,7 @@ impl Runtime {
                 module.load_function(name).with_context(|| format!("kernel {name} is not in the fatbin"))?;
             functions.insert(name, Kernel { f, shared_allowed: AtomicU32::new(DEFAULT_DYNAMIC_SHARED) });
         }
-        Ok(Self { ctx, stream, functions, clock: Mutex::new(None) })
+        Ok(Self { ctx, stream, functions, clock: Mutex::new(None), waits: AtomicU64::new(0) })
     }
 
     fn kernel(&self, name: &str) -> Result<&Kernel> {
@@ -106,8 +108,22 @@ impl Runtime {
         s.device_ptr(&self.stream).0
     }
 
+    /// Waits for the work queued on the stream (counted: [`Runtime::waits`]).
     pub fn sync(&self) -> Result<()> {
+        self.waits.fetch_add(1, Ordering::Relaxed);
         self.stream.synchronize().context("CUDA stream synchronisation failed (a kernel faulted?)")
+    }
+
+    /// How many times the host has waited for the stream so far.
+    pub fn waits(&self) -> u64 {
+        self.waits.load(Ordering::Relaxed)
+    }
+
+    /// A buffer's values on the host, after the work queued before them.
+    pub fn download<T: DeviceRepr + Default + Clone>(&self, src: &CudaSlice<T>) -> Result<Vec<T>> {
+        let mut host = vec![T::default(); src.len()];
+        self.copy_dtoh(&mut host, self.ptr(src))?;
+        Ok(host)
     }
 
     /// Gives the pool's unused memory back to the driver (after a [`Runtime::sync`], so

@@ -341,7 +341,8 @@ fn embedding_and_rope(dtype: DType) {
     let tol = p.tol();
     for &(v, d, n) in &[(11, 5, 3), (1000, 64, 77), (32_000, 130, 257)] {
         let (tc, tg) = p.both(&[v, d], 1.0);
-        let ids: Vec<u32> = (0..n).map(|i| ((i * 7919) % v) as u32).collect();
+        // each id about three times, its positions apart (the backward adds them up)
+        let ids: Vec<u32> = (0..n).map(|i| ((i % (n / 3 + 1)) * 7919 % v) as u32).collect();
         let idc = p.cpu.upload_ids(&ids).unwrap();
         let idg = p.gpu.upload_ids(&ids).unwrap();
         poison_pool(&p);
@@ -352,7 +353,8 @@ fn embedding_and_rope(dtype: DType) {
         // dy in the activation type (its values the same on both), the table gradient f32
         p.cpu.embedding_bwd(&dyc, &idc, &mut dtc).unwrap();
         p.gpu.embedding_bwd(&dyg, &idg, &mut dtg).unwrap();
-        close("embedding_bwd", &p.down(&dtg), &dtc.data, TOL);
+        // each id's rows added in the CPU's order (no atomics): the same bits
+        close("embedding_bwd", &p.down(&dtg), &dtc.data, 0.0);
         // an id outside the table is an error, not a fault
         let bad = p.gpu.upload_ids(&[0, v as u32]).unwrap();
         assert!(p.gpu.embedding_fwd(&tg, &bad).is_err());

@@ -660,6 +660,24 @@ fn attn_mma_block(kernel: MmaKernel, hd: usize) -> (usize, usize, usize) {
 
 /// The room kept after each row for a LoRA path of rank `r`: r rounded up to 8 elements,
 /// so rows stay 16-byte aligned in bf16 (as cuBLASLt's fast kernels want their ld).
+/// The positions of `ids` grouped by id, for a scatter-add without atomics: the distinct
+/// ids (ascending), where each one's positions start in the third list (one more entry
+/// at the end: its length), and the positions, each id's in increasing order.
+fn positions_by_id(ids: &[u32]) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
+    let mut pos: Vec<u32> = (0..ids.len() as u32).collect();
+    pos.sort_by_key(|&p| ids[p as usize]); // stable: positions stay increasing per id
+    let (mut uniq, mut start) = (Vec::new(), Vec::new());
+    for (k, &p) in pos.iter().enumerate() {
+        let id = ids[p as usize];
+        if uniq.last() != Some(&id) {
+            uniq.push(id);
+            start.push(k as u32);
+        }
+    }
+    start.push(pos.len() as u32);
+    (uniq, start, pos)
+}
+
 fn room(r: usize) -> usize {
     r.next_multiple_of(8)
 }
@@ -896,7 +914,9 @@ impl Ops for CudaOps {
     }
 
     /// The embedding's gradient (full fine-tuning): dy in the activation type, added
-    /// into the f32 table gradient with atomics.
+    /// into the f32 table gradient. Without atomics: each id's positions are added in
+    /// increasing order by one thread a column ([`positions_by_id`]), so a run and its
+    /// resumption give the same bits.
     fn embedding_bwd(&self, dy: &CudaTensor, ids: &CudaIds, dtable: &mut CudaTensor) -> Result<()> {
         let _range = crate::profiling::range(c"embedding_bwd");
         ensure!(dtable.dtype() == DType::F32, "embedding_bwd: the table gradient must be f32");
@@ -906,15 +926,23 @@ impl Ops for CudaOps {
         for &id in &ids.host {
             ensure!((id as usize) < v, "token id {id} is outside the vocabulary (size {v})");
         }
+        if n == 0 {
+            return Ok(());
+        }
+        let (uniq, start, pos) = positions_by_id(&ids.host);
+        let upload = |v: &[u32]| self.rt.stream.clone_htod(v).context("host-to-device copy");
+        let (uniq_dev, start_dev, pos_dev) = (upload(&uniq)?, upload(&start)?, upload(&pos)?);
         let dy = self.act(dy)?;
         self.rt.launch(
             &self.kernel("embedding_bwd"),
-            grid_1d(n * d),
+            grid_1d(uniq.len() * d),
             args![
                 self.ptr(dtable),
                 self.ptr(&dy),
-                self.rt.ptr(&ids.buf),
-                int(n, "tokens")?,
+                self.rt.ptr(&uniq_dev),
+                self.rt.ptr(&start_dev),
+                self.rt.ptr(&pos_dev),
+                int(uniq.len(), "distinct tokens")?,
                 int(d, "width")?,
                 int(v, "vocab")?
             ],
@@ -1824,6 +1852,20 @@ impl CudaOps {
 mod tests {
     use super::DType;
     use crate::kernels::KERNEL_NAMES;
+
+    #[test]
+    fn positions_by_id_group_each_ids_positions_in_order() {
+        let ids = [7, 2, 7, 7, 0, 2, 9];
+        let (uniq, start, pos) = super::positions_by_id(&ids);
+        assert_eq!(uniq, [0, 2, 7, 9]);
+        assert_eq!(start, [0, 1, 3, 6, 7]);
+        assert_eq!(pos, [4, 1, 5, 0, 2, 3, 6]);
+        for (u, &id) in uniq.iter().enumerate() {
+            let mine = &pos[start[u] as usize..start[u + 1] as usize];
+            assert!(mine.windows(2).all(|w| w[0] < w[1]) && mine.iter().all(|&p| ids[p as usize] == id));
+        }
+        assert_eq!(super::positions_by_id(&[]), (vec![], vec![0], vec![]));
+    }
 
     /// Every kernel name the launchers put together from a base and a type suffix exists
     /// in the fatbin's list, for both types (a typo would otherwise show only on a GPU).

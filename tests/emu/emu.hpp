@@ -30,7 +30,7 @@ inline void fill_poison(void* p, size_t bytes) {
 }
 
 // Runs `kernel` over the grid; an empty string on success, else what went wrong. With
-// `shuffle`, the threads of a block resume in an order drawn from `seed`.
+// `shuffle`, the blocks run and the threads of a block resume in orders drawn from `seed`.
 std::string run_grid(const Kernel& kernel, dim3 grid, dim3 block, size_t dynamic_shared, void** params,
                      uint64_t seed, bool shuffle);
 

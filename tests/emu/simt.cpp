@@ -453,18 +453,25 @@ std::string run_grid(const Kernel& kernel, dim3 grid, dim3 block, size_t dynamic
     current_launch = &launch;
     current_block = &state;
     Rng rng{seed * 0x9E3779B97F4A7C15ull + 1};
-    for (unsigned z = 0; z < grid.z && error.empty(); ++z) {
-        for (unsigned y = 0; y < grid.y && error.empty(); ++y) {
-            for (unsigned x = 0; x < grid.x && error.empty(); ++x) {
-                state.block_idx = uint3{x, y, z};
-                state.cp_async_eager = shuffle && (rng.next() >> 63) != 0;
-                fill_poison(pool.dynamic_shared.data(), pool.dynamic_shared.size());
-                error = run_block(n, rng, shuffle);
-                if (!error.empty()) {
-                    error = "block (" + std::to_string(x) + "," + std::to_string(y) + "," + std::to_string(z) +
-                            "): " + error;
-                }
-            }
+    // A GPU runs a launch's blocks in no set order, so with `shuffle` they run in one
+    // drawn from `seed`: a block that reads what another block of the same launch writes
+    // (without atomics and a way to wait) then sees it missing.
+    const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
+    std::vector<uint64_t> order;
+    if (shuffle) {
+        order.resize(blocks);
+        for (uint64_t i = 0; i < blocks; ++i) order[i] = i;
+        for (uint64_t i = blocks; i > 1; --i) std::swap(order[i - 1], order[rng.next() % i]);
+    }
+    for (uint64_t i = 0; i < blocks && error.empty(); ++i) {
+        const uint64_t b = shuffle ? order[i] : i;
+        const unsigned x = unsigned(b % grid.x), y = unsigned(b / grid.x % grid.y), z = unsigned(b / grid.x / grid.y);
+        state.block_idx = uint3{x, y, z};
+        state.cp_async_eager = shuffle && (rng.next() >> 63) != 0;
+        fill_poison(pool.dynamic_shared.data(), pool.dynamic_shared.size());
+        error = run_block(n, rng, shuffle);
+        if (!error.empty()) {
+            error = "block (" + std::to_string(x) + "," + std::to_string(y) + "," + std::to_string(z) + "): " + error;
         }
     }
     current_launch = nullptr;

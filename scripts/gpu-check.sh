@@ -16,6 +16,8 @@
 #   - a quickstart fine-tune on CUDA alone and as world size 1 over the rendezvous and
 #     NCCL, whose adapters must be identical;
 #   - a full fine-tune in the bf16 mode against the same on the CPU backend;
+#   - a bf16 LoRA and a bf16 full fine-tune stopped and resumed, whose files must be the
+#     uninterrupted runs' bytes;
 # and prints a table of what passed last. Logs go to $OUT (the device tool brings them
 # back) or to gpu-logs/. The exit status is non-zero when anything failed.
 set -uo pipefail
@@ -141,6 +143,24 @@ sys.exit(0 if len(got) == len(want) == 6 and worst < 1e-3 else 1)
 PY
 }
 run_step "full fine-tuning bf16 vs CPU (losses 1e-3)" full-bf16.log full_check
+# ---- never losing work: a run stopped after 2 steps and resumed ends with the bytes of
+# the uninterrupted run above (every sum in a fixed order: cuBLASLt on one stream, the
+# kernels without atomics), for the bf16 LoRA fine-tune and the bf16 full fine-tune
+resume_check() { # name, the uninterrupted run, the file to compare, the run's arguments...
+    local name=$1 out="$dp/resumed-$1" want=$2 file=$3
+    shift 3
+    tl finetune -c configs/quickstart.yaml --stop-after-steps 2 "$@" --output_dir="$out" &&
+        tl finetune -c configs/quickstart.yaml --resume "$@" --output_dir="$out" &&
+        cmp "$out/$file" "$want/$file" &&
+        echo "$name: stopped after 2 steps and resumed == uninterrupted (byte for byte)"
+}
+resume_both() {
+    resume_check lora-bf16 "$dp/arena" adapter/adapter_model.safetensors "${arena_args[@]:3}" &&
+        resume_check full-bf16 "$dp/full-cuda" model/model.safetensors "${full_args[@]:3}" \
+            --backend=cuda --model.dtype=bf16
+}
+run_step "resumed == uninterrupted (bf16 LoRA, full)" resume.log resume_both
+rm -rf "$dp/resumed-lora-bf16" "$dp/resumed-full-bf16"
 rm -rf "$dp/base" "$dp/plain/checkpoints" "$dp/nccl/checkpoints" "$dp/full-cuda" "$dp/full-cpu" "$dp/arena" "$dp/pool"
 
 echo

@@ -682,8 +682,8 @@ impl BenchReport {
         if let Some(w) = self.host_waits_per_step {
             let _ = writeln!(
                 s,
-                "\nThe host waited for the device {w} times a step (reading the loss sums and the \
-                 gradient norm); everything else was queued without waiting."
+                "\nThe host waited for the device {w} times in a timed step (a step reads back \
+                 two things: the loss sums and the gradient norm; everything else is queued)."
             );
         }
         if let Some(p) = &self.profile {

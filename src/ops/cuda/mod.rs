@@ -51,13 +51,13 @@ use crate::model::safetensors_io::decode_f32;
 use blaslt::{BlasLt, GemmDtype, GemmShape};
 use runtime::{args, grid_1d, int, Runtime, BLOCK};
 
-/// Threads of `loss_sums_add`'s one block (kernels/cross_entropy.cu).
-const LOSS_SUMS_BLOCK: u32 = 256;
-
 use arena::{Arena, Placement};
 pub use runtime::{probe_libraries, probe_nccl};
 use tensor::{host_bf16, Operand};
 pub use tensor::{CudaBuf, CudaTensor, DType};
+
+/// Threads of `loss_sums_add`'s one block (kernels/cross_entropy.cu).
+const LOSS_SUMS_BLOCK: u32 = 256;
 
 /// Token ids on the device, with the host copy the launchers check them against.
 pub struct CudaIds {
@@ -658,8 +658,6 @@ fn attn_mma_block(kernel: MmaKernel, hd: usize) -> (usize, usize, usize) {
     }
 }
 
-/// The room kept after each row for a LoRA path of rank `r`: r rounded up to 8 elements,
-/// so rows stay 16-byte aligned in bf16 (as cuBLASLt's fast kernels want their ld).
 /// The positions of `ids` grouped by id, for a scatter-add without atomics: the distinct
 /// ids (ascending), where each one's positions start in the third list (one more entry
 /// at the end: its length), and the positions, each id's in increasing order.
@@ -678,6 +676,8 @@ fn positions_by_id(ids: &[u32]) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
     (uniq, start, pos)
 }
 
+/// The room kept after each row for a LoRA path of rank `r`: r rounded up to 8 elements,
+/// so rows stay 16-byte aligned in bf16 (as cuBLASLt's fast kernels want their ld).
 fn room(r: usize) -> usize {
     r.next_multiple_of(8)
 }

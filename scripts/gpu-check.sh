@@ -160,8 +160,8 @@ resume_both() {
             --backend=cuda --model.dtype=bf16
 }
 run_step "resumed == uninterrupted (bf16 LoRA, full)" resume.log resume_both
-rm -rf "$dp/resumed-lora-bf16" "$dp/resumed-full-bf16"
-rm -rf "$dp/base" "$dp/plain/checkpoints" "$dp/nccl/checkpoints" "$dp/full-cuda" "$dp/full-cpu" "$dp/arena" "$dp/pool"
+rm -rf "$dp/base" "$dp/plain/checkpoints" "$dp/nccl/checkpoints" "$dp/full-cuda" "$dp/full-cpu" "$dp/arena" "$dp/pool" \
+    "$dp/resumed-lora-bf16" "$dp/resumed-full-bf16"
 
 echo
 echo "gpu-check on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1), bundle $(cat $bundle/commit 2>/dev/null)"

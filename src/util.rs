@@ -26,12 +26,12 @@ pub fn temp_file_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
     tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a temp file in {}", dir.display()))
 }
 
-/// ‖a − b‖ / ‖b‖ in f64 (‖a − b‖ when b is all zeros).
 /// Bytes in GiB (2^30), for reports.
 pub fn gib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
 }
 
+/// ‖a − b‖ / ‖b‖ in f64 (‖a − b‖ when b is all zeros).
 pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     let (mut num, mut den) = (0.0f64, 0.0f64);
     for (&x, &y) in a.iter().zip(b) {

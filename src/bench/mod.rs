@@ -269,8 +269,7 @@ impl<T, P: Trainable<T>> TrainStep<T, P> {
         });
         let mut sums = ops.loss_sums()?;
         train_step(&dec, &self.batch, self.grads.as_grads(), None, None, &mut sums)?;
-        let r = ops.read_loss(&sums)?;
-        let loss = r.loss_sum / r.n_counted.max(1) as f64;
+        let loss = ops.read_loss(&sums)?.mean();
         let clip = clip_scale(grad_norm(ops, &self.grads)?, Some(self.max_grad_norm));
         let lr = self.opt.hp.lr;
         self.opt.update(ops, &mut self.params, &self.grads, lr, clip)?;

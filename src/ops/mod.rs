@@ -443,11 +443,10 @@ pub trait Ops {
         logits: &Self::Tensor,
         targets: &[i64],
         grad_scale: Option<f32>,
-    ) -> Result<CrossEntropyOut<Self::Tensor>> {
+    ) -> Result<(LossStats, Option<Self::Tensor>)> {
         let mut sums = self.loss_sums()?;
         let dlogits = self.cross_entropy_into(logits, targets, grad_scale, &mut sums)?;
-        let s = self.read_loss(&sums)?;
-        Ok(CrossEntropyOut { loss_sum: s.loss_sum, n_counted: s.n_counted, n_correct: s.n_correct, dlogits })
+        Ok((self.read_loss(&sums)?, dlogits))
     }
 
     // ---- optimizer ----
@@ -593,18 +592,16 @@ pub struct LossStats {
 }
 
 impl LossStats {
+    /// The mean loss over the counted tokens (0 without any).
+    pub fn mean(&self) -> f64 {
+        self.loss_sum / self.n_counted.max(1) as f64
+    }
+
     pub fn add(&mut self, other: LossStats) {
         self.loss_sum += other.loss_sum;
         self.n_counted += other.n_counted;
         self.n_correct += other.n_correct;
     }
-}
-
-pub struct CrossEntropyOut<T> {
-    pub loss_sum: f64,
-    pub n_counted: usize,
-    pub n_correct: usize,
-    pub dlogits: Option<T>,
 }
 
 #[cfg(test)]

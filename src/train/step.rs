@@ -4,7 +4,7 @@ use anyhow::{ensure, Context, Result};
 
 use crate::model::decoder::{shift_labels, ForwardState, Grads, StepInputs};
 use crate::model::{Adapter, Decoder};
-use crate::ops::{AttnLayout, Ops};
+use crate::ops::{AttnLayout, LossStats, Ops};
 
 /// Sequences laid end to end on one token axis (a `[batch, seq]` batch, or packed
 /// documents): positions restart at 0 for each sequence and attention never crosses
@@ -43,15 +43,12 @@ pub struct StepResult<O: Ops> {
     pub inputs: StepInputs<O>,
     pub state: ForwardState<O::Tensor>,
     pub logits: O::Tensor,
-    /// Sum of the counted tokens' losses.
-    pub loss_sum: f64,
-    pub n_counted: usize,
-    pub n_correct: usize,
+    pub loss: LossStats,
 }
 
 impl<O: Ops> StepResult<O> {
     pub fn mean_loss(&self) -> f64 {
-        self.loss_sum / self.n_counted.max(1) as f64
+        self.loss.mean()
     }
 }
 
@@ -103,20 +100,13 @@ pub fn forward_backward_into<O: Ops>(
     let logits = dec.logits(&state, None)?;
     let denom = loss_denominator(denominator, &targets);
     let scale = want_grad.then(|| 1.0 / denom.max(1) as f32);
-    let ce = dec.ops.cross_entropy(&logits, &targets, scale)?;
+    let (loss, dlogits) = dec.ops.cross_entropy(&logits, &targets, scale)?;
     if let Some(grads) = grads {
-        let dlogits = ce.dlogits.as_ref().context("cross-entropy gave no gradient")?;
+        let dlogits = dlogits.as_ref().context("cross-entropy gave no gradient")?;
         let _bwd = crate::profiling::range(c"backward");
         dec.backward(&inputs, &state, dlogits, grads)?;
     }
-    Ok(StepResult {
-        inputs,
-        state,
-        logits,
-        loss_sum: ce.loss_sum,
-        n_counted: ce.n_counted,
-        n_correct: ce.n_correct,
-    })
+    Ok(StepResult { inputs, state, logits, loss })
 }
 
 /// How many bytes of lm_head logits [`train_step`] computes at once: with a 128k

@@ -22,10 +22,11 @@
 // Environment: TUNELOOP_EMU_DEVICES=N shows N devices (default 1), all of them this
 // process's one memory, so that one process per GPU can run on one machine;
 // TUNELOOP_EMU_ORDER=forward runs a launch's blocks and resumes a block's threads in
-// index order instead of shuffled ones; TUNELOOP_EMU_TRACE=1 prints each launch; TUNELOOP_EMU_NO_COMPUTE=1 checks
-// each launch (and libcublasLt each product) but runs none, and neither poisons nor
-// checks memory: every result is garbage, but the allocations are the real ones, so a
-// step's device memory can be counted at shapes far too large to compute on a CPU.
+// index order instead of shuffled ones; TUNELOOP_EMU_TRACE=1 prints each launch;
+// TUNELOOP_EMU_NO_COMPUTE=1 checks each launch (and libcublasLt each product) but runs
+// none, and neither poisons nor checks memory: every result is garbage, but the
+// allocations are the real ones, so a step's device memory can be counted at shapes far
+// too large to compute on a CPU.
 
 #include <signal.h>
 #include <sys/mman.h>

@@ -8,9 +8,10 @@
 //
 // Execution model: the blocks of a launch run one after another, in a shuffled order
 // (a GPU promises none); the threads of a block are fibers (cooperative user-space
-// threads, one stack each) that run until they reach a synchronisation point (__syncthreads, a warp shuffle or __syncwarp) and are then
-// resumed in a shuffled order, so code that reads what another thread writes without a
-// barrier in between sees stale data, as it could on a GPU. Warp operations exchange
+// threads, one stack each) that run until they reach a synchronisation point
+// (__syncthreads, a warp shuffle or __syncwarp) and are then resumed in a shuffled
+// order, so code that reads what another thread writes without a barrier in between
+// sees stale data, as it could on a GPU. Warp operations exchange
 // values only when every non-exited lane named in the mask has arrived; a block barrier
 // opens when every non-exited thread of the block has arrived. A block in which neither
 // can ever happen (a barrier in divergent code) fails the launch with a message.

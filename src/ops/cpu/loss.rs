@@ -3,16 +3,17 @@
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
+use crate::ops::LossStats;
+
 pub const IGNORE_INDEX: i64 = -100;
 
-pub struct Ce {
-    pub loss_sum: f64,
-    pub n_counted: usize,
-    pub n_correct: usize,
-    pub dlogits: Option<Vec<f32>>,
-}
-
-pub fn cross_entropy(logits: &[f32], targets: &[i64], v: usize, grad_scale: Option<f32>) -> Result<Ce> {
+/// The rows' loss statistics and, with `grad_scale`, the gradient of their logits.
+pub fn cross_entropy(
+    logits: &[f32],
+    targets: &[i64],
+    v: usize,
+    grad_scale: Option<f32>,
+) -> Result<(LossStats, Option<Vec<f32>>)> {
     for (i, &t) in targets.iter().enumerate() {
         ensure!(
             t == IGNORE_INDEX || (0..v as i64).contains(&t),
@@ -52,10 +53,10 @@ pub fn cross_entropy(logits: &[f32], targets: &[i64], v: usize, grad_scale: Opti
         None => logits.par_chunks(v).zip(targets.par_iter()).map(|(row, &t)| per_row(row, t, None)).collect(),
     };
     let counted = rows.iter().flatten();
-    Ok(Ce {
+    let stats = LossStats {
         loss_sum: counted.clone().map(|r| r.0).sum(),
         n_counted: counted.clone().count(),
         n_correct: counted.filter(|r| r.1).count(),
-        dlogits,
-    })
+    };
+    Ok((stats, dlogits))
 }

@@ -393,9 +393,9 @@ impl Ops for CpuOps {
     ) -> Result<Option<CpuTensor>> {
         let (n, v) = logits.rows_cols();
         ensure!(targets.len() == n, "cross_entropy: {} targets for {n} rows", targets.len());
-        let r = loss::cross_entropy(&logits.data, targets, v, grad_scale)?;
-        sums.add(LossStats { loss_sum: r.loss_sum, n_counted: r.n_counted, n_correct: r.n_correct });
-        Ok(r.dlogits.map(|d| CpuTensor::new(d, &logits.shape)))
+        let (stats, dlogits) = loss::cross_entropy(&logits.data, targets, v, grad_scale)?;
+        sums.add(stats);
+        Ok(dlogits.map(|d| CpuTensor::new(d, &logits.shape)))
     }
 
     fn loss_sums(&self) -> Result<LossStats> {

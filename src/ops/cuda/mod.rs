@@ -59,6 +59,10 @@ pub use tensor::{CudaBuf, CudaTensor, DType};
 /// Threads of `loss_sums_add`'s one block (kernels/cross_entropy.cu).
 const LOSS_SUMS_BLOCK: u32 = 256;
 
+/// The loss sums on the device ([`Ops::cross_entropy_into`]): the loss sum, the counted
+/// and the correct tokens, in f64.
+pub struct LossSums(CudaSlice<f64>);
+
 /// Token ids on the device, with the host copy the launchers check them against.
 pub struct CudaIds {
     pub buf: CudaSlice<u32>,
@@ -700,7 +704,7 @@ fn attn_cfg(tiles: u32, heads: usize, (warps, smem_bytes): (usize, usize)) -> La
 impl Ops for CudaOps {
     type Tensor = CudaTensor;
     type Ids = CudaIds;
-    type LossSums = CudaSlice<f64>;
+    type LossSums = LossSums;
 
     /// `f` with its buffers in the activation arena ([`arena`]).
     fn planned<R>(&self, key: u64, f: impl FnOnce() -> Result<R>) -> Result<R> {
@@ -1552,7 +1556,7 @@ impl Ops for CudaOps {
         logits: &CudaTensor,
         targets: &[i64],
         grad_scale: Option<f32>,
-        sums: &mut CudaSlice<f64>,
+        sums: &mut LossSums,
     ) -> Result<Option<CudaTensor>> {
         let _range = crate::profiling::range(c"cross_entropy");
         let (n, v) = logits.rows_cols();
@@ -1594,24 +1598,22 @@ impl Ops for CudaOps {
             ],
         )?;
         // the rows' sums added on the device, in a fixed order (one block)
-        ensure!(sums.len() == 3, "cross_entropy: loss sums of {} values, not 3", sums.len());
         let cfg =
             LaunchConfig { grid_dim: (1, 1, 1), block_dim: (LOSS_SUMS_BLOCK, 1, 1), shared_mem_bytes: 0 };
         self.rt.launch(
             "loss_sums_add",
             cfg,
-            args![self.rt.ptr(sums), self.ptr(&row_loss), self.rt.ptr(&row_flag), int(n, "rows")?],
+            args![self.rt.ptr(&sums.0), self.ptr(&row_loss), self.rt.ptr(&row_flag), int(n, "rows")?],
         )?;
         Ok(dlogits)
     }
 
-    fn loss_sums(&self) -> Result<CudaSlice<f64>> {
-        self.rt.stream.alloc_zeros::<f64>(3).context("CUDA allocation")
+    fn loss_sums(&self) -> Result<LossSums> {
+        Ok(LossSums(self.rt.stream.alloc_zeros::<f64>(3).context("CUDA allocation")?))
     }
 
-    fn read_loss(&self, sums: &CudaSlice<f64>) -> Result<LossStats> {
-        let s = self.rt.download(sums)?;
-        ensure!(s.len() == 3, "loss sums of {} values, not 3", s.len());
+    fn read_loss(&self, sums: &LossSums) -> Result<LossStats> {
+        let s = self.rt.download(&sums.0)?;
         Ok(LossStats { loss_sum: s[0], n_counted: s[1] as usize, n_correct: s[2] as usize })
     }
 

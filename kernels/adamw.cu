@@ -1,5 +1,5 @@
-// The optimizer's kernels: multi-tensor AdamW in one launch, and the sum of squares of
-// gradients for the global-norm clip. LoRA weights, their gradients and AdamW's moments
+// The optimizer's kernels: multi-tensor AdamW in one launch, and the gradients' global
+// norm with the clip's coefficient, left on the device for AdamW (two launches). LoRA weights, their gradients and AdamW's moments
 // are f32 (DESIGN: f32 master weights and states), so adamw_multi has no bf16 variant.
 // The gradients whose norm is taken are f32 too; sum_squares_multi also takes bf16 tensors
 // (activations) for a caller that asks for their norm in the bf16 mode.
@@ -16,10 +16,22 @@
 // descriptors. Launch: grid (blocks_x, n_tensors), blockDim.x % 32 == 0; blockIdx.y picks
 // the tensor and its blocks grid-stride over it, so any blocks_x is correct.
 //
-// sum_squares_multi: the sum of x^2 over many tensors in one launch, as f64 partials that
-// the host adds in order (deterministic). Tensor t owns blocks first_block ..
-// first_block + blocks of a 1-D grid; each of them writes partial[its block], the sum
-// over the elements it grid-strides over with those blocks alone. blockDim.x == 256.
+// With `clip` set (not null), adamw_multi takes the coefficient from clip[2] instead of
+// grad_scale, and changes nothing when the norm clip[1] is not finite (a NaN or an
+// infinity in a gradient): the weights stay as they were, and the host, which reads the
+// norm after the step, stops the run.
+//
+// sum_squares_multi: the sum of x^2 over many tensors in one launch, as f64 partials.
+// Tensor t owns blocks first_block .. first_block + blocks of a 1-D grid; each of them
+// writes partial[its block], the sum over the elements it grid-strides over with those
+// blocks alone. blockDim.x == 256.
+//
+// clip_norm: the partials' sum in a fixed order (thread i adds partials i, i + 256, ...
+// in turn, then a tree over the threads), so the same bits on every run, and from it
+// out[0] = the sum, out[1] = its square root (the global norm), out[2] =
+// torch.nn.utils.clip_grad_norm_'s coefficient for max_norm, computed as the host's
+// clip_scale does: max_norm / (norm + 1e-6) in f64 rounded to f32 when that is below 1,
+// else 1 (also without a clip: max_norm < 0). One block of 256 threads.
 
 #include "common.cuh"
 
@@ -33,8 +45,12 @@ struct AdamWTensor {
 
 extern "C" __global__ void adamw_multi(const AdamWTensor* tensors, int n_tensors, float lr, float beta1,
                                        float beta2, float eps, float weight_decay, float step_size,
-                                       float bc2_sqrt, float grad_scale) {
+                                       float bc2_sqrt, float grad_scale, const double* clip) {
     if ((int)blockIdx.y >= n_tensors) return;
+    if (clip != nullptr) {
+        if (!isfinite(clip[1])) return;
+        grad_scale = (float)clip[2];
+    }
     const AdamWTensor t = tensors[blockIdx.y];
     const float decay = 1.0f - lr * weight_decay;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < t.n; i += (size_t)gridDim.x * blockDim.x) {
@@ -98,5 +114,26 @@ sum_squares_multi(double* partial, const SumSquaresTensor* tensors, int n_tensor
     } else {
         tl_adamw::sum_squares_partial(partial + t.first_block, static_cast<const float*>(t.x), t.n, block,
                                       (unsigned)t.blocks);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) clip_norm(double* out, const double* partial, int n, double max_norm) {
+    __shared__ double s[256];
+    double acc = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) acc += partial[i];
+    s[threadIdx.x] = acc;
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+        if ((int)threadIdx.x < stride) s[threadIdx.x] += s[threadIdx.x + stride];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        const double sum = s[0];
+        const double norm = sqrt(sum);
+        double scale = 1.0;
+        if (max_norm >= 0.0 && max_norm / (norm + 1e-6) < 1.0) scale = (double)(float)(max_norm / (norm + 1e-6));
+        out[0] = sum;
+        out[1] = norm;
+        out[2] = scale;
     }
 }

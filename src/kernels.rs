@@ -43,6 +43,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     // kernels/adamw.cu
     "adamw_multi",
     "sum_squares_multi",
+    "clip_norm",
     // kernels/attention.cu
     "attn_fwd_f32_bc32",
     "attn_bwd_dq_f32_bc32",

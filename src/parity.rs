@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use crate::model::safetensors_io::{decode_f32, decode_i64, TensorStore};
 use crate::model::{Adapter, Decoder, Model};
-use crate::ops::{AdamWParams, Ops};
+use crate::ops::{AdamWParams, GradScale, Ops};
 use crate::train::{forward_backward, grad_norm, AdamW, TokenBatch};
 use crate::util::rel_l2;
 
@@ -203,7 +203,7 @@ pub fn run_case_with<O: Ops>(ops: &O, dir: &Path, tol: f64, greedy: GreedyCheck)
         GreedyCheck::TeacherForced { .. } => Some(adamw_on_gradients(dir, &model.cfg, &actual, hp)?),
     };
     let mut opt = AdamW::new(ops, &adapter, hp)?;
-    opt.update(ops, &mut adapter, &grads, hp.lr, 1.0)?;
+    opt.update(ops, &mut adapter, &grads, hp.lr, GradScale::By(1.0))?;
     actual.extend(named_values(ops, &adapter, "adamw")?);
 
     let mut checks = Vec::new();
@@ -288,7 +288,7 @@ fn adamw_on_gradients(
         t.data.copy_from_slice(g);
     }
     let mut opt = AdamW::new(&cpu, &adapter, hp)?;
-    opt.update(&cpu, &mut adapter, &grads, hp.lr, 1.0)?;
+    opt.update(&cpu, &mut adapter, &grads, hp.lr, GradScale::By(1.0))?;
     Ok(named_values(&cpu, &adapter, "adamw")?.into_iter().collect())
 }
 

@@ -23,8 +23,8 @@ use tuneloop::ops::backend::{select, AnyBackend, BackendKind};
 use tuneloop::ops::cpu::{CpuOps, CpuTensor};
 use tuneloop::ops::cuda::{CudaOps, CudaTensor, DType};
 use tuneloop::ops::{
-    AdamWParams, AttnLayout, AttnShape, Dropout, HostWeight, InputGrad, LinearGradRef, LoraGradRef, LoraRef,
-    Ops, SeqSpan,
+    clip_scale, AdamWParams, AttnLayout, AttnShape, Dropout, GradScale, HostWeight, InputGrad, LinearGradRef,
+    LoraGradRef, LoraRef, Ops, SeqSpan,
 };
 
 /// The f32 mode's tolerance, and that of f32-only ops in either mode.
@@ -898,60 +898,90 @@ fn optimizer_ops(dtype: DType) {
         let (mut w, g) = (p.both(&[4], 1.0).1, p.both_f32(&[4], 1.0).1);
         let (mut m, mut v) = (p.gpu.zeros(&[4]).unwrap(), p.gpu.zeros(&[4]).unwrap());
         let hp = AdamWParams { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
-        let e = p.gpu.adamw_step(&mut [&mut w], &[&g], &mut [&mut m], &mut [&mut v], 1, hp, 1.0).unwrap_err();
+        let e = p
+            .gpu
+            .adamw_step(&mut [&mut w], &[&g], &mut [&mut m], &mut [&mut v], 1, hp, GradScale::By(1.0))
+            .unwrap_err();
         assert!(format!("{e:#}").contains("master weights"), "adamw on a bf16 weight: {e:#}");
     }
 
+    // the gradients' norm and the clip's coefficient on the device, for half the norm
+    fn grads<T>(ts: &[Vec<T>]) -> Vec<&T> {
+        ts.iter().map(|t| &t[1]).collect()
+    }
+    let max_norm = Some(p.cpu.sum_squares(&grads(&cpu_t)).unwrap().sqrt() / 2.0);
+    let clip_c = p.cpu.grad_clip(&grads(&cpu_t), max_norm).unwrap();
+    let clip_g = p.gpu.grad_clip(&grads(&gpu_t), max_norm).unwrap();
+    let read_g = p.gpu.read_clip(&clip_g).unwrap();
+    assert!(
+        (clip_c.norm - read_g.norm).abs() / clip_c.norm < 1e-10,
+        "norm {} vs {}",
+        clip_c.norm,
+        read_g.norm
+    );
+    let want = clip_scale(read_g.norm, max_norm);
+    assert_eq!(read_g.scale.to_bits(), want.to_bits(), "clip coefficient {} for {want}", read_g.scale);
+    assert!((read_g.scale - 0.5).abs() < 1e-5, "clip to half the norm: {}", read_g.scale);
+    let unclipped = p.gpu.read_clip(&p.gpu.grad_clip(&grads(&gpu_t), None).unwrap()).unwrap();
+    assert_eq!((unclipped.norm.to_bits(), unclipped.scale), (read_g.norm.to_bits(), 1.0), "without a limit");
+    let empty = p.gpu.read_clip(&p.gpu.grad_clip(&[], Some(1.0)).unwrap()).unwrap();
+    assert_eq!((empty.norm, empty.scale), (0.0, 1.0), "no gradients");
+
     let hp = AdamWParams { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
-    // the second step with a clip's coefficient folded in
-    for (step, grad_scale) in [(1, 1.0), (2, 0.37), (3, 1.0)] {
-        let split = |ts: &mut Vec<Vec<CpuTensor>>| {
-            let mut ps = Vec::new();
-            let mut gs = Vec::new();
-            let mut ms = Vec::new();
-            let mut vs = Vec::new();
-            for t in ts.iter_mut() {
-                let [a, b, c, d] = &mut t[..] else { unreachable!() };
-                ps.push(a as *mut CpuTensor);
-                gs.push(b as *const CpuTensor);
-                ms.push(c as *mut CpuTensor);
-                vs.push(d as *mut CpuTensor);
-            }
-            (ps, gs, ms, vs)
-        };
-        let (ps, gs, ms, vs) = split(&mut cpu_t);
-        // SAFETY: four distinct tensors of each group, pointers used while cpu_t lives
-        unsafe {
-            p.cpu
-                .adamw_step(
-                    &mut ps.iter().map(|&x| &mut *x).collect::<Vec<_>>(),
-                    &gs.iter().map(|&x| &*x).collect::<Vec<_>>(),
-                    &mut ms.iter().map(|&x| &mut *x).collect::<Vec<_>>(),
-                    &mut vs.iter().map(|&x| &mut *x).collect::<Vec<_>>(),
-                    step,
-                    hp,
-                    grad_scale,
-                )
-                .unwrap();
-        }
-        let mut ps = Vec::new();
-        let mut gs = Vec::new();
-        let mut ms = Vec::new();
-        let mut vs = Vec::new();
-        for t in gpu_t.iter_mut() {
+    // the parameters, gradients and moments of every tensor, as adamw_step takes them
+    fn split<T>(ts: &mut [Vec<T>]) -> (Vec<&mut T>, Vec<&T>, Vec<&mut T>, Vec<&mut T>) {
+        let (mut ps, mut gs, mut ms, mut vs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for t in ts.iter_mut() {
             let [a, b, c, d] = &mut t[..] else { unreachable!() };
             ps.push(a);
             gs.push(&*b);
             ms.push(c);
             vs.push(d);
         }
-        p.gpu.adamw_step(&mut ps, &gs, &mut ms, &mut vs, step, hp, grad_scale).unwrap();
+        (ps, gs, ms, vs)
+    }
+    // the second step with a coefficient from the host folded in, the third with the
+    // clip each backend computed
+    for (step, by) in [(1, Some(1.0)), (2, Some(0.37)), (3, None), (4, Some(1.0))] {
+        let (sc, sg) = match by {
+            Some(s) => (GradScale::By(s), GradScale::By(s)),
+            None => (GradScale::Clip(&clip_c), GradScale::Clip(&clip_g)),
+        };
+        let (mut ps, gs, mut ms, mut vs) = split(&mut cpu_t);
+        p.cpu.adamw_step(&mut ps, &gs, &mut ms, &mut vs, step, hp, sc).unwrap();
+        let (mut ps, gs, mut ms, mut vs) = split(&mut gpu_t);
+        p.gpu.adamw_step(&mut ps, &gs, &mut ms, &mut vs, step, hp, sg).unwrap();
     }
     for (c, g) in cpu_t.iter().zip(&gpu_t) {
         close("adamw param", &p.down(&g[0]), &c[0].data, TOL);
         close("adamw m", &p.down(&g[2]), &c[2].data, TOL);
         close("adamw v", &p.down(&g[3]), &c[3].data, TOL);
     }
+
+    // a NaN in one gradient: the norm is NaN and a clipped step changes nothing
+    let mut g = p.download_cpu(&cpu_t[0][1]);
+    let mid = g.len() / 2;
+    g[mid] = f32::NAN;
+    let shape = cpu_t[0][1].shape.clone();
+    cpu_t[0][1] = p.cpu.upload(&g, &shape).unwrap();
+    gpu_t[0][1] = p.gpu.upload(&g, &shape).unwrap();
+    let clip_c = p.cpu.grad_clip(&grads(&cpu_t), max_norm).unwrap();
+    let clip_g = p.gpu.grad_clip(&grads(&gpu_t), max_norm).unwrap();
+    assert!(clip_c.norm.is_nan() && p.gpu.read_clip(&clip_g).unwrap().norm.is_nan(), "a NaN gradient's norm");
+    let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+    let state_c = |t: &Vec<Vec<CpuTensor>>| {
+        t.iter().flat_map(|t| [0, 2, 3].map(|i| bits(t[i].data.clone()))).collect::<Vec<_>>()
+    };
+    let state_g = |t: &Vec<Vec<CudaTensor>>| {
+        t.iter().flat_map(|t| [0, 2, 3].map(|i| bits(p.down(&t[i])))).collect::<Vec<_>>()
+    };
+    let (before_c, before_g) = (state_c(&cpu_t), state_g(&gpu_t));
+    let (mut ps, gs, mut ms, mut vs) = split(&mut cpu_t);
+    p.cpu.adamw_step(&mut ps, &gs, &mut ms, &mut vs, 5, hp, GradScale::Clip(&clip_c)).unwrap();
+    let (mut ps, gs, mut ms, mut vs) = split(&mut gpu_t);
+    p.gpu.adamw_step(&mut ps, &gs, &mut ms, &mut vs, 5, hp, GradScale::Clip(&clip_g)).unwrap();
+    assert!(state_c(&cpu_t) == before_c, "the CPU's AdamW changed the weights on a NaN gradient");
+    assert!(state_g(&gpu_t) == before_g, "the GPU's AdamW changed the weights on a NaN gradient");
 }
 
 #[test]

@@ -154,3 +154,52 @@ fn full_fine_tuning_resumes_bit_exactly() {
     assert_eq!(outcome.steps, 4);
     assert_eq!(model_bytes(&resumed), model_bytes(&full), "resumed model differs from the uninterrupted one");
 }
+
+/// A step whose loss and gradients are not finite (here from a NaN in the frozen model's
+/// final norm) stops the run with an error naming the step, and saves nothing: the last
+/// checkpoint and metrics.jsonl stay as the steps before left them.
+#[test]
+fn a_step_that_is_not_finite_stops_without_saving() {
+    let model = Model::load(&CpuOps, &common::golden("llama3-rope-tied").join("model")).unwrap();
+    let (tr, va) = (examples(24, 1), examples(6, 99));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::train_config(dir.path());
+    cfg.stop_after = Some(2);
+    let (_, first) = train(&CpuOps, &model, fresh_adapter(&model), &tr, &va, &cfg, false).unwrap();
+    assert_eq!(first.steps, 2);
+    let ckpts = dir.path().join("checkpoints");
+    let snapshot = || {
+        let mut files = vec![std::fs::read(dir.path().join("metrics.jsonl")).unwrap()];
+        for (_, d) in checkpoint::list(&ckpts).unwrap() {
+            let mut names: Vec<_> = walk(&d);
+            names.sort();
+            files.extend(names.into_iter().map(|f| std::fs::read(f).unwrap()));
+        }
+        (checkpoint::list(&ckpts).unwrap().into_iter().map(|(s, _)| s).collect::<Vec<_>>(), files)
+    };
+    let before = snapshot();
+
+    let mut bad = Model::load(&CpuOps, &common::golden("llama3-rope-tied").join("model")).unwrap();
+    bad.norm.data.iter_mut().for_each(|x| *x = f32::NAN);
+    let cfg = common::train_config(dir.path());
+    let e =
+        train(&CpuOps, &bad, fresh_adapter(&bad), &tr, &va, &cfg, true).err().expect("a NaN loss must stop");
+    let msg = format!("{e:#}");
+    assert!(msg.contains("loss is NaN") && msg.contains("at step 3"), "{msg}");
+    assert!(msg.contains("without saving"), "{msg}");
+    assert_eq!(snapshot(), before, "the checkpoints or metrics changed");
+}
+
+/// Every file under `d`.
+fn walk(d: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(d).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

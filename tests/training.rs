@@ -6,9 +6,10 @@ mod common;
 
 use tuneloop::model::decoder::{Grads, Recompute};
 use tuneloop::model::{Adapter, Decoder, LoraConfig, Model, Proj};
-use tuneloop::ops::{cpu::CpuOps, cpu::CpuTensor, AdamWParams, LossStats, Ops};
+use tuneloop::ops::{cpu::CpuOps, cpu::CpuTensor, AdamWParams, GradScale, LossStats, Ops};
 use tuneloop::train::{
-    clip_scale, eval_step, forward_backward, forward_backward_into, grad_norm, train_step, AdamW, TokenBatch,
+    clip_scale, eval_step, forward_backward, forward_backward_into, grad_clip, grad_norm, train_step, AdamW,
+    TokenBatch,
 };
 use tuneloop::util::rel_l2;
 
@@ -134,15 +135,17 @@ fn adamw_steps_from_a_fresh_adapter_lower_the_loss() {
             .unwrap();
         losses.push(r.mean_loss());
         let norm = grad_norm(&ops, &grads).unwrap();
-        let s = clip_scale(norm, Some(1.0));
+        let clip = grad_clip(&ops, &grads, Some(1.0)).unwrap();
+        let s = clip.scale;
+        assert_eq!((clip.norm, s), (norm, clip_scale(norm, Some(1.0))));
         assert_eq!(s < 1.0, norm > 1.0, "norm {norm}, scale {s}");
         assert!(norm * s as f64 <= 1.0 + 1e-6, "{norm} clipped to {}", norm * s as f64);
         clipped += usize::from(s < 1.0);
-        opt.update(&ops, &mut adapter, &grads, hp.lr, s).unwrap();
+        opt.update(&ops, &mut adapter, &grads, hp.lr, GradScale::Clip(&clip)).unwrap();
         for t in grads.tensors_mut() {
             t.data.iter_mut().for_each(|g| *g *= s);
         }
-        torch_opt.update(&ops, &mut torch_way, &grads, hp.lr, 1.0).unwrap();
+        torch_opt.update(&ops, &mut torch_way, &grads, hp.lr, GradScale::By(1.0)).unwrap();
         for ((n, a), (_, b)) in adapter.named().into_iter().zip(torch_way.named()) {
             assert!(a.data.iter().zip(&b.data).all(|(x, y)| x.to_bits() == y.to_bits()), "{n}");
         }

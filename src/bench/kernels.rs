@@ -14,8 +14,8 @@ use serde::Serialize;
 use super::profile::{attention_fwd_flops, linear_fwd_flops};
 use super::{gemm_rate, with_kernel_clock, BenchOptions, GemmRate};
 use crate::model::{Adapter, LoraConfig, Proj};
-use crate::ops::{AdamWParams, AttnLayout, AttnShape, HostWeight, KernelClock, LoraRef, Ops};
-use crate::train::AdamW;
+use crate::ops::{AdamWParams, AttnLayout, AttnShape, GradScale, HostWeight, KernelClock, LoraRef, Ops};
+use crate::train::{grad_clip, AdamW};
 
 /// One kernel's measurement.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -207,7 +207,11 @@ pub fn run_kernels<O: Ops>(ops: &O, opts: &BenchOptions) -> Result<KernelReport>
     let n_params: usize = named.iter().map(|(_, t)| ops.shape(t).iter().product::<usize>()).sum();
     let n_tensors = named.len();
     drop(named);
-    let s = mean_time(ops, reps, || opt.update(ops, &mut adapter, &grads, hp.lr, 1.0))?;
+    // the gradients' norm and the clip's coefficient, left on the device for AdamW
+    let s = mean_time(ops, reps, || grad_clip(ops, &grads, Some(1.0)).map(drop))?;
+    record("grad_clip", format!("{n_tensors} tensors, {n_params} values"), s, 0.0, 4.0 * n_params as f64);
+    let clip = grad_clip(ops, &grads, Some(1.0))?;
+    let s = mean_time(ops, reps, || opt.update(ops, &mut adapter, &grads, hp.lr, GradScale::Clip(&clip)))?;
     // read p, g, m, v and write p, m, v: 7 f32 values a parameter
     record("adamw_step", format!("{n_tensors} tensors, {n_params} values"), s, 0.0, 28.0 * n_params as f64);
 

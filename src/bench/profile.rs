@@ -11,8 +11,8 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::ops::{
-    AdamWParams, AttnLayout, AttnShape, HostWeight, InputGrad, LinearGradRef, LoraGradRef, LoraRef,
-    LossStats, Ops,
+    AdamWParams, AttnLayout, AttnShape, ClipStats, GradScale, HostWeight, InputGrad, LinearGradRef,
+    LoraGradRef, LoraRef, LossStats, Ops,
 };
 
 /// Time spent in one op over the calls recorded, and the model FLOPs of those calls
@@ -134,6 +134,7 @@ impl<'a, O: Ops> Profiled<'a, O> {
 impl<O: Ops> Ops for Profiled<'_, O> {
     type Tensor = O::Tensor;
     type LossSums = O::LossSums;
+    type GradClip = O::GradClip;
     type Ids = O::Ids;
 
     fn name(&self) -> &'static str {
@@ -361,6 +362,18 @@ impl<O: Ops> Ops for Profiled<'_, O> {
         self.run("sum_squares", || self.inner.sum_squares(ts))
     }
 
+    fn grad_clip(&self, grads: &[&Self::Tensor], max_norm: Option<f64>) -> Result<Self::GradClip> {
+        self.run("grad_clip", || self.inner.grad_clip(grads, max_norm))
+    }
+
+    fn read_clip(&self, clip: &Self::GradClip) -> Result<ClipStats> {
+        self.inner.read_clip(clip)
+    }
+
+    fn read_step(&self, sums: &Self::LossSums, clip: &Self::GradClip) -> Result<(LossStats, ClipStats)> {
+        self.inner.read_step(sums, clip)
+    }
+
     fn adamw_step(
         &self,
         params: &mut [&mut Self::Tensor],
@@ -369,9 +382,9 @@ impl<O: Ops> Ops for Profiled<'_, O> {
         v: &mut [&mut Self::Tensor],
         step: u64,
         hp: AdamWParams,
-        grad_scale: f32,
+        scale: GradScale<'_, Self::GradClip>,
     ) -> Result<()> {
-        self.run("adamw_step", || self.inner.adamw_step(params, grads, m, v, step, hp, grad_scale))
+        self.run("adamw_step", || self.inner.adamw_step(params, grads, m, v, step, hp, scale))
     }
 
     fn reserve_lora_tail(&self, w: &mut Self::Tensor, r: usize) -> Result<()> {

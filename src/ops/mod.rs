@@ -209,6 +209,59 @@ impl AdamWParams {
     }
 }
 
+/// What AdamW multiplies every gradient by as it reads it ([`Ops::adamw_step`]).
+pub enum GradScale<'a, C> {
+    /// A coefficient the host knows (1 for none).
+    By(f32),
+    /// The clip's coefficient of an [`Ops::grad_clip`], read where the backend keeps it;
+    /// the step then changes nothing when the gradients' norm is not finite.
+    Clip(&'a C),
+}
+
+impl<C> Clone for GradScale<'_, C> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<C> Copy for GradScale<'_, C> {}
+
+impl GradScale<'_, ClipStats> {
+    /// For a backend that keeps the clip on the host: the coefficient, or `None` when
+    /// the step must change nothing (the norm is not finite).
+    pub fn on_host(self) -> Option<f32> {
+        match self {
+            GradScale::By(s) => Some(s),
+            GradScale::Clip(c) => c.norm.is_finite().then_some(c.scale),
+        }
+    }
+}
+
+/// The gradients' global L2 norm and the clip's coefficient for it, on the host.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ClipStats {
+    pub norm: f64,
+    /// [`clip_scale`] of the norm.
+    pub scale: f32,
+}
+
+impl ClipStats {
+    pub fn new(norm: f64, max_norm: Option<f64>) -> Self {
+        Self { norm, scale: clip_scale(norm, max_norm) }
+    }
+}
+
+/// `torch.nn.utils.clip_grad_norm_`'s coefficient for gradients of global norm `norm`:
+/// `max / (norm + 1e-6)` when that is below 1, else 1 (no clip). AdamW multiplies the
+/// gradients by it as it reads them, instead of a pass that scales them first: the same
+/// bits.
+pub fn clip_scale(norm: f64, max_norm: Option<f64>) -> f32 {
+    match max_norm {
+        Some(max) if max / (norm + 1e-6) < 1.0 => (max / (norm + 1e-6)) as f32,
+        _ => 1.0,
+    }
+}
+
 /// A model tensor as stored in a checkpoint, before it goes to a backend.
 pub struct HostWeight<'a> {
     pub name: &'a str,
@@ -229,6 +282,10 @@ pub trait Ops {
     /// ([`Ops::cross_entropy_into`]), so that a step queues its chunks' losses without
     /// waiting for them; [`Ops::read_loss`] brings it to the host.
     type LossSums: Send;
+    /// The gradients' global norm and the clip's coefficient where the backend computes
+    /// ([`Ops::grad_clip`]): AdamW reads the coefficient there ([`GradScale::Clip`]), so
+    /// a step need not wait for the norm before its update.
+    type GradClip: Send;
 
     fn name(&self) -> &'static str;
 
@@ -452,9 +509,22 @@ pub trait Ops {
     // ---- optimizer ----
     /// Σ x² over all tensors, in f64.
     fn sum_squares(&self, ts: &[&Self::Tensor]) -> Result<f64>;
+    /// Queues the global L2 norm of `grads` (the square root of [`Ops::sum_squares`])
+    /// and [`clip_scale`] of it for `max_norm`, without waiting for them;
+    /// [`Ops::read_clip`] brings them to the host.
+    fn grad_clip(&self, grads: &[&Self::Tensor], max_norm: Option<f64>) -> Result<Self::GradClip>;
+    /// What `clip` holds, on the host (waits for the work queued so far).
+    fn read_clip(&self, clip: &Self::GradClip) -> Result<ClipStats>;
+    /// [`Ops::read_loss`] and [`Ops::read_clip`] together: one wait where the backend
+    /// has to wait.
+    fn read_step(&self, sums: &Self::LossSums, clip: &Self::GradClip) -> Result<(LossStats, ClipStats)> {
+        Ok((self.read_loss(sums)?, self.read_clip(clip)?))
+    }
     /// One `torch.optim.AdamW` step over all tensors; `step` counts from 1. Every
-    /// gradient is multiplied by `grad_scale` as it is read (the clip's coefficient, 1
-    /// without one): the same bits as scaling the gradients first, without a pass.
+    /// gradient is multiplied by `scale` as it is read (the clip's coefficient, 1 without
+    /// one): the same bits as scaling the gradients first, without a pass. With
+    /// [`GradScale::Clip`] and a norm that is not finite (a NaN or an infinity in a
+    /// gradient), the parameters and moments stay as they were.
     #[allow(clippy::too_many_arguments)]
     fn adamw_step(
         &self,
@@ -464,7 +534,7 @@ pub trait Ops {
         v: &mut [&mut Self::Tensor],
         step: u64,
         hp: AdamWParams,
-        grad_scale: f32,
+        scale: GradScale<'_, Self::GradClip>,
     ) -> Result<()>;
 
     /// `t` in the type this backend computes with, where that differs from how `t` is

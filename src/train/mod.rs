@@ -11,6 +11,6 @@ pub mod schedule;
 pub mod step;
 pub mod trainer;
 
-pub use optim::{clip_scale, grad_norm, AdamW};
+pub use optim::{clip_scale, grad_clip, grad_norm, AdamW};
 pub use params::Trainable;
 pub use step::{eval_step, forward_backward, forward_backward_into, train_step, TokenBatch};

@@ -4,7 +4,8 @@
 use anyhow::Result;
 
 use super::params::{decays, Trainable};
-use crate::ops::{AdamWParams, Ops};
+pub use crate::ops::clip_scale;
+use crate::ops::{AdamWParams, GradScale, Ops};
 
 /// `torch.optim.AdamW` over every trained tensor, its moments kept in f32 on the
 /// backend, shaped like the parameters `P` (an `Adapter` or a `Model`).
@@ -24,16 +25,16 @@ impl<P> AdamW<P> {
         Ok(Self { hp, m: params.zeros(ops)?, v: params.zeros(ops)?, step: 0 })
     }
 
-    /// One update of `params` from `grads` times `grad_scale` (the clip's coefficient,
-    /// [`clip_scale`]; 1 for none) at learning rate `lr`. Biases and norm weights get no
-    /// weight decay (see [`decays`]).
+    /// One update of `params` from `grads` times `scale` (the clip's coefficient,
+    /// [`clip_scale`] or [`Ops::grad_clip`]; 1 for none) at learning rate `lr`. Biases
+    /// and norm weights get no weight decay (see [`decays`]).
     pub fn update<O: Ops>(
         &mut self,
         ops: &O,
         params: &mut P,
         grads: &P,
         lr: f32,
-        grad_scale: f32,
+        scale: GradScale<'_, O::GradClip>,
     ) -> Result<()>
     where
         P: Trainable<O::Tensor>,
@@ -59,7 +60,7 @@ impl<P> AdamW<P> {
                 &mut select(self.v.tensors_mut(), &decay, with_decay),
                 self.step,
                 hp,
-                grad_scale,
+                scale,
             )?;
         }
         Ok(())
@@ -77,13 +78,12 @@ pub fn grad_norm<O: Ops, P: Trainable<O::Tensor>>(ops: &O, grads: &P) -> Result<
     Ok(ops.sum_squares(&ts)?.sqrt())
 }
 
-/// `torch.nn.utils.clip_grad_norm_`'s coefficient for gradients of global norm `norm`:
-/// `max / (norm + 1e-6)` when that is below 1, else 1 (no clip). [`AdamW::update`]
-/// multiplies the gradients by it as it reads them, instead of a pass that scales them
-/// first: the same bits.
-pub fn clip_scale(norm: f64, max_norm: Option<f64>) -> f32 {
-    match max_norm {
-        Some(max) if max / (norm + 1e-6) < 1.0 => (max / (norm + 1e-6)) as f32,
-        _ => 1.0,
-    }
+/// [`Ops::grad_clip`] of all gradients: their norm and the clip's coefficient, queued.
+pub fn grad_clip<O: Ops, P: Trainable<O::Tensor>>(
+    ops: &O,
+    grads: &P,
+    max_norm: Option<f64>,
+) -> Result<O::GradClip> {
+    let ts: Vec<&O::Tensor> = grads.named().into_iter().map(|(_, t)| t).collect();
+    ops.grad_clip(&ts, max_norm)
 }

@@ -13,7 +13,7 @@ use rand::SeedableRng;
 use serde::Serialize;
 
 use super::checkpoint::{self, TrainerState};
-use super::optim::{clip_scale, grad_norm, AdamW};
+use super::optim::{grad_clip, AdamW};
 use super::pack::{batch_of, rows, Example};
 use super::params::Trainable;
 use super::schedule::Schedule;
@@ -21,7 +21,7 @@ use super::step::{eval_step, train_step, TokenBatch};
 use crate::dist::{Collective, Single};
 use crate::model::decoder::{Grads, Recompute};
 use crate::model::Decoder;
-use crate::ops::{AdamWParams, Dropout, Ops};
+use crate::ops::{AdamWParams, ClipStats, Dropout, GradScale, Ops};
 use crate::util::gib;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -179,6 +179,29 @@ pub fn global_batch_gradients<O: Ops, P: Trainable<O::Tensor>>(
     prepare: impl Fn(usize, &mut Decoder<'_, O>),
     dist: &dyn Collective<O>,
 ) -> Result<BatchStats> {
+    let mut losses = ops.loss_sums()?;
+    let mut stats = queue_global_batch(ops, frozen, params, micro, grads, prepare, dist, &mut losses)?;
+    if dist.world_size() == 1 {
+        stats.loss_sum = ops.read_loss(&losses)?.loss_sum;
+    }
+    Ok(stats)
+}
+
+/// [`global_batch_gradients`], its losses added into `losses`. Over more than one rank
+/// the loss sum is read and summed over the ranks with the gradients; with one it is left
+/// in `losses` unread (`loss_sum` 0), so that nothing waits for the device: the caller
+/// reads it with the step's other values.
+#[allow(clippy::too_many_arguments)]
+fn queue_global_batch<O: Ops, P: Trainable<O::Tensor>>(
+    ops: &O,
+    frozen: &P::Frozen,
+    params: &P,
+    micro: &[TokenBatch],
+    grads: &mut P,
+    prepare: impl Fn(usize, &mut Decoder<'_, O>),
+    dist: &dyn Collective<O>,
+    losses: &mut O::LossSums,
+) -> Result<BatchStats> {
     let denom: usize = micro.iter().map(|b| b.n_targets()).sum();
     ops.fill_zero_all(&mut grads.tensors_mut())?;
     let mut host = [0.0f64, 0.0, 0.0]; // loss sum, tokens, ranks asked to stop
@@ -196,14 +219,13 @@ pub fn global_batch_gradients<O: Ops, P: Trainable<O::Tensor>>(
     };
     let mine = shard(micro.len(), dist.rank(), dist.world_size());
     // the micro-batches' losses add up on the device: read once, after all are queued
-    let mut losses = ops.loss_sums()?;
     for i in mine.clone() {
         let mut dec = params.decoder(ops, frozen);
         prepare(i, &mut dec);
         if i + 1 == mine.end {
             dec.layer_done = Some(&start);
         }
-        train_step(&dec, &micro[i], grads.as_grads(), Some(denom), None, &mut losses)?;
+        train_step(&dec, &micro[i], grads.as_grads(), Some(denom), None, losses)?;
         host[1] += micro[i].ids.len() as f64;
     }
     {
@@ -212,7 +234,9 @@ pub fn global_batch_gradients<O: Ops, P: Trainable<O::Tensor>>(
             start(l, &g)?;
         }
     }
-    host[0] = ops.read_loss(&losses)?.loss_sum;
+    if dist.world_size() > 1 {
+        host[0] = ops.read_loss(losses)?.loss_sum;
+    }
     host[2] = f64::from(u8::from(crate::interrupt::requested()));
     let mut tensors = grads.tensors_mut();
     let reduced_values =
@@ -446,7 +470,8 @@ pub fn train_data_parallel<O: Ops, P: Trainable<O::Tensor>>(
             });
             dec.recompute = cfg.recompute;
         };
-        let stats = global_batch_gradients(ops, frozen, &params, &micro, &mut grads, prepare, dist)?;
+        let mut losses = ops.loss_sums()?;
+        let stats = queue_global_batch(ops, frozen, &params, &micro, &mut grads, prepare, dist, &mut losses)?;
         let tokens = stats.tokens;
         if root && dist.kind() != "single" && (state.step + 1) % 50 == 1 {
             say(format!(
@@ -468,15 +493,24 @@ pub fn train_data_parallel<O: Ops, P: Trainable<O::Tensor>>(
                 ));
             }
         }
-        let loss = stats.loss_sum / stats.n_targets.max(1) as f64;
-        if !loss.is_finite() {
-            bail!("loss is {loss} at step {}: stopping before the weights are damaged", state.step + 1);
-        }
+        // The optimizer step is queued before the loss and the norm are read, so the
+        // host waits for the device once a step; AdamW changes nothing when the norm is
+        // not finite, and a run whose loss or norm is not finite stops before it saves.
         let opt_range = crate::profiling::range(c"optimizer");
-        let gnorm = grad_norm(ops, &grads)?;
+        let clip = grad_clip(ops, &grads, cfg.clip_grad_norm)?;
         let lr = sched.lr_at(state.step);
-        opt.update(ops, &mut params, &grads, lr as f32, clip_scale(gnorm, cfg.clip_grad_norm))?;
+        opt.update(ops, &mut params, &grads, lr as f32, GradScale::Clip(&clip))?;
         drop(opt_range);
+        let (step_loss, ClipStats { norm: gnorm, .. }) = ops.read_step(&losses, &clip)?;
+        let loss_sum = if dist.world_size() > 1 { stats.loss_sum } else { step_loss.loss_sum };
+        let loss = loss_sum / stats.n_targets.max(1) as f64;
+        if !loss.is_finite() || !gnorm.is_finite() {
+            bail!(
+                "loss is {loss} and the gradient norm {gnorm} at step {}: stopping without saving it \
+                 (the last checkpoint is as it was)",
+                state.step + 1
+            );
+        }
         state.step += 1;
         state.tokens_seen += tokens as u64;
         let tps = tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);

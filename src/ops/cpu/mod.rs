@@ -11,8 +11,8 @@ use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
 use super::{
-    AdamWParams, AttnLayout, AttnShape, Dropout, HostWeight, InputGrad, LinearGradRef, LoraGradRef, LoraRef,
-    LossStats, Ops,
+    AdamWParams, AttnLayout, AttnShape, ClipStats, Dropout, GradScale, HostWeight, InputGrad, LinearGradRef,
+    LoraGradRef, LoraRef, LossStats, Ops,
 };
 use crate::model::safetensors_io::decode_f32;
 use gemm::{matmul, Mat};
@@ -74,6 +74,7 @@ impl Ops for CpuOps {
     type Tensor = CpuTensor;
     type Ids = Vec<u32>;
     type LossSums = LossStats;
+    type GradClip = ClipStats;
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -415,6 +416,14 @@ impl Ops for CpuOps {
         Ok(ts.iter().flat_map(|t| chunk_sums(t)).sum())
     }
 
+    fn grad_clip(&self, grads: &[&CpuTensor], max_norm: Option<f64>) -> Result<ClipStats> {
+        Ok(ClipStats::new(self.sum_squares(grads)?.sqrt(), max_norm))
+    }
+
+    fn read_clip(&self, clip: &ClipStats) -> Result<ClipStats> {
+        Ok(*clip)
+    }
+
     fn adamw_step(
         &self,
         params: &mut [&mut CpuTensor],
@@ -423,12 +432,13 @@ impl Ops for CpuOps {
         v: &mut [&mut CpuTensor],
         step: u64,
         hp: AdamWParams,
-        grad_scale: f32,
+        scale: GradScale<'_, ClipStats>,
     ) -> Result<()> {
         let n = params.len();
         ensure!(grads.len() == n && m.len() == n && v.len() == n, "adamw: tensor lists differ in length");
         ensure!(step >= 1, "adamw: steps count from 1");
         let corrections = hp.bias_corrections(step)?;
+        let Some(grad_scale) = scale.on_host() else { return Ok(()) };
         for i in 0..n {
             same_shape(params[i], grads[i], "adamw")?;
             let moments = (&mut m[i].data[..], &mut v[i].data[..]);

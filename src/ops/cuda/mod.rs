@@ -44,8 +44,8 @@ use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use super::{
-    AdamWParams, ArenaStats, AttnLayout, AttnShape, Dropout, HostWeight, InputGrad, LinearGradRef,
-    LoraGradRef, LoraRef, LossStats, Ops,
+    AdamWParams, ArenaStats, AttnLayout, AttnShape, ClipStats, Dropout, GradScale, HostWeight, InputGrad,
+    LinearGradRef, LoraGradRef, LoraRef, LossStats, Ops,
 };
 use crate::model::safetensors_io::decode_f32;
 use blaslt::{BlasLt, GemmDtype, GemmShape};
@@ -59,9 +59,16 @@ pub use tensor::{CudaBuf, CudaTensor, DType};
 /// Threads of `loss_sums_add`'s one block (kernels/cross_entropy.cu).
 const LOSS_SUMS_BLOCK: u32 = 256;
 
+/// Threads of `clip_norm`'s one block (kernels/adamw.cu).
+const CLIP_NORM_BLOCK: u32 = 256;
+
 /// The loss sums on the device ([`Ops::cross_entropy_into`]): the loss sum, the counted
 /// and the correct tokens, in f64.
 pub struct LossSums(CudaSlice<f64>);
+
+/// The gradients' norm on the device ([`Ops::grad_clip`]): Σ g², the norm and the clip's
+/// coefficient, in f64 (`clip_norm` in kernels/adamw.cu).
+pub struct GradClip(CudaSlice<f64>);
 
 /// Token ids on the device, with the host copy the launchers check them against.
 pub struct CudaIds {
@@ -680,6 +687,16 @@ fn positions_by_id(ids: &[u32]) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
     (uniq, start, pos)
 }
 
+/// What a [`LossSums`]' three values on the host say.
+fn loss_stats(s: &[f64]) -> LossStats {
+    LossStats { loss_sum: s[0], n_counted: s[1] as usize, n_correct: s[2] as usize }
+}
+
+/// What a [`GradClip`]'s three values on the host say.
+fn clip_stats(c: &[f64]) -> ClipStats {
+    ClipStats { norm: c[1], scale: c[2] as f32 }
+}
+
 /// The room kept after each row for a LoRA path of rank `r`: r rounded up to 8 elements,
 /// so rows stay 16-byte aligned in bf16 (as cuBLASLt's fast kernels want their ld).
 fn room(r: usize) -> usize {
@@ -705,6 +722,7 @@ impl Ops for CudaOps {
     type Tensor = CudaTensor;
     type Ids = CudaIds;
     type LossSums = LossSums;
+    type GradClip = GradClip;
 
     /// `f` with its buffers in the activation arena ([`arena`]).
     fn planned<R>(&self, key: u64, f: impl FnOnce() -> Result<R>) -> Result<R> {
@@ -1613,35 +1631,26 @@ impl Ops for CudaOps {
     }
 
     fn read_loss(&self, sums: &LossSums) -> Result<LossStats> {
-        let s = self.rt.download(&sums.0)?;
-        Ok(LossStats { loss_sum: s[0], n_counted: s[1] as usize, n_correct: s[2] as usize })
+        Ok(loss_stats(&self.rt.download(&sums.0)?))
     }
 
     fn sum_squares(&self, ts: &[&CudaTensor]) -> Result<f64> {
         let _range = crate::profiling::range(c"sum_squares");
-        let blocks: Vec<usize> = ts.iter().map(|t| t.numel().div_ceil(BLOCK as usize).min(1024)).collect();
-        let total: usize = blocks.iter().sum();
-        if total == 0 {
-            return Ok(0.0);
-        }
-        let partial = self.rt.stream.alloc_zeros::<f64>(total).context("CUDA allocation")?;
-        // one launch for all the tensors, each with its own blocks
-        let mut desc = Vec::with_capacity(ts.len() * 5);
-        let mut first = 0;
-        for (t, &b) in ts.iter().zip(&blocks) {
-            if b > 0 {
-                let bf16 = u64::from(t.dtype() == DType::Bf16);
-                desc.extend([self.ptr(t), bf16, t.numel() as u64, first as u64, b as u64]);
-                first += b;
-            }
-        }
-        let n = i32::try_from(desc.len() / 5).context("sum_squares: too many tensors")?;
-        let desc = self.rt.stream.clone_htod(&desc).context("host-to-device copy")?;
-        let grid = u32::try_from(total).context("sum_squares: too many blocks")?;
-        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-        self.rt.launch("sum_squares_multi", cfg, args![self.rt.ptr(&partial), self.rt.ptr(&desc), n])?;
-        let partials = self.rt.download(&partial)?;
-        Ok(partials.iter().sum())
+        Ok(self.rt.download(&self.norm_of(ts, None)?.0)?[0])
+    }
+
+    fn grad_clip(&self, grads: &[&CudaTensor], max_norm: Option<f64>) -> Result<GradClip> {
+        let _range = crate::profiling::range(c"grad_clip");
+        self.norm_of(grads, max_norm)
+    }
+
+    fn read_clip(&self, clip: &GradClip) -> Result<ClipStats> {
+        Ok(clip_stats(&self.rt.download(&clip.0)?))
+    }
+
+    fn read_step(&self, sums: &LossSums, clip: &GradClip) -> Result<(LossStats, ClipStats)> {
+        let [s, c] = &self.rt.download_all(&[&sums.0, &clip.0])?[..] else { bail!("read_step: two buffers") };
+        Ok((loss_stats(s), clip_stats(c)))
     }
 
     fn adamw_step(
@@ -1652,7 +1661,7 @@ impl Ops for CudaOps {
         v: &mut [&mut CudaTensor],
         step: u64,
         hp: AdamWParams,
-        grad_scale: f32,
+        scale: GradScale<'_, GradClip>,
     ) -> Result<()> {
         let _range = crate::profiling::range(c"adamw_step");
         let n = params.len();
@@ -1687,6 +1696,10 @@ impl Ops for CudaOps {
             ]);
         }
         let (step_size, bc2_sqrt) = hp.bias_corrections(step)?;
+        let (grad_scale, clip) = match scale {
+            GradScale::By(s) => (s, 0),
+            GradScale::Clip(c) => (1.0, self.rt.ptr(&c.0)),
+        };
         let (desc, cfg) = self.multi_tensor_launch("adamw_multi", &desc, n, max_len)?;
         self.rt.launch(
             "adamw_multi",
@@ -1701,7 +1714,8 @@ impl Ops for CudaOps {
                 hp.weight_decay,
                 step_size,
                 bc2_sqrt,
-                grad_scale
+                grad_scale,
+                clip
             ],
         )
     }
@@ -1801,6 +1815,45 @@ impl Ops for CudaOps {
 }
 
 impl CudaOps {
+    /// Queues Σ x² over `ts`, its square root and the clip's coefficient for `max_norm`
+    /// into a [`GradClip`]: `sum_squares_multi` over every tensor in one launch, then
+    /// `clip_norm` adds its partials in a fixed order.
+    fn norm_of(&self, ts: &[&CudaTensor], max_norm: Option<f64>) -> Result<GradClip> {
+        let blocks: Vec<usize> = ts.iter().map(|t| t.numel().div_ceil(BLOCK as usize).min(1024)).collect();
+        let total: usize = blocks.iter().sum();
+        let out = self.rt.stream.alloc_zeros::<f64>(3).context("CUDA allocation")?;
+        let partial = self.rt.stream.alloc_zeros::<f64>(total.max(1)).context("CUDA allocation")?;
+        if total > 0 {
+            // one launch for all the tensors, each with its own blocks
+            let mut desc = Vec::with_capacity(ts.len() * 5);
+            let mut first = 0;
+            for (t, &b) in ts.iter().zip(&blocks) {
+                if b > 0 {
+                    let bf16 = u64::from(t.dtype() == DType::Bf16);
+                    desc.extend([self.ptr(t), bf16, t.numel() as u64, first as u64, b as u64]);
+                    first += b;
+                }
+            }
+            let n = i32::try_from(desc.len() / 5).context("sum_squares: too many tensors")?;
+            let desc = self.rt.stream.clone_htod(&desc).context("host-to-device copy")?;
+            let grid = u32::try_from(total).context("sum_squares: too many blocks")?;
+            let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+            self.rt.launch("sum_squares_multi", cfg, args![self.rt.ptr(&partial), self.rt.ptr(&desc), n])?;
+        }
+        let cfg =
+            LaunchConfig { grid_dim: (1, 1, 1), block_dim: (CLIP_NORM_BLOCK, 1, 1), shared_mem_bytes: 0 };
+        let max_norm = match max_norm {
+            Some(m) => {
+                ensure!(m >= 0.0, "clip: the largest gradient norm is {m}; it must be 0 or more");
+                m
+            }
+            None => -1.0,
+        };
+        let n = i32::try_from(total).context("clip: too many partial sums")?;
+        self.rt.launch("clip_norm", cfg, args![self.rt.ptr(&out), self.rt.ptr(&partial), n, max_norm])?;
+        Ok(GradClip(out))
+    }
+
     /// Q and K rotated in one launch.
     fn rope(
         &self,

@@ -126,6 +126,27 @@ impl Runtime {
         Ok(host)
     }
 
+    /// Several buffers' values on the host, after the work queued before them, with one
+    /// wait for all.
+    pub fn download_all<T: DeviceRepr + Default + Clone>(
+        &self,
+        srcs: &[&CudaSlice<T>],
+    ) -> Result<Vec<Vec<T>>> {
+        self.ctx.bind_to_thread().context("binding the CUDA context")?;
+        let mut host: Vec<Vec<T>> = srcs.iter().map(|s| vec![T::default(); s.len()]).collect();
+        for (dst, src) in host.iter_mut().zip(srcs) {
+            // SAFETY: `dst` holds `src.len()` values; the synchronize below (also on an
+            // error) keeps every `dst` alive until the copies queued so far have landed.
+            let queued = unsafe { result::memcpy_dtoh_async(dst, self.ptr(*src), self.stream.cu_stream()) };
+            if let Err(e) = queued {
+                self.sync()?;
+                return Err(e).context("device-to-host copy");
+            }
+        }
+        self.sync()?;
+        Ok(host)
+    }
+
     /// Gives the pool's unused memory back to the driver (after a [`Runtime::sync`], so
     /// that what was freed in stream order is unused).
     pub fn trim_pool(&self) -> Result<()> {
@@ -240,12 +261,13 @@ pub fn int(v: usize, what: &str) -> Result<i32> {
 }
 
 /// One kernel argument: a device pointer or `size_t`/`unsigned long long` (u64), an
-/// `int` (i32) or a `float` (f32).
+/// `int` (i32), a `float` (f32) or a `double` (f64).
 #[derive(Clone, Copy, Debug)]
 pub enum Arg {
     U64(u64),
     I32(i32),
     F32(f32),
+    F64(f64),
 }
 
 impl From<u64> for Arg {
@@ -261,6 +283,11 @@ impl From<i32> for Arg {
 impl From<f32> for Arg {
     fn from(v: f32) -> Self {
         Arg::F32(v)
+    }
+}
+impl From<f64> for Arg {
+    fn from(v: f64) -> Self {
+        Arg::F64(v)
     }
 }
 
@@ -329,6 +356,7 @@ impl Runtime {
                 Arg::U64(v) => builder.arg(v),
                 Arg::I32(v) => builder.arg(v),
                 Arg::F32(v) => builder.arg(v),
+                Arg::F64(v) => builder.arg(v),
             };
         }
         // SAFETY: see above; pointers come from live buffers of the sizes the kernel

@@ -161,3 +161,60 @@ loss_sums_add(double* sums, const float* row_loss, const int* row_flag, int rows
         sums[2] += s_correct[0];
     }
 }
+
+// argmax_rows: out[r] = the index of row r's largest value, the first of equal ones, as
+// the host's argmax (a fold that keeps the first value no later one exceeds): a NaN at
+// index 0 is the answer, other NaNs are passed over. Greedy decoding's next tokens, so
+// that only they come to the host. One block per row (grid-strided over the rows),
+// blockDim.x a power of two, at most 1024.
+namespace tl_ce {
+
+template <typename T>
+__device__ void argmax_rows(unsigned* out, const T* x, int rows, int cols) {
+    __shared__ float s_val[1024];
+    __shared__ int s_idx[1024];
+    constexpr int NONE = 0x7fffffff;
+    for (int row = blockIdx.x; row < rows; row += gridDim.x) {
+        const T* r = x + (size_t)row * cols;
+        // this thread's values in increasing index order: the first largest
+        float m = -INFINITY;
+        int arg = NONE;
+        for (int j = threadIdx.x; j < cols; j += blockDim.x) {
+            const float v = tl::load_f32(r + j);
+            if (v > m || (v == m && arg == NONE)) {
+                m = v;
+                arg = j;
+            }
+        }
+        __syncthreads();  // the previous row's merge has read the scratch
+        s_val[threadIdx.x] = m;
+        s_idx[threadIdx.x] = arg;
+        __syncthreads();
+        for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+            if ((int)threadIdx.x < stride) {
+                const float vo = s_val[threadIdx.x + stride];
+                const int io = s_idx[threadIdx.x + stride];
+                if (vo > s_val[threadIdx.x] || (vo == s_val[threadIdx.x] && io < s_idx[threadIdx.x])) {
+                    s_val[threadIdx.x] = vo;
+                    s_idx[threadIdx.x] = io;
+                }
+            }
+            __syncthreads();
+        }
+        if (threadIdx.x == 0) {
+            const float first = tl::load_f32(r);
+            out[row] = (first != first || s_idx[0] == NONE) ? 0u : (unsigned)s_idx[0];
+        }
+    }
+}
+
+}  // namespace tl_ce
+
+extern "C" __global__ void __launch_bounds__(1024)
+argmax_rows_f32(unsigned* out, const float* x, int rows, int cols) {
+    tl_ce::argmax_rows(out, x, rows, cols);
+}
+extern "C" __global__ void __launch_bounds__(1024)
+argmax_rows_bf16(unsigned* out, const __nv_bfloat16* x, int rows, int cols) {
+    tl_ce::argmax_rows(out, x, rows, cols);
+}

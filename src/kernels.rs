@@ -69,6 +69,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "cross_entropy_f32",
     "cross_entropy_bf16",
     "loss_sums_add",
+    "argmax_rows_f32",
+    "argmax_rows_bf16",
     // kernels/embedding.cu
     "embedding_fwd_f32",
     "embedding_fwd_bf16",

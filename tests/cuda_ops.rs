@@ -23,8 +23,8 @@ use tuneloop::ops::backend::{select, AnyBackend, BackendKind};
 use tuneloop::ops::cpu::{CpuOps, CpuTensor};
 use tuneloop::ops::cuda::{CudaOps, CudaTensor, DType};
 use tuneloop::ops::{
-    clip_scale, AdamWParams, AttnLayout, AttnShape, Dropout, GradScale, HostWeight, InputGrad, LinearGradRef,
-    LoraGradRef, LoraRef, Ops, SeqSpan,
+    argmax, clip_scale, AdamWParams, AttnLayout, AttnShape, Dropout, GradScale, HostWeight, InputGrad,
+    LinearGradRef, LoraGradRef, LoraRef, Ops, SeqSpan,
 };
 
 /// The f32 mode's tolerance, and that of f32-only ops in either mode.
@@ -820,6 +820,32 @@ fn cross_entropy(dtype: DType) {
         let (g2, g2_dlogits) = p.gpu.cross_entropy(&lg2, &targets, None).unwrap();
         assert_eq!(g2.n_correct, g2.n_counted);
         assert!(g2_dlogits.is_none());
+        // each row's argmax on the device, as the host's (bf16 values tie often), in the
+        // activation type and in f32
+        for (host, dev) in [(p.download_cpu(&lc), &lg), (data, &lg2)] {
+            let want: Vec<u32> = host.chunks(v).map(|r| argmax(r) as u32).collect();
+            poison_pool(&p);
+            assert_eq!(p.gpu.argmax_rows(dev).unwrap(), want, "argmax_rows n {n} v {v} {:?}", dev.dtype());
+        }
+    }
+    // ties, NaNs, infinities and signed zeros, as the host's fold takes them
+    let w = 1000;
+    let mut rows = vec![vec![0.5f32; w]; 8];
+    (rows[1][3], rows[1][900]) = (2.0, 2.0);
+    (rows[2][0], rows[2][10]) = (f32::NAN, 3.0);
+    (rows[3][5], rows[3][700]) = (f32::NAN, 3.0);
+    rows[4] = vec![f32::NEG_INFINITY; w];
+    rows[5][999] = f32::INFINITY;
+    rows[6] = vec![-1.0; w];
+    (rows[6][1], rows[6][2]) = (0.0, -0.0);
+    rows[7] = vec![f32::NAN; w];
+    let want: Vec<u32> = rows.iter().map(|r| argmax(r) as u32).collect();
+    assert_eq!(want, [0, 3, 0, 700, 0, 999, 1, 0]);
+    let flat = rows.concat();
+    assert_eq!(p.cpu.argmax_rows(&p.cpu.upload(&flat, &[8, w]).unwrap()).unwrap(), want);
+    for t in [p.act(&flat, &[8, w]), p.gpu.upload(&flat, &[8, w]).unwrap()] {
+        poison_pool(&p);
+        assert_eq!(p.gpu.argmax_rows(&t).unwrap(), want, "special rows {:?}", t.dtype());
     }
     let (c, g) = (p.cpu.read_loss(&c_sums).unwrap(), p.gpu.read_loss(&g_sums).unwrap());
     assert_eq!((g.n_counted, g.n_correct), (c.n_counted, c.n_correct), "running sums");

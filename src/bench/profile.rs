@@ -350,6 +350,10 @@ impl<O: Ops> Ops for Profiled<'_, O> {
         self.run("cross_entropy", || self.inner.cross_entropy_into(logits, targets, grad_scale, sums))
     }
 
+    fn argmax_rows(&self, x: &Self::Tensor) -> Result<Vec<u32>> {
+        self.run("argmax_rows", || self.inner.argmax_rows(x))
+    }
+
     fn loss_sums(&self) -> Result<Self::LossSums> {
         self.inner.loss_sums()
     }

@@ -6,6 +6,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::decoder::{Decoder, StepInputs};
+pub use crate::ops::argmax;
 use crate::ops::{AttnLayout, Ops, SeqSpan};
 
 /// Per layer, keys and values of `n_seqs` sequences of up to `cap` tokens each:
@@ -113,16 +114,26 @@ impl<'a, O: Ops> Decoder<'a, O> {
         for _ in 0..max_new {
             let logits = self.extend(&mut cache, &feed, true)?;
             let v = self.model.cfg.vocab_size;
-            let host = self.ops.download(&logits)?;
-            let mut rows = host.chunks(v);
+            // greedy: each row's argmax where the logits are, only the tokens come over
+            let greedy = sampling.temperature <= 0.0;
+            let (host, tokens) = if greedy {
+                (vec![], self.ops.argmax_rows(&logits)?)
+            } else {
+                (self.ops.download(&logits)?, vec![])
+            };
+            let (mut rows, mut tokens) = (host.chunks(v), tokens.into_iter());
             for b in 0..prompts.len() {
                 let was_fed = !feed[b].is_empty();
                 feed[b].clear();
                 if done[b] || !was_fed {
                     continue;
                 }
-                let Some(row) = rows.next() else { break };
-                let next = sampling.pick(row, &mut rngs[b]) as u32;
+                let next = if greedy {
+                    tokens.next()
+                } else {
+                    rows.next().map(|row| sampling.pick(row, &mut rngs[b]) as u32)
+                };
+                let Some(next) = next else { break };
                 out[b].push(next);
                 if eos.contains(&next) {
                     done[b] = true;
@@ -190,17 +201,6 @@ impl Sampling {
         }
         idx[idx.len() - 1]
     }
-}
-
-/// Index of the largest value; the first one on ties, as `torch.argmax`.
-pub fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in row.iter().enumerate() {
-        if x > row[best] {
-            best = i;
-        }
-    }
-    best
 }
 
 #[cfg(test)]

@@ -237,6 +237,18 @@ impl GradScale<'_, ClipStats> {
     }
 }
 
+/// Index of the largest value; the first one on ties, as `torch.argmax`. A NaN is
+/// passed over unless it comes first.
+pub fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
 /// The gradients' global L2 norm and the clip's coefficient for it, on the host.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ClipStats {
@@ -490,6 +502,13 @@ pub trait Ops {
         grad_scale: Option<f32>,
         sums: &mut Self::LossSums,
     ) -> Result<Option<Self::Tensor>>;
+    /// [`argmax`] of every row of `x` `[N, V]`, on the host: greedy decoding's next
+    /// tokens, without bringing the `[N, V]` logits over.
+    fn argmax_rows(&self, x: &Self::Tensor) -> Result<Vec<u32>> {
+        let width = self.shape(x).last().copied().unwrap_or(0);
+        anyhow::ensure!(width > 0, "argmax_rows: rows without values");
+        Ok(self.download(x)?.chunks(width).map(|r| argmax(r) as u32).collect())
+    }
     /// Zeroed loss sums for [`Ops::cross_entropy_into`].
     fn loss_sums(&self) -> Result<Self::LossSums>;
     /// What `sums` holds, on the host (waits for the work queued so far).

@@ -1626,6 +1626,30 @@ impl Ops for CudaOps {
         Ok(dlogits)
     }
 
+    fn argmax_rows(&self, x: &CudaTensor) -> Result<Vec<u32>> {
+        let _range = crate::profiling::range(c"argmax_rows");
+        let (n, v) = x.rows_cols();
+        ensure!(v > 0, "argmax_rows: rows without values");
+        if n == 0 {
+            return Ok(vec![]);
+        }
+        let x = self.dense(x)?;
+        // SAFETY: u32 has no invalid bit patterns; the kernel writes every row.
+        let out = unsafe { self.rt.stream.alloc::<u32>(n) }.context("CUDA allocation")?;
+        let cfg = LaunchConfig {
+            grid_dim: (n.min(65_535) as u32, 1, 1),
+            block_dim: (if v >= 8192 { 1024 } else { BLOCK }, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let kernel = format!("argmax_rows_{}", x.dtype().suffix());
+        self.rt.launch(
+            &kernel,
+            cfg,
+            args![self.rt.ptr(&out), self.ptr(&x), int(n, "rows")?, int(v, "columns")?],
+        )?;
+        self.rt.download(&out)
+    }
+
     fn loss_sums(&self) -> Result<LossSums> {
         Ok(LossSums(self.rt.stream.alloc_zeros::<f64>(3).context("CUDA allocation")?))
     }

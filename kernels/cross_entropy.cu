@@ -1,6 +1,6 @@
 // Token cross-entropy with PyTorch's ignore_index = -100, fused with its gradient.
 //
-// One block per row (grid = rows, blockDim.x a multiple of 32, <= 1024). The row is read
+// One block per row (grid = rows, blockDim.x a power of two, <= 1024). The row is read
 // in chunks with an online max/sum (each thread keeps its own running max and the sum
 // rescaled to it; the block then merges them), so any vocabulary size works, 128k
 // included, without holding the row in shared memory.
@@ -24,6 +24,28 @@
 namespace tl_ce {
 
 constexpr int IGNORE_INDEX = -100;
+
+// The block's largest of the threads' (value, index) pairs, the lowest index among equal
+// values, into s_val[0] and s_idx[0] (shared scratch of blockDim.x each, a power of two).
+// It waits for every thread first, so the scratch may hold what the last call left.
+__device__ void block_argmax(float m, int arg, float* s_val, int* s_idx) {
+    __syncthreads();
+    s_val[threadIdx.x] = m;
+    s_idx[threadIdx.x] = arg;
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+        if ((int)threadIdx.x < stride) {
+            const float vo = s_val[threadIdx.x + stride];
+            const int io = s_idx[threadIdx.x + stride];
+            const float vm = s_val[threadIdx.x];
+            if (vo > vm || (vo == vm && io < s_idx[threadIdx.x])) {
+                s_val[threadIdx.x] = vo;
+                s_idx[threadIdx.x] = io;
+            }
+        }
+        __syncthreads();
+    }
+}
 
 // V = 8 values a thread at a time (16-byte loads and stores) or 1; s_val, s_idx: shared
 // scratch of blockDim.x each.
@@ -63,22 +85,7 @@ __device__ void ce_v(float* row_loss, int* row_flag, T* dlogits, const T* logits
             }
         }
         // merge: block max, then argmax with the lowest index among equal maxima
-        __syncthreads();
-        s_val[threadIdx.x] = m;
-        s_idx[threadIdx.x] = arg;
-        __syncthreads();
-        for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
-            if ((int)threadIdx.x < stride) {
-                const float vo = s_val[threadIdx.x + stride];
-                const int io = s_idx[threadIdx.x + stride];
-                const float vm = s_val[threadIdx.x];
-                if (vo > vm || (vo == vm && io < s_idx[threadIdx.x])) {
-                    s_val[threadIdx.x] = vo;
-                    s_idx[threadIdx.x] = io;
-                }
-            }
-            __syncthreads();
-        }
+        block_argmax(m, arg, s_val, s_idx);
         const float row_max = s_val[0];
         const int row_arg = s_idx[0];
         const float scaled = m == -INFINITY ? 0.0f : s * expf(m - row_max);
@@ -186,21 +193,7 @@ __device__ void argmax_rows(unsigned* out, const T* x, int rows, int cols) {
                 arg = j;
             }
         }
-        __syncthreads();  // the previous row's merge has read the scratch
-        s_val[threadIdx.x] = m;
-        s_idx[threadIdx.x] = arg;
-        __syncthreads();
-        for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
-            if ((int)threadIdx.x < stride) {
-                const float vo = s_val[threadIdx.x + stride];
-                const int io = s_idx[threadIdx.x + stride];
-                if (vo > s_val[threadIdx.x] || (vo == s_val[threadIdx.x] && io < s_idx[threadIdx.x])) {
-                    s_val[threadIdx.x] = vo;
-                    s_idx[threadIdx.x] = io;
-                }
-            }
-            __syncthreads();
-        }
+        block_argmax(m, arg, s_val, s_idx);
         if (threadIdx.x == 0) {
             const float first = tl::load_f32(r);
             out[row] = (first != first || s_idx[0] == NONE) ? 0u : (unsigned)s_idx[0];

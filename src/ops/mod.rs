@@ -237,18 +237,6 @@ impl GradScale<'_, ClipStats> {
     }
 }
 
-/// Index of the largest value; the first one on ties, as `torch.argmax`. A NaN is
-/// passed over unless it comes first.
-pub fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in row.iter().enumerate() {
-        if x > row[best] {
-            best = i;
-        }
-    }
-    best
-}
-
 /// The gradients' global L2 norm and the clip's coefficient for it, on the host.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ClipStats {
@@ -691,6 +679,18 @@ impl LossStats {
         self.n_counted += other.n_counted;
         self.n_correct += other.n_correct;
     }
+}
+
+/// Index of the largest value; the first one on ties, as `torch.argmax`. A NaN is
+/// passed over unless it comes first.
+pub fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best
 }
 
 #[cfg(test)]

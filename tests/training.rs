@@ -152,6 +152,22 @@ fn adamw_steps_from_a_fresh_adapter_lower_the_loss() {
     }
     assert!(clipped > 0, "no step was clipped: the test shows nothing about the clip");
     assert!(losses[7] < losses[0] - 0.05, "loss should fall: {losses:?}");
+
+    // a NaN in one gradient: its norm is NaN, and a clipped step leaves the adapter and
+    // the moments as they were (an unclipped one would spread the NaN)
+    let mut grads = adapter.zeros_like(&ops, &model.cfg).unwrap();
+    forward_backward(&Decoder::new(&ops, &model, Some(&adapter)), &batch, Some(&mut grads), None).unwrap();
+    grads.tensors_mut()[3].data[1] = f32::NAN;
+    let clip = grad_clip(&ops, &grads, Some(1.0)).unwrap();
+    assert!(clip.norm.is_nan(), "norm {}", clip.norm);
+    let bits = |a: &Adapter<CpuTensor>| {
+        a.named().into_iter().flat_map(|(_, t)| t.data.iter().map(|x| x.to_bits())).collect::<Vec<_>>()
+    };
+    let before = (bits(&adapter), bits(&opt.m), bits(&opt.v));
+    opt.update(&ops, &mut adapter, &grads, hp.lr, GradScale::Clip(&clip)).unwrap();
+    assert!((bits(&adapter), bits(&opt.m), bits(&opt.v)) == before, "a NaN gradient changed the adapter");
+    opt.update(&ops, &mut adapter, &grads, hp.lr, GradScale::By(1.0)).unwrap();
+    assert!(adapter.named().iter().any(|(_, t)| t.data.iter().any(|x| x.is_nan())), "unclipped: no NaN");
 }
 
 #[test]

@@ -57,6 +57,11 @@ fn flat<T: Trainable<CpuTensor>>(p: &T) -> Vec<f32> {
     p.named().into_iter().flat_map(|(_, t)| CpuOps.download(t).unwrap()).collect()
 }
 
+/// Zeroed loss sums.
+fn sums() -> tuneloop::ops::LossStats {
+    CpuOps.loss_sums().unwrap()
+}
+
 /// The golden model with the golden adapter (non-zero B, so every LoRA tensor has a gradient).
 fn model_and_adapter() -> (Model<CpuTensor>, Adapter<CpuTensor>) {
     let case = common::golden("llama-gqa");
@@ -86,10 +91,19 @@ where
                 s.spawn(move || {
                     let group = TcpGroup::join(&env(r, world, port)).unwrap();
                     let mut grads = params.zeros(&CpuOps).unwrap();
-                    let st =
-                        global_batch_gradients(&CpuOps, frozen, params, micro, &mut grads, dropout, &group)
-                            .unwrap();
-                    (flat(&grads), st.loss_sum, st.tokens)
+                    let mut losses = CpuOps.loss_sums().unwrap();
+                    let st = global_batch_gradients(
+                        &CpuOps,
+                        frozen,
+                        params,
+                        micro,
+                        &mut grads,
+                        dropout,
+                        &group,
+                        &mut losses,
+                    )
+                    .unwrap();
+                    (flat(&grads), st.loss_sum.expect("summed over the ranks"), st.tokens)
                 })
             })
             .collect();
@@ -102,8 +116,13 @@ fn ranks_summed_shares_equal_one_process_over_the_global_batch() {
     let (model, adapter) = model_and_adapter();
     let micro = micro_batches(8, model.cfg.vocab_size);
     let mut grads = adapter.zeros(&CpuOps).unwrap();
+    let mut losses = CpuOps.loss_sums().unwrap();
     let one =
-        global_batch_gradients(&CpuOps, &model, &adapter, &micro, &mut grads, dropout, &Single).unwrap();
+        global_batch_gradients(&CpuOps, &model, &adapter, &micro, &mut grads, dropout, &Single, &mut losses)
+            .unwrap();
+    // one rank: the loss stays in the sums, unread
+    assert_eq!(one.loss_sum, None);
+    let one_loss = CpuOps.read_loss(&losses).unwrap().loss_sum;
     let want = flat(&grads);
     assert!(want.iter().any(|&g| g != 0.0));
     for world in [2, 4] {
@@ -112,13 +131,14 @@ fn ranks_summed_shares_equal_one_process_over_the_global_batch() {
         {
             let e = rel_l2(&got, &want);
             assert!(e < 1e-6, "world {world}, rank {rank}: gradient off by {e:.2e}");
-            assert!((loss_sum - one.loss_sum).abs() <= 1e-9 * one.loss_sum.abs(), "world {world}: loss sum");
+            assert!((loss_sum - one_loss).abs() <= 1e-9 * one_loss.abs(), "world {world}: loss sum");
             assert_eq!(tokens, one.tokens);
         }
     }
     // full fine-tuning: the model's own gradients
     let mut grads = model.zeros(&CpuOps).unwrap();
-    global_batch_gradients(&CpuOps, &(), &model, &micro[..4], &mut grads, |_, _| {}, &Single).unwrap();
+    global_batch_gradients(&CpuOps, &(), &model, &micro[..4], &mut grads, |_, _| {}, &Single, &mut sums())
+        .unwrap();
     let want = flat(&grads);
     for (got, _, _) in ranks_gradients(&(), &model, &micro[..4], 2) {
         let e = rel_l2(&got, &want);
@@ -173,7 +193,17 @@ fn layer_buckets_start_in_order_once_final() {
     for (n, rank, world) in [(3, 1, 2), (3, 0, 2), (1, 0, 2)] {
         let group = Recording { rank, world, buckets: Default::default(), rest: Default::default() };
         let mut grads = adapter.zeros(&CpuOps).unwrap();
-        global_batch_gradients(&CpuOps, &model, &adapter, &micro[..n], &mut grads, dropout, &group).unwrap();
+        global_batch_gradients(
+            &CpuOps,
+            &model,
+            &adapter,
+            &micro[..n],
+            &mut grads,
+            dropout,
+            &group,
+            &mut sums(),
+        )
+        .unwrap();
         let buckets = group.buckets.into_inner();
         assert_eq!(buckets.len(), layers, "one bucket a layer");
         let g = grads.as_grads();
@@ -193,7 +223,8 @@ fn layer_buckets_start_in_order_once_final() {
     // full fine-tuning: the layers in buckets, embedding, final norm and lm_head at the end
     let group = Recording { rank: 0, world: 1, buckets: Default::default(), rest: Default::default() };
     let mut grads = model.zeros(&CpuOps).unwrap();
-    global_batch_gradients(&CpuOps, &(), &model, &micro[..1], &mut grads, |_, _| {}, &group).unwrap();
+    global_batch_gradients(&CpuOps, &(), &model, &micro[..1], &mut grads, |_, _| {}, &group, &mut sums())
+        .unwrap();
     assert_eq!(group.buckets.borrow().len(), layers);
     assert_eq!(group.rest.get(), 2 + model.lm_head.is_some() as usize);
 }

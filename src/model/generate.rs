@@ -103,7 +103,6 @@ impl<'a, O: Ops> Decoder<'a, O> {
         let cap = prompts.iter().map(Vec::len).max().unwrap_or(0) + max_new;
         let mut cache = KvCache::new(self, prompts.len(), cap)?;
         let mut out: Vec<Vec<u32>> = prompts.to_vec();
-        let mut done = vec![false; prompts.len()];
         let mut feed: Vec<Vec<u32>> = prompts.to_vec();
         // one generator per sequence: a sequence's samples do not depend on its batch
         let mut rngs: Vec<ChaCha8Rng> = (0..prompts.len())
@@ -113,35 +112,26 @@ impl<'a, O: Ops> Decoder<'a, O> {
             .collect();
         for _ in 0..max_new {
             let logits = self.extend(&mut cache, &feed, true)?;
-            let v = self.model.cfg.vocab_size;
-            // greedy: each row's argmax where the logits are, only the tokens come over
-            let greedy = sampling.temperature <= 0.0;
-            let (host, tokens) = if greedy {
-                (vec![], self.ops.argmax_rows(&logits)?)
+            // the sequences that were fed this step, one logits row each, in order
+            let fed: Vec<usize> = (0..feed.len()).filter(|&b| !feed[b].is_empty()).collect();
+            let next: Vec<u32> = if sampling.temperature <= 0.0 {
+                // greedy: each row's argmax where the logits are, only the tokens come over
+                self.ops.argmax_rows(&logits)?
             } else {
-                (self.ops.download(&logits)?, vec![])
+                let host = self.ops.download(&logits)?;
+                let rows = host.chunks(self.model.cfg.vocab_size);
+                rows.zip(&fed).map(|(row, &b)| sampling.pick(row, &mut rngs[b]) as u32).collect()
             };
-            let (mut rows, mut tokens) = (host.chunks(v), tokens.into_iter());
-            for b in 0..prompts.len() {
-                let was_fed = !feed[b].is_empty();
+            ensure!(next.len() == fed.len(), "{} next tokens for {} sequences", next.len(), fed.len());
+            for (&b, &tok) in fed.iter().zip(&next) {
+                out[b].push(tok);
                 feed[b].clear();
-                if done[b] || !was_fed {
-                    continue;
-                }
-                let next = if greedy {
-                    tokens.next()
-                } else {
-                    rows.next().map(|row| sampling.pick(row, &mut rngs[b]) as u32)
-                };
-                let Some(next) = next else { break };
-                out[b].push(next);
-                if eos.contains(&next) {
-                    done[b] = true;
-                } else {
-                    feed[b].push(next);
+                // a sequence that reached a stop token is fed no more
+                if !eos.contains(&tok) {
+                    feed[b].push(tok);
                 }
             }
-            if done.iter().all(|&d| d) {
+            if feed.iter().all(Vec::is_empty) {
                 break;
             }
         }

@@ -72,10 +72,9 @@ fn select<X>(v: Vec<X>, flags: &[bool], want: bool) -> Vec<X> {
     v.into_iter().zip(flags).filter(|(_, &f)| f == want).map(|(x, _)| x).collect()
 }
 
-/// Global L2 norm of all gradients.
+/// Global L2 norm of all gradients, read at once ([`grad_clip`] without a clip).
 pub fn grad_norm<O: Ops, P: Trainable<O::Tensor>>(ops: &O, grads: &P) -> Result<f64> {
-    let ts: Vec<&O::Tensor> = grads.named().into_iter().map(|(_, t)| t).collect();
-    Ok(ops.sum_squares(&ts)?.sqrt())
+    Ok(ops.read_clip(&grad_clip(ops, grads, None)?)?.norm)
 }
 
 /// [`Ops::grad_clip`] of all gradients: their norm and the clip's coefficient, queued.

@@ -145,8 +145,10 @@ pub fn shard(n: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
 /// What one global batch came to, summed over the ranks.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BatchStats {
-    /// Sum of the trained tokens' losses.
-    pub loss_sum: f64,
+    /// Sum of the trained tokens' losses over the ranks, where there is more than one
+    /// (read from the losses and summed with the gradients). `None` with one rank: the
+    /// sum stays in the losses on the device, unread, so that nothing waits for it.
+    pub loss_sum: Option<f64>,
     /// Trained tokens (the mean's denominator).
     pub n_targets: usize,
     /// Tokens run through the model.
@@ -169,30 +171,11 @@ pub struct BatchStats {
 /// below, where the collective can), then the rest. One process (`Single`) running
 /// every micro-batch gets the same gradient up to the order of the additions.
 /// `prepare(i, decoder)` sets micro-batch `i`'s LoRA dropout (keyed by its place in the
-/// global batch, so it does not depend on the ranks) and activation recompute.
-pub fn global_batch_gradients<O: Ops, P: Trainable<O::Tensor>>(
-    ops: &O,
-    frozen: &P::Frozen,
-    params: &P,
-    micro: &[TokenBatch],
-    grads: &mut P,
-    prepare: impl Fn(usize, &mut Decoder<'_, O>),
-    dist: &dyn Collective<O>,
-) -> Result<BatchStats> {
-    let mut losses = ops.loss_sums()?;
-    let mut stats = queue_global_batch(ops, frozen, params, micro, grads, prepare, dist, &mut losses)?;
-    if dist.world_size() == 1 {
-        stats.loss_sum = ops.read_loss(&losses)?.loss_sum;
-    }
-    Ok(stats)
-}
-
-/// [`global_batch_gradients`], its losses added into `losses`. Over more than one rank
-/// the loss sum is read and summed over the ranks with the gradients; with one it is left
-/// in `losses` unread (`loss_sum` 0), so that nothing waits for the device: the caller
-/// reads it with the step's other values.
+/// global batch, so it does not depend on the ranks) and activation recompute. This
+/// rank's losses are added into `losses` ([`BatchStats::loss_sum`] says when they are
+/// read).
 #[allow(clippy::too_many_arguments)]
-fn queue_global_batch<O: Ops, P: Trainable<O::Tensor>>(
+pub fn global_batch_gradients<O: Ops, P: Trainable<O::Tensor>>(
     ops: &O,
     frozen: &P::Frozen,
     params: &P,
@@ -234,7 +217,8 @@ fn queue_global_batch<O: Ops, P: Trainable<O::Tensor>>(
             start(l, &g)?;
         }
     }
-    if dist.world_size() > 1 {
+    let exchanged = dist.world_size() > 1;
+    if exchanged {
         host[0] = ops.read_loss(losses)?.loss_sum;
     }
     host[2] = f64::from(u8::from(crate::interrupt::requested()));
@@ -247,7 +231,7 @@ fn queue_global_batch<O: Ops, P: Trainable<O::Tensor>>(
     drop(reduce);
     let reduce_s = t0.elapsed().as_secs_f64();
     Ok(BatchStats {
-        loss_sum: host[0],
+        loss_sum: exchanged.then_some(host[0]),
         n_targets: denom,
         tokens: host[1] as usize,
         reduced_values,
@@ -471,7 +455,8 @@ pub fn train_data_parallel<O: Ops, P: Trainable<O::Tensor>>(
             dec.recompute = cfg.recompute;
         };
         let mut losses = ops.loss_sums()?;
-        let stats = queue_global_batch(ops, frozen, &params, &micro, &mut grads, prepare, dist, &mut losses)?;
+        let stats =
+            global_batch_gradients(ops, frozen, &params, &micro, &mut grads, prepare, dist, &mut losses)?;
         let tokens = stats.tokens;
         if root && dist.kind() != "single" && (state.step + 1) % 50 == 1 {
             say(format!(
@@ -502,8 +487,7 @@ pub fn train_data_parallel<O: Ops, P: Trainable<O::Tensor>>(
         opt.update(ops, &mut params, &grads, lr as f32, GradScale::Clip(&clip))?;
         drop(opt_range);
         let (step_loss, ClipStats { norm: gnorm, .. }) = ops.read_step(&losses, &clip)?;
-        let loss_sum = if dist.world_size() > 1 { stats.loss_sum } else { step_loss.loss_sum };
-        let loss = loss_sum / stats.n_targets.max(1) as f64;
+        let loss = stats.loss_sum.unwrap_or(step_loss.loss_sum) / stats.n_targets.max(1) as f64;
         if !loss.is_finite() || !gnorm.is_finite() {
             bail!(
                 "loss is {loss} and the gradient norm {gnorm} at step {}: stopping without saving it \

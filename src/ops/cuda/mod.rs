@@ -687,6 +687,16 @@ fn positions_by_id(ids: &[u32]) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
     (uniq, start, pos)
 }
 
+/// A launch of one block a row (grid-strided past 65,535 rows) over `n` rows of `v`
+/// values: 1024 threads on rows of 8192 values or more (a vocabulary), else 256.
+fn block_per_row(n: usize, v: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.min(65_535) as u32, 1, 1),
+        block_dim: (if v >= 8192 { 1024 } else { BLOCK }, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// What a [`LossSums`]' three values on the host say.
 fn loss_stats(s: &[f64]) -> LossStats {
     LossStats { loss_sum: s[0], n_counted: s[1] as usize, n_correct: s[2] as usize }
@@ -1596,14 +1606,9 @@ impl Ops for CudaOps {
         // SAFETY: i32 has no invalid bit patterns; the kernel writes every row.
         let row_flag = unsafe { self.rt.stream.alloc::<i32>(n) }.context("CUDA allocation")?;
         let targets_dev = self.upload_i32(&t32)?;
-        let cfg = LaunchConfig {
-            grid_dim: (n.min(65_535) as u32, 1, 1),
-            block_dim: (if v >= 8192 { 1024 } else { BLOCK }, 1, 1),
-            shared_mem_bytes: 0,
-        };
         self.rt.launch(
             &self.kernel("cross_entropy"),
-            cfg,
+            block_per_row(n, v),
             args![
                 self.ptr(&row_loss),
                 self.rt.ptr(&row_flag),
@@ -1636,15 +1641,10 @@ impl Ops for CudaOps {
         let x = self.dense(x)?;
         // SAFETY: u32 has no invalid bit patterns; the kernel writes every row.
         let out = unsafe { self.rt.stream.alloc::<u32>(n) }.context("CUDA allocation")?;
-        let cfg = LaunchConfig {
-            grid_dim: (n.min(65_535) as u32, 1, 1),
-            block_dim: (if v >= 8192 { 1024 } else { BLOCK }, 1, 1),
-            shared_mem_bytes: 0,
-        };
         let kernel = format!("argmax_rows_{}", x.dtype().suffix());
         self.rt.launch(
             &kernel,
-            cfg,
+            block_per_row(n, v),
             args![self.rt.ptr(&out), self.ptr(&x), int(n, "rows")?, int(v, "columns")?],
         )?;
         self.rt.download(&out)
@@ -1845,8 +1845,10 @@ impl CudaOps {
     fn norm_of(&self, ts: &[&CudaTensor], max_norm: Option<f64>) -> Result<GradClip> {
         let blocks: Vec<usize> = ts.iter().map(|t| t.numel().div_ceil(BLOCK as usize).min(1024)).collect();
         let total: usize = blocks.iter().sum();
-        let out = self.rt.stream.alloc_zeros::<f64>(3).context("CUDA allocation")?;
-        let partial = self.rt.stream.alloc_zeros::<f64>(total.max(1)).context("CUDA allocation")?;
+        // SAFETY: f64 has no invalid bit patterns; sum_squares_multi writes every partial
+        // (each block its own) and clip_norm every value of `out`.
+        let out = unsafe { self.rt.stream.alloc::<f64>(3) }.context("CUDA allocation")?;
+        let partial = unsafe { self.rt.stream.alloc::<f64>(total.max(1)) }.context("CUDA allocation")?;
         if total > 0 {
             // one launch for all the tensors, each with its own blocks
             let mut desc = Vec::with_capacity(ts.len() * 5);

@@ -68,9 +68,30 @@ fn resume_after_a_stop_is_bit_exact() {
         train(&CpuOps, &model, fresh_adapter(&model), &tr, &va, &common::train_config(dir.path()), false);
     assert!(format!("{:#}", again.err().expect("must refuse")).contains("--resume"));
 
+    // The resumed run keeps the lines before its checkpoint byte for byte, and reads
+    // their numbers exactly: this throughput is one that a parse to the nearest double
+    // but one (serde_json without `float_roundtrip`) changes.
+    let metrics = dir.path().join("metrics.jsonl");
+    let lines: Vec<String> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            if v["step"] == 1 {
+                v["tokens_per_s"] = serde_json::json!(98999.51327998887_f64);
+            }
+            v.to_string() + "\n"
+        })
+        .collect();
+    assert_eq!(lines.len(), 4, "step 0's validation and 3 steps");
+    std::fs::write(&metrics, lines.concat()).unwrap();
+
     let cfg = common::train_config(dir.path());
     let (resumed, outcome) = train(&CpuOps, &model, fresh_adapter(&model), &tr, &va, &cfg, true).unwrap();
     assert_eq!(outcome.steps, 6);
+    assert!(std::fs::read_to_string(&metrics).unwrap().starts_with(&lines.concat()));
+    let step1 = outcome.history.iter().find(|m| m.step == 1).unwrap();
+    assert_eq!(step1.tokens_per_s.map(f64::to_bits), Some(98999.51327998887_f64.to_bits()));
     assert_eq!(
         adapter_bytes(&resumed),
         adapter_bytes(&full),

@@ -248,32 +248,26 @@ struct MetricsLog {
 
 impl MetricsLog {
     /// Opens `metrics.jsonl`, keeping only lines up to `upto` steps (a resumed run
-    /// redoes what came after its checkpoint). With `write` false, reads it only.
+    /// redoes what came after its checkpoint). The lines kept are written back as they
+    /// were, byte for byte. With `write` false, reads it only.
     fn open(dir: &Path, upto: usize, write: bool) -> Result<Self> {
         let path = dir.join("metrics.jsonl");
-        let mut history = Vec::new();
+        let (mut history, mut kept) = (Vec::new(), String::new());
         if let Ok(text) = std::fs::read_to_string(&path) {
-            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
                 let m: Metrics = serde_json::from_str(line)
-                    .with_context(|| format!("{}: bad line {line}", path.display()))?;
+                    .with_context(|| format!("{}:{}: bad line {line}", path.display(), i + 1))?;
                 if m.step <= upto {
                     history.push(m);
+                    kept.push_str(line);
+                    kept.push('\n');
                 }
             }
         }
-        let log = Self { path: write.then_some(path), history };
-        log.rewrite()?;
-        Ok(log)
-    }
-
-    fn rewrite(&self) -> Result<()> {
-        let Some(path) = &self.path else { return Ok(()) };
-        let mut buf = Vec::new();
-        for m in &self.history {
-            serde_json::to_writer(&mut buf, m)?;
-            buf.push(b'\n');
+        if write {
+            crate::util::atomic_write(&path, kept.as_bytes())?;
         }
-        crate::util::atomic_write(path, &buf)
+        Ok(Self { path: write.then_some(path), history })
     }
 
     fn push(&mut self, m: Metrics) -> Result<()> {

@@ -73,7 +73,7 @@ namespace tl_adamw {
 // blockDim.x, plus the thread).
 template <typename T>
 __device__ void sum_squares_partial(double* partial, const T* x, size_t n, unsigned block, unsigned blocks) {
-    __shared__ double s[256];
+    TL_SHARED(double, s, [256]);
     double acc = 0.0;
     for (size_t i = (size_t)block * blockDim.x + threadIdx.x; i < n; i += (size_t)blocks * blockDim.x) {
         const double v = tl::load_f32(x + i);
@@ -118,7 +118,7 @@ sum_squares_multi(double* partial, const SumSquaresTensor* tensors, int n_tensor
 }
 
 extern "C" __global__ void __launch_bounds__(256) clip_norm(double* out, const double* partial, int n, double max_norm) {
-    __shared__ double s[256];
+    TL_SHARED(double, s, [256]);
     double acc = 0.0;
     for (int i = threadIdx.x; i < n; i += blockDim.x) acc += partial[i];
     s[threadIdx.x] = acc;

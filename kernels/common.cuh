@@ -25,6 +25,14 @@
 #define TL_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
 #endif
 
+// Static shared memory, `__shared__ T name dims` (dims `[n]`, `[n][m]`, or empty for one
+// value); a macro so that the emulator can fill it with NaNs before every block, as a
+// GPU's shared memory holds anything when a block starts. Kernels declare their static
+// shared memory with it only (the emulator rejects a bare `__shared__`).
+#ifndef TL_SHARED
+#define TL_SHARED(T, name, dims) __shared__ T name dims
+#endif
+
 namespace tl {
 
 constexpr unsigned FULL_MASK = 0xffffffffu;
@@ -151,8 +159,8 @@ __device__ __forceinline__ float warp_reduce_max(float v) {
 // Safe to call repeatedly in a loop: the leading barrier keeps a call from overwriting
 // the scratch while slow threads still read the previous call's result.
 __device__ __forceinline__ float block_reduce_sum(float v) {
-    __shared__ float warp_sums[WARP_SIZE];
-    __shared__ float total;
+    TL_SHARED(float, warp_sums, [WARP_SIZE]);
+    TL_SHARED(float, total, );
     const int lane = threadIdx.x % WARP_SIZE;
     const int warp = threadIdx.x / WARP_SIZE;
     const int num_warps = blockDim.x / WARP_SIZE;
@@ -178,7 +186,7 @@ __device__ __forceinline__ float block_reduce_sum(float v) {
 // order, so the result is deterministic.
 template <typename T>
 __device__ __forceinline__ void col_sum_acc(float* __restrict__ out, const T* __restrict__ in, int rows, int d) {
-    __shared__ float warp_sums[WARP_SIZE][WARP_SIZE];
+    TL_SHARED(float, warp_sums, [WARP_SIZE][WARP_SIZE]);
     const int lane = threadIdx.x % WARP_SIZE;
     const int warp = threadIdx.x / WARP_SIZE;
     const int num_warps = blockDim.x / WARP_SIZE;
@@ -199,8 +207,8 @@ __device__ __forceinline__ void col_sum_acc(float* __restrict__ out, const T* __
 
 // Max over the whole (1-D) block; same contract as block_reduce_sum.
 __device__ __forceinline__ float block_reduce_max(float v) {
-    __shared__ float warp_maxes[WARP_SIZE];
-    __shared__ float result;
+    TL_SHARED(float, warp_maxes, [WARP_SIZE]);
+    TL_SHARED(float, result, );
     const int lane = threadIdx.x % WARP_SIZE;
     const int warp = threadIdx.x / WARP_SIZE;
     const int num_warps = blockDim.x / WARP_SIZE;

@@ -112,8 +112,8 @@ __device__ void ce_v(float* row_loss, int* row_flag, T* dlogits, const T* logits
 template <typename T>
 __device__ void ce(float* row_loss, int* row_flag, T* dlogits, const T* logits, const int* targets, int rows,
                    int vocab, float grad_scale) {
-    __shared__ float s_val[1024];
-    __shared__ int s_idx[1024];
+    TL_SHARED(float, s_val, [1024]);
+    TL_SHARED(int, s_idx, [1024]);
     if (vocab % 8 == 0 && tl::aligned16(logits) && (dlogits == nullptr || tl::aligned16(dlogits))) {
         ce_v<8>(row_loss, row_flag, dlogits, logits, targets, rows, vocab, grad_scale, s_val, s_idx);
     } else {
@@ -138,9 +138,9 @@ constexpr int LOSS_SUMS_THREADS = 256;  // the launcher's LOSS_SUMS_BLOCK
 
 extern "C" __global__ void __launch_bounds__(256)
 loss_sums_add(double* sums, const float* row_loss, const int* row_flag, int rows) {
-    __shared__ double s_loss[LOSS_SUMS_THREADS];
-    __shared__ double s_counted[LOSS_SUMS_THREADS];
-    __shared__ double s_correct[LOSS_SUMS_THREADS];
+    TL_SHARED(double, s_loss, [LOSS_SUMS_THREADS]);
+    TL_SHARED(double, s_counted, [LOSS_SUMS_THREADS]);
+    TL_SHARED(double, s_correct, [LOSS_SUMS_THREADS]);
     double loss = 0.0, counted = 0.0, correct = 0.0;
     for (int r = threadIdx.x; r < rows; r += LOSS_SUMS_THREADS) {
         const int f = row_flag[r];
@@ -178,8 +178,8 @@ namespace tl_ce {
 
 template <typename T>
 __device__ void argmax_rows(unsigned* out, const T* x, int rows, int cols) {
-    __shared__ float s_val[1024];
-    __shared__ int s_idx[1024];
+    TL_SHARED(float, s_val, [1024]);
+    TL_SHARED(int, s_idx, [1024]);
     constexpr int NONE = 0x7fffffff;
     for (int row = blockIdx.x; row < rows; row += gridDim.x) {
         const T* r = x + (size_t)row * cols;

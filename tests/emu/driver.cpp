@@ -16,8 +16,9 @@
 //    poisoned tail after it; reading or writing past that page, or into freed memory,
 //    stops the process with a message naming the kernel, block and thread; a write into
 //    the tail or gap fails the launch (checked after each one) or the free;
-//  * fresh allocations and dynamic shared memory read as NaN (f32 and bf16), so an
-//    output element a kernel forgets to write shows up;
+//  * fresh allocations and shared memory (dynamic, and static through TL_SHARED, at the
+//    start of every block) read as NaN (f32 and bf16), so an output element a kernel
+//    forgets to write, or shared memory read before it is written, shows up;
 //  * copies and memsets stay inside one allocation.
 // Environment: TUNELOOP_EMU_DEVICES=N shows N devices (default 1), all of them this
 // process's one memory, so that one process per GPU can run on one machine;

@@ -16,9 +16,13 @@
 // opens when every non-exited thread of the block has arrived. A block in which neither
 // can ever happen (a barrier in divergent code) fails the launch with a message.
 //
-// `__shared__` variables become function-local statics: one copy, shared by the threads
-// of the one block that runs at a time (the driver serialises launches). Dynamic shared
-// memory is a per-launch buffer filled with NaNs before each block.
+// Static shared memory (`TL_SHARED` in kernels/common.cuh) becomes function-local
+// statics: one copy, shared by the threads of the one block that runs at a time (the
+// driver serialises launches). Each registers itself the first time a thread passes its
+// declaration, and every registered one is filled with NaNs before each block, as the
+// per-launch buffer of dynamic shared memory is: a GPU's shared memory starts a block
+// holding anything, so a kernel that reads it before writing it (or counts on what an
+// earlier block left there) sees NaNs.
 #ifndef TUNELOOP_EMU_SIMT_HPP
 #define TUNELOOP_EMU_SIMT_HPP
 
@@ -159,6 +163,10 @@ void check_aligned(const void* p, unsigned bytes);
 void cp_async_commit();
 // cp.async.wait_group n: waits until at most the n most recent groups are pending.
 void cp_async_wait(int n);
+// Registers a kernel's static shared variable (TL_SHARED), `bytes` at `p`, to be filled
+// with NaNs before every block, and fills it now: the block that first declares it may
+// be well under way. Returns true.
+bool register_shared(void* p, size_t bytes);
 
 template <typename T> inline uint64_t to_bits(T v) {
     static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "warp operand");
@@ -225,7 +233,10 @@ extern const size_t kernel_count;
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+#define __shared__ static_assert(false, "declare static shared memory with TL_SHARED (kernels/common.cuh)");
+#define TL_SHARED(T, name, dims)                                                             \
+    static T name dims;                                                                       \
+    [[maybe_unused]] static const bool name##_tl_emu_registered = ::tl_emu::register_shared(&name, sizeof name)
 #define TL_DYNAMIC_SHARED(T, name) T* name = static_cast<T*>(::tl_emu::current_block->dynamic_shared)
 
 #define threadIdx (::tl_emu::current_fiber->tid)

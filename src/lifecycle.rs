@@ -20,6 +20,11 @@ use serde::{Deserialize, Serialize};
 use crate::dist::launch::{run_workers, LaunchArgs, Output};
 use crate::eval::gate::{self, GateConfig, GateReport};
 use crate::eval::{EvalOptions, Turns};
+use crate::model::Model;
+use crate::ops::backend::{AnyBackend, BackendKind};
+use crate::ops::cpu::{CpuOps, CpuTensor};
+use crate::ops::cuda::{CudaOps, CudaTensor, DType};
+use crate::ops::Ops;
 use crate::recipe::Recipe;
 use crate::registry::{sha256_hex, NewVersion, Registry};
 
@@ -202,13 +207,14 @@ pub fn run(
 ) -> Result<Vec<CycleOutcome>> {
     let reg = Registry::open(&cfg.registry)?;
     let mut out = Vec::new();
+    let mut base = None;
     for agent in cfg.agents.iter().filter(|a| only.is_none_or(|o| o == a.name)) {
         if crate::interrupt::requested() {
             bail!(crate::interrupt::Interrupted {
                 what: format!("stopped by a signal before agent {}'s cycle", agent.name)
             });
         }
-        let outcome = cycle(cfg, &reg, agent, force, progress, train)
+        let outcome = cycle(cfg, &reg, agent, force, progress, train, &mut base)
             .with_context(|| format!("agent {}", agent.name))?;
         out.push(outcome);
     }
@@ -220,6 +226,92 @@ pub fn run(
     Ok(out)
 }
 
+/// The loop's base model, loaded once on the backend the agents' recipes ask for and
+/// kept for the next agent that asks for the same one: the agents share `base_model`.
+struct SharedBase {
+    backend: BackendKind,
+    dtype: DType,
+    loaded: LoadedBase,
+}
+
+enum LoadedBase {
+    Cpu(CpuOps, Box<Model<CpuTensor>>),
+    Cuda(Box<CudaOps>, Box<Model<CudaTensor>>),
+}
+
+impl SharedBase {
+    /// `slot`'s base if it was loaded for `recipe`'s backend and dtype, else the base
+    /// loaded anew (the one there dropped first: one base at a time).
+    fn for_recipe<'a>(slot: &'a mut Option<SharedBase>, dir: &Path, recipe: &Recipe) -> Result<&'a mut Self> {
+        let (backend, dtype) = (recipe.backend, recipe.model.dtype);
+        if slot.as_ref().is_some_and(|b| b.backend != backend || b.dtype != dtype) {
+            *slot = None;
+        }
+        if slot.is_none() {
+            let loaded = match crate::train::finetune::backend(recipe, 0)? {
+                AnyBackend::Cpu(ops) => {
+                    let m = Model::load(&ops, dir)?;
+                    LoadedBase::Cpu(ops, Box::new(m))
+                }
+                AnyBackend::Cuda(ops) => {
+                    let m = Model::load(ops.as_ref(), dir)?;
+                    LoadedBase::Cuda(ops, Box::new(m))
+                }
+            };
+            let on = match &loaded {
+                LoadedBase::Cpu(ops, _) => ops.name(),
+                LoadedBase::Cuda(ops, _) => ops.name(),
+            };
+            eprintln!("base model {}: loaded on {on}, kept for the agents after this one", dir.display());
+            *slot = Some(SharedBase { backend, dtype, loaded });
+        }
+        slot.as_mut().context("the base model is loaded")
+    }
+}
+
+/// What a cycle's gate compares, on what.
+struct GateInputs<'a> {
+    base_dir: &'a Path,
+    candidate: PathBuf,
+    current: Option<&'a Path>,
+    task: &'a [PathBuf],
+    regression: &'a [PathBuf],
+    cfg: &'a GateConfig,
+    opts: &'a EvalOptions,
+}
+
+impl GateInputs<'_> {
+    fn run_on<O: Ops>(&self, ops: &O, base: &mut Model<O::Tensor>) -> Result<GateReport> {
+        gate::run_on(
+            ops,
+            base,
+            self.base_dir,
+            &self.candidate,
+            self.current,
+            self.task,
+            self.regression,
+            self.cfg,
+            self.opts,
+        )
+    }
+}
+
+/// Trains (unless `trained`) and gates one cycle on the loaded base, in this process.
+fn train_and_gate<O: Ops>(
+    ops: &O,
+    base: &mut Model<O::Tensor>,
+    recipe: &Recipe,
+    trained: bool,
+    resume: bool,
+    progress: bool,
+    gate: &GateInputs<'_>,
+) -> Result<GateReport> {
+    if !trained {
+        crate::train::finetune::finetune_on(ops, base, recipe, resume, progress)?;
+    }
+    gate.run_on(ops, base)
+}
+
 fn cycle(
     cfg: &LoopConfig,
     reg: &Registry,
@@ -227,6 +319,7 @@ fn cycle(
     force: bool,
     progress: bool,
     train: &TrainOn,
+    base: &mut Option<SharedBase>,
 ) -> Result<CycleOutcome> {
     let skip = |why: String| CycleOutcome {
         agent: a.name.clone(),
@@ -305,13 +398,39 @@ fn cycle(
     );
     let done = run_dir.join("adapter").join("adapter_model.safetensors").exists()
         && run_dir.join("loss.png").exists();
-    if !done {
-        let resume = !crate::train::checkpoint::list(&run_dir.join("checkpoints"))?.is_empty();
-        match train {
-            TrainOn::InProcess => {
-                crate::train::finetune::finetune(&recipe, resume, None, progress)?;
-            }
-            TrainOn::Workers { exe, nproc_per_node } => {
+    let resume = !crate::train::checkpoint::list(&run_dir.join("checkpoints"))?.is_empty();
+
+    // gate: against production (or the base), on the task set and the regression set
+    let task =
+        if a.eval.task.is_empty() { vec![run_dir.join("validation.jsonl")] } else { a.eval.task.clone() };
+    let mut opts = EvalOptions { turns: a.eval.turns.unwrap_or(Turns::Last), ..Default::default() };
+    if let Some(n) = a.eval.max_new_tokens {
+        opts.max_new_tokens = n;
+    }
+    let current = production.as_ref().map(|v| reg.resolve(&a.name, v)).transpose()?;
+    let gate_inputs = GateInputs {
+        base_dir: &cfg.base_model,
+        candidate: run_dir.join("adapter"),
+        current: current.as_deref(),
+        task: &task,
+        regression: &a.eval.regression,
+        cfg: &a.gate,
+        opts: &opts,
+    };
+    let report = match train {
+        TrainOn::InProcess => {
+            let shared = SharedBase::for_recipe(base, &cfg.base_model, &recipe)?;
+            match &mut shared.loaded {
+                LoadedBase::Cpu(ops, m) => {
+                    train_and_gate(ops, m, &recipe, done, resume, progress, &gate_inputs)
+                }
+                LoadedBase::Cuda(ops, m) => {
+                    train_and_gate(ops.as_ref(), m, &recipe, done, resume, progress, &gate_inputs)
+                }
+            }?
+        }
+        TrainOn::Workers { exe, nproc_per_node } => {
+            if !done {
                 let mut argv: Vec<OsString> = vec!["finetune".into(), "-c".into(), a.recipe.clone().into()];
                 if resume {
                     argv.push("--resume".into());
@@ -327,28 +446,13 @@ fn cycle(
                 run_workers(&args, exe, &argv, Output::Stderr)
                     .with_context(|| format!("fine-tuning {}", run_dir.display()))?;
             }
+            // The base is loaded for the gate alone and freed after it: kept, it would
+            // hold memory on a GPU that the next agent's workers train on.
+            let backend = crate::train::finetune::backend(&recipe, 0)?;
+            crate::with_backend!(&backend, |ops| Model::load(ops, &cfg.base_model)
+                .and_then(|mut m| gate_inputs.run_on(ops, &mut m)))?
         }
-    }
-
-    // gate: against production (or the base), on the task set and the regression set
-    let task =
-        if a.eval.task.is_empty() { vec![run_dir.join("validation.jsonl")] } else { a.eval.task.clone() };
-    let mut opts = EvalOptions { turns: a.eval.turns.unwrap_or(Turns::Last), ..Default::default() };
-    if let Some(n) = a.eval.max_new_tokens {
-        opts.max_new_tokens = n;
-    }
-    let current = production.as_ref().map(|v| reg.resolve(&a.name, v)).transpose()?;
-    let backend = crate::train::finetune::backend(&recipe, 0)?;
-    let report: GateReport = crate::with_backend!(&backend, |ops| gate::run(
-        ops,
-        &cfg.base_model,
-        &run_dir.join("adapter"),
-        current.as_deref(),
-        &task,
-        &a.eval.regression,
-        &a.gate,
-        &opts,
-    ))?;
+    };
     report.write(&run_dir)?;
 
     // register (once per set of inputs) and promote

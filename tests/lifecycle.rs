@@ -242,3 +242,64 @@ fn an_interrupted_cycle_keeps_its_checkpoint_and_the_next_run_finishes_it() {
     assert_eq!(rows[0].version.as_deref(), Some("v1"), "{rows:?}");
     assert_eq!(common::train_losses(&run_dir).len(), 40, "the cycle's steps, each logged once");
 }
+
+/// A second agent on the same base, `returns`, with its own feedback (the quickstart's
+/// second day) and the same recipe and gate.
+fn add_second_agent(tmp: &Path) {
+    let inbox = tmp.join("inbox-returns");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let day2: Vec<String> = std::fs::read_to_string(root().join("configs/quickstart/feedback-day2.jsonl"))
+        .unwrap()
+        .lines()
+        .take(40)
+        .map(str::to_string)
+        .collect();
+    std::fs::write(inbox.join("day1.jsonl"), day2.join("\n")).unwrap();
+    let yaml = std::fs::read_to_string(tmp.join("loop.yaml")).unwrap();
+    let (_, first) = yaml.split_once("agents:\n").unwrap();
+    let second = first.replacen("name: order-help", "name: returns", 1).replacen(
+        &tmp.join("inbox").display().to_string(),
+        &inbox.display().to_string(),
+        1,
+    );
+    std::fs::write(tmp.join("loop.yaml"), format!("{yaml}{second}")).unwrap();
+}
+
+/// The agents of one run share the base model: it is loaded once, and what each agent
+/// trains and promotes is what it would be if it ran alone.
+#[test]
+fn agents_on_one_base_load_it_once_and_train_as_alone() {
+    let both = tempfile::tempdir().unwrap();
+    setup(both.path());
+    add_second_agent(both.path());
+    let out = tuneloop_cmd().args(["loop", "-c"]).arg(both.path().join("loop.yaml")).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("| order-help | v1 |") && stdout.contains("| returns | v1 |"), "{stdout}");
+    assert_eq!(stderr.matches("loaded on cpu, kept for the agents after this one").count(), 1, "{stderr}");
+
+    let alone = tempfile::tempdir().unwrap();
+    setup(alone.path());
+    add_second_agent(alone.path());
+    let cfg = LoopConfig::load(&alone.path().join("loop.yaml")).unwrap();
+    let rows = run(&cfg, Some("returns"), false, false).unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].version.as_deref(), Some("v1"), "{rows:?}");
+
+    let promoted = |tmp: &Path| {
+        let reg = Registry::open(tmp.join("registry")).unwrap();
+        std::fs::read(reg.resolve("returns", "production").unwrap().join("adapter_model.safetensors"))
+            .unwrap()
+    };
+    assert_eq!(
+        promoted(both.path()),
+        promoted(alone.path()),
+        "the second agent's adapter depends on the first"
+    );
+    let reg = Registry::open(both.path().join("registry")).unwrap();
+    assert_ne!(
+        adapter_bytes(&reg, "production"),
+        promoted(both.path()),
+        "the two agents trained on different feedback"
+    );
+}

@@ -213,8 +213,26 @@ pub fn run<O: crate::ops::Ops>(
     cfg: &GateConfig,
     opts: &super::EvalOptions,
 ) -> Result<GateReport> {
-    use crate::model::{Adapter, Model};
-    let mut model = Model::load(ops, model_dir)?;
+    let mut model = crate::model::Model::load(ops, model_dir)?;
+    run_on(ops, &mut model, model_dir, candidate, current, task, regression, cfg, opts)
+}
+
+/// [`run`] on the base model `model_dir` already loaded on `ops` as `model` (`tuneloop
+/// loop` loads it once for all its agents), which gets room for the adapters' low-rank
+/// updates; its weights stay as they are.
+#[allow(clippy::too_many_arguments)]
+pub fn run_on<O: crate::ops::Ops>(
+    ops: &O,
+    model: &mut crate::model::Model<O::Tensor>,
+    model_dir: &Path,
+    candidate: &Path,
+    current: Option<&Path>,
+    task: &[std::path::PathBuf],
+    regression: &[std::path::PathBuf],
+    cfg: &GateConfig,
+    opts: &super::EvalOptions,
+) -> Result<GateReport> {
+    use crate::model::Adapter;
     let chat = crate::data::ChatModel::load(model_dir)?;
     let cand = Adapter::load(ops, candidate, &model.cfg)?;
     let cur = current.map(|c| Adapter::load(ops, c, &model.cfg)).transpose()?;
@@ -225,7 +243,8 @@ pub fn run<O: crate::ops::Ops>(
     let reg_set = super::load_set(regression)?;
     let task_opts = super::EvalOptions { generate: needs_generation(&cfg.task_metric), ..opts.clone() };
     let reg_opts = super::EvalOptions { generate: needs_generation(&cfg.regression_metric), ..opts.clone() };
-    let eval = |a: Option<&Adapter<O::Tensor>>, set, o| super::evaluate(ops, &model, a, &chat, set, o);
+    let model = &*model;
+    let eval = |a: Option<&Adapter<O::Tensor>>, set, o| super::evaluate(ops, model, a, &chat, set, o);
     let cand_task = eval(Some(&cand), &task_set, &task_opts)?;
     let cur_task = eval(cur.as_ref(), &task_set, &task_opts)?;
     let cand_reg = eval(Some(&cand), &reg_set, &reg_opts)?;

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde::Serialize;
 
 use super::pack::Example;
@@ -128,6 +128,27 @@ pub fn finetune_distributed(
     }
 }
 
+/// Runs a LoRA recipe in this process on `base`, its `model.path` already loaded on
+/// `ops` (`tuneloop loop` loads the base once for all its agents). `base` gets room for
+/// the adapter's low-rank update; its weights stay as they are.
+pub fn finetune_on<O: Ops>(
+    ops: &O,
+    base: &mut Model<O::Tensor>,
+    recipe: &Recipe,
+    resume: bool,
+    progress: bool,
+) -> Result<FinetuneReport> {
+    ensure!(!recipe.peft.full, "a full fine-tune trains its own copy of the model, not a shared base");
+    run_with(ops, &Single, recipe, Weights::Frozen(base), resume, None, progress)
+}
+
+/// What a run trains: a LoRA adapter on a frozen base, or the whole model.
+enum Weights<'a, T> {
+    Frozen(&'a mut Model<T>),
+    /// `peft.full`: the f32 master weights, trained in place.
+    Trained(Model<T>),
+}
+
 fn run<O: Ops>(
     ops: &O,
     dist: &dyn Collective<O>,
@@ -136,7 +157,6 @@ fn run<O: Ops>(
     stop_after: Option<usize>,
     progress: bool,
 ) -> Result<FinetuneReport> {
-    let root = dist.rank() == 0;
     let model_dir = &recipe.model.path;
     if !model_dir.join("config.json").exists() {
         bail!(
@@ -146,8 +166,26 @@ fn run<O: Ops>(
         );
     }
     // a full run trains f32 master weights; a LoRA run's base stays in the base-weight type
-    let mut model =
-        if recipe.peft.full { Model::load_master(ops, model_dir)? } else { Model::load(ops, model_dir)? };
+    if recipe.peft.full {
+        let model = Model::load_master(ops, model_dir)?;
+        run_with(ops, dist, recipe, Weights::Trained(model), resume, stop_after, progress)
+    } else {
+        let mut model = Model::load(ops, model_dir)?;
+        run_with(ops, dist, recipe, Weights::Frozen(&mut model), resume, stop_after, progress)
+    }
+}
+
+fn run_with<O: Ops>(
+    ops: &O,
+    dist: &dyn Collective<O>,
+    recipe: &Recipe,
+    weights: Weights<'_, O::Tensor>,
+    resume: bool,
+    stop_after: Option<usize>,
+    progress: bool,
+) -> Result<FinetuneReport> {
+    let root = dist.rank() == 0;
+    let model_dir = &recipe.model.path;
     let chat = ChatModel::load(model_dir)
         .with_context(|| format!("loading the tokenizer of {}", model_dir.display()))?;
 
@@ -172,15 +210,18 @@ fn run<O: Ops>(
     }
 
     // adapter: continue from one, or fresh; none when the whole model is trained
-    let adapter = if recipe.peft.full {
-        if recipe.peft.dropout > 0.0 && root {
-            eprintln!("peft.dropout applies to LoRA paths only: full fine-tuning ignores it");
+    let job = match weights {
+        Weights::Trained(model) => {
+            if recipe.peft.dropout > 0.0 && root {
+                eprintln!("peft.dropout applies to LoRA paths only: full fine-tuning ignores it");
+            }
+            Job::Full(model)
         }
-        None
-    } else {
-        let adapter = lora_adapter(ops, recipe, &model, model_dir)?;
-        model.reserve_lora_tails(ops, &adapter)?;
-        Some(adapter)
+        Weights::Frozen(model) => {
+            let adapter = lora_adapter(ops, recipe, model, model_dir)?;
+            model.reserve_lora_tails(ops, &adapter)?;
+            Job::Lora(model, adapter)
+        }
     };
 
     let out = &recipe.output_dir;
@@ -220,17 +261,17 @@ fn run<O: Ops>(
     };
     let train_ex: Vec<Example> = train_tok.into_iter().map(|t| t.example).collect();
     let val_ex: Vec<Example> = val_tok.into_iter().map(|t| t.example).collect();
-    let (trained_dir, outcome) = match adapter {
-        Some(adapter) => {
+    let (trained_dir, outcome) = match job {
+        Job::Lora(model, adapter) => {
             let (adapter, outcome) =
-                train_data_parallel(ops, &model, adapter, &train_ex, &val_ex, &cfg, resume, dist)?;
+                train_data_parallel(ops, model, adapter, &train_ex, &val_ex, &cfg, resume, dist)?;
             let dir = out.join("adapter");
             if outcome.steps > 0 && root {
                 save_adapter(ops, &adapter, &dir, model_dir)?;
             }
             (dir, outcome)
         }
-        None => {
+        Job::Full(model) => {
             // Full fine-tuning: the loaded model's f32 tensors are the master weights
             // AdamW updates in place; nothing stays frozen.
             let (model, outcome) =
@@ -254,6 +295,12 @@ fn run<O: Ops>(
         n_val: val_ex.len(),
         outcome,
     })
+}
+
+/// A run's weights once its adapter is made.
+enum Job<'a, T> {
+    Lora(&'a Model<T>, Adapter<T>),
+    Full(Model<T>),
 }
 
 /// The run's record of what it was asked and what it read: `recipe.yaml`,

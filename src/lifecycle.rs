@@ -18,7 +18,7 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::dist::launch::{run_workers, LaunchArgs, Output};
-use crate::eval::gate::{self, GateConfig, GateReport};
+use crate::eval::gate::{self, GateConfig, GateInputs, GateReport};
 use crate::eval::{EvalOptions, Turns};
 use crate::model::Model;
 use crate::ops::backend::{AnyBackend, BackendKind};
@@ -269,33 +269,6 @@ impl SharedBase {
     }
 }
 
-/// What a cycle's gate compares, on what.
-struct GateInputs<'a> {
-    base_dir: &'a Path,
-    candidate: PathBuf,
-    current: Option<&'a Path>,
-    task: &'a [PathBuf],
-    regression: &'a [PathBuf],
-    cfg: &'a GateConfig,
-    opts: &'a EvalOptions,
-}
-
-impl GateInputs<'_> {
-    fn run_on<O: Ops>(&self, ops: &O, base: &mut Model<O::Tensor>) -> Result<GateReport> {
-        gate::run_on(
-            ops,
-            base,
-            self.base_dir,
-            &self.candidate,
-            self.current,
-            self.task,
-            self.regression,
-            self.cfg,
-            self.opts,
-        )
-    }
-}
-
 /// Trains (unless `trained`) and gates one cycle on the loaded base, in this process.
 fn train_and_gate<O: Ops>(
     ops: &O,
@@ -408,9 +381,10 @@ fn cycle(
         opts.max_new_tokens = n;
     }
     let current = production.as_ref().map(|v| reg.resolve(&a.name, v)).transpose()?;
+    let candidate = run_dir.join("adapter");
     let gate_inputs = GateInputs {
-        base_dir: &cfg.base_model,
-        candidate: run_dir.join("adapter"),
+        model_dir: &cfg.base_model,
+        candidate: &candidate,
         current: current.as_deref(),
         task: &task,
         regression: &a.eval.regression,
@@ -449,8 +423,7 @@ fn cycle(
             // The base is loaded for the gate alone and freed after it: kept, it would
             // hold memory on a GPU that the next agent's workers train on.
             let backend = crate::train::finetune::backend(&recipe, 0)?;
-            crate::with_backend!(&backend, |ops| Model::load(ops, &cfg.base_model)
-                .and_then(|mut m| gate_inputs.run_on(ops, &mut m)))?
+            crate::with_backend!(&backend, |ops| gate_inputs.run(ops))?
         }
     };
     report.write(&run_dir)?;

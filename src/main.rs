@@ -458,16 +458,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let cfg = tuneloop::eval::gate::GateConfig { task_metric, margin, regression_metric, tolerance };
             let backend = on.open()?;
-            let report = tuneloop::with_backend!(&backend, |ops| tuneloop::eval::gate::run(
-                ops,
-                &model,
-                &candidate,
-                current.as_deref(),
-                &task,
-                &regression,
-                &cfg,
-                &gen.options(true),
-            ))?;
+            let opts = gen.options(true);
+            let inputs = tuneloop::eval::gate::GateInputs {
+                model_dir: &model,
+                candidate: &candidate,
+                current: current.as_deref(),
+                task: &task,
+                regression: &regression,
+                cfg: &cfg,
+                opts: &opts,
+            };
+            let report = tuneloop::with_backend!(&backend, |ops| inputs.run(ops))?;
             report.write(&out)?;
             print!("{}", report.markdown());
             Ok(if report.passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })

@@ -27,6 +27,12 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The first `n` conversations of a bundled feedback log.
+fn feedback_head(file: &str, n: usize) -> String {
+    let text = std::fs::read_to_string(root().join(file)).unwrap();
+    text.lines().take(n).collect::<Vec<_>>().join("\n")
+}
+
 fn setup(tmp: &Path) -> LoopConfig {
     let base = tmp.join("base");
     tuneloop::model::export::init_random_model(
@@ -47,13 +53,8 @@ fn setup(tmp: &Path) -> LoopConfig {
     std::fs::write(tmp.join("recipe.yaml"), recipe).unwrap();
     let inbox = tmp.join("inbox");
     std::fs::create_dir_all(&inbox).unwrap();
-    let head: Vec<String> = std::fs::read_to_string(root().join("configs/quickstart/feedback.jsonl"))
-        .unwrap()
-        .lines()
-        .take(60)
-        .map(str::to_string)
-        .collect();
-    std::fs::write(inbox.join("day1.jsonl"), head.join("\n")).unwrap();
+    let head = feedback_head("configs/quickstart/feedback.jsonl", 60);
+    std::fs::write(inbox.join("day1.jsonl"), head).unwrap();
     let yaml = format!(
         "registry: {r}\nbase_model: {b}\nwork_dir: {w}\nagents:\n  - name: order-help\n    feedback_dir: {i}\n    recipe: {rc}\n    eval:\n      regression: [{reg}]\n      turns: last\n    gate:\n      task_metric: token_accuracy\n      margin: -1.0\n      regression_metric: loss\n      tolerance: 100.0\n",
         r = tmp.join("registry").display(),
@@ -102,13 +103,8 @@ fn loop_is_idempotent_resumable_and_rolls_back() {
     assert_eq!(reg.versions("order-help").unwrap().len(), 1, "registered twice");
 
     // new feedback: v2 from v1, promoted; rollback restores v1's exact bytes
-    let more: Vec<String> = std::fs::read_to_string(root().join("configs/quickstart/feedback-day2.jsonl"))
-        .unwrap()
-        .lines()
-        .take(30)
-        .map(str::to_string)
-        .collect();
-    std::fs::write(cfg.agents[0].feedback_dir.join("day2.jsonl"), more.join("\n")).unwrap();
+    let more = feedback_head("configs/quickstart/feedback-day2.jsonl", 30);
+    std::fs::write(cfg.agents[0].feedback_dir.join("day2.jsonl"), more).unwrap();
     let rows = run(&cfg, None, false, false).unwrap();
     assert_eq!(rows[0].version.as_deref(), Some("v2"), "{rows:?}");
     let v2 = reg.version("order-help", "v2").unwrap();
@@ -248,13 +244,8 @@ fn an_interrupted_cycle_keeps_its_checkpoint_and_the_next_run_finishes_it() {
 fn add_second_agent(tmp: &Path) {
     let inbox = tmp.join("inbox-returns");
     std::fs::create_dir_all(&inbox).unwrap();
-    let day2: Vec<String> = std::fs::read_to_string(root().join("configs/quickstart/feedback-day2.jsonl"))
-        .unwrap()
-        .lines()
-        .take(40)
-        .map(str::to_string)
-        .collect();
-    std::fs::write(inbox.join("day1.jsonl"), day2.join("\n")).unwrap();
+    let day2 = feedback_head("configs/quickstart/feedback-day2.jsonl", 40);
+    std::fs::write(inbox.join("day1.jsonl"), day2).unwrap();
     let yaml = std::fs::read_to_string(tmp.join("loop.yaml")).unwrap();
     let (_, first) = yaml.split_once("agents:\n").unwrap();
     let second = first.replacen("name: order-help", "name: returns", 1).replacen(

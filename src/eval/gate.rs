@@ -4,7 +4,7 @@
 //! (JSON + Markdown) says why it passed or failed.
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -200,57 +200,57 @@ impl GateReport {
     }
 }
 
-/// Loads the base, the candidate and the current adapter, runs the four evaluations
-/// the gate needs (generating only when a metric needs it) and decides.
-#[allow(clippy::too_many_arguments)]
-pub fn run<O: crate::ops::Ops>(
-    ops: &O,
-    model_dir: &Path,
-    candidate: &Path,
-    current: Option<&Path>,
-    task: &[std::path::PathBuf],
-    regression: &[std::path::PathBuf],
-    cfg: &GateConfig,
-    opts: &super::EvalOptions,
-) -> Result<GateReport> {
-    let mut model = crate::model::Model::load(ops, model_dir)?;
-    run_on(ops, &mut model, model_dir, candidate, current, task, regression, cfg, opts)
+/// What a gate compares, and on which base.
+pub struct GateInputs<'a> {
+    /// The base model's directory (its weights, tokenizer and chat template).
+    pub model_dir: &'a Path,
+    pub candidate: &'a Path,
+    /// The adapter in service; `None`: the base model alone.
+    pub current: Option<&'a Path>,
+    pub task: &'a [PathBuf],
+    pub regression: &'a [PathBuf],
+    pub cfg: &'a GateConfig,
+    pub opts: &'a super::EvalOptions,
 }
 
-/// [`run`] on the base model `model_dir` already loaded on `ops` as `model` (`tuneloop
-/// loop` loads it once for all its agents), which gets room for the adapters' low-rank
-/// updates; its weights stay as they are.
-#[allow(clippy::too_many_arguments)]
-pub fn run_on<O: crate::ops::Ops>(
-    ops: &O,
-    model: &mut crate::model::Model<O::Tensor>,
-    model_dir: &Path,
-    candidate: &Path,
-    current: Option<&Path>,
-    task: &[std::path::PathBuf],
-    regression: &[std::path::PathBuf],
-    cfg: &GateConfig,
-    opts: &super::EvalOptions,
-) -> Result<GateReport> {
-    use crate::model::Adapter;
-    let chat = crate::data::ChatModel::load(model_dir)?;
-    let cand = Adapter::load(ops, candidate, &model.cfg)?;
-    let cur = current.map(|c| Adapter::load(ops, c, &model.cfg)).transpose()?;
-    for a in std::iter::once(&cand).chain(&cur) {
-        model.reserve_lora_tails(ops, a)?;
+impl GateInputs<'_> {
+    /// Loads the base, the candidate and the current adapter, runs the four evaluations
+    /// the gate needs (generating only when a metric needs it) and decides.
+    pub fn run<O: crate::ops::Ops>(&self, ops: &O) -> Result<GateReport> {
+        let mut model = crate::model::Model::load(ops, self.model_dir)?;
+        self.run_on(ops, &mut model)
     }
-    let task_set = super::load_set(task)?;
-    let reg_set = super::load_set(regression)?;
-    let task_opts = super::EvalOptions { generate: needs_generation(&cfg.task_metric), ..opts.clone() };
-    let reg_opts = super::EvalOptions { generate: needs_generation(&cfg.regression_metric), ..opts.clone() };
-    let model = &*model;
-    let eval = |a: Option<&Adapter<O::Tensor>>, set, o| super::evaluate(ops, model, a, &chat, set, o);
-    let cand_task = eval(Some(&cand), &task_set, &task_opts)?;
-    let cur_task = eval(cur.as_ref(), &task_set, &task_opts)?;
-    let cand_reg = eval(Some(&cand), &reg_set, &reg_opts)?;
-    let base_reg = eval(None, &reg_set, &reg_opts)?;
-    let label = current.map_or("base".to_string(), |c| c.display().to_string());
-    Ok(decide(cfg, &candidate.display().to_string(), &label, &cand_task, &cur_task, &cand_reg, &base_reg))
+
+    /// [`run`](Self::run) on the base model already loaded on `ops` (`tuneloop loop`
+    /// loads it once for all its agents), which gets room for the adapters' low-rank
+    /// updates; its weights stay as they are.
+    pub fn run_on<O: crate::ops::Ops>(
+        &self,
+        ops: &O,
+        model: &mut crate::model::Model<O::Tensor>,
+    ) -> Result<GateReport> {
+        use crate::model::Adapter;
+        let Self { model_dir, candidate, current, task, regression, cfg, opts } = *self;
+        let chat = crate::data::ChatModel::load(model_dir)?;
+        let cand = Adapter::load(ops, candidate, &model.cfg)?;
+        let cur = current.map(|c| Adapter::load(ops, c, &model.cfg)).transpose()?;
+        for a in std::iter::once(&cand).chain(&cur) {
+            model.reserve_lora_tails(ops, a)?;
+        }
+        let task_set = super::load_set(task)?;
+        let reg_set = super::load_set(regression)?;
+        let task_opts = super::EvalOptions { generate: needs_generation(&cfg.task_metric), ..opts.clone() };
+        let reg_opts =
+            super::EvalOptions { generate: needs_generation(&cfg.regression_metric), ..opts.clone() };
+        let model = &*model;
+        let eval = |a: Option<&Adapter<O::Tensor>>, set, o| super::evaluate(ops, model, a, &chat, set, o);
+        let cand_task = eval(Some(&cand), &task_set, &task_opts)?;
+        let cur_task = eval(cur.as_ref(), &task_set, &task_opts)?;
+        let cand_reg = eval(Some(&cand), &reg_set, &reg_opts)?;
+        let base_reg = eval(None, &reg_set, &reg_opts)?;
+        let label = current.map_or("base".to_string(), |c| c.display().to_string());
+        Ok(decide(cfg, &candidate.display().to_string(), &label, &cand_task, &cur_task, &cand_reg, &base_reg))
+    }
 }
 
 #[cfg(test)]

@@ -15,6 +15,13 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The lines of an append-only log (`metrics.jsonl`) that were written whole: the text
+/// up to its last newline. A last line without one is what a writer killed mid-line
+/// left, and is not part of the log.
+pub fn whole_lines(text: &str) -> &str {
+    text.rfind('\n').map_or("", |i| &text[..=i])
+}
+
 /// A temporary file in `path`'s directory (created if missing), to be renamed onto
 /// `path` once whole: a rename within one file system replaces the file at once.
 pub fn temp_file_beside(path: &Path) -> Result<tempfile::NamedTempFile> {

@@ -68,7 +68,7 @@ fn resume_after_a_stop_is_bit_exact() {
         train(&CpuOps, &model, fresh_adapter(&model), &tr, &va, &common::train_config(dir.path()), false);
     assert!(format!("{:#}", again.err().expect("must refuse")).contains("--resume"));
 
-    // The resumed run keeps the lines before its checkpoint byte for byte, and reads
+    // The resumed run keeps the whole lines before its checkpoint byte for byte, and reads
     // their numbers exactly: this throughput is one that a parse to the nearest double
     // but one (serde_json without `float_roundtrip`) changes.
     let metrics = dir.path().join("metrics.jsonl");
@@ -84,7 +84,8 @@ fn resume_after_a_stop_is_bit_exact() {
         })
         .collect();
     assert_eq!(lines.len(), 4, "step 0's validation and 3 steps");
-    std::fs::write(&metrics, lines.concat()).unwrap();
+    // and a line that a run killed while appending step 4's left unterminated
+    std::fs::write(&metrics, lines.concat() + r#"{"step":4,"loss":0.7"#).unwrap();
 
     let cfg = common::train_config(dir.path());
     let (resumed, outcome) = train(&CpuOps, &model, fresh_adapter(&model), &tr, &va, &cfg, true).unwrap();

@@ -122,10 +122,7 @@ pub struct Lineage {
 /// (a run killed mid-write) is skipped.
 pub fn summarize_metrics(path: &Path) -> Result<BTreeMap<String, f64>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let complete = match text.rfind('\n') {
-        Some(i) => &text[..i],
-        None => "",
-    };
+    let complete = crate::util::whole_lines(&text);
     let mut out = BTreeMap::new();
     let mut best_val: Option<f64> = None;
     for (i, line) in complete.lines().enumerate() {

@@ -248,13 +248,16 @@ struct MetricsLog {
 
 impl MetricsLog {
     /// Opens `metrics.jsonl`, keeping only lines up to `upto` steps (a resumed run
-    /// redoes what came after its checkpoint). The lines kept are written back as they
-    /// were, byte for byte. With `write` false, reads it only.
+    /// redoes what came after its checkpoint) and written whole (a run killed while it
+    /// appended a line leaves it unterminated; that step came after its last checkpoint).
+    /// The lines kept are written back as they were, byte for byte. With `write` false,
+    /// reads it only.
     fn open(dir: &Path, upto: usize, write: bool) -> Result<Self> {
         let path = dir.join("metrics.jsonl");
         let (mut history, mut kept) = (Vec::new(), String::new());
         if let Ok(text) = std::fs::read_to_string(&path) {
-            for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let whole = crate::util::whole_lines(&text);
+            for (i, line) in whole.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
                 let m: Metrics = serde_json::from_str(line)
                     .with_context(|| format!("{}:{}: bad line {line}", path.display(), i + 1))?;
                 if m.step <= upto {

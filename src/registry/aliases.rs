@@ -79,10 +79,7 @@ pub(crate) fn read_history(path: &Path) -> Result<Vec<HistoryEntry>> {
         return Ok(Vec::new());
     }
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let committed = match text.rfind('\n') {
-        Some(i) => &text[..i],
-        None => "",
-    };
+    let committed = crate::util::whole_lines(&text);
     let mut out = Vec::new();
     for (i, line) in committed.split('\n').enumerate() {
         if line.trim().is_empty() {

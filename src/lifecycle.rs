@@ -248,7 +248,9 @@ impl SharedBase {
             *slot = None;
         }
         if slot.is_none() {
-            let loaded = match crate::train::finetune::backend(recipe, 0)? {
+            let backend_ops = crate::train::finetune::backend(recipe, 0)?;
+            let on = backend_ops.name();
+            let loaded = match backend_ops {
                 AnyBackend::Cpu(ops) => {
                     let m = Model::load(&ops, dir)?;
                     LoadedBase::Cpu(ops, Box::new(m))
@@ -257,10 +259,6 @@ impl SharedBase {
                     let m = Model::load(ops.as_ref(), dir)?;
                     LoadedBase::Cuda(ops, Box::new(m))
                 }
-            };
-            let on = match &loaded {
-                LoadedBase::Cpu(ops, _) => ops.name(),
-                LoadedBase::Cuda(ops, _) => ops.name(),
             };
             eprintln!("base model {}: loaded on {on}, kept for the agents after this one", dir.display());
             *slot = Some(SharedBase { backend, dtype, loaded });

@@ -138,12 +138,8 @@ struct Pool {
 };
 Pool pool;
 
-// The kernels' static shared variables met so far (register_shared).
-struct SharedVar {
-    void* at;
-    size_t bytes;
-};
-std::vector<SharedVar> static_shared;
+// The blocks run so far, for BlockState::serial.
+uint64_t blocks_run = 0;
 
 const char* op_name(WarpOp op) {
     switch (op) {
@@ -476,7 +472,7 @@ std::string run_grid(const Kernel& kernel, dim3 grid, dim3 block, size_t dynamic
         state.block_idx = uint3{x, y, z};
         state.cp_async_eager = shuffle && (rng.next() >> 63) != 0;
         fill_poison(pool.dynamic_shared.data(), pool.dynamic_shared.size());
-        for (const SharedVar& v : static_shared) fill_poison(v.at, v.bytes);
+        state.serial = ++blocks_run;
         error = run_block(n, rng, shuffle);
         if (!error.empty()) {
             error = "block (" + std::to_string(x) + "," + std::to_string(y) + "," + std::to_string(z) + "): " + error;
@@ -487,10 +483,11 @@ std::string run_grid(const Kernel& kernel, dim3 grid, dim3 block, size_t dynamic
     return error;
 }
 
-bool register_shared(void* p, size_t bytes) {
-    static_shared.push_back(SharedVar{p, bytes});
-    fill_poison(p, bytes);
-    return true;
+void fresh_shared(void* p, size_t bytes, uint64_t* filled_for) {
+    if (*filled_for != current_block->serial) {
+        *filled_for = current_block->serial;
+        fill_poison(p, bytes);
+    }
 }
 
 void yield_to_scheduler() { tl_emu_switch(&current_fiber->sp, current_launch->scheduler_sp); }

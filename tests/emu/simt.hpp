@@ -18,11 +18,10 @@
 //
 // Static shared memory (`TL_SHARED` in kernels/common.cuh) becomes function-local
 // statics: one copy, shared by the threads of the one block that runs at a time (the
-// driver serialises launches). Each registers itself the first time a thread passes its
-// declaration, and every registered one is filled with NaNs before each block, as the
-// per-launch buffer of dynamic shared memory is: a GPU's shared memory starts a block
-// holding anything, so a kernel that reads it before writing it (or counts on what an
-// earlier block left there) sees NaNs.
+// driver serialises launches). Each is filled with NaNs when the first thread of a block
+// passes its declaration, as the per-launch buffer of dynamic shared memory is before
+// each block: a GPU's shared memory starts a block holding anything, so a kernel that
+// reads it before writing it (or counts on what an earlier block left there) sees NaNs.
 #ifndef TUNELOOP_EMU_SIMT_HPP
 #define TUNELOOP_EMU_SIMT_HPP
 
@@ -97,6 +96,9 @@ struct BlockState {
     // missing after the compute) and one that reads a tile before waiting for it both
     // show up.
     bool cp_async_eager;
+    // Which block of the process's run this is (from 1): a static shared variable last
+    // filled with NaNs for another block is filled again (TL_SHARED).
+    uint64_t serial;
 };
 
 // Set while a launch runs; launches never overlap (see simt.cpp).
@@ -163,10 +165,11 @@ void check_aligned(const void* p, unsigned bytes);
 void cp_async_commit();
 // cp.async.wait_group n: waits until at most the n most recent groups are pending.
 void cp_async_wait(int n);
-// Registers a kernel's static shared variable (TL_SHARED), `bytes` at `p`, to be filled
-// with NaNs before every block, and fills it now: the block that first declares it may
-// be well under way. Returns true.
-bool register_shared(void* p, size_t bytes);
+// A static shared variable (TL_SHARED), `bytes` at `p`, as the running block first
+// sees it: filled with NaNs the first time one of its threads passes the declaration
+// (`*filled_for` says for which block it last was). Every thread passes it before it
+// can write the variable, so nothing the block wrote is overwritten.
+void fresh_shared(void* p, size_t bytes, uint64_t* filled_for);
 
 template <typename T> inline uint64_t to_bits(T v) {
     static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "warp operand");
@@ -236,7 +239,8 @@ extern const size_t kernel_count;
 #define __shared__ static_assert(false, "declare static shared memory with TL_SHARED (kernels/common.cuh)");
 #define TL_SHARED(T, name, dims)                                                             \
     static T name dims;                                                                       \
-    [[maybe_unused]] static const bool name##_tl_emu_registered = ::tl_emu::register_shared(&name, sizeof name)
+    static uint64_t name##_tl_emu_filled_for = 0;                                             \
+    ::tl_emu::fresh_shared(&name, sizeof name, &name##_tl_emu_filled_for)
 #define TL_DYNAMIC_SHARED(T, name) T* name = static_cast<T*>(::tl_emu::current_block->dynamic_shared)
 
 #define threadIdx (::tl_emu::current_fiber->tid)

@@ -16,6 +16,7 @@
 //! first, and the cuBLASLt stand-in's self-test, in `$OUT_DIR/emu`, whose path the tests get as `TUNELOOP_EMU_LIB_DIR`. A failure
 //! there is a warning, or an error under `TUNELOOP_REQUIRE_KERNELS=1`.
 
+use std::collections::BTreeMap;
 use std::env;
 use std::ffi::OsStr;
 use std::fmt::Write as _;
@@ -29,6 +30,8 @@ const FATBIN_NAME: &str = "tuneloop_kernels.fatbin";
 /// nvcc's flags besides the include path and the file names.
 const NVCC_FLAGS: &[&str] = &[
     "-fatbin",
+    // ptxas reports each kernel's registers, shared memory and spills (`resource_usage`)
+    "--resource-usage",
     "-O3",
     "-std=c++17",
     "-gencode=arch=compute_90a,code=sm_90a",
@@ -75,12 +78,21 @@ fn main() {
     let unit = out_dir.join("tuneloop_kernels.cu");
     fs::write(&unit, translation_unit(&sources.cu)).expect("write the kernels' translation unit");
     let fatbin = out_dir.join(FATBIN_NAME);
-    compile(&nvcc, &kernels_dir, &unit, &fatbin);
+    let usage = compile(&nvcc, &kernels_dir, &unit, &fatbin);
     println!("cargo::rustc-cfg=tuneloop_kernels");
+    // Spilled registers go through local memory: a kernel tuned for Hopper should not.
+    for ((name, arch), u) in &usage {
+        if arch == EMULATED_ARCH && u.spill_bytes > 0 {
+            println!(
+                "cargo::warning=nvcc: kernel {name} spills {} bytes of registers on {arch} ({} registers a thread)",
+                u.spill_bytes, u.registers
+            );
+        }
+    }
 
     let emu_src = manifest_dir.join("tests").join("emu");
     println!("cargo::rerun-if-changed={}", emu_src.display());
-    match build_emulator(&emu_src, &kernels_dir, &sources.cu, &out_dir.join("emu")) {
+    match build_emulator(&emu_src, &kernels_dir, &sources.cu, &usage, &out_dir.join("emu")) {
         Ok(dir) => println!("cargo::rustc-env=TUNELOOP_EMU_LIB_DIR={}", dir.display()),
         Err(e) if env::var("TUNELOOP_REQUIRE_KERNELS").is_ok_and(|v| v == "1") => {
             panic!("cannot build the CUDA emulator of the tests (tests/emu): {e}")
@@ -111,11 +123,61 @@ fn kernel_entries(src: &str) -> Vec<(String, u32)> {
     entries
 }
 
+/// The architecture whose limits the emulator enforces: it answers as an H100.
+const EMULATED_ARCH: &str = "sm_90a";
+
+/// What ptxas reported for one kernel on one architecture.
+#[derive(Default)]
+struct Usage {
+    registers: u32,
+    /// Static shared memory in bytes.
+    shared_bytes: u32,
+    /// Bytes of spill stores and loads.
+    spill_bytes: u32,
+}
+
+/// Every kernel's [`Usage`] by (kernel, architecture), from the log of nvcc's
+/// `--resource-usage`: for each kernel ptxas writes
+/// `Compiling entry function 'NAME' for 'sm_90a'`, then a line with
+/// `N bytes spill stores, M bytes spill loads` and one with
+/// `Used R registers, ..., S bytes smem, ...` (no `smem` when it has none).
+fn resource_usage(log: &str) -> BTreeMap<(String, String), Usage> {
+    /// The number right before `unit` in `line` (`"... 12 bytes smem"`, " bytes smem").
+    fn number_before(line: &str, unit: &str) -> Option<u32> {
+        let at = line.find(unit)?;
+        let digits = line[..at].rsplit(|c: char| !c.is_ascii_digit()).next()?;
+        digits.parse().ok()
+    }
+    let mut usage = BTreeMap::new();
+    let mut current: Option<(String, String)> = None;
+    for line in log.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let mut quoted = rest.split('\'');
+            let name = quoted.next().unwrap_or_default().to_string();
+            let arch = quoted.nth(1).unwrap_or_default().to_string();
+            usage.insert((name.clone(), arch.clone()), Usage::default());
+            current = Some((name, arch));
+            continue;
+        }
+        let Some(u) = current.as_ref().and_then(|key| usage.get_mut(key)) else { continue };
+        if line.contains("bytes spill stores") {
+            u.spill_bytes = number_before(line, " bytes spill stores").unwrap_or(0)
+                + number_before(line, " bytes spill loads").unwrap_or(0);
+        } else if let Some(registers) = number_before(line, " registers") {
+            u.registers = registers;
+            u.shared_bytes = number_before(line, " bytes smem").unwrap_or(0);
+        }
+    }
+    usage
+}
+
 /// Builds the emulator's three libraries and its self-test into `out`; returns `out`.
+/// Each kernel's launch limits are those `usage` gives for [`EMULATED_ARCH`].
 fn build_emulator(
     src: &Path,
     kernels_dir: &Path,
     cu_files: &[PathBuf],
+    usage: &BTreeMap<(String, String), Usage>,
     out: &Path,
 ) -> Result<PathBuf, String> {
     fs::create_dir_all(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
@@ -127,7 +189,15 @@ fn build_emulator(
         let text = fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
         writeln!(unit, "#include \"{}\"", file.display()).unwrap();
         for (name, bound) in kernel_entries(&text) {
-            writeln!(table, "    make_kernel(\"{name}\", &{name}, {bound}),").unwrap();
+            let u = usage.get(&(name.clone(), EMULATED_ARCH.to_string())).ok_or_else(|| {
+                format!("ptxas reported no registers for kernel {name} on {EMULATED_ARCH} (nvcc --resource-usage)")
+            })?;
+            writeln!(
+                table,
+                "    make_kernel(\"{name}\", &{name}, {bound}, {}, {}),",
+                u.registers, u.shared_bytes
+            )
+            .unwrap();
         }
     }
     write!(
@@ -268,7 +338,8 @@ fn is_executable(path: &Path) -> bool {
     }
 }
 
-fn compile(nvcc: &Path, kernels_dir: &Path, unit: &Path, fatbin: &Path) {
+/// Compiles the fatbin; returns what ptxas reported of each kernel's resources.
+fn compile(nvcc: &Path, kernels_dir: &Path, unit: &Path, fatbin: &Path) -> BTreeMap<(String, String), Usage> {
     let mut cmd = Command::new(nvcc);
     cmd.args(NVCC_FLAGS).arg("-I").arg(kernels_dir).arg("-o").arg(fatbin).arg(unit);
     let started = Instant::now();
@@ -281,9 +352,12 @@ fn compile(nvcc: &Path, kernels_dir: &Path, unit: &Path, fatbin: &Path) {
             String::from_utf8_lossy(&output.stderr),
         );
     }
-    // nvcc's warnings are worth seeing: a warning in a kernel is usually a bug.
-    for line in String::from_utf8_lossy(&output.stderr).lines() {
-        if !line.trim().is_empty() {
+    // nvcc's warnings are worth seeing: a warning in a kernel is usually a bug. ptxas's
+    // resource report (its "info" lines and their indented continuations) is read instead.
+    let log = String::from_utf8_lossy(&output.stderr);
+    for line in log.lines() {
+        let report = line.starts_with("ptxas info") || line.starts_with(char::is_whitespace);
+        if !line.trim().is_empty() && !report {
             println!("cargo::warning=nvcc: {line}");
         }
     }
@@ -296,4 +370,5 @@ fn compile(nvcc: &Path, kernels_dir: &Path, unit: &Path, fatbin: &Path) {
         nvcc.display(),
         started.elapsed().as_secs_f64()
     );
+    resource_usage(&log)
 }

@@ -207,6 +207,48 @@ fn the_cublaslt_emulator_passes_its_self_test() {
     assert!(stdout.contains("PASSED"), "{stdout}");
 }
 
+/// Launch limits as the GPU sets them: a kernel without `__launch_bounds__` whose
+/// registers (ptxas's, for sm_90a) do not fit 1024 threads in a block's 64K is refused a
+/// block beyond what they allow, with an error naming the kernel and its limits, and
+/// runs at that limit; every kernel gets 48 KiB of shared memory, static and dynamic
+/// together, without opting in. On the emulator this checks its launch rules; on a GPU,
+/// that the emulator's rules are the hardware's.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn launches_are_bounded_by_registers_and_shared_memory_as_on_the_gpu() {
+    use cudarc::driver::LaunchConfig;
+    use tuneloop::ops::cuda::runtime::Arg;
+    let ops = CudaOps::new(0, DType::F32).expect("a CUDA device and kernels");
+    let rt = ops.runtime();
+    for &name in tuneloop::kernels::KERNEL_NAMES {
+        let l = rt.kernel_limits(name).expect("every kernel has limits");
+        assert_eq!(l.default_dynamic_shared + l.static_shared, 48 << 10, "{name}: {l:?}");
+        assert!(l.max_threads >= 32 && l.max_threads % 32 == 0 && l.registers > 0, "{name}: {l:?}");
+    }
+
+    // swiglu_bwd_f32(dgate, dup, h, dh, gate, up, n, width, ld) with n = 0 writes nothing
+    let name = "swiglu_bwd_f32";
+    let l = rt.kernel_limits(name).unwrap();
+    assert!(
+        l.max_threads < 1024,
+        "{name} no longer needs more than 64 registers a thread ({l:?}): this test wants a kernel that does"
+    );
+    let args = [0u64, 0, 0, 0, 0, 0, 0]
+        .map(Arg::U64)
+        .into_iter()
+        .chain([Arg::I32(1), Arg::I32(1)])
+        .collect::<Vec<_>>();
+    let block =
+        |threads: u32| LaunchConfig { grid_dim: (1, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+    rt.launch(name, block(l.max_threads), &args).expect("a block at the registers' limit runs");
+    rt.sync().expect("the launch at the limit completes");
+    let e = rt.launch(name, block(l.max_threads + 32), &args).expect_err("a block beyond its registers runs");
+    let msg = format!("{e:#}");
+    assert!(msg.contains("OUT_OF_RESOURCES"), "{msg}");
+    assert!(msg.contains(name) && msg.contains(&format!("allows {} threads", l.max_threads)), "{msg}");
+    rt.sync().expect("a refused launch leaves the stream usable");
+}
+
 #[test]
 fn auto_backend_falls_back_to_the_cpu() {
     let backend = select(BackendKind::Auto, DType::F32).expect("auto always has a backend");

@@ -6,10 +6,12 @@
 // launch run to completion before the call returns.
 //
 // What it checks, each failure a CUresult and one line on stderr naming the kernel:
-//  * launches: block size within 1024 and the kernel's __launch_bounds__, grid limits,
-//    dynamic shared memory within 48 KiB (more only after cuFuncSetAttribute raised the
-//    limit, up to 227 KiB as on Hopper), every pointer parameter null or inside a live
-//    allocation;
+//  * launches: block size within 1024, the kernel's __launch_bounds__ and the 64K
+//    registers of a block (at the registers a thread ptxas compiled the kernel to for
+//    sm_90a, allocated 256 a warp, as on Hopper), grid limits, static and dynamic shared
+//    memory together within 48 KiB (more only after cuFuncSetAttribute raised the limit,
+//    up to 227 KiB with the static part as on Hopper), every pointer parameter null or
+//    inside a live allocation;
 //  * the SIMT rules of simt.hpp (barriers every thread reaches, complete warp groups);
 //  * memory, as compute-sanitizer's memcheck would: each allocation ends 256-byte
 //    aligned right below an inaccessible page, with a poisoned gap before it and a
@@ -34,6 +36,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
@@ -75,6 +78,7 @@ constexpr size_t ALIGN = 256;
 constexpr size_t TOTAL_MEMORY = size_t(80) << 30;
 constexpr int DEFAULT_DYNAMIC_SHARED = 48 << 10;
 constexpr int MAX_DYNAMIC_SHARED = 227 << 10;
+constexpr int REGISTERS_PER_BLOCK = 64 << 10;
 
 #define EXPORT extern "C" __attribute__((visibility("default")))
 
@@ -234,6 +238,17 @@ struct Function {
     const tl_emu::Kernel* kernel;
     int max_dynamic_shared;
 };
+
+// A warp's registers: its threads' registers, allocated in units of 256.
+int registers_per_warp(const tl_emu::Kernel& k) { return (k.registers * 32 + 255) / 256 * 256; }
+
+// The most threads a block of `k` can have (CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK):
+// its __launch_bounds__, and the whole warps whose registers fit in a block's.
+int max_threads(const tl_emu::Kernel& k) {
+    const int per_warp = registers_per_warp(k);
+    const int by_registers = per_warp > 0 ? REGISTERS_PER_BLOCK / per_warp * 32 : 1024;
+    return std::min(std::min(k.max_threads, by_registers), 1024);
+}
 std::deque<Function> functions;
 uint64_t launches = 0;
 
@@ -309,10 +324,17 @@ CUresult launch(Function* f, dim3 grid, dim3 block, unsigned shared, void** para
             k.max_threads);
         return CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES;
     }
+    if (int(threads) > max_threads(k)) {
+        say("kernel %s: %zu threads per block at %d registers a thread need %zu registers, above a block's "
+            "%d (at most %d threads)",
+            k.name, threads, k.registers, (threads + 31) / 32 * size_t(registers_per_warp(k)), REGISTERS_PER_BLOCK,
+            max_threads(k));
+        return CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES;
+    }
     if (int(shared) > f->max_dynamic_shared) {
-        say("kernel %s: %u bytes of dynamic shared memory, above its limit of %d (raise it with "
-            "cuFuncSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES))",
-            k.name, shared, f->max_dynamic_shared);
+        say("kernel %s: %u bytes of dynamic shared memory (and %d static), above its limit of %d (raise it "
+            "with cuFuncSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES))",
+            k.name, shared, k.static_shared, f->max_dynamic_shared);
         return CUDA_ERROR_INVALID_VALUE;
     }
     if (extra) {
@@ -553,7 +575,9 @@ EXPORT CUresult cuModuleGetFunction(CUfunction* f, CUmodule module, const char* 
     std::lock_guard<std::recursive_mutex> lock(mu);
     for (size_t i = 0; i < tl_emu::kernel_count; ++i) {
         if (strcmp(tl_emu::kernel_table[i].name, name) == 0) {
-            functions.push_back(Function{&tl_emu::kernel_table[i], DEFAULT_DYNAMIC_SHARED});
+            // Static and dynamic shared memory share the 48 KiB a block gets unasked.
+            const tl_emu::Kernel& k = tl_emu::kernel_table[i];
+            functions.push_back(Function{&k, DEFAULT_DYNAMIC_SHARED - k.static_shared});
             *f = &functions.back();
             return CUDA_SUCCESS;
         }
@@ -565,9 +589,10 @@ EXPORT CUresult cuFuncGetAttribute(int* v, int attribute, CUfunction f) {
     if (!v || !f) return CUDA_ERROR_INVALID_VALUE;
     const Function* fn = static_cast<Function*>(f);
     switch (attribute) {
-    case 0: *v = fn->kernel->max_threads; break;      // MAX_THREADS_PER_BLOCK
-    case 1: *v = 0; break;                            // SHARED_SIZE_BYTES (static): unknown here
-    case 8: *v = fn->max_dynamic_shared; break;       // MAX_DYNAMIC_SHARED_SIZE_BYTES
+    case 0: *v = max_threads(*fn->kernel); break;      // MAX_THREADS_PER_BLOCK
+    case 1: *v = fn->kernel->static_shared; break;     // SHARED_SIZE_BYTES (static)
+    case 4: *v = fn->kernel->registers; break;         // NUM_REGS
+    case 8: *v = fn->max_dynamic_shared; break;        // MAX_DYNAMIC_SHARED_SIZE_BYTES
     default:
         say("cuFuncGetAttribute(%d) is not emulated", attribute);
         return CUDA_ERROR_NOT_SUPPORTED;
@@ -579,7 +604,11 @@ EXPORT CUresult cuFuncSetAttribute(CUfunction f, int attribute, int value) {
     if (!f) return CUDA_ERROR_INVALID_VALUE;
     Function* fn = static_cast<Function*>(f);
     if (attribute == 8) {
-        if (value < 0 || value > MAX_DYNAMIC_SHARED) return CUDA_ERROR_INVALID_VALUE;
+        if (value < 0 || value + fn->kernel->static_shared > MAX_DYNAMIC_SHARED) {
+            say("kernel %s: %d bytes of dynamic shared memory and %d static are above the %d a block can have",
+                fn->kernel->name, value, fn->kernel->static_shared, MAX_DYNAMIC_SHARED);
+            return CUDA_ERROR_INVALID_VALUE;
+        }
         fn->max_dynamic_shared = value;
         return CUDA_SUCCESS;
     }

@@ -199,6 +199,10 @@ struct Kernel {
     uint64_t pointer_params;
     // __launch_bounds__' maximum threads per block (1024 without one).
     int max_threads;
+    // What ptxas compiled the kernel to for sm_90a (build.rs reads its report): registers
+    // a thread, and bytes of static shared memory.
+    int registers;
+    int static_shared;
 };
 
 template <typename... A, size_t... I>
@@ -217,10 +221,11 @@ template <typename... A> constexpr uint64_t pointer_mask() {
     return mask;
 }
 
-template <typename... A> Kernel make_kernel(const char* name, void (*f)(A...), int max_threads) {
+template <typename... A>
+Kernel make_kernel(const char* name, void (*f)(A...), int max_threads, int registers, int static_shared) {
     static_assert(sizeof...(A) <= 64, "too many kernel parameters");
-    return Kernel{name, reinterpret_cast<AnyFn>(f), &invoke_as<A...>, int(sizeof...(A)), pointer_mask<A...>(),
-                  max_threads};
+    return Kernel{name,        reinterpret_cast<AnyFn>(f), &invoke_as<A...>, int(sizeof...(A)), pointer_mask<A...>(),
+                  max_threads, registers,                 static_shared};
 }
 
 // Defined in the generated kernel unit.

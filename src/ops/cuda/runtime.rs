@@ -50,7 +50,42 @@ pub fn probe_nccl() -> Result<()> {
 /// A kernel of the fatbin, and the dynamic shared memory it has been allowed so far.
 struct Kernel {
     f: CudaFunction,
+    limits: KernelLimits,
     shared_allowed: AtomicU32,
+}
+
+/// What the driver says a kernel of the fatbin can be launched with on this GPU.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelLimits {
+    /// Threads a block: its `__launch_bounds__`, and what its registers allow.
+    pub max_threads: u32,
+    /// Registers a thread.
+    pub registers: u32,
+    /// Bytes of static shared memory.
+    pub static_shared: u32,
+    /// Bytes of dynamic shared memory a launch gets without opting in (48 KiB less the
+    /// static part).
+    pub default_dynamic_shared: u32,
+}
+
+impl KernelLimits {
+    fn of(f: &CudaFunction) -> Result<Self> {
+        use cudarc::driver::sys::CUfunction_attribute_enum as A;
+        let get = |attribute: A| -> Result<u32> {
+            // SAFETY: `f` is a function of a loaded module.
+            let v = unsafe {
+                cudarc::driver::result::function::get_function_attribute(f.cu_function(), attribute)
+            }
+            .with_context(|| format!("reading the kernel attribute {attribute:?}"))?;
+            u32::try_from(v).with_context(|| format!("kernel attribute {attribute:?} is {v}"))
+        };
+        Ok(Self {
+            max_threads: get(A::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK)?,
+            registers: get(A::CU_FUNC_ATTRIBUTE_NUM_REGS)?,
+            static_shared: get(A::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?,
+            default_dynamic_shared: get(A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)?,
+        })
+    }
 }
 
 /// The context, its stream and every kernel of the fatbin.
@@ -93,13 +128,20 @@ impl Runtime {
         for &name in KERNEL_NAMES {
             let f =
                 module.load_function(name).with_context(|| format!("kernel {name} is not in the fatbin"))?;
-            functions.insert(name, Kernel { f, shared_allowed: AtomicU32::new(DEFAULT_DYNAMIC_SHARED) });
+            let limits = KernelLimits::of(&f).with_context(|| format!("kernel {name}"))?;
+            let shared_allowed = AtomicU32::new(limits.default_dynamic_shared);
+            functions.insert(name, Kernel { f, limits, shared_allowed });
         }
         Ok(Self { ctx, stream, functions, clock: Mutex::new(None), waits: AtomicU64::new(0) })
     }
 
     fn kernel(&self, name: &str) -> Result<&Kernel> {
         self.functions.get(name).with_context(|| format!("no kernel named {name}"))
+    }
+
+    /// What kernel `name` can be launched with.
+    pub fn kernel_limits(&self, name: &str) -> Result<KernelLimits> {
+        Ok(self.kernel(name)?.limits)
     }
 
     /// The raw device address of a buffer, for kernel arguments and cuBLASLt.
@@ -328,9 +370,6 @@ fn default_pool(ctx: &CudaContext) -> Result<Option<cudarc::driver::sys::CUmemor
     Ok(Some(pool))
 }
 
-/// The dynamic shared memory a kernel gets without opting in.
-const DEFAULT_DYNAMIC_SHARED: u32 = 48 << 10;
-
 impl Runtime {
     /// Launches kernel `name` on the stream. The caller has checked every shape, and
     /// `args` match the kernel's parameters in kernels/*.cu in order and type.
@@ -363,7 +402,22 @@ impl Runtime {
         // indexes (checked by the launchers).
         self.clocked(
             || name.to_string(),
-            || unsafe { builder.launch(cfg) }.map(|_| ()).with_context(|| format!("launching kernel {name}")),
+            || {
+                unsafe { builder.launch(cfg) }.map(|_| ()).with_context(|| {
+                    let (x, y, z) = cfg.block_dim;
+                    let l = &k.limits;
+                    format!(
+                        "launching kernel {name} with {} threads a block and {} bytes of dynamic shared \
+                         memory (it allows {} threads at {} registers a thread, and has {} bytes of static \
+                         shared memory)",
+                        x * y * z,
+                        cfg.shared_mem_bytes,
+                        l.max_threads,
+                        l.registers,
+                        l.static_shared
+                    )
+                })
+            },
         )
     }
 }

@@ -1,5 +1,5 @@
 // Small utilities the CUDA backend needs between the real ops: element-wise add and
-// scale, filling, casts between f32 and bf16, row gathers, the bias broadcast of a
+// scale, casts between f32 and bf16, row gathers, the bias broadcast of a
 // linear layer and the column sum that is its bias gradient.
 //
 // Layout: row-major [rows, cols]; n counts elements. Launch: 1-D, any grid (every kernel
@@ -66,16 +66,6 @@ extern "C" __global__ void add_assign_bf16_f32(__nv_bfloat16* a, const float* b,
 
 extern "C" __global__ void scale_f32(float* a, size_t n, float s) { tl_util::scale(a, n, s); }
 extern "C" __global__ void scale_bf16(__nv_bfloat16* a, size_t n, float s) { tl_util::scale(a, n, s); }
-
-// a[i] = v (-inf log-sum-exp rows, NaN poisoning in tests). The f32 variant stores the
-// bits of v unchanged, NaN payloads included.
-extern "C" __global__ void fill_f32(float* a, size_t n, float v) {
-    for (size_t i = tl_util::global_tid(); i < n; i += tl_util::grid_stride()) a[i] = v;
-}
-extern "C" __global__ void fill_bf16(__nv_bfloat16* a, size_t n, float v) {
-    const __nv_bfloat16 b = __float2bfloat16_rn(v);
-    for (size_t i = tl_util::global_tid(); i < n; i += tl_util::grid_stride()) a[i] = b;
-}
 
 // The casts between the two storage types: bf16 activations <-> f32 (LoRA weights, KV
 // caches or weights made by `upload`, which are f32 in every mode).

@@ -110,8 +110,6 @@ pub const KERNEL_NAMES: &[&str] = &[
     "add_assign_bf16_f32",
     "scale_f32",
     "scale_bf16",
-    "fill_f32",
-    "fill_bf16",
     "cast_f32_to_bf16",
     "cast_bf16_to_f32",
     "gather_rows_f32",

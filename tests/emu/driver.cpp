@@ -713,12 +713,24 @@ EXPORT CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUst
     return cuMemsetD8_v2(dst, v, n);
 }
 
-EXPORT CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned v, size_t n, CUstream) {
+// cuMemsetD16/D32: `n` words of `v`, at an address aligned to the word as the driver
+// requires.
+template <typename W> CUresult memset_words(const char* call, CUdeviceptr dst, W v, size_t n) {
     std::lock_guard<std::recursive_mutex> lock(mu);
-    if (CUresult r = check_range("cuMemsetD32", dst, n * 4)) return r;
-    unsigned* p = reinterpret_cast<unsigned*>(dst);
+    if (dst % sizeof(W) != 0) {
+        say("%s: 0x%lx is not aligned to its %zu-byte words", call, (unsigned long)dst, sizeof(W));
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if (CUresult r = check_range(call, dst, n * sizeof(W))) return r;
+    W* p = reinterpret_cast<W*>(dst);
     for (size_t i = 0; i < n; ++i) p[i] = v;
     return CUDA_SUCCESS;
+}
+EXPORT CUresult cuMemsetD16Async(CUdeviceptr dst, unsigned short v, size_t n, CUstream) {
+    return memset_words("cuMemsetD16", dst, v, n);
+}
+EXPORT CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned v, size_t n, CUstream) {
+    return memset_words("cuMemsetD32", dst, v, n);
 }
 
 EXPORT CUresult cuStreamCreate(CUstream* s, unsigned) {

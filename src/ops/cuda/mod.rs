@@ -49,7 +49,7 @@ use super::{
 };
 use crate::model::safetensors_io::decode_f32;
 use blaslt::{BlasLt, GemmDtype, GemmShape};
-use runtime::{args, grid_1d, int, Runtime, BLOCK};
+use runtime::{args, grid_1d, int, Pattern, Runtime, BLOCK};
 
 use arena::{Arena, Placement};
 pub use runtime::{probe_libraries, probe_nccl};
@@ -142,7 +142,7 @@ impl CudaOps {
         match self.arena.place(bytes as u64) {
             Placement::Region { ptr, tie } => {
                 if self.arena.poison {
-                    self.rt.memset(ptr, 0xff, bytes)?;
+                    self.rt.memset(ptr, Pattern::U8(0xff), bytes)?;
                 }
                 Ok(CudaBuf::region(ptr, n, dtype, tie))
             }
@@ -322,12 +322,15 @@ impl CudaOps {
         format!("{base}_{}", self.dtype.suffix())
     }
 
-    /// Fills a tensor with a value (NaN poisoning in tests, -inf log-sum-exp rows). An f32
-    /// tensor gets the bits of `v` unchanged; a bf16 one gets `v` rounded.
+    /// Fills a tensor with a value (NaN poisoning in tests, -inf log-sum-exp rows): a
+    /// memset of its words. An f32 tensor gets the bits of `v` unchanged; a bf16 one gets
+    /// `v` rounded (to nearest even; a NaN stays a NaN).
     pub fn fill(&self, t: &mut CudaTensor, v: f32) -> Result<()> {
-        let n = t.numel();
-        let kernel = format!("fill_{}", t.dtype().suffix());
-        self.rt.launch(&kernel, grid_1d(n), args![self.ptr(t), n as u64, v])
+        let word = match t.dtype() {
+            DType::F32 => Pattern::U32(v.to_bits()),
+            DType::Bf16 => Pattern::U16(half::bf16::from_f32(v).to_bits()),
+        };
+        self.rt.memset(self.ptr(t), word, t.numel())
     }
 
     /// `c = alpha·op(a)·op(b) + beta·c` (see [`GemmShape`]), sizes and types checked: a
@@ -840,7 +843,7 @@ impl Ops for CudaOps {
 
     fn fill_zero(&self, t: &mut CudaTensor) -> Result<()> {
         let _range = crate::profiling::range(c"fill_zero");
-        self.rt.memset(t.buf.ptr(), 0, t.buf.bytes())
+        self.rt.memset(t.buf.ptr(), Pattern::U8(0), t.buf.bytes())
     }
 
     /// Rows of either type into rows of either type (converted when they differ, e.g.
@@ -1953,7 +1956,6 @@ mod tests {
     #[test]
     fn every_typed_kernel_name_exists() {
         let typed = [
-            "fill",
             "scale",
             "add_bias_rows",
             "lora_xa_dropout",

@@ -47,6 +47,14 @@ pub fn probe_nccl() -> Result<()> {
     Ok(())
 }
 
+/// What [`Runtime::memset`] repeats: a byte, or a 2- or 4-byte word.
+#[derive(Clone, Copy, Debug)]
+pub enum Pattern {
+    U8(u8),
+    U16(u16),
+    U32(u32),
+}
+
 /// A kernel of the fatbin, and the dynamic shared memory it has been allowed so far.
 struct Kernel {
     f: CudaFunction,
@@ -200,15 +208,25 @@ impl Runtime {
         Ok(())
     }
 
-    /// Sets `bytes` bytes from `ptr` to `value`, in stream order.
-    pub fn memset(&self, ptr: u64, value: u8, bytes: usize) -> Result<()> {
+    /// Sets `n` elements from `ptr` to `value`'s bits, in stream order: bytes, or 2- or
+    /// 4-byte words (cuMemsetD8/D16/D32; `ptr` aligned to the word).
+    pub fn memset(&self, ptr: u64, value: Pattern, n: usize) -> Result<()> {
+        use cudarc::driver::sys;
         self.ctx.bind_to_thread().context("binding the CUDA context")?;
+        let stream = self.stream.cu_stream();
         self.clocked(
             || "memset".to_string(),
-            // SAFETY: the caller's buffer holds `bytes` bytes from `ptr`.
+            // SAFETY: the caller's buffer holds `n` elements of the pattern's size from `ptr`.
             || {
-                unsafe { result::memset_d8_async(ptr, value, bytes, self.stream.cu_stream()) }
-                    .context("memset")
+                unsafe {
+                    match value {
+                        Pattern::U8(v) => sys::cuMemsetD8Async(ptr, v, n, stream),
+                        Pattern::U16(v) => sys::cuMemsetD16Async(ptr, v, n, stream),
+                        Pattern::U32(v) => sys::cuMemsetD32Async(ptr, v, n, stream),
+                    }
+                }
+                .result()
+                .context("memset")
             },
         )
     }

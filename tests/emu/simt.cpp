@@ -393,9 +393,10 @@ std::string run_block(size_t n, Rng& rng, bool shuffle) {
         f.tid = uint3{unsigned(i % dim.x), unsigned(i / dim.x % dim.y), unsigned(i / (size_t(dim.x) * dim.y))};
         f.lane = int(i % 32);
         f.warp = int(i / 32);
-        f.stack = pool.stacks[i];
-        start_fiber(&f);
     }
+    // A fiber takes a stack when it first runs and gives it back when it exits, so the
+    // threads of a kernel without barriers all run on one stack, warm in the cache.
+    std::vector<void*> free_stacks(pool.stacks.rbegin() + (pool.stacks.size() - n), pool.stacks.rend());
     std::vector<uint32_t> order(n);
     for (size_t i = 0; i < n; ++i) order[i] = uint32_t(i);
     for (;;) {
@@ -407,8 +408,15 @@ std::string run_block(size_t n, Rng& rng, bool shuffle) {
         }
         for (size_t i = 0; i < n; ++i) {
             Fiber& f = fibers[order[i]];
-            if (!f.done && f.wait == Wait::None) resume(&f);
+            if (f.done || f.wait != Wait::None) continue;
+            if (!f.stack) {
+                f.stack = free_stacks.back();
+                free_stacks.pop_back();
+                start_fiber(&f);
+            }
+            resume(&f);
             if (!fiber_error.empty()) return fiber_error;
+            if (f.done) free_stacks.push_back(f.stack);
         }
         std::string error;
         const int released = release_warps(fibers, n, error);

@@ -5,7 +5,8 @@
 //! the folded LoRA paths, trains the CPU's adapter to bf16's precision), full fine-tuning
 //! does too in both modes (in bf16 on f32 master weights, also on two GPUs), NCCL data
 //! parallelism (by hand with world size 1, and two workers on two emulated GPUs) follows
-//! one process, and `eval`, `bench` and `parity` run on it.
+//! one process, `loop`'s agents share one CUDA base and each trains as it would alone,
+//! and `eval`, `bench` and `parity` run on it.
 //!
 //! These check the CUDA backend's host code, kernels and library calls for correctness,
 //! nothing about speed. Each test is skipped (and says so) in a build without kernels,
@@ -277,6 +278,62 @@ fn nccl_data_parallel_follows_one_process() {
     let (_, err) = run_ok(&mut cmd, "finetune on two GPUs");
     assert!(err.contains("all 2 ranks arrived") && err.contains("rank 1 of 2 on GPU 1"), "{err}");
     follows(&two, &plain, &base, 1e-5, "2 GPUs vs 1");
+}
+
+/// `tuneloop loop` with two agents on one CUDA bf16 base: the base is loaded once, and
+/// the second agent's promoted adapter has the bytes it has when that agent runs alone
+/// (the LoRA columns folded into the shared base's products are rewritten by every
+/// product that uses them, so the first agent leaves nothing behind).
+#[test]
+fn loop_agents_share_a_cuda_base_and_train_as_alone() {
+    let Some(mut both) = emulated() else { return common::skipped_without_emulator() };
+    let Some(mut alone) = emulated() else { return common::skipped_without_emulator() };
+    // bf16 on CUDA, and short enough for the emulator: 2 steps of 2 rows of 64 tokens
+    let on_cuda = |recipe: String| {
+        recipe
+            .replace("backend: auto", "backend: cuda")
+            .replace("dtype: f32", "dtype: bf16")
+            .replace("seq_len: 256", "seq_len: 64")
+            .replace("global_batch_size: 8", "global_batch_size: 2")
+            .replace("local_batch_size: 4", "local_batch_size: 1")
+            .replace("max_steps: 4", "max_steps: 2")
+    };
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for dir in [a.path(), b.path()] {
+        let loop_yaml = common::loop_setup(dir, on_cuda);
+        // the gate on 3 conversations of the agent's task and 3 of the regression set
+        let small = |from: &str, name: &str| {
+            let file = dir.join(name);
+            std::fs::write(&file, common::feedback_head(from, 3)).unwrap();
+            file.display().to_string()
+        };
+        let task = small("configs/quickstart/feedback.jsonl", "task.jsonl");
+        let regression = small("configs/quickstart/regression.jsonl", "regression.jsonl");
+        let yaml = std::fs::read_to_string(&loop_yaml).unwrap();
+        let (head, rest) = yaml.split_once("      regression: [").unwrap();
+        let (_, tail) = rest.split_once(']').unwrap();
+        let yaml = format!("{head}      task: [{task}]\n      regression: [{regression}]{tail}");
+        std::fs::write(&loop_yaml, yaml).unwrap();
+        common::add_second_agent(dir);
+    }
+    let (stdout, stderr) = run_ok(both.args(["loop", "-c"]).arg(a.path().join("loop.yaml")), "loop on CUDA");
+    assert!(stdout.contains("| order-help | v1 |") && stdout.contains("| returns | v1 |"), "{stdout}");
+    assert_eq!(
+        stderr.matches("loaded on cuda-bf16, kept for the agents after this one").count(),
+        1,
+        "{stderr}"
+    );
+    run_ok(
+        alone.args(["loop", "--agent", "returns", "-c"]).arg(b.path().join("loop.yaml")),
+        "loop on CUDA, one agent",
+    );
+    let returns = common::promoted_adapter(a.path(), "returns", "production");
+    assert_eq!(
+        returns,
+        common::promoted_adapter(b.path(), "returns", "production"),
+        "on CUDA the second agent's adapter depends on the first"
+    );
+    assert_ne!(common::promoted_adapter(a.path(), "order-help", "production"), returns);
 }
 
 #[test]

@@ -8,7 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{adapter_values, tuneloop_cmd};
+use common::{adapter_values, add_second_agent, feedback_head, promoted_adapter, tuneloop_cmd};
 use tuneloop::lifecycle::{run as run_loop, LoopConfig, TrainOn};
 use tuneloop::registry::Registry;
 use tuneloop::util::rel_l2;
@@ -23,49 +23,8 @@ fn run(
     run_loop(cfg, only, force, progress, &TrainOn::InProcess)
 }
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The first `n` conversations of a bundled feedback log.
-fn feedback_head(file: &str, n: usize) -> String {
-    let text = std::fs::read_to_string(root().join(file)).unwrap();
-    text.lines().take(n).collect::<Vec<_>>().join("\n")
-}
-
 fn setup(tmp: &Path) -> LoopConfig {
-    let base = tmp.join("base");
-    tuneloop::model::export::init_random_model(
-        &tuneloop::ops::cpu::CpuOps,
-        "tiny",
-        &root().join("configs/quickstart/tokenizer"),
-        &base,
-        0,
-        0.08,
-    )
-    .unwrap();
-    // the quickstart recipe, shortened
-    let recipe = std::fs::read_to_string(root().join("configs/quickstart.yaml"))
-        .unwrap()
-        .replace("max_steps: 100", "max_steps: 4")
-        .replace("val_every_steps: 10", "val_every_steps: 2")
-        .replace("ckpt_every_steps: 20", "ckpt_every_steps: 2");
-    std::fs::write(tmp.join("recipe.yaml"), recipe).unwrap();
-    let inbox = tmp.join("inbox");
-    std::fs::create_dir_all(&inbox).unwrap();
-    let head = feedback_head("configs/quickstart/feedback.jsonl", 60);
-    std::fs::write(inbox.join("day1.jsonl"), head).unwrap();
-    let yaml = format!(
-        "registry: {r}\nbase_model: {b}\nwork_dir: {w}\nagents:\n  - name: order-help\n    feedback_dir: {i}\n    recipe: {rc}\n    eval:\n      regression: [{reg}]\n      turns: last\n    gate:\n      task_metric: token_accuracy\n      margin: -1.0\n      regression_metric: loss\n      tolerance: 100.0\n",
-        r = tmp.join("registry").display(),
-        b = base.display(),
-        w = tmp.join("work").display(),
-        i = inbox.display(),
-        rc = tmp.join("recipe.yaml").display(),
-        reg = root().join("configs/quickstart/regression.jsonl").display(),
-    );
-    std::fs::write(tmp.join("loop.yaml"), yaml).unwrap();
-    LoopConfig::load(&tmp.join("loop.yaml")).unwrap()
+    LoopConfig::load(&common::loop_setup(tmp, |recipe| recipe)).unwrap()
 }
 
 /// The agent's cycle run directories so far (none before its first cycle starts).
@@ -239,23 +198,6 @@ fn an_interrupted_cycle_keeps_its_checkpoint_and_the_next_run_finishes_it() {
     assert_eq!(common::train_losses(&run_dir).len(), 40, "the cycle's steps, each logged once");
 }
 
-/// A second agent on the same base, `returns`, with its own feedback (the quickstart's
-/// second day) and the same recipe and gate.
-fn add_second_agent(tmp: &Path) {
-    let inbox = tmp.join("inbox-returns");
-    std::fs::create_dir_all(&inbox).unwrap();
-    let day2 = feedback_head("configs/quickstart/feedback-day2.jsonl", 40);
-    std::fs::write(inbox.join("day1.jsonl"), day2).unwrap();
-    let yaml = std::fs::read_to_string(tmp.join("loop.yaml")).unwrap();
-    let (_, first) = yaml.split_once("agents:\n").unwrap();
-    let second = first.replacen("name: order-help", "name: returns", 1).replacen(
-        &tmp.join("inbox").display().to_string(),
-        &inbox.display().to_string(),
-        1,
-    );
-    std::fs::write(tmp.join("loop.yaml"), format!("{yaml}{second}")).unwrap();
-}
-
 /// The agents of one run share the base model: it is loaded once, and what each agent
 /// trains and promotes is what it would be if it ran alone.
 #[test]
@@ -277,11 +219,7 @@ fn agents_on_one_base_load_it_once_and_train_as_alone() {
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].version.as_deref(), Some("v1"), "{rows:?}");
 
-    let promoted = |tmp: &Path| {
-        let reg = Registry::open(tmp.join("registry")).unwrap();
-        std::fs::read(reg.resolve("returns", "production").unwrap().join("adapter_model.safetensors"))
-            .unwrap()
-    };
+    let promoted = |tmp: &Path| promoted_adapter(tmp, "returns", "production");
     assert_eq!(
         promoted(both.path()),
         promoted(alone.path()),

@@ -208,3 +208,75 @@ pub fn bf16_copy(src: &Path, dst: &Path) {
     });
     safetensors::serialize_to_file(views, None, &dst.join("model.safetensors")).unwrap();
 }
+
+fn repo_file(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// The first `n` conversations of a bundled feedback log.
+pub fn feedback_head(file: &str, n: usize) -> String {
+    let text = std::fs::read_to_string(repo_file(file)).unwrap();
+    text.lines().take(n).collect::<Vec<_>>().join("\n")
+}
+
+/// A `tuneloop loop` set up in `tmp`: a tiny random base model, the quickstart recipe cut
+/// to 4 steps and then changed by `edit`, 60 conversations of feedback in an inbox, and
+/// `loop.yaml` with one agent, `order-help`, whose gate passes whatever it measures.
+/// Returns loop.yaml's path.
+pub fn loop_setup(tmp: &Path, edit: impl Fn(String) -> String) -> PathBuf {
+    let base = tmp.join("base");
+    tuneloop::model::export::init_random_model(
+        &tuneloop::ops::cpu::CpuOps,
+        "tiny",
+        &repo_file("configs/quickstart/tokenizer"),
+        &base,
+        0,
+        0.08,
+    )
+    .unwrap();
+    let recipe = std::fs::read_to_string(repo_file("configs/quickstart.yaml"))
+        .unwrap()
+        .replace("max_steps: 100", "max_steps: 4")
+        .replace("val_every_steps: 10", "val_every_steps: 2")
+        .replace("ckpt_every_steps: 20", "ckpt_every_steps: 2");
+    std::fs::write(tmp.join("recipe.yaml"), edit(recipe)).unwrap();
+    let inbox = tmp.join("inbox");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let head = feedback_head("configs/quickstart/feedback.jsonl", 60);
+    std::fs::write(inbox.join("day1.jsonl"), head).unwrap();
+    let yaml = format!(
+        "registry: {r}\nbase_model: {b}\nwork_dir: {w}\nagents:\n  - name: order-help\n    feedback_dir: {i}\n    recipe: {rc}\n    eval:\n      regression: [{reg}]\n      turns: last\n    gate:\n      task_metric: token_accuracy\n      margin: -1.0\n      regression_metric: loss\n      tolerance: 100.0\n",
+        r = tmp.join("registry").display(),
+        b = base.display(),
+        w = tmp.join("work").display(),
+        i = inbox.display(),
+        rc = tmp.join("recipe.yaml").display(),
+        reg = repo_file("configs/quickstart/regression.jsonl").display(),
+    );
+    std::fs::write(tmp.join("loop.yaml"), yaml).unwrap();
+    tmp.join("loop.yaml")
+}
+
+/// A second agent on the same base, `returns`, in the loop.yaml of [`loop_setup`]: its
+/// own feedback (40 conversations of the quickstart's second day), the first agent's
+/// recipe and gate.
+pub fn add_second_agent(tmp: &Path) {
+    let inbox = tmp.join("inbox-returns");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let day2 = feedback_head("configs/quickstart/feedback-day2.jsonl", 40);
+    std::fs::write(inbox.join("day1.jsonl"), day2).unwrap();
+    let yaml = std::fs::read_to_string(tmp.join("loop.yaml")).unwrap();
+    let (_, first) = yaml.split_once("agents:\n").unwrap();
+    let second = first.replacen("name: order-help", "name: returns", 1).replacen(
+        &tmp.join("inbox").display().to_string(),
+        &inbox.display().to_string(),
+        1,
+    );
+    std::fs::write(tmp.join("loop.yaml"), format!("{yaml}{second}")).unwrap();
+}
+
+/// The adapter file agent `agent`'s alias `alias` points to in the registry in `tmp`.
+pub fn promoted_adapter(tmp: &Path, agent: &str, alias: &str) -> Vec<u8> {
+    let reg = tuneloop::registry::Registry::open(tmp.join("registry")).unwrap();
+    std::fs::read(reg.resolve(agent, alias).unwrap().join("adapter_model.safetensors")).unwrap()
+}

@@ -81,13 +81,12 @@ fn main() {
     let usage = compile(&nvcc, &kernels_dir, &unit, &fatbin);
     println!("cargo::rustc-cfg=tuneloop_kernels");
     // Spilled registers go through local memory: a kernel tuned for Hopper should not.
-    for ((name, arch), u) in &usage {
-        if arch == EMULATED_ARCH && u.spill_bytes > 0 {
-            println!(
-                "cargo::warning=nvcc: kernel {name} spills {} bytes of registers on {arch} ({} registers a thread)",
-                u.spill_bytes, u.registers
-            );
-        }
+    for (name, u) in usage.iter().filter(|(_, u)| u.spill_bytes > 0) {
+        println!(
+            "cargo::warning=nvcc: kernel {name} spills {} bytes of registers on {EMULATED_ARCH} ({} registers a \
+             thread)",
+            u.spill_bytes, u.registers
+        );
     }
 
     let emu_src = manifest_dir.join("tests").join("emu");
@@ -123,7 +122,8 @@ fn kernel_entries(src: &str) -> Vec<(String, u32)> {
     entries
 }
 
-/// The architecture whose limits the emulator enforces: it answers as an H100.
+/// The architecture whose resources are read: the emulator enforces its limits (it
+/// answers as an H100), and its spills are warned about.
 const EMULATED_ARCH: &str = "sm_90a";
 
 /// What ptxas reported for one kernel on one architecture.
@@ -136,12 +136,12 @@ struct Usage {
     spill_bytes: u32,
 }
 
-/// Every kernel's [`Usage`] by (kernel, architecture), from the log of nvcc's
-/// `--resource-usage`: for each kernel ptxas writes
+/// Every kernel's [`Usage`] on [`EMULATED_ARCH`] by name, from the log of nvcc's
+/// `--resource-usage`: for each kernel and architecture ptxas writes
 /// `Compiling entry function 'NAME' for 'sm_90a'`, then a line with
 /// `N bytes spill stores, M bytes spill loads` and one with
 /// `Used R registers, ..., S bytes smem, ...` (no `smem` when it has none).
-fn resource_usage(log: &str) -> BTreeMap<(String, String), Usage> {
+fn resource_usage(log: &str) -> BTreeMap<String, Usage> {
     /// The number right before `unit` in `line` (`"... 12 bytes smem"`, " bytes smem").
     fn number_before(line: &str, unit: &str) -> Option<u32> {
         let at = line.find(unit)?;
@@ -149,17 +149,19 @@ fn resource_usage(log: &str) -> BTreeMap<(String, String), Usage> {
         digits.parse().ok()
     }
     let mut usage = BTreeMap::new();
-    let mut current: Option<(String, String)> = None;
+    // The kernel whose report the lines are, when it is one for EMULATED_ARCH.
+    let mut current: Option<String> = None;
     for line in log.lines() {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             let mut quoted = rest.split('\'');
             let name = quoted.next().unwrap_or_default().to_string();
-            let arch = quoted.nth(1).unwrap_or_default().to_string();
-            usage.insert((name.clone(), arch.clone()), Usage::default());
-            current = Some((name, arch));
+            current = (quoted.nth(1) == Some(EMULATED_ARCH)).then_some(name);
+            if let Some(name) = &current {
+                usage.insert(name.clone(), Usage::default());
+            }
             continue;
         }
-        let Some(u) = current.as_ref().and_then(|key| usage.get_mut(key)) else { continue };
+        let Some(u) = current.as_ref().and_then(|name| usage.get_mut(name)) else { continue };
         if line.contains("bytes spill stores") {
             u.spill_bytes = number_before(line, " bytes spill stores").unwrap_or(0)
                 + number_before(line, " bytes spill loads").unwrap_or(0);
@@ -177,7 +179,7 @@ fn build_emulator(
     src: &Path,
     kernels_dir: &Path,
     cu_files: &[PathBuf],
-    usage: &BTreeMap<(String, String), Usage>,
+    usage: &BTreeMap<String, Usage>,
     out: &Path,
 ) -> Result<PathBuf, String> {
     fs::create_dir_all(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
@@ -189,7 +191,7 @@ fn build_emulator(
         let text = fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
         writeln!(unit, "#include \"{}\"", file.display()).unwrap();
         for (name, bound) in kernel_entries(&text) {
-            let u = usage.get(&(name.clone(), EMULATED_ARCH.to_string())).ok_or_else(|| {
+            let u = usage.get(&name).ok_or_else(|| {
                 format!("ptxas reported no registers for kernel {name} on {EMULATED_ARCH} (nvcc --resource-usage)")
             })?;
             writeln!(
@@ -338,8 +340,9 @@ fn is_executable(path: &Path) -> bool {
     }
 }
 
-/// Compiles the fatbin; returns what ptxas reported of each kernel's resources.
-fn compile(nvcc: &Path, kernels_dir: &Path, unit: &Path, fatbin: &Path) -> BTreeMap<(String, String), Usage> {
+/// Compiles the fatbin; returns what ptxas reported of each kernel's resources on
+/// [`EMULATED_ARCH`].
+fn compile(nvcc: &Path, kernels_dir: &Path, unit: &Path, fatbin: &Path) -> BTreeMap<String, Usage> {
     let mut cmd = Command::new(nvcc);
     cmd.args(NVCC_FLAGS).arg("-I").arg(kernels_dir).arg("-o").arg(fatbin).arg(unit);
     let started = Instant::now();

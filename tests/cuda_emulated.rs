@@ -327,13 +327,15 @@ fn loop_agents_share_a_cuda_base_and_train_as_alone() {
         alone.args(["loop", "--agent", "returns", "-c"]).arg(b.path().join("loop.yaml")),
         "loop on CUDA, one agent",
     );
-    let returns = common::promoted_adapter(a.path(), "returns", "production");
+    let registry = |dir: &Path| tuneloop::registry::Registry::open(dir.join("registry")).unwrap();
+    let (both_reg, alone_reg) = (registry(a.path()), registry(b.path()));
+    let returns = common::promoted_adapter(&both_reg, "returns", "production");
     assert_eq!(
         returns,
-        common::promoted_adapter(b.path(), "returns", "production"),
+        common::promoted_adapter(&alone_reg, "returns", "production"),
         "on CUDA the second agent's adapter depends on the first"
     );
-    assert_ne!(common::promoted_adapter(a.path(), "order-help", "production"), returns);
+    assert_ne!(common::promoted_adapter(&both_reg, "order-help", "production"), returns);
 }
 
 #[test]

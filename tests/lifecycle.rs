@@ -35,10 +35,6 @@ fn cycle_dirs(cfg: &LoopConfig) -> Vec<PathBuf> {
     }
 }
 
-fn adapter_bytes(reg: &Registry, alias: &str) -> Vec<u8> {
-    std::fs::read(reg.resolve("order-help", alias).unwrap().join("adapter_model.safetensors")).unwrap()
-}
-
 #[test]
 fn loop_is_idempotent_resumable_and_rolls_back() {
     let tmp = tempfile::tempdir().unwrap();
@@ -48,7 +44,7 @@ fn loop_is_idempotent_resumable_and_rolls_back() {
     assert_eq!(rows[0].gate, Some(true));
     let reg = Registry::open(&cfg.registry).unwrap();
     assert_eq!(reg.aliases("order-help").unwrap()["production"].version, "v1");
-    let v1 = adapter_bytes(&reg, "production");
+    let v1 = promoted_adapter(&reg, "order-help", "production");
 
     // no new feedback: nothing happens
     let rows = run(&cfg, None, false, false).unwrap();
@@ -69,9 +65,9 @@ fn loop_is_idempotent_resumable_and_rolls_back() {
     let v2 = reg.version("order-help", "v2").unwrap();
     assert_eq!(v2.lineage.parent.as_deref(), Some("v1"));
     assert!(v2.lineage.gate_report.is_some());
-    assert_ne!(adapter_bytes(&reg, "production"), v1);
+    assert_ne!(promoted_adapter(&reg, "order-help", "production"), v1);
     reg.rollback("order-help", "test", "rollback").unwrap();
-    assert_eq!(adapter_bytes(&reg, "production"), v1);
+    assert_eq!(promoted_adapter(&reg, "order-help", "production"), v1);
 }
 
 #[test]
@@ -219,7 +215,9 @@ fn agents_on_one_base_load_it_once_and_train_as_alone() {
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].version.as_deref(), Some("v1"), "{rows:?}");
 
-    let promoted = |tmp: &Path| promoted_adapter(tmp, "returns", "production");
+    let promoted = |tmp: &Path| {
+        promoted_adapter(&Registry::open(tmp.join("registry")).unwrap(), "returns", "production")
+    };
     assert_eq!(
         promoted(both.path()),
         promoted(alone.path()),
@@ -227,7 +225,7 @@ fn agents_on_one_base_load_it_once_and_train_as_alone() {
     );
     let reg = Registry::open(both.path().join("registry")).unwrap();
     assert_ne!(
-        adapter_bytes(&reg, "production"),
+        promoted_adapter(&reg, "order-help", "production"),
         promoted(both.path()),
         "the two agents trained on different feedback"
     );

@@ -3,8 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
+/// A file or folder of the repository, by its path from the root.
+pub fn repo_file(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
 pub fn golden(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf-goldens").join(case)
+    repo_file("tests/fixtures/hf-goldens").join(case)
 }
 
 pub const CASES: [&str; 3] = ["llama-gqa", "llama3-rope-tied", "qwen2-bias"];
@@ -209,10 +214,6 @@ pub fn bf16_copy(src: &Path, dst: &Path) {
     safetensors::serialize_to_file(views, None, &dst.join("model.safetensors")).unwrap();
 }
 
-fn repo_file(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-}
-
 /// The first `n` conversations of a bundled feedback log.
 pub fn feedback_head(file: &str, n: usize) -> String {
     let text = std::fs::read_to_string(repo_file(file)).unwrap();
@@ -275,8 +276,7 @@ pub fn add_second_agent(tmp: &Path) {
     std::fs::write(tmp.join("loop.yaml"), format!("{yaml}{second}")).unwrap();
 }
 
-/// The adapter file agent `agent`'s alias `alias` points to in the registry in `tmp`.
-pub fn promoted_adapter(tmp: &Path, agent: &str, alias: &str) -> Vec<u8> {
-    let reg = tuneloop::registry::Registry::open(tmp.join("registry")).unwrap();
+/// The bytes of the adapter that agent `agent`'s alias `alias` points to in `reg`.
+pub fn promoted_adapter(reg: &tuneloop::registry::Registry, agent: &str, alias: &str) -> Vec<u8> {
     std::fs::read(reg.resolve(agent, alias).unwrap().join("adapter_model.safetensors")).unwrap()
 }

@@ -119,6 +119,9 @@ struct Pool {
     std::vector<void*> stacks;
     std::vector<CpQueue> cp;
     std::vector<unsigned char> dynamic_shared;
+    // run_block's: the stacks no running fiber holds, and the order fibers resume in.
+    std::vector<void*> free_stacks;
+    std::vector<uint32_t> order;
 
     bool reserve(size_t n, std::string& error) {
         while (stacks.size() < n) {
@@ -396,8 +399,10 @@ std::string run_block(size_t n, Rng& rng, bool shuffle) {
     }
     // A fiber takes a stack when it first runs and gives it back when it exits, so the
     // threads of a kernel without barriers all run on one stack, warm in the cache.
-    std::vector<void*> free_stacks(pool.stacks.rbegin() + (pool.stacks.size() - n), pool.stacks.rend());
-    std::vector<uint32_t> order(n);
+    std::vector<void*>& free_stacks = pool.free_stacks;
+    free_stacks.assign(pool.stacks.rend() - n, pool.stacks.rend());
+    std::vector<uint32_t>& order = pool.order;
+    order.resize(n);
     for (size_t i = 0; i < n; ++i) order[i] = uint32_t(i);
     for (;;) {
         if (shuffle) {

@@ -224,8 +224,8 @@ template <typename... A> constexpr uint64_t pointer_mask() {
 template <typename... A>
 Kernel make_kernel(const char* name, void (*f)(A...), int max_threads, int registers, int static_shared) {
     static_assert(sizeof...(A) <= 64, "too many kernel parameters");
-    return Kernel{name,        reinterpret_cast<AnyFn>(f), &invoke_as<A...>, int(sizeof...(A)), pointer_mask<A...>(),
-                  max_threads, registers,                 static_shared};
+    return Kernel{name, reinterpret_cast<AnyFn>(f), &invoke_as<A...>, int(sizeof...(A)),
+                  pointer_mask<A...>(), max_threads, registers, static_shared};
 }
 
 // Defined in the generated kernel unit.

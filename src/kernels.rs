@@ -120,6 +120,9 @@ pub const KERNEL_NAMES: &[&str] = &[
     "col_sum_acc_bf16",
     "cast_f32_to_bf16_multi",
     "zero_multi",
+    // kernels/wgmma.cu
+    "wgmma_probe_n64_bf16",
+    "wgmma_probe_n128_bf16",
 ];
 
 #[cfg(test)]

@@ -249,6 +249,66 @@ fn launches_are_bounded_by_registers_and_shared_memory_as_on_the_gpu() {
     rt.sync().expect("a refused launch leaves the stream usable");
 }
 
+/// wgmma (sm_90a's warpgroup product, kernels/common.cuh) in each shared-memory layout the
+/// tensor-core kernels may use, against a product on the host: A from shared memory or
+/// from registers, B K-major (as a K tile) or MN-major (as a V tile), no swizzle or the
+/// 128-byte one, N 64 and 128, k 16 to 64. On a GPU this holds the CPU emulator's wgmma
+/// (its descriptors, swizzles and fragments) to the hardware's; on the emulator it checks
+/// the kernels/wgmma.cu probe's layouts against the emulator.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn wgmma_matches_a_host_product_in_every_layout() {
+    use cudarc::driver::{sys::CUdevice_attribute, LaunchConfig};
+    use half::bf16;
+    use tuneloop::ops::cuda::runtime::{Arg, Pattern};
+    let ops = CudaOps::new(0, DType::Bf16).expect("a CUDA device and kernels");
+    let rt = ops.runtime();
+    let major = rt.ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).unwrap();
+    if major < 9 {
+        eprintln!("skipped: wgmma needs sm_90a, this GPU is sm_{major}x");
+        return;
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(90);
+    for n in [64usize, 128] {
+        for k in [16usize, 32, 64] {
+            for mode in 0..8 {
+                let a: Vec<bf16> = (0..64 * k).map(|_| bf16::from_f32(rng.random_range(-1.0..1.0))).collect();
+                let b: Vec<bf16> = (0..k * n).map(|_| bf16::from_f32(rng.random_range(-1.0..1.0))).collect();
+                let mut want = vec![0.0f32; 64 * n];
+                for (i, w) in want.iter_mut().enumerate() {
+                    let (r, c) = (i / n, i % n);
+                    *w = (0..k).map(|j| a[r * k + j].to_f64() * b[j * n + c].to_f64()).sum::<f64>() as f32;
+                }
+                let da = rt.stream.clone_htod(&a).unwrap();
+                let db = rt.stream.clone_htod(&b).unwrap();
+                let dd = rt.stream.alloc_zeros::<f32>(64 * n).unwrap();
+                rt.memset(rt.ptr(&dd), Pattern::U32(POISON), 64 * n).unwrap();
+                let cfg = LaunchConfig {
+                    grid_dim: (1, 1, 1),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: (1024 + (64 + n) * 128) as u32,
+                };
+                let args = [
+                    Arg::U64(rt.ptr(&dd)),
+                    Arg::U64(rt.ptr(&da)),
+                    Arg::U64(rt.ptr(&db)),
+                    Arg::I32(k as i32),
+                    Arg::I32(mode),
+                ];
+                rt.launch(&format!("wgmma_probe_n{n}_bf16"), cfg, &args).unwrap();
+                let got = rt.download(&dd).unwrap();
+                let what = format!(
+                    "wgmma m64n{n}, k {k}, A from {}, B {}, {}",
+                    if mode & 1 != 0 { "registers" } else { "shared memory" },
+                    if mode & 2 != 0 { "MN-major" } else { "K-major" },
+                    if mode & 4 != 0 { "128-byte swizzle" } else { "no swizzle" }
+                );
+                close(&what, &got, &want, TOL);
+            }
+        }
+    }
+}
+
 #[test]
 fn auto_backend_falls_back_to_the_cpu() {
     let backend = select(BackendKind::Auto, DType::F32).expect("auto always has a backend");

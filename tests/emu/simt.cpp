@@ -6,6 +6,7 @@
 #include <string.h>
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -113,11 +114,47 @@ struct CpQueue {
     int groups;
 };
 
+// One wgmma product of a warpgroup, issued and not yet waited for: its operands, each
+// thread's accumulators, and its commit group (-1: not yet committed), counted from 1 per
+// warpgroup. `done` once it ran (BlockState::wgmma_eager runs it when issued).
+// A GPU reads the A registers and the accumulators while the product runs, until the
+// wait that covers it, so the kernel must not write them in between: `a` keeps each
+// thread's A registers as issued, `d_sum` a checksum of its accumulators, compared when
+// the product runs late (and the A registers when it is waited for).
+struct WgProduct {
+    uint64_t desc_a, desc_b;
+    int n;
+    bool scale_d, tnsp_b, reg_a, done;
+    // whether an earlier product of the same accumulators ran after this one was issued
+    // (so they changed, rightly, since)
+    bool d_changed;
+    int group;
+    float* d[128];
+    const uint32_t* a_regs[128];
+    uint32_t a[128][4];
+    uint64_t d_sum[128];
+};
+
+uint64_t checksum(const float* d, int n) {
+    uint64_t h = 0;
+    for (int i = 0; i < n; ++i) {
+        uint32_t u;
+        memcpy(&u, &d[i], 4);
+        h = (h ^ u) * 0x100000001B3ull;
+    }
+    return h;
+}
+struct WgState {
+    std::vector<WgProduct> products;
+    int groups;
+};
+
 // Stacks and fibers, kept between launches.
 struct Pool {
     std::vector<Fiber> fibers;
     std::vector<void*> stacks;
     std::vector<CpQueue> cp;
+    std::vector<WgState> wg;  // per warpgroup of the running block
     std::vector<unsigned char> dynamic_shared;
     // run_block's: the stacks no running fiber holds, and the order fibers resume in.
     std::vector<void*> free_stacks;
@@ -154,6 +191,15 @@ const char* op_name(WarpOp op) {
     case WarpOp::Ballot: return "__ballot_sync";
     case WarpOp::Mma: return "mma.sync.m16n8k16";
     case WarpOp::Ldmatrix: return "ldmatrix.x4";
+    }
+    return "?";
+}
+
+const char* group_op_name(GroupOp op) {
+    switch (op) {
+    case GroupOp::Mma: return "wgmma.mma_async";
+    case GroupOp::Commit: return "wgmma.commit_group";
+    case GroupOp::Wait: return "wgmma.wait_group";
     }
     return "?";
 }
@@ -358,22 +404,218 @@ int release_warps(Fiber* fibers, size_t n, std::string& error) {
     return released;
 }
 
+// The byte of dynamic shared memory at shared address `addr`, or null when `bytes` from
+// it are not all inside.
+unsigned char* shared_at(uint32_t addr, size_t bytes) {
+    const uint32_t base = current_block->shared_base;
+    if (addr < base || addr - base + bytes > current_block->dynamic_shared_bytes) return nullptr;
+    return static_cast<unsigned char*>(current_block->dynamic_shared) + (addr - base);
+}
+
+// Element (r, k) of a wgmma shared-memory operand: r its row (M or N index), k < 16 its
+// column, the matrix K-major (k contiguous) or, with `mn_major`, MN-major, laid out as
+// the descriptor says (kernels/common.cuh gives the layouts).
+bool operand_element(uint64_t desc, bool mn_major, int r, int k, float& out, std::string& error) {
+    const uint32_t start = uint32_t(desc & 0x3FFF) << 4;
+    const uint32_t lbo = uint32_t(desc >> 16 & 0x3FFF) << 4;
+    const uint32_t sbo = uint32_t(desc >> 32 & 0x3FFF) << 4;
+    const int mode = int(desc >> 62);
+    if ((desc >> 49 & 7) != 0) {
+        error = "a wgmma descriptor with a matrix base offset (the emulator takes tiles aligned as their swizzle needs)";
+        return false;
+    }
+    const uint32_t w = mode == 1 ? 8 : mode == 2 ? 4 : mode == 3 ? 2 : 1;  // 16-byte units a swizzled row
+    uint32_t addr;
+    if (!mn_major) {
+        addr = w == 1 ? start + (r % 8) * 16 + (r / 8) * sbo + (k / 8) * lbo + (k % 8) * 2
+                      : start + (r % 8) * 16 * w + (r / 8) * sbo + (k / 8) * 16 + (k % 8) * 2;
+    } else {
+        addr = w == 1 ? start + (r % 8) * 2 + (r / 8) * sbo + (k % 8) * 16 + (k / 8) * lbo
+                      : start + (r % 8) * 2 + (r / 8 % w) * 16 + (r / (8 * w)) * lbo + (k % 8) * 16 * w + (k / 8) * sbo;
+    }
+    if (w > 1) addr ^= ((addr >> 7) & (w - 1)) << 4;
+    const unsigned char* p = shared_at(addr, 2);
+    if (!p) {
+        char buf[224];
+        snprintf(buf, sizeof buf,
+                 "wgmma operand element (%d, %d) at shared address 0x%x (descriptor 0x%016llx), outside the %zu bytes "
+                 "of dynamic shared memory at 0x%x",
+                 r, k, addr, static_cast<unsigned long long>(desc), current_block->dynamic_shared_bytes,
+                 current_block->shared_base);
+        error = buf;
+        return false;
+    }
+    uint16_t h;
+    memcpy(&h, p, 2);
+    out = bf16_lo(h);
+    return true;
+}
+
+// Runs product `i` of warpgroup state `st` (see tl_emu::wgmma).
+bool run_product(WgState& st, size_t i, std::string& error) {
+    WgProduct& p = st.products[i];
+    for (int t = 0; t < 128 && !p.d_changed; ++t) {
+        if (checksum(p.d[t], p.n / 2) != p.d_sum[t]) {
+            error = "thread " + std::to_string(t) +
+                    " of a warpgroup wrote the accumulators of a wgmma product before the wgmma_wait that covers it "
+                    "(a GPU writes them until then)";
+            return false;
+        }
+    }
+    float A[64][16], B[16][256];
+    for (int r = 0; r < 64; ++r) {
+        for (int k = 0; k < 16; ++k) {
+            if (p.reg_a) {
+                // thread 32·(r / 16) + 4g + q holds rows g, g + 8 and columns 2q, 2q + 1, +8
+                const int w = r / 16, g = r % 8, q = k % 8 / 2;
+                const uint32_t reg = p.a[32 * w + 4 * g + q][(r % 16) / 8 + 2 * (k / 8)];
+                A[r][k] = k % 2 ? bf16_hi(reg) : bf16_lo(reg);
+            } else if (!operand_element(p.desc_a, false, r, k, A[r][k], error)) {
+                return false;
+            }
+        }
+    }
+    for (int c = 0; c < p.n; ++c) {
+        for (int k = 0; k < 16; ++k) {
+            if (!operand_element(p.desc_b, p.tnsp_b, c, k, B[k][c], error)) return false;
+        }
+    }
+    for (int t = 0; t < 128; ++t) {
+        const int w = t / 32, g = t % 32 / 4, q = t % 4;
+        float* d = p.d[t];
+        for (int e = 0; e < p.n / 2; ++e) {
+            const int row = 16 * w + g + 8 * (e % 4 / 2), col = 8 * (e / 4) + 2 * q + e % 2;
+            float s = 0.0f;
+            for (int k = 0; k < 16; ++k) s += A[row][k] * B[k][col];
+            d[e] = p.scale_d ? d[e] + s : s;
+        }
+    }
+    p.done = true;
+    for (size_t j = i + 1; j < st.products.size(); ++j) {
+        if (st.products[j].d[0] == p.d[0]) st.products[j].d_changed = true;
+    }
+    return true;
+}
+
+// Releases the warpgroup operations whose 128 threads have all arrived. Returns how many
+// threads it released, or -1 with `error` set when a warpgroup can never complete one.
+int release_groups(Fiber* fibers, size_t n, std::string& error) {
+    int released = 0;
+    for (size_t w0 = 0; w0 < n; w0 += 128) {
+        Fiber* wg = fibers + w0;
+        const size_t lanes = n - w0 < 128 ? n - w0 : 128;
+        size_t waiting = 0, done = 0;
+        for (size_t l = 0; l < lanes; ++l) {
+            waiting += !wg[l].done && wg[l].wait == Wait::Group;
+            done += wg[l].done;
+        }
+        if (waiting == 0) continue;
+        const Fiber& f = wg[0].wait == Wait::Group ? wg[0] : *std::find_if(wg, wg + lanes, [](const Fiber& x) {
+            return !x.done && x.wait == Wait::Group;
+        });
+        if (lanes != 128 || done > 0) {
+            error = group_op_name(f.group_op) + std::string(" by ") + where(f) + " in a warpgroup of " +
+                    std::to_string(lanes - done) + " live threads (all 128 take part)";
+            return -1;
+        }
+        if (waiting != lanes) continue;
+        for (size_t l = 1; l < lanes; ++l) {
+            const Fiber& g = wg[l];
+            const bool same = g.group_op == f.group_op &&
+                              (f.group_op != GroupOp::Mma ||
+                               (g.desc_a == f.desc_a && g.desc_b == f.desc_b && g.wg_n == f.wg_n &&
+                                g.wg_scale_d == f.wg_scale_d && g.wg_tnsp_b == f.wg_tnsp_b && !g.wg_a == !f.wg_a)) &&
+                              (f.group_op != GroupOp::Wait || g.wg_n == f.wg_n);
+            if (!same) {
+                error = "threads of warpgroup " + std::to_string(w0 / 128) + " meet at different warpgroup operations (" +
+                        where(f) + " at " + group_op_name(f.group_op) + ", " + where(g) + " at " +
+                        group_op_name(g.group_op) + ", or the same one with other operands)";
+                return -1;
+            }
+        }
+        WgState& st = pool.wg[w0 / 128];
+        switch (f.group_op) {
+        case GroupOp::Mma: {
+            if (f.wg_n < 8 || f.wg_n > 256 || f.wg_n % 8) {
+                error = "wgmma with N = " + std::to_string(f.wg_n);
+                return -1;
+            }
+            st.products.emplace_back();
+            WgProduct& p = st.products.back();
+            p.desc_a = f.desc_a;
+            p.desc_b = f.desc_b;
+            p.n = f.wg_n;
+            p.scale_d = f.wg_scale_d;
+            p.tnsp_b = f.wg_tnsp_b;
+            p.reg_a = f.wg_a != nullptr;
+            p.done = false;
+            p.group = -1;
+            p.d_changed = false;
+            for (size_t l = 0; l < 128; ++l) {
+                p.d[l] = wg[l].wg_d;
+                p.a_regs[l] = wg[l].wg_a;
+                if (p.reg_a) memcpy(p.a[l], wg[l].wg_a, sizeof p.a[l]);
+                p.d_sum[l] = checksum(p.d[l], p.n / 2);
+            }
+            if (current_block->wgmma_eager) {
+                if (!run_product(st, st.products.size() - 1, error)) return -1;
+            }
+            break;
+        }
+        case GroupOp::Commit:
+            ++st.groups;
+            for (WgProduct& p : st.products) {
+                if (p.group < 0) p.group = st.groups;
+            }
+            break;
+        case GroupOp::Wait: {
+            size_t kept = 0;
+            for (size_t i = 0; i < st.products.size(); ++i) {
+                WgProduct& p = st.products[i];
+                if (p.group >= 0 && p.group <= st.groups - f.wg_n) {
+                    if (!p.done && !run_product(st, i, error)) return -1;
+                    for (size_t l = 0; p.reg_a && l < 128; ++l) {
+                        if (memcmp(p.a[l], p.a_regs[l], sizeof p.a[l]) != 0) {
+                            error = where(wg[l]) +
+                                    " wrote the A registers of a wgmma product before the wgmma_wait that covers it "
+                                    "(a GPU reads them until then)";
+                            return -1;
+                        }
+                    }
+                } else {
+                    if (kept != i) st.products[kept] = p;
+                    ++kept;
+                }
+            }
+            st.products.resize(kept);
+            break;
+        }
+        }
+        for (size_t l = 0; l < lanes; ++l) wg[l].wait = Wait::None;
+        released += int(lanes);
+    }
+    return released;
+}
+
 std::string describe(Fiber* fibers, size_t n) {
     std::string s;
-    size_t at_block = 0, at_warp = 0, done = 0;
+    size_t at_block = 0, at_warp = 0, at_group = 0, done = 0;
     const Fiber* first_warp = nullptr;
     for (size_t i = 0; i < n; ++i) {
         if (fibers[i].done) {
             ++done;
         } else if (fibers[i].wait == Wait::Block) {
             ++at_block;
+        } else if (fibers[i].wait == Wait::Group) {
+            ++at_group;
         } else {
             ++at_warp;
             if (!first_warp) first_warp = &fibers[i];
         }
     }
     s = std::to_string(at_block) + " thread(s) wait at __syncthreads, " + std::to_string(at_warp) +
-        " at a warp operation, " + std::to_string(done) + " exited";
+        " at a warp operation, " + std::to_string(at_group) + " at a warpgroup operation, " + std::to_string(done) +
+        " exited";
     if (first_warp) {
         char mask[16];
         snprintf(mask, sizeof mask, "%08x", first_warp->mask);
@@ -396,6 +638,11 @@ std::string run_block(size_t n, Rng& rng, bool shuffle) {
         f.tid = uint3{unsigned(i % dim.x), unsigned(i / dim.x % dim.y), unsigned(i / (size_t(dim.x) * dim.y))};
         f.lane = int(i % 32);
         f.warp = int(i / 32);
+    }
+    pool.wg.resize((n + 127) / 128);
+    for (WgState& w : pool.wg) {
+        w.products.clear();
+        w.groups = 0;
     }
     // A fiber takes a stack when it first runs and gives it back when it exits, so the
     // threads of a kernel without barriers all run on one stack, warm in the cache.
@@ -427,6 +674,9 @@ std::string run_block(size_t n, Rng& rng, bool shuffle) {
         const int released = release_warps(fibers, n, error);
         if (released < 0) return error;
         if (released > 0) continue;
+        const int released_groups = release_groups(fibers, n, error);
+        if (released_groups < 0) return error;
+        if (released_groups > 0) continue;
         size_t live = 0, at_block = 0;
         for (size_t i = 0; i < n; ++i) {
             if (fibers[i].done) continue;
@@ -438,6 +688,12 @@ std::string run_block(size_t n, Rng& rng, bool shuffle) {
                 if (!pool.cp[i].copies.empty()) {
                     return where(fibers[i]) + " exited with " + std::to_string(pool.cp[i].copies.size()) +
                            " cp.async copies it never waited for";
+                }
+            }
+            for (size_t w = 0; w < pool.wg.size(); ++w) {
+                if (!pool.wg[w].products.empty()) {
+                    return "warpgroup " + std::to_string(w) + " exited with " +
+                           std::to_string(pool.wg[w].products.size()) + " wgmma products it never waited for";
                 }
             }
             return {};
@@ -484,6 +740,8 @@ std::string run_grid(const Kernel& kernel, dim3 grid, dim3 block, size_t dynamic
         const unsigned x = unsigned(b % grid.x), y = unsigned(b / grid.x % grid.y), z = unsigned(b / grid.x / grid.y);
         state.block_idx = uint3{x, y, z};
         state.cp_async_eager = shuffle && (rng.next() >> 63) != 0;
+        state.wgmma_eager = shuffle && (rng.next() >> 63) != 0;
+        state.shared_base = shuffle ? uint32_t(rng.next() >> 58) * 16 : 0;
         fill_poison(pool.dynamic_shared.data(), pool.dynamic_shared.size());
         state.serial = ++blocks_run;
         error = run_block(n, rng, shuffle);
@@ -538,6 +796,47 @@ void cp_async_16(void* dst, const void* src, unsigned src_bytes) {
     } else {
         my_cp_queue().copies.push_back(c);
     }
+}
+
+uint32_t shared_address(const void* p) {
+    const uintptr_t base = reinterpret_cast<uintptr_t>(current_block->dynamic_shared);
+    const uintptr_t at = reinterpret_cast<uintptr_t>(p);
+    if (at < base || at - base > current_block->dynamic_shared_bytes) {
+        char buf[128];
+        snprintf(buf, sizeof buf, "the shared address of %p, which is not in the block's dynamic shared memory", p);
+        fail_in_fiber(buf);
+    }
+    return current_block->shared_base + uint32_t(at - base);
+}
+
+namespace {
+void group_op(GroupOp op) {
+    Fiber* f = current_fiber;
+    f->group_op = op;
+    f->wait = Wait::Group;
+    asm volatile("" ::: "memory");
+    yield_to_scheduler();
+    asm volatile("" ::: "memory");
+}
+}  // namespace
+
+void wgmma(float* d, int n, uint64_t desc_a, const uint32_t* a, uint64_t desc_b, bool scale_d, bool tnsp_b) {
+    Fiber* f = current_fiber;
+    f->wg_d = d;
+    f->wg_n = n;
+    f->desc_a = a ? 0 : desc_a;
+    f->wg_a = a;
+    f->desc_b = desc_b;
+    f->wg_scale_d = scale_d;
+    f->wg_tnsp_b = tnsp_b;
+    group_op(GroupOp::Mma);
+}
+
+void wgmma_commit() { group_op(GroupOp::Commit); }
+
+void wgmma_wait(int pending) {
+    current_fiber->wg_n = pending;
+    group_op(GroupOp::Wait);
 }
 
 void check_aligned(const void* p, unsigned bytes) {

@@ -11,10 +11,12 @@
 // threads, one stack each) that run until they reach a synchronisation point
 // (__syncthreads, a warp shuffle or __syncwarp) and are then resumed in a shuffled
 // order, so code that reads what another thread writes without a barrier in between
-// sees stale data, as it could on a GPU. Warp operations exchange
-// values only when every non-exited lane named in the mask has arrived; a block barrier
-// opens when every non-exited thread of the block has arrived. A block in which neither
-// can ever happen (a barrier in divergent code) fails the launch with a message.
+// sees stale data, as it could on a GPU. Warp operations exchange values only when every
+// non-exited lane named in the mask has arrived; warpgroup operations (wgmma) wait for
+// all 128 threads of the warpgroup, and its products read shared memory when issued or
+// when waited for (drawn per block); a block barrier opens when every non-exited thread
+// of the block has arrived. A block in which none of these can ever happen (a barrier in
+// divergent code) fails the launch with a message.
 //
 // Static shared memory (`TL_SHARED` in kernels/common.cuh) becomes function-local
 // statics: one copy, shared by the threads of the one block that runs at a time (the
@@ -49,6 +51,14 @@ enum class Wait : int {
     None,
     Block,    // __syncthreads
     Warp,     // a warp operation: see WarpOp
+    Group,    // a warpgroup operation (wgmma): see GroupOp
+};
+
+// What the 128 threads of a warpgroup do together (kernels/common.cuh's wgmma helpers).
+enum class GroupOp : int {
+    Mma,     // wgmma.mma_async.m64nNk16.f32.bf16.bf16: see tl_emu::wgmma
+    Commit,  // wgmma.commit_group
+    Wait,    // wgmma.wait_group
 };
 
 enum class WarpOp : int {
@@ -82,6 +92,14 @@ struct Fiber {
     float* mma_d;
     // An Ldmatrix's 4 destination registers (the row address is `value`, .trans `arg`).
     uint32_t* ldm_out;
+    // The pending warpgroup operation; for an Mma its operands (see tl_emu::wgmma), for a
+    // Wait the groups that may stay pending in `wg_n`.
+    GroupOp group_op;
+    float* wg_d;
+    const uint32_t* wg_a;
+    uint64_t desc_a, desc_b;
+    int wg_n;
+    bool wg_scale_d, wg_tnsp_b;
     void* sp;          // saved stack pointer while suspended
     void* stack;       // base of its stack mapping
 };
@@ -96,6 +114,13 @@ struct BlockState {
     // missing after the compute) and one that reads a tile before waiting for it both
     // show up.
     bool cp_async_eager;
+    // Whether this block's wgmma products run when issued (else when waited for): drawn
+    // per block like cp_async_eager.
+    bool wgmma_eager;
+    // The shared address of the first byte of dynamic shared memory (a multiple of 16
+    // drawn per block below 1024), so that a kernel that lays out a swizzled tile from an
+    // offset instead of an address aligned as the swizzle needs sees it scrambled.
+    uint32_t shared_base;
     // Which block of the process's run this is (from 1): a static shared variable last
     // filled with NaNs for another block is filled again (TL_SHARED).
     uint64_t serial;
@@ -165,6 +190,26 @@ void check_aligned(const void* p, unsigned bytes);
 void cp_async_commit();
 // cp.async.wait_group n: waits until at most the n most recent groups are pending.
 void cp_async_wait(int n);
+// The shared address (what __cvta_generic_to_shared gives) of `p`, which must lie in the
+// block's dynamic shared memory.
+uint32_t shared_address(const void* p);
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.bf16.bf16 by the calling thread's warpgroup
+// (all 128 threads take part, with the same descriptors): D (+)= A·B, A [64, 16] from the
+// K-major shared-memory operand `desc_a` or, when `a` is given, from each thread's mma.sync
+// A fragment (rows 16·warp ..), B [16, n] from `desc_b` (K-major, or MN-major with
+// tnsp_b), D the thread's n / 2 accumulators `d` (kernels/common.cuh gives the layouts;
+// !scale_d: D = A·B). Products are exact in f32 and summed in k order. The product runs
+// when issued or when a wgmma_wait covers it (BlockState::wgmma_eager), reading shared
+// memory and `d` as they are then.
+void wgmma(float* d, int n, uint64_t desc_a, const uint32_t* a, uint64_t desc_b, bool scale_d, bool tnsp_b);
+// wgmma.fence: nothing to do on the CPU (the products read registers when they run).
+inline void wgmma_fence() {}
+// wgmma.commit_group: the warpgroup's products issued since the last commit form a group.
+void wgmma_commit();
+// wgmma.wait_group pending: runs the warpgroup's committed products until at most
+// `pending` groups are left. A warpgroup that exits with products it never waited for
+// fails the launch.
+void wgmma_wait(int pending);
 // A static shared variable (TL_SHARED), `bytes` at `p`, as the running block first
 // sees it: filled with NaNs the first time one of its threads passes the declaration
 // (`*filled_for` says for which block it last was). Every thread passes it before it

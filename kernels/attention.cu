@@ -685,6 +685,153 @@ __device__ void fwd_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, 
     }
 }
 
+// ---- the forward on wgmma (sm_90a) ------------------------------------------------------
+//
+// attn_fwd_wgmma_bf16_hd{64,128}: attn_fwd_mma's forward (the same arguments and tiles of
+// 128 query rows) with its products on sm_90a's warpgroup instruction (kernels/common.cuh,
+// tl::Wgmma). A block is two warpgroups (256 threads), each with 64 of the rows, both
+// reading the same K/V tiles. For each 64-key tile a warpgroup takes S = Q·Kᵀ (HD / 16
+// wgmma m64n64k16, Q and K from shared memory), the online softmax on the accumulators
+// (laid out as mma.sync's: the same code), and O += P·V (4 wgmma m64n{HD}k16, P from
+// registers, V from shared memory as an MN-major operand). Tiles are [64 rows][HD] bf16
+// in 64-column slabs of 128-byte rows with the 128-byte swizzle, which K-major (Q, K) and
+// MN-major (V) operands read alike. Dynamic shared memory: Q of the two warpgroups, then
+// two stages of K and V, and 1024 bytes to align them: 1024 + 6 · 64 · HD · 2 bytes.
+constexpr int WG_ROWS = 64;
+
+// The byte offset of the 16-byte chunk c (columns 8c .. 8c + 7) of row r in such a tile.
+__device__ __forceinline__ uint32_t wg_chunk(int r, int c) {
+    return uint32_t((c / 8) * WG_ROWS * 128 + r * 128 + ((c % 8) ^ (r % 8)) * 16);
+}
+
+// Starts copying rows row0 .. row0 + 64 (those at or past `valid` as zeros) of columns
+// col0 .. col0 + HD of a [*, width] matrix into the tile at `dst`, as mma_load_tile does.
+template <int HD>
+__device__ __forceinline__ void wg_load_tile(unsigned char* dst, const __nv_bfloat16* src, int row0, int valid,
+                                             int width, int col0) {
+    const bool aligned = (reinterpret_cast<uintptr_t>(src) % 16 == 0) && width % 8 == 0 && col0 % 8 == 0;
+    for (int idx = threadIdx.x; idx < WG_ROWS * HD / 8; idx += blockDim.x) {
+        const int r = idx / (HD / 8), c = idx % (HD / 8);
+        unsigned char* d = dst + wg_chunk(r, c);
+        const __nv_bfloat16* p = r < valid ? src + (size_t)(row0 + r) * width + col0 + 8 * c : src;
+        if (aligned) {
+            tl::cp_async_16(d, p, r < valid);
+        } else {
+            Bf16x8 v = {{0u, 0u, 0u, 0u}};
+            if (r < valid) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) v.w[j] = tl::pack_bf16(p[2 * j], p[2 * j + 1]);
+            }
+            tl::assert_aligned<16>(d);
+            *reinterpret_cast<Bf16x8*>(d) = v;
+        }
+    }
+}
+
+// The descriptor of columns 16s .. 16s + 15 of a tile as a K-major operand (Q, K).
+__device__ __forceinline__ uint64_t wg_desc_k(const unsigned char* tile, int s) {
+    return tl::wgmma_desc(tile + (s / 4) * WG_ROWS * 128 + (s % 4) * 32, 0, 1024, tl::Swizzle::B128);
+}
+
+// The descriptor of rows 16s .. 16s + 15 of a tile as an MN-major B operand (V: k = key).
+__device__ __forceinline__ uint64_t wg_desc_mn(const unsigned char* tile, int s) {
+    return tl::wgmma_desc(tile + s * 16 * 128, WG_ROWS * 128, 1024, tl::Swizzle::B128);
+}
+
+template <int HD>
+__device__ void fwd_wgmma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                          const __nv_bfloat16* v, const int* spans, const int* tiles, int n_heads, int n_kv_heads,
+                          float scale, int ldo) {
+    constexpr int TILE = WG_ROWS * HD * 2;  // bytes
+    TL_DYNAMIC_SHARED(unsigned char, raw);
+    unsigned char* smem = raw + (1024 - tl::smem_addr(raw) % 1024) % 1024;
+    const int wg = threadIdx.x / 128, warp = threadIdx.x % 128 / 32;
+    const int g = threadIdx.x % tl::WARP_SIZE / 4, t = threadIdx.x % 4;
+    const Span sp = load_span(spans, tiles[2 * blockIdx.x]);
+    const int i0 = tiles[2 * blockIdx.x + 1];
+    const int h = blockIdx.y, kvh = h / (n_heads / n_kv_heads);
+    const int wq = n_heads * HD, wk = n_kv_heads * HD, shift = sp.k_len - sp.q_len;
+    const int r0 = i0 + WG_ROWS * wg;                           // the warpgroup's first row
+    const int nv_block = min(i0 + 2 * WG_ROWS, sp.q_len) + shift;  // keys the block's last row sees
+    const int nv_wg = min(r0 + WG_ROWS, sp.q_len) + shift;         // and the warpgroup's
+    const bool rows_full = r0 + WG_ROWS <= sp.q_len;
+    const float sl2 = scale * LOG2E;
+    const unsigned char* q_s = smem + wg * TILE;
+    unsigned char* kv_s = smem + 2 * TILE;  // stage x: K at kv_s + 2x·TILE, V a tile on
+
+    // Q of both warpgroups goes with the first key tile's group
+#pragma unroll
+    for (int part = 0; part < 2; ++part) {
+        const int row0 = i0 + part * WG_ROWS;
+        wg_load_tile<HD>(smem + part * TILE, q, sp.q_start + row0, sp.q_len - row0, wq, h * HD);
+    }
+    const int n_tiles = (nv_block + WG_ROWS - 1) / WG_ROWS;
+    auto load_kv = [&](int it) {
+        unsigned char* k_s = kv_s + 2 * (it % 2) * TILE;
+        const int j0 = it * WG_ROWS;
+        wg_load_tile<HD>(k_s, k, sp.k_start + j0, nv_block - j0, wk, kvh * HD);
+        wg_load_tile<HD>(k_s + TILE, v, sp.k_start + j0, nv_block - j0, wk, kvh * HD);
+        tl::cp_async_commit();
+    };
+    if (n_tiles > 0) {
+        load_kv(0);
+    } else {
+        tl::cp_async_commit();
+    }
+    float o[HD / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // m in base 2
+    zero_acc(o);
+    for (int it = 0; it < n_tiles; ++it) {
+        if (it + 1 < n_tiles) load_kv(it + 1);
+        mma_wait_tile(it, n_tiles);
+        const unsigned char* k_s = kv_s + 2 * (it % 2) * TILE;
+        const unsigned char* v_s = k_s + TILE;
+        const int j0 = it * WG_ROWS;  // the tile's first key
+        if (r0 < sp.q_len && j0 < nv_wg) {  // warpgroup-uniform
+            float s[WG_ROWS / 8][4];
+            tl::wgmma_fence();
+#pragma unroll
+            for (int ks = 0; ks < HD / 16; ++ks) {
+                tl::Wgmma<WG_ROWS>::template ss<0>(s, wg_desc_k(q_s, ks), wg_desc_k(k_s, ks), ks > 0);
+            }
+            tl::wgmma_commit();
+            tl::wgmma_wait<0>(s);
+            // scale and mask as fwd_mma, then the online softmax of the warp's 16 rows
+            const bool full = rows_full && j0 + WG_ROWS - 1 <= r0 + shift;
+#pragma unroll
+            for (int nt = 0; nt < WG_ROWS / 8; ++nt) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const int r = r0 + 16 * warp + g + 8 * (j / 2), key = j0 + 8 * nt + 2 * t + j % 2;
+                    const bool seen = full || (r < sp.q_len && key <= r + shift);
+                    s[nt][j] = seen ? s[nt][j] * sl2 : -INFINITY;
+                }
+            }
+            online_softmax<HD>(s, m, l, o);
+            // O += P·V, 16 keys a product; P's registers stay untouched until the wait
+            uint32_t a[WG_ROWS / 16][4];
+#pragma unroll
+            for (int ks = 0; ks < WG_ROWS / 16; ++ks) mma_a_from_acc(a[ks], s[2 * ks], s[2 * ks + 1]);
+            tl::wgmma_fence();
+#pragma unroll
+            for (int ks = 0; ks < WG_ROWS / 16; ++ks) {
+                tl::Wgmma<HD>::template rs<1>(o, a[ks], wg_desc_mn(v_s, ks), 1);
+            }
+            tl::wgmma_commit();
+            tl::wgmma_wait<0>(o);
+        }
+        __syncthreads();  // the stage is refilled two tiles on
+    }
+    tl::cp_async_wait<0>();  // Q, when no key tile came
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+        const int r = r0 + 16 * warp + g + 8 * x;
+        if (r >= sp.q_len) continue;
+        const size_t grow = (size_t)sp.q_start + r;
+        mma_store_row<HD>(out + grow * ldo + h * HD, o, x, 1.0f / l[x]);
+        if (t == 0) lse[grow * n_heads + h] = (m[x] + log2f(l[x])) * LN2;
+    }
+}
+
 // dq: per warp MI 16-row m-tiles of query rows in registers (Q and dO fragments, the dQ
 // accumulator: 2 m-tiles at head_dim 64; at 128 those alone would be 256 registers, so 1); key tiles stream through
 // shared memory, 16 keys at a time: S = Q·Kᵀ and dP = dO·Vᵀ for 16 keys, P = exp(S -
@@ -1224,6 +1371,18 @@ extern "C" __global__ void __launch_bounds__(128)
                             const __nv_bfloat16* v, const int* spans, const int* tiles, int n_heads, int n_kv_heads,
                             int /* hd, always 128 */, float scale, int ldo) {
     tl_attn::fwd_mma<128, 2, 32>(out, lse, q, k, v, spans, tiles, n_heads, n_kv_heads, scale, ldo);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    attn_fwd_wgmma_bf16_hd64(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                             const __nv_bfloat16* v, const int* spans, const int* tiles, int n_heads, int n_kv_heads,
+                             int /* hd, always 64 */, float scale, int ldo) {
+    tl_attn::fwd_wgmma<64>(out, lse, q, k, v, spans, tiles, n_heads, n_kv_heads, scale, ldo);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    attn_fwd_wgmma_bf16_hd128(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                              const __nv_bfloat16* v, const int* spans, const int* tiles, int n_heads,
+                              int n_kv_heads, int /* hd, always 128 */, float scale, int ldo) {
+    tl_attn::fwd_wgmma<128>(out, lse, q, k, v, spans, tiles, n_heads, n_kv_heads, scale, ldo);
 }
 extern "C" __global__ void __launch_bounds__(128)
     attn_bwd_dq_mma_bf16_hd64(__nv_bfloat16* dq, const __nv_bfloat16* dout, const __nv_bfloat16* q,

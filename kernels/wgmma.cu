@@ -79,8 +79,8 @@ __device__ void probe(float* d, const __nv_bfloat16* a, const __nv_bfloat16* b, 
     __syncthreads();
 
     const int w = t / 32, g = t % 32 / 4, q = t % 4;
-    float acc[N / 2];
-    for (int i = 0; i < N / 2; ++i) acc[i] = 0.0f;
+    float acc[N / 8][4];
+    for (int i = 0; i < N / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
     for (int s = 0; s < k / 16; ++s) {
         tl::wgmma_fence();
         if (reg_a) {
@@ -100,9 +100,8 @@ __device__ void probe(float* d, const __nv_bfloat16* a, const __nv_bfloat16* b, 
     }
     tl::wgmma_commit();
     tl::wgmma_wait<0>(acc);
-    for (int i = 0; i < N / 2; ++i) {
-        const int row = 16 * w + g + 8 * (i % 4 / 2), col = 8 * (i / 4) + 2 * q + i % 2;
-        d[row * N + col] = acc[i];
+    for (int i = 0; i < N / 8; ++i) {
+        for (int j = 0; j < 4; ++j) d[(16 * w + g + 8 * (j / 2)) * N + 8 * i + 2 * q + j % 2] = acc[i][j];
     }
 }
 

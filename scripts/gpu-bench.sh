@@ -27,6 +27,8 @@ bench() { # log name, timeout, args...
     timeout "$limit" $bundle/tuneloop bench --backend cuda --dtype bf16 --lora-r 16 "$@" 2>&1 | tee "$logs/$log" || failed=1
 }
 bench kernels-1b.log 40 --kernels --preset llama3.2-1b --seq 2048 --batch 4 --steps 5
+# the attention forward on wgmma (attn_fwd_wgmma_*) against the mma.sync one above
+TUNELOOP_WGMMA=1 bench kernels-1b-wgmma.log 40 --kernels --preset llama3.2-1b --seq 2048 --batch 4 --steps 5
 bench kernels-8b.log 60 --kernels --preset llama3.1-8b --seq 4096 --batch 2 --steps 3
 bench bench-1b.log 170 --preset llama3.2-1b --seq 2048 --batch 4 --warmup 2 --steps 5
 # the same without the LoRA fold: what folding the LoRA paths into the frozen GEMMs gains

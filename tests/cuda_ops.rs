@@ -855,35 +855,52 @@ fn attention(dtype: DType) {
         AttnShape { n_heads: 2, n_kv_heads: 2, head_dim: 160 },
     ];
     for shape in shapes {
-        // one sequence, packed sequences of odd lengths, and a padded batch
-        for lens in [vec![1], vec![37], vec![5, 33, 1, 70], vec![129]] {
-            let n: usize = lens.iter().sum();
-            attention_case(&mut p, shape, &AttnLayout::packed(&lens), n, n);
+        for (layout, nq, nk) in attention_layouts(shape) {
+            attention_case(&mut p, shape, &layout, nq, nk);
         }
-        // queries that are the last rows of longer key spans (a KV-cache step, a chunk),
-        // with rows that belong to no span
-        let layout = AttnLayout {
-            seqs: vec![
-                SeqSpan { q_start: 0, q_len: 1, k_start: 0, k_len: 40 },
-                SeqSpan { q_start: 2, q_len: 7, k_start: 45, k_len: 50 },
-            ],
-        };
-        attention_case(&mut p, shape, &layout, 10, 100);
-        if shape.head_dim != 64 && shape.head_dim != 128 {
-            continue;
+    }
+    // the bf16 forward on wgmma (sm_90a), where the GPU has it, at its widths
+    if p.bf16() && p.gpu.set_wgmma(true) {
+        for shape in shapes.into_iter().filter(|s| s.head_dim == 64 || s.head_dim == 128) {
+            for (layout, nq, nk) in attention_layouts(shape) {
+                attention_case(&mut p, shape, &layout, nq, nk);
+            }
         }
+        p.gpu.set_wgmma(false);
+    }
+}
+
+/// The layouts (and query and key rows) the attention test takes at `shape`.
+fn attention_layouts(shape: AttnShape) -> Vec<(AttnLayout, usize, usize)> {
+    let mut cases = Vec::new();
+    // one sequence, packed sequences of odd lengths, and a padded batch
+    for lens in [vec![1], vec![37], vec![5, 33, 1, 70], vec![129]] {
+        let n: usize = lens.iter().sum();
+        cases.push((AttnLayout::packed(&lens), n, n));
+    }
+    // queries that are the last rows of longer key spans (a KV-cache step, a chunk),
+    // with rows that belong to no span
+    let layout = AttnLayout {
+        seqs: vec![
+            SeqSpan { q_start: 0, q_len: 1, k_start: 0, k_len: 40 },
+            SeqSpan { q_start: 2, q_len: 7, k_start: 45, k_len: 50 },
+        ],
+    };
+    cases.push((layout, 10, 100));
+    if shape.head_dim == 64 || shape.head_dim == 128 {
         // at the tensor-core kernels' widths: five key tiles (the copy pipeline's steady
         // state), and longer chunks whose diagonal falls inside a 16-row block (shifts
         // 62 and 17)
-        attention_case(&mut p, shape, &AttnLayout::packed(&[3, 260]), 263, 263);
+        cases.push((AttnLayout::packed(&[3, 260]), 263, 263));
         let layout = AttnLayout {
             seqs: vec![
                 SeqSpan { q_start: 0, q_len: 40, k_start: 0, k_len: 102 },
                 SeqSpan { q_start: 40, q_len: 70, k_start: 102, k_len: 87 },
             ],
         };
-        attention_case(&mut p, shape, &layout, 110, 189);
+        cases.push((layout, 110, 189));
     }
+    cases
 }
 
 both_modes!(cross_entropy: cross_entropy_matches_the_cpu, cross_entropy_matches_the_cpu_bf16);

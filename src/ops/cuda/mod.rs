@@ -38,6 +38,7 @@ mod blaslt;
 pub mod runtime;
 pub mod tensor;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -83,6 +84,11 @@ pub struct CudaOps {
     dtype: DType,
     /// Where a planned step's buffers go ([`Ops::planned`]).
     arena: Arena,
+    /// Whether the bf16 attention forward runs on wgmma (`attn_fwd_wgmma_*`, sm_90 only)
+    /// instead of mma.sync: off unless `TUNELOOP_WGMMA=1` or [`CudaOps::set_wgmma`].
+    wgmma: AtomicBool,
+    /// Whether the GPU has wgmma (compute capability 9.x: Hopper).
+    has_wgmma: bool,
 }
 
 /// Rows of a tile of the attention kernels: warps per block (kernels/attention.cu).
@@ -101,7 +107,20 @@ impl CudaOps {
     pub fn new(ordinal: usize, dtype: DType) -> Result<Self> {
         let rt = Runtime::new(ordinal)?;
         let blas = BlasLt::new(rt.stream.clone())?;
-        Ok(Self { rt, blas: Mutex::new(blas), dtype, arena: Arena::from_env() })
+        let major = rt
+            .ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+            .context("reading the GPU's compute capability")?;
+        let has_wgmma = major == 9;
+        let wgmma = AtomicBool::new(has_wgmma && std::env::var("TUNELOOP_WGMMA").is_ok_and(|v| v == "1"));
+        Ok(Self { rt, blas: Mutex::new(blas), dtype, arena: Arena::from_env(), wgmma, has_wgmma })
+    }
+
+    /// Runs the bf16 attention forward at head_dim 64 and 128 on wgmma (`on`) or on
+    /// mma.sync; returns whether it now runs on wgmma (never on a GPU without it).
+    pub fn set_wgmma(&self, on: bool) -> bool {
+        self.wgmma.store(on && self.has_wgmma, Ordering::Relaxed);
+        self.wgmma.load(Ordering::Relaxed)
     }
 
     pub fn dtype(&self) -> DType {
@@ -1388,7 +1407,11 @@ impl Ops for CudaOps {
         let mut lse = self.alloc_as(&[nq, shape.n_heads], DType::F32)?;
         self.fill(&mut lse, f32::NEG_INFINITY)?;
         let mma = self.attn_on_tensor_cores(hd);
-        let (name, (rows, warps, smem)) = if mma {
+        let (name, (rows, warps, smem)) = if mma && self.wgmma.load(Ordering::Relaxed) {
+            // Q of 128 rows and two stages of K and V, 64 rows each, and 1024 bytes to
+            // align them (kernels/attention.cu, fwd_wgmma)
+            (format!("attn_fwd_wgmma_bf16_hd{hd}"), (128, 8, 1024 + 6 * ATTN_MMA_KEYS * hd * 2))
+        } else if mma {
             (format!("attn_fwd_mma_bf16_hd{hd}"), attn_mma_block(MmaKernel::Fwd, hd))
         } else {
             let (suffix, bc) = Self::attn_variant(hd);
@@ -1988,7 +2011,7 @@ mod tests {
             }
         }
         names.push("sum_squares_multi".to_string());
-        for attn in ["attn_fwd_mma", "attn_bwd_dq_mma", "attn_bwd_dkdv_mma"] {
+        for attn in ["attn_fwd_mma", "attn_bwd_dq_mma", "attn_bwd_dkdv_mma", "attn_fwd_wgmma"] {
             names.extend(["hd64", "hd128"].map(|hd| format!("{attn}_bf16_{hd}")));
         }
         for name in &names {

@@ -832,6 +832,115 @@ __device__ void fwd_wgmma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q
     }
 }
 
+// dq on wgmma (attn_bwd_dq_wgmma_bf16_hd{64,128}): bwd_dq_mma's arguments, with tiles of
+// 128 query rows, two warpgroups of 64. Q and dO of the block's rows stay in shared
+// memory; for each 64-key tile a warpgroup takes S = Q·Kᵀ and dP = dO·Vᵀ (wgmma
+// m64n64k16 from shared memory, one commit group), P = exp(S - lse) and dS = P (dP - D) on
+// the accumulators, and dQ += dS·K (dS from registers, K as an MN-major operand).
+// Dynamic shared memory: Q and dO of the two warpgroups, two stages of K and V, and 1024
+// bytes to align them: 1024 + 8 · 64 · HD · 2 bytes.
+template <int HD>
+__device__ void bwd_dq_wgmma(__nv_bfloat16* dq, const __nv_bfloat16* dout, const __nv_bfloat16* q,
+                             const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* D,
+                             const int* spans, const int* tiles, int n_heads, int n_kv_heads, float scale,
+                             int ldg) {
+    constexpr int TILE = WG_ROWS * HD * 2;  // bytes
+    TL_DYNAMIC_SHARED(unsigned char, raw);
+    unsigned char* smem = raw + (1024 - tl::smem_addr(raw) % 1024) % 1024;
+    const int wg = threadIdx.x / 128, warp = threadIdx.x % 128 / 32;
+    const int g = threadIdx.x % tl::WARP_SIZE / 4, t = threadIdx.x % 4;
+    const Span sp = load_span(spans, tiles[2 * blockIdx.x]);
+    const int i0 = tiles[2 * blockIdx.x + 1];
+    const int h = blockIdx.y, kvh = h / (n_heads / n_kv_heads);
+    const int wq = n_heads * HD, wk = n_kv_heads * HD, shift = sp.k_len - sp.q_len;
+    const int r0 = i0 + WG_ROWS * wg;
+    const int nv_block = min(i0 + 2 * WG_ROWS, sp.q_len) + shift;
+    const int nv_wg = min(r0 + WG_ROWS, sp.q_len) + shift;
+    const bool rows_full = r0 + WG_ROWS <= sp.q_len;
+    const float sl2 = scale * LOG2E;
+    const unsigned char* q_s = smem + wg * TILE;
+    const unsigned char* o_s = smem + (2 + wg) * TILE;
+    unsigned char* kv_s = smem + 4 * TILE;  // stage x: K at kv_s + 2x·TILE, V a tile on
+
+#pragma unroll
+    for (int part = 0; part < 2; ++part) {
+        const int row0 = i0 + part * WG_ROWS;
+        wg_load_tile<HD>(smem + part * TILE, q, sp.q_start + row0, sp.q_len - row0, wq, h * HD);
+        wg_load_tile<HD>(smem + (2 + part) * TILE, dout, sp.q_start + row0, sp.q_len - row0, wq, h * HD);
+    }
+    const int n_tiles = (nv_block + WG_ROWS - 1) / WG_ROWS;
+    auto load_kv = [&](int it) {
+        unsigned char* k_s = kv_s + 2 * (it % 2) * TILE;
+        const int j0 = it * WG_ROWS;
+        wg_load_tile<HD>(k_s, k, sp.k_start + j0, nv_block - j0, wk, kvh * HD);
+        wg_load_tile<HD>(k_s + TILE, v, sp.k_start + j0, nv_block - j0, wk, kvh * HD);
+        tl::cp_async_commit();
+    };
+    if (n_tiles > 0) {
+        load_kv(0);
+    } else {
+        tl::cp_async_commit();
+    }
+    float row_lse2[2], row_d[2], acc[HD / 8][4];
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+        const int r = r0 + 16 * warp + g + 8 * x;
+        const bool ok = r < sp.q_len;
+        const size_t at = ((size_t)sp.q_start + r) * n_heads + h;
+        row_lse2[x] = ok ? lse[at] * LOG2E : 0.0f;
+        row_d[x] = ok ? D[at] : 0.0f;
+    }
+    zero_acc(acc);
+    for (int it = 0; it < n_tiles; ++it) {
+        if (it + 1 < n_tiles) load_kv(it + 1);
+        mma_wait_tile(it, n_tiles);
+        const unsigned char* k_s = kv_s + 2 * (it % 2) * TILE;
+        const unsigned char* v_s = k_s + TILE;
+        const int j0 = it * WG_ROWS;
+        if (r0 < sp.q_len && j0 < nv_wg) {  // warpgroup-uniform
+            float s[WG_ROWS / 8][4], dp[WG_ROWS / 8][4];
+            tl::wgmma_fence();
+#pragma unroll
+            for (int ks = 0; ks < HD / 16; ++ks) {
+                tl::Wgmma<WG_ROWS>::template ss<0>(s, wg_desc_k(q_s, ks), wg_desc_k(k_s, ks), ks > 0);
+                tl::Wgmma<WG_ROWS>::template ss<0>(dp, wg_desc_k(o_s, ks), wg_desc_k(v_s, ks), ks > 0);
+            }
+            tl::wgmma_commit();
+            tl::wgmma_wait<0>(s);
+            tl::wgmma_wait<0>(dp);
+            const bool full = rows_full && j0 + WG_ROWS - 1 <= r0 + shift;
+#pragma unroll
+            for (int nt = 0; nt < WG_ROWS / 8; ++nt) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const int x = j / 2, r = r0 + 16 * warp + g + 8 * x, key = j0 + 8 * nt + 2 * t + j % 2;
+                    const bool seen = full || (r < sp.q_len && key <= r + shift);
+                    const float p = seen ? exp2f(s[nt][j] * sl2 - row_lse2[x]) : 0.0f;
+                    s[nt][j] = p * (dp[nt][j] - row_d[x]);  // dS
+                }
+            }
+            uint32_t a[WG_ROWS / 16][4];
+#pragma unroll
+            for (int ks = 0; ks < WG_ROWS / 16; ++ks) mma_a_from_acc(a[ks], s[2 * ks], s[2 * ks + 1]);
+            tl::wgmma_fence();
+#pragma unroll
+            for (int ks = 0; ks < WG_ROWS / 16; ++ks) {
+                tl::Wgmma<HD>::template rs<1>(acc, a[ks], wg_desc_mn(k_s, ks), 1);
+            }
+            tl::wgmma_commit();
+            tl::wgmma_wait<0>(acc);
+        }
+        __syncthreads();  // the stage is refilled two tiles on
+    }
+    tl::cp_async_wait<0>();  // Q and dO, when no key tile came
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+        const int r = r0 + 16 * warp + g + 8 * x;
+        if (r >= sp.q_len) continue;
+        mma_store_row<HD>(dq + ((size_t)sp.q_start + r) * ldg + h * HD, acc, x, scale);
+    }
+}
+
 // dq: per warp MI 16-row m-tiles of query rows in registers (Q and dO fragments, the dQ
 // accumulator: 2 m-tiles at head_dim 64; at 128 those alone would be 256 registers, so 1); key tiles stream through
 // shared memory, 16 keys at a time: S = Q·Kᵀ and dP = dO·Vᵀ for 16 keys, P = exp(S -
@@ -1016,6 +1125,139 @@ __device__ __forceinline__ int mma_next_pair(const MmaKeyBlock& b, const MmaKeyI
     }
     mma_wait_tile(it, b.n_tiles);
     return it % 2;
+}
+
+// dk, dv on wgmma (attn_bwd_dkdv_wgmma_bf16_hd{64,128}): bwd_dkdv_mma's arguments and
+// tiles of 128 keys, two warpgroups of 64. K and V of the block's keys stay in shared
+// memory; for every query head of the group, 64-query tiles of Q and dO stream through
+// it with their lse and D, QS queries at a time: Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ (wgmma
+// m64n{QS}k16 from shared memory), Pᵀ and dSᵀ on the accumulators, dV += Pᵀ·dO and
+// dK += dSᵀ·Q (from registers, dO and Q as MN-major operands). QS is 64 at head_dim 64
+// and 32 at 128, where dK and dV alone take 128 registers a thread.
+// Dynamic shared memory: K and V of the block's 128 keys, two stages of Q and dO, and
+// 1024 bytes to align them (1024 + 8 · 64 · HD · 2 bytes), then two stages of lse·log2 e
+// and D of 64 queries (4 · 64 f32).
+template <int HD>
+__device__ __forceinline__ void wg_load_pair(const MmaKeyBlock& b, const MmaKeyInputs& in, unsigned char* qo_s,
+                                             int it) {
+    constexpr int TILE = WG_ROWS * HD * 2;
+    const int h = b.kvh * b.group + it / b.q_tiles, i0 = b.row(it), wq = in.n_heads * HD;
+    unsigned char* q_s = qo_s + 2 * (it % 2) * TILE;
+    wg_load_tile<HD>(q_s, in.q, b.sp.q_start + i0, b.sp.q_len - i0, wq, h * HD);
+    wg_load_tile<HD>(q_s + TILE, in.dout, b.sp.q_start + i0, b.sp.q_len - i0, wq, h * HD);
+    float* st = in.stats_s + 2 * WG_ROWS * (it % 2);
+    for (int r = threadIdx.x; r < WG_ROWS; r += blockDim.x) {
+        const bool ok = i0 + r < b.sp.q_len;
+        const size_t at = ((size_t)b.sp.q_start + i0 + r) * in.n_heads + h;
+        st[r] = ok ? in.lse[at] * LOG2E : 0.0f;
+        st[WG_ROWS + r] = ok ? in.D[at] : 0.0f;
+    }
+}
+
+template <int HD, int QS>
+__device__ void bwd_dkdv_wgmma(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout,
+                               const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
+                               const float* lse, const float* D, const int* spans, const int* tiles, int n_heads,
+                               int n_kv_heads, float scale, int ldg) {
+    constexpr int TILE = WG_ROWS * HD * 2;  // bytes
+    static_assert(WG_ROWS % QS == 0 && QS % 16 == 0, "sub-steps of whole k-steps");
+    TL_DYNAMIC_SHARED(unsigned char, raw);
+    unsigned char* smem = raw + (1024 - tl::smem_addr(raw) % 1024) % 1024;
+    unsigned char* qo_s = smem + 4 * TILE;  // stage x: Q at qo_s + 2x·TILE, dO a tile on
+    const MmaKeyInputs in{q, dout, k, v, lse, D, n_heads, n_kv_heads, nullptr,
+                          reinterpret_cast<float*>(smem + 8 * TILE)};
+    const int wg = threadIdx.x / 128, warp = threadIdx.x % 128 / 32;
+    const int g = threadIdx.x % tl::WARP_SIZE / 4, t = threadIdx.x % 4;
+    const MmaKeyBlock blk = mma_key_block(spans, tiles, n_heads, n_kv_heads);
+    const Span& sp = blk.sp;
+    const int j0 = blk.j0, kvh = blk.kvh, shift = blk.shift;
+    const int c0 = WG_ROWS * wg;  // the warpgroup's first key, in the block
+    const float sl2 = scale * LOG2E;
+    const unsigned char* k_s = smem + wg * TILE;  // the warpgroup's 64 keys
+    const unsigned char* v_s = smem + (2 + wg) * TILE;
+
+    // K and V of the block's keys, then pair 0, as one cp.async group
+    const int wk = n_kv_heads * HD;
+#pragma unroll
+    for (int part = 0; part < 2; ++part) {
+        const int row0 = j0 + part * WG_ROWS;
+        wg_load_tile<HD>(smem + part * TILE, k, sp.k_start + row0, sp.k_len - row0, wk, kvh * HD);
+        wg_load_tile<HD>(smem + (2 + part) * TILE, v, sp.k_start + row0, sp.k_len - row0, wk, kvh * HD);
+    }
+    if (blk.n_tiles > 0) wg_load_pair<HD>(blk, in, qo_s, 0);
+    tl::cp_async_commit();
+    float dk_acc[HD / 8][4], dv_acc[HD / 8][4];
+    zero_acc(dk_acc);
+    zero_acc(dv_acc);
+
+    for (int it = 0; it < blk.n_tiles; ++it) {
+        if (it + 1 < blk.n_tiles) {
+            wg_load_pair<HD>(blk, in, qo_s, it + 1);
+            tl::cp_async_commit();
+        }
+        mma_wait_tile(it, blk.n_tiles);
+        const int i0 = blk.row(it), stage = it % 2;
+        const unsigned char* q_s = qo_s + 2 * stage * TILE;
+        const unsigned char* o_s = q_s + TILE;
+        const float* lse2_s = in.stats_s + 2 * WG_ROWS * stage;
+        const float* d_s = lse2_s + WG_ROWS;
+        // warpgroup-uniform: no query of this tile sees the warpgroup's first key, or no key
+        const bool active = j0 + c0 < sp.k_len && i0 + WG_ROWS - 1 + shift >= j0 + c0;
+        for (int q0 = 0; active && q0 < WG_ROWS && i0 + q0 < sp.q_len; q0 += QS) {
+            float s[QS / 8][4], dp[QS / 8][4];
+            tl::wgmma_fence();
+#pragma unroll
+            for (int ks = 0; ks < HD / 16; ++ks) {
+                // rows q0 .. q0 + QS of the Q and dO tiles: 128 bytes a row, whole 8-row atoms
+                tl::Wgmma<QS>::template ss<0>(s, wg_desc_k(k_s, ks), wg_desc_k(q_s + q0 * 128, ks), ks > 0);
+                tl::Wgmma<QS>::template ss<0>(dp, wg_desc_k(v_s, ks), wg_desc_k(o_s + q0 * 128, ks), ks > 0);
+            }
+            tl::wgmma_commit();
+            tl::wgmma_wait<0>(s);
+            tl::wgmma_wait<0>(dp);
+            const int k0 = j0 + c0 + 16 * warp;  // the warp's first key
+            // every query of these QS is in the span and sees every key of the warp
+            const bool full = i0 + q0 + QS <= sp.q_len && k0 + 16 <= sp.k_len && k0 + 15 <= i0 + q0 + shift;
+#pragma unroll
+            for (int nt = 0; nt < QS / 8; ++nt) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const int qr = q0 + 8 * nt + 2 * t + j % 2;  // query, in the tile
+                    const int kr = k0 + g + 8 * (j / 2);
+                    const bool seen = full || (i0 + qr < sp.q_len && kr < sp.k_len && kr <= i0 + qr + shift);
+                    const float p = seen ? exp2f(s[nt][j] * sl2 - lse2_s[qr]) : 0.0f;
+                    s[nt][j] = p;
+                    dp[nt][j] = p * (dp[nt][j] - d_s[qr]);
+                }
+            }
+            // dV += Pᵀ·dO and dK += dSᵀ·Q, 16 queries a product
+            uint32_t pa[QS / 16][4], da[QS / 16][4];
+#pragma unroll
+            for (int kq = 0; kq < QS / 16; ++kq) {
+                mma_a_from_acc(pa[kq], s[2 * kq], s[2 * kq + 1]);
+                mma_a_from_acc(da[kq], dp[2 * kq], dp[2 * kq + 1]);
+            }
+            tl::wgmma_fence();
+#pragma unroll
+            for (int kq = 0; kq < QS / 16; ++kq) {
+                tl::Wgmma<HD>::template rs<1>(dv_acc, pa[kq], wg_desc_mn(o_s, q0 / 16 + kq), 1);
+                tl::Wgmma<HD>::template rs<1>(dk_acc, da[kq], wg_desc_mn(q_s, q0 / 16 + kq), 1);
+            }
+            tl::wgmma_commit();
+            tl::wgmma_wait<0>(dv_acc);
+            tl::wgmma_wait<0>(dk_acc);
+        }
+        __syncthreads();  // the stage is refilled two tiles on
+    }
+    tl::cp_async_wait<0>();  // K and V, when no query tile came
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+        const int key = j0 + c0 + 16 * warp + g + 8 * x;
+        if (key >= sp.k_len) continue;
+        const size_t at = ((size_t)sp.k_start + key) * ldg + kvh * HD;
+        mma_store_row<HD>(dk + at, dk_acc, x, scale);
+        mma_store_row<HD>(dv + at, dv_acc, x, 1.0f);
+    }
 }
 
 // dk, dv: per warp MI 16-row m-tiles of key rows (as in bwd_dq_mma; K and V of the
@@ -1383,6 +1625,34 @@ extern "C" __global__ void __launch_bounds__(256)
                               const __nv_bfloat16* v, const int* spans, const int* tiles, int n_heads,
                               int n_kv_heads, int /* hd, always 128 */, float scale, int ldo) {
     tl_attn::fwd_wgmma<128>(out, lse, q, k, v, spans, tiles, n_heads, n_kv_heads, scale, ldo);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    attn_bwd_dq_wgmma_bf16_hd64(__nv_bfloat16* dq, const __nv_bfloat16* dout, const __nv_bfloat16* q,
+                                const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* D,
+                                const int* spans, const int* tiles, int n_heads, int n_kv_heads,
+                                int /* hd, always 64 */, float scale, int ldg) {
+    tl_attn::bwd_dq_wgmma<64>(dq, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, scale, ldg);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    attn_bwd_dq_wgmma_bf16_hd128(__nv_bfloat16* dq, const __nv_bfloat16* dout, const __nv_bfloat16* q,
+                                 const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* D,
+                                 const int* spans, const int* tiles, int n_heads, int n_kv_heads,
+                                 int /* hd, always 128 */, float scale, int ldg) {
+    tl_attn::bwd_dq_wgmma<128>(dq, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, scale, ldg);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    attn_bwd_dkdv_wgmma_bf16_hd64(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout,
+                                  const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
+                                  const float* lse, const float* D, const int* spans, const int* tiles, int n_heads,
+                                  int n_kv_heads, int /* hd, always 64 */, float scale, int ldg) {
+    tl_attn::bwd_dkdv_wgmma<64, 64>(dk, dv, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, scale, ldg);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    attn_bwd_dkdv_wgmma_bf16_hd128(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bfloat16* dout,
+                                   const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
+                                   const float* lse, const float* D, const int* spans, const int* tiles, int n_heads,
+                                   int n_kv_heads, int /* hd, always 128 */, float scale, int ldg) {
+    tl_attn::bwd_dkdv_wgmma<128, 32>(dk, dv, dout, q, k, v, lse, D, spans, tiles, n_heads, n_kv_heads, scale, ldg);
 }
 extern "C" __global__ void __launch_bounds__(128)
     attn_bwd_dq_mma_bf16_hd64(__nv_bfloat16* dq, const __nv_bfloat16* dout, const __nv_bfloat16* q,

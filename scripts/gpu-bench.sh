@@ -6,8 +6,9 @@
 # also with `--lora-apart`, for what the LoRA fold gains, and with `--lora-dropout
 # 0.05`), as markdown tables into $OUT (or gpu-logs/). Copy the numbers into
 # BENCHMARKS.md.
-# TUNELOOP_BENCH_QUICK=1 leaves out the 8B seq-2048 shape and the full fine-tuning step
-# of Qwen2.5-0.5B (scripts/gpu-all.sh).
+# The kernels and the 1B step also run with the attention on wgmma (TUNELOOP_WGMMA=1).
+# TUNELOOP_BENCH_QUICK=1 leaves out the 1B step without the LoRA fold, the 8B seq-2048
+# shape and the full fine-tuning step of Qwen2.5-0.5B (scripts/gpu-all.sh).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bundle=gpu-bundle
@@ -27,13 +28,15 @@ bench() { # log name, timeout, args...
     timeout "$limit" $bundle/tuneloop bench --backend cuda --dtype bf16 --lora-r 16 "$@" 2>&1 | tee "$logs/$log" || failed=1
 }
 bench kernels-1b.log 40 --kernels --preset llama3.2-1b --seq 2048 --batch 4 --steps 5
-# the attention forward on wgmma (attn_fwd_wgmma_*) against the mma.sync one above
-TUNELOOP_WGMMA=1 bench kernels-1b-wgmma.log 40 --kernels --preset llama3.2-1b --seq 2048 --batch 4 --steps 5
 bench kernels-8b.log 60 --kernels --preset llama3.1-8b --seq 4096 --batch 2 --steps 3
+# the attention on wgmma (attn_*_wgmma_*, TUNELOOP_WGMMA=1) against the mma.sync kernels above
+TUNELOOP_WGMMA=1 bench kernels-1b-wgmma.log 40 --kernels --preset llama3.2-1b --seq 2048 --batch 4 --steps 5
+TUNELOOP_WGMMA=1 bench kernels-8b-wgmma.log 60 --kernels --preset llama3.1-8b --seq 4096 --batch 2 --steps 3
 bench bench-1b.log 170 --preset llama3.2-1b --seq 2048 --batch 4 --warmup 2 --steps 5
-# the same without the LoRA fold: what folding the LoRA paths into the frozen GEMMs gains
-bench bench-1b-apart.log 60 --preset llama3.2-1b --seq 2048 --batch 4 --warmup 1 --steps 3 --no-profile --lora-apart
+TUNELOOP_WGMMA=1 bench bench-1b-wgmma.log 60 --preset llama3.2-1b --seq 2048 --batch 4 --warmup 1 --steps 3 --no-profile
 if [[ ${TUNELOOP_BENCH_QUICK:-0} == 0 ]]; then
+    # the same without the LoRA fold: what folding the LoRA paths into the frozen GEMMs gains
+    bench bench-1b-apart.log 60 --preset llama3.2-1b --seq 2048 --batch 4 --warmup 1 --steps 3 --no-profile --lora-apart
     bench bench-8b-2048.log 150 --preset llama3.1-8b --seq 2048 --batch 2 --warmup 1 --steps 3
     # full fine-tuning of a small model: f32 masters, bf16 copies, every weight's gradient
     bench bench-0.5b-full.log 90 --preset qwen2.5-0.5b --full --seq 2048 --batch 4 --warmup 1 --steps 3

@@ -67,6 +67,10 @@ pub const KERNEL_NAMES: &[&str] = &[
     "attn_bwd_dkdv_mma_bf16_hd128",
     "attn_fwd_wgmma_bf16_hd64",
     "attn_fwd_wgmma_bf16_hd128",
+    "attn_bwd_dq_wgmma_bf16_hd64",
+    "attn_bwd_dq_wgmma_bf16_hd128",
+    "attn_bwd_dkdv_wgmma_bf16_hd64",
+    "attn_bwd_dkdv_wgmma_bf16_hd128",
     // kernels/cross_entropy.cu
     "cross_entropy_f32",
     "cross_entropy_bf16",

@@ -152,12 +152,20 @@ fn finetune_bf16_on_tensor_core_attention_follows_the_cpu() {
     // The tensor-core attention kernels and every projection's LoRA path folded into its
     // frozen product: forward and backward without LoRA dropout (the recipe's), the
     // backward's separate products with it. The losses alone would hide a wrong
-    // gradient for three steps; the trained adapters do not.
-    for (name, extra) in [("no dropout", vec![]), ("dropout", vec!["--peft.dropout=0.1"])] {
+    // gradient for three steps; the trained adapters do not. Last, the attention on
+    // wgmma (TUNELOOP_WGMMA=1; the emulator is an sm_90 GPU).
+    for (name, extra, wgmma) in [
+        ("no dropout", vec![], "0"),
+        ("dropout", vec!["--peft.dropout=0.1"], "0"),
+        ("attention on wgmma", vec![], "1"),
+    ] {
         let (cpu, cuda) = (tmp.path().join(format!("cpu {name}")), tmp.path().join(format!("cuda {name}")));
         run_ok(tuneloop_cmd().args(finetune_args(&base, &cpu, "cpu", &extra)), "finetune on the CPU");
         let bf16: Vec<&str> = extra.iter().copied().chain(["--model.dtype=bf16"]).collect();
-        run_ok(emulated().unwrap().args(finetune_args(&base, &cuda, "cuda", &bf16)), "finetune on CUDA bf16");
+        run_ok(
+            emulated().unwrap().env("TUNELOOP_WGMMA", wgmma).args(finetune_args(&base, &cuda, "cuda", &bf16)),
+            "finetune on CUDA bf16",
+        );
         let what = format!("CUDA bf16 vs CPU, head_dim 64, {name}");
         close_losses(&train_losses(&cuda), &train_losses(&cpu), 2e-2, &what);
         // bf16's own error is 4.5e-3 to 6.8e-3 here; reading dV's fragments of the wrong

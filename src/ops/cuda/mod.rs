@@ -84,8 +84,9 @@ pub struct CudaOps {
     dtype: DType,
     /// Where a planned step's buffers go ([`Ops::planned`]).
     arena: Arena,
-    /// Whether the bf16 attention forward runs on wgmma (`attn_fwd_wgmma_*`, sm_90 only)
-    /// instead of mma.sync: off unless `TUNELOOP_WGMMA=1` or [`CudaOps::set_wgmma`].
+    /// Whether the bf16 attention (head_dim 64 and 128) runs on wgmma (`attn_*_wgmma_*`,
+    /// sm_90 only) instead of mma.sync: off unless `TUNELOOP_WGMMA=1` or
+    /// [`CudaOps::set_wgmma`].
     wgmma: AtomicBool,
     /// Whether the GPU has wgmma (compute capability 9.x: Hopper).
     has_wgmma: bool,
@@ -116,8 +117,8 @@ impl CudaOps {
         Ok(Self { rt, blas: Mutex::new(blas), dtype, arena: Arena::from_env(), wgmma, has_wgmma })
     }
 
-    /// Runs the bf16 attention forward at head_dim 64 and 128 on wgmma (`on`) or on
-    /// mma.sync; returns whether it now runs on wgmma (never on a GPU without it).
+    /// Runs the bf16 attention at head_dim 64 and 128 on wgmma (`on`) or on mma.sync;
+    /// returns whether it now runs on wgmma (never on a GPU without it).
     pub fn set_wgmma(&self, on: bool) -> bool {
         self.wgmma.store(on && self.has_wgmma, Ordering::Relaxed);
         self.wgmma.load(Ordering::Relaxed)
@@ -688,6 +689,19 @@ fn attn_mma_block(kernel: MmaKernel, hd: usize) -> (usize, usize, usize) {
         (MmaKernel::Dkdv, 64) => (128, 4, 4 * tile + 4 * tile + stats),
         // and Pᵀ, dSᵀ of a tile: 128 keys × 72 bf16 each
         (MmaKernel::Dkdv, _) => (128, 8, 4 * tile + 4 * tile + 2 * 128 * (ATTN_MMA_KEYS + 8) * 2 + stats),
+    }
+}
+
+/// (rows a block, warps a block, dynamic shared memory) of the wgmma attention kernels
+/// (kernels/attention.cu): two warpgroups of 64 rows; 64-row bf16 tiles of Q (and dO) of
+/// the block's rows, or of K and V of its keys, two stages of the other side's tiles, and
+/// 1024 bytes to align them; dkdv also two stages of 64 lse and D values.
+fn attn_wgmma_block(kernel: MmaKernel, hd: usize) -> (usize, usize, usize) {
+    let tile = ATTN_MMA_KEYS * hd * 2;
+    match kernel {
+        MmaKernel::Fwd => (128, 8, 1024 + 6 * tile),
+        MmaKernel::Dq => (128, 8, 1024 + 8 * tile),
+        MmaKernel::Dkdv => (128, 8, 1024 + 8 * tile + 4 * ATTN_MMA_KEYS * 4),
     }
 }
 
@@ -1408,9 +1422,7 @@ impl Ops for CudaOps {
         self.fill(&mut lse, f32::NEG_INFINITY)?;
         let mma = self.attn_on_tensor_cores(hd);
         let (name, (rows, warps, smem)) = if mma && self.wgmma.load(Ordering::Relaxed) {
-            // Q of 128 rows and two stages of K and V, 64 rows each, and 1024 bytes to
-            // align them (kernels/attention.cu, fwd_wgmma)
-            (format!("attn_fwd_wgmma_bf16_hd{hd}"), (128, 8, 1024 + 6 * ATTN_MMA_KEYS * hd * 2))
+            (format!("attn_fwd_wgmma_bf16_hd{hd}"), attn_wgmma_block(MmaKernel::Fwd, hd))
         } else if mma {
             (format!("attn_fwd_mma_bf16_hd{hd}"), attn_mma_block(MmaKernel::Fwd, hd))
         } else {
@@ -1491,23 +1503,31 @@ impl Ops for CudaOps {
         let dk = self.alloc_attn_out(&k.shape, room(tail), k_written)?;
         let dv = self.alloc_attn_out(&v.shape, room(tail), k_written)?;
         let mma = self.attn_on_tensor_cores(hd);
-        let (dq_name, (q_rows, dq_warps, dq_smem), dkdv_name, (k_rows, dkdv_warps, dkdv_smem)) = if mma {
-            (
-                format!("attn_bwd_dq_mma_bf16_hd{hd}"),
-                attn_mma_block(MmaKernel::Dq, hd),
-                format!("attn_bwd_dkdv_mma_bf16_hd{hd}"),
-                attn_mma_block(MmaKernel::Dkdv, hd),
-            )
-        } else {
-            let (suffix, bc) = Self::attn_variant(hd);
-            let dq_smem = 4 * (2 * ATTN_ROWS * hd + 2 * bc * (hd + 1));
-            (
-                format!("{}_{suffix}", self.kernel("attn_bwd_dq")),
-                (ATTN_ROWS, ATTN_ROWS, dq_smem),
-                format!("{}_{suffix}", self.kernel("attn_bwd_dkdv")),
-                (ATTN_ROWS, ATTN_ROWS, dq_smem + 4 * 2 * bc),
-            )
-        };
+        let (dq_name, (q_rows, dq_warps, dq_smem), dkdv_name, (k_rows, dkdv_warps, dkdv_smem)) =
+            if mma && self.wgmma.load(Ordering::Relaxed) {
+                (
+                    format!("attn_bwd_dq_wgmma_bf16_hd{hd}"),
+                    attn_wgmma_block(MmaKernel::Dq, hd),
+                    format!("attn_bwd_dkdv_wgmma_bf16_hd{hd}"),
+                    attn_wgmma_block(MmaKernel::Dkdv, hd),
+                )
+            } else if mma {
+                (
+                    format!("attn_bwd_dq_mma_bf16_hd{hd}"),
+                    attn_mma_block(MmaKernel::Dq, hd),
+                    format!("attn_bwd_dkdv_mma_bf16_hd{hd}"),
+                    attn_mma_block(MmaKernel::Dkdv, hd),
+                )
+            } else {
+                let (suffix, bc) = Self::attn_variant(hd);
+                let dq_smem = 4 * (2 * ATTN_ROWS * hd + 2 * bc * (hd + 1));
+                (
+                    format!("{}_{suffix}", self.kernel("attn_bwd_dq")),
+                    (ATTN_ROWS, ATTN_ROWS, dq_smem),
+                    format!("{}_{suffix}", self.kernel("attn_bwd_dkdv")),
+                    (ATTN_ROWS, ATTN_ROWS, dq_smem + 4 * 2 * bc),
+                )
+            };
         let (spans, q_tiles, n_q_tiles) = self.attn_tiles(layout, false, q_rows)?;
         let (_, k_tiles, n_k_tiles) = self.attn_tiles(layout, true, k_rows)?;
         let dq_cfg = attn_cfg(n_q_tiles, shape.n_heads, (dq_warps, dq_smem));
@@ -2011,7 +2031,14 @@ mod tests {
             }
         }
         names.push("sum_squares_multi".to_string());
-        for attn in ["attn_fwd_mma", "attn_bwd_dq_mma", "attn_bwd_dkdv_mma", "attn_fwd_wgmma"] {
+        for attn in [
+            "attn_fwd_mma",
+            "attn_bwd_dq_mma",
+            "attn_bwd_dkdv_mma",
+            "attn_fwd_wgmma",
+            "attn_bwd_dq_wgmma",
+            "attn_bwd_dkdv_wgmma",
+        ] {
             names.extend(["hd64", "hd128"].map(|hd| format!("{attn}_bf16_{hd}")));
         }
         for name in &names {

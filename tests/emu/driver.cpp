@@ -13,8 +13,9 @@
 //    up to 227 KiB with the static part as on Hopper), every pointer parameter null or
 //    inside a live allocation;
 //  * the SIMT rules of simt.hpp (barriers every thread reaches, complete warp groups;
-//    wgmma by all 128 threads of a warpgroup, its operands inside dynamic shared memory,
-//    its A registers and accumulators left alone until the wait that covers it);
+//    wgmma by all 128 threads of a warpgroup after a wgmma.fence, its operands inside
+//    dynamic shared memory, its A registers and accumulators left alone until the wait
+//    that covers it);
 //  * memory, as compute-sanitizer's memcheck would: each allocation ends 256-byte
 //    aligned right below an inaccessible page, with a poisoned gap before it and a
 //    poisoned tail after it; reading or writing past that page, or into freed memory,

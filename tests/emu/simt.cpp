@@ -540,6 +540,14 @@ int release_groups(Fiber* fibers, size_t n, std::string& error) {
                 error = "wgmma with N = " + std::to_string(f.wg_n);
                 return -1;
             }
+            for (size_t l = 0; l < 128; ++l) {
+                if (!wg[l].wg_fenced) {
+                    error = where(wg[l]) +
+                            " issued a wgmma product without a wgmma_fence since it started or last waited for "
+                            "products (a GPU may read its registers before the writes before it)";
+                    return -1;
+                }
+            }
             st.products.emplace_back();
             WgProduct& p = st.products.back();
             p.desc_a = f.desc_a;
@@ -588,6 +596,7 @@ int release_groups(Fiber* fibers, size_t n, std::string& error) {
                 }
             }
             st.products.resize(kept);
+            for (size_t l = 0; l < 128; ++l) wg[l].wg_fenced = false;
             break;
         }
         }

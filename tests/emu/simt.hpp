@@ -100,6 +100,9 @@ struct Fiber {
     uint64_t desc_a, desc_b;
     int wg_n;
     bool wg_scale_d, wg_tnsp_b;
+    // Whether the thread passed a wgmma_fence since it started or last waited for
+    // products: a product needs one before it (see tl_emu::wgmma_fence).
+    bool wg_fenced;
     void* sp;          // saved stack pointer while suspended
     void* stack;       // base of its stack mapping
 };
@@ -202,8 +205,11 @@ uint32_t shared_address(const void* p);
 // when issued or when a wgmma_wait covers it (BlockState::wgmma_eager), reading shared
 // memory and `d` as they are then.
 void wgmma(float* d, int n, uint64_t desc_a, const uint32_t* a, uint64_t desc_b, bool scale_d, bool tnsp_b);
-// wgmma.fence: nothing to do on the CPU (the products read registers when they run).
-inline void wgmma_fence() {}
+// wgmma.fence: orders the thread's register writes before the products that read them.
+// On the CPU products read registers when they run, so it only records that the fence
+// was passed: a product issued without one since the thread started or last waited (when
+// kernels write accumulators and A fragments) fails the launch.
+inline void wgmma_fence() { current_fiber->wg_fenced = true; }
 // wgmma.commit_group: the warpgroup's products issued since the last commit form a group.
 void wgmma_commit();
 // wgmma.wait_group pending: runs the warpgroup's committed products until at most

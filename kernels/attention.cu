@@ -332,19 +332,20 @@ struct alignas(16) Bf16x8 {
 };
 
 // Starts copying rows row0 .. row0 + MMA_TILE of columns col0 .. col0 + HD of a [*, width]
-// matrix into shared memory (row stride HD + 8): with cp.async, 16 bytes a thread at a
-// time, when the source rows are 16-byte aligned (as whole-buffer tensors are), else with
-// plain loads and stores. Rows at or past `valid` become zeros (a NaN there would survive
-// a zero probability in a product). The caller commits the cp.async group, and the tile
-// may be read after tl::cp_async_wait and a barrier.
-template <int HD>
-__device__ __forceinline__ void mma_load_tile(__nv_bfloat16* dst, const __nv_bfloat16* src, int row0, int valid,
-                                              int width, int col0) {
+// matrix into shared memory, the 16-byte chunk c (columns 8c .. 8c + 7) of row r to
+// `chunk(r, c)`: with cp.async, 16 bytes a thread at a time, when the source rows are
+// 16-byte aligned (as whole-buffer tensors are), else with plain loads and stores. Rows
+// at or past `valid` become zeros (a NaN there would survive a zero probability in a
+// product). The caller commits the cp.async group, and the tile may be read after
+// tl::cp_async_wait and a barrier.
+template <int HD, typename Chunk>
+__device__ __forceinline__ void load_tile_chunks(Chunk chunk, const __nv_bfloat16* src, int row0, int valid,
+                                                 int width, int col0) {
     const bool aligned = (reinterpret_cast<uintptr_t>(src) % 16 == 0) && width % 8 == 0 && col0 % 8 == 0;
     for (int idx = threadIdx.x; idx < MMA_TILE * HD / 8; idx += blockDim.x) {
-        const int r = idx / (HD / 8), c = 8 * (idx % (HD / 8));
-        __nv_bfloat16* d = dst + r * (HD + 8) + c;
-        const __nv_bfloat16* p = r < valid ? src + (size_t)(row0 + r) * width + col0 + c : src;
+        const int r = idx / (HD / 8), c = idx % (HD / 8);
+        void* d = chunk(r, c);
+        const __nv_bfloat16* p = r < valid ? src + (size_t)(row0 + r) * width + col0 + 8 * c : src;
         if (aligned) {
             tl::cp_async_16(d, p, r < valid);
         } else {
@@ -357,6 +358,14 @@ __device__ __forceinline__ void mma_load_tile(__nv_bfloat16* dst, const __nv_bfl
             *reinterpret_cast<Bf16x8*>(d) = v;
         }
     }
+}
+
+// load_tile_chunks into rows HD + 8 elements apart (mma.sync's tiles).
+template <int HD>
+__device__ __forceinline__ void mma_load_tile(__nv_bfloat16* dst, const __nv_bfloat16* src, int row0, int valid,
+                                              int width, int col0) {
+    load_tile_chunks<HD>([=](int r, int c) { return static_cast<void*>(dst + r * (HD + 8) + 8 * c); }, src, row0,
+                         valid, width, col0);
 }
 
 // The A fragment of rows r0 .. r0 + 15, columns c0 .. c0 + 15 of a row-major bf16 matrix
@@ -469,8 +478,9 @@ __device__ __forceinline__ void zero_acc(float (&acc)[N][4]) {
 }
 
 // The geometry of a block of a query-side kernel (attn_fwd_mma with RPW = 32 rows a
-// warp, attn_bwd_dq_mma with 16): its span and head, its rows and the calling warp's,
-// and the keys they see.
+// warp, attn_bwd_dq_mma with 16; the wgmma kernels with 64 a warpgroup, UNIT = 128
+// threads, and two of them): its span and head, its rows and the calling warp's (or
+// warpgroup's), and the keys they see.
 struct MmaQueryBlock {
     Span sp;
     int h, kvh;    // query head, its K/V head
@@ -482,7 +492,7 @@ struct MmaQueryBlock {
     int nv_warp;   // keys the warp's last row sees
 };
 
-template <int HD, int RPW>
+template <int HD, int RPW, int UNIT = tl::WARP_SIZE, int UNITS = MMA_WARPS>
 __device__ __forceinline__ MmaQueryBlock mma_query_block(const int* spans, const int* tiles, int n_heads,
                                                          int n_kv_heads) {
     MmaQueryBlock b;
@@ -493,8 +503,8 @@ __device__ __forceinline__ MmaQueryBlock mma_query_block(const int* spans, const
     b.wq = n_heads * HD;
     b.wk = n_kv_heads * HD;
     b.shift = b.sp.k_len - b.sp.q_len;
-    b.r0 = b.i0 + RPW * (threadIdx.x / tl::WARP_SIZE);
-    b.nv_block = min(b.i0 + RPW * MMA_WARPS, b.sp.q_len) + b.shift;
+    b.r0 = b.i0 + RPW * (threadIdx.x / UNIT);
+    b.nv_block = min(b.i0 + RPW * UNITS, b.sp.q_len) + b.shift;
     b.nv_warp = min(b.r0 + RPW, b.sp.q_len) + b.shift;
     return b;
 }
@@ -698,34 +708,19 @@ __device__ void fwd_mma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, 
 // MN-major (V) operands read alike. Dynamic shared memory: Q of the two warpgroups, then
 // two stages of K and V, and 1024 bytes to align them: 1024 + 6 · 64 · HD · 2 bytes.
 constexpr int WG_ROWS = 64;
+static_assert(WG_ROWS == MMA_TILE, "the wgmma kernels stream the tiles MmaKeyBlock counts");
 
 // The byte offset of the 16-byte chunk c (columns 8c .. 8c + 7) of row r in such a tile.
 __device__ __forceinline__ uint32_t wg_chunk(int r, int c) {
     return uint32_t((c / 8) * WG_ROWS * 128 + r * 128 + ((c % 8) ^ (r % 8)) * 16);
 }
 
-// Starts copying rows row0 .. row0 + 64 (those at or past `valid` as zeros) of columns
-// col0 .. col0 + HD of a [*, width] matrix into the tile at `dst`, as mma_load_tile does.
+// load_tile_chunks into a swizzled 64-row tile at `dst` (wg_chunk).
 template <int HD>
 __device__ __forceinline__ void wg_load_tile(unsigned char* dst, const __nv_bfloat16* src, int row0, int valid,
                                              int width, int col0) {
-    const bool aligned = (reinterpret_cast<uintptr_t>(src) % 16 == 0) && width % 8 == 0 && col0 % 8 == 0;
-    for (int idx = threadIdx.x; idx < WG_ROWS * HD / 8; idx += blockDim.x) {
-        const int r = idx / (HD / 8), c = idx % (HD / 8);
-        unsigned char* d = dst + wg_chunk(r, c);
-        const __nv_bfloat16* p = r < valid ? src + (size_t)(row0 + r) * width + col0 + 8 * c : src;
-        if (aligned) {
-            tl::cp_async_16(d, p, r < valid);
-        } else {
-            Bf16x8 v = {{0u, 0u, 0u, 0u}};
-            if (r < valid) {
-#pragma unroll
-                for (int j = 0; j < 4; ++j) v.w[j] = tl::pack_bf16(p[2 * j], p[2 * j + 1]);
-            }
-            tl::assert_aligned<16>(d);
-            *reinterpret_cast<Bf16x8*>(d) = v;
-        }
-    }
+    load_tile_chunks<HD>([=](int r, int c) { return static_cast<void*>(dst + wg_chunk(r, c)); }, src, row0, valid,
+                         width, col0);
 }
 
 // The descriptor of columns 16s .. 16s + 15 of a tile as a K-major operand (Q, K).
@@ -738,55 +733,86 @@ __device__ __forceinline__ uint64_t wg_desc_mn(const unsigned char* tile, int s)
     return tl::wgmma_desc(tile + s * 16 * 128, WG_ROWS * 128, 1024, tl::Swizzle::B128);
 }
 
+// acc += P·T for a warpgroup: P its 64 x 64 scores (S accumulators, rounded to bf16 as A
+// fragments), T a 64-row tile as an MN-major operand (k = the tile's rows); waits for the
+// products, so P's registers and acc may be used again on return.
+template <int HD>
+__device__ __forceinline__ void wg_scores_times_tile(float (&acc)[HD / 8][4], const float (&p)[WG_ROWS / 8][4],
+                                                     const unsigned char* tile) {
+    uint32_t a[WG_ROWS / 16][4];
+#pragma unroll
+    for (int ks = 0; ks < WG_ROWS / 16; ++ks) mma_a_from_acc(a[ks], p[2 * ks], p[2 * ks + 1]);
+    tl::wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < WG_ROWS / 16; ++ks) tl::Wgmma<HD>::template rs<1>(acc, a[ks], wg_desc_mn(tile, ks), 1);
+    tl::wgmma_commit();
+    tl::wgmma_wait<0>(acc);
+}
+
+// The geometry of a block of a query-side wgmma kernel (fwd_wgmma, bwd_dq_wgmma): two
+// warpgroups of 64 rows (nv_warp: the keys the warpgroup's last row sees).
+template <int HD>
+__device__ __forceinline__ MmaQueryBlock wg_query_block(const int* spans, const int* tiles, int n_heads,
+                                                        int n_kv_heads) {
+    return mma_query_block<HD, WG_ROWS, 128, 2>(spans, tiles, n_heads, n_kv_heads);
+}
+
+// Starts copying the block's 128 rows of `src` (q or dout: this head's columns) into
+// the two tiles at dst, one a warpgroup.
+template <int HD>
+__device__ __forceinline__ void wg_load_rows(unsigned char* dst, const __nv_bfloat16* src, const MmaQueryBlock& b) {
+#pragma unroll
+    for (int part = 0; part < 2; ++part) {
+        const int row0 = b.i0 + part * WG_ROWS;
+        wg_load_tile<HD>(dst + part * WG_ROWS * HD * 2, src, b.sp.q_start + row0, b.sp.q_len - row0, b.wq,
+                         b.h * HD);
+    }
+}
+
+// Starts copying key tile `it` (K and V rows 64·it ..) into stage it % 2 at kv_s (K, then
+// V a tile on), as one cp.async group.
+template <int HD>
+__device__ __forceinline__ void wg_load_kv(unsigned char* kv_s, const MmaQueryBlock& b, const __nv_bfloat16* k,
+                                           const __nv_bfloat16* v, int it) {
+    constexpr int TILE = WG_ROWS * HD * 2;
+    unsigned char* k_s = kv_s + 2 * (it % 2) * TILE;
+    const int j0 = it * WG_ROWS;
+    wg_load_tile<HD>(k_s, k, b.sp.k_start + j0, b.nv_block - j0, b.wk, b.kvh * HD);
+    wg_load_tile<HD>(k_s + TILE, v, b.sp.k_start + j0, b.nv_block - j0, b.wk, b.kvh * HD);
+    tl::cp_async_commit();
+}
+
 template <int HD>
 __device__ void fwd_wgmma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
                           const __nv_bfloat16* v, const int* spans, const int* tiles, int n_heads, int n_kv_heads,
                           float scale, int ldo) {
     constexpr int TILE = WG_ROWS * HD * 2;  // bytes
-    TL_DYNAMIC_SHARED(unsigned char, raw);
-    unsigned char* smem = raw + (1024 - tl::smem_addr(raw) % 1024) % 1024;
-    const int wg = threadIdx.x / 128, warp = threadIdx.x % 128 / 32;
-    const int g = threadIdx.x % tl::WARP_SIZE / 4, t = threadIdx.x % 4;
-    const Span sp = load_span(spans, tiles[2 * blockIdx.x]);
-    const int i0 = tiles[2 * blockIdx.x + 1];
-    const int h = blockIdx.y, kvh = h / (n_heads / n_kv_heads);
-    const int wq = n_heads * HD, wk = n_kv_heads * HD, shift = sp.k_len - sp.q_len;
-    const int r0 = i0 + WG_ROWS * wg;                           // the warpgroup's first row
-    const int nv_block = min(i0 + 2 * WG_ROWS, sp.q_len) + shift;  // keys the block's last row sees
-    const int nv_wg = min(r0 + WG_ROWS, sp.q_len) + shift;         // and the warpgroup's
-    const bool rows_full = r0 + WG_ROWS <= sp.q_len;
+    unsigned char* smem = tl::dynamic_shared_1024();
+    const int warp = threadIdx.x % 128 / 32, g = threadIdx.x % tl::WARP_SIZE / 4, t = threadIdx.x % 4;
+    const MmaQueryBlock blk = wg_query_block<HD>(spans, tiles, n_heads, n_kv_heads);
+    const Span& sp = blk.sp;
+    const int h = blk.h, shift = blk.shift, r0 = blk.r0;
     const float sl2 = scale * LOG2E;
-    const unsigned char* q_s = smem + wg * TILE;
+    const unsigned char* q_s = smem + (threadIdx.x / 128) * TILE;
     unsigned char* kv_s = smem + 2 * TILE;  // stage x: K at kv_s + 2x·TILE, V a tile on
 
     // Q of both warpgroups goes with the first key tile's group
-#pragma unroll
-    for (int part = 0; part < 2; ++part) {
-        const int row0 = i0 + part * WG_ROWS;
-        wg_load_tile<HD>(smem + part * TILE, q, sp.q_start + row0, sp.q_len - row0, wq, h * HD);
-    }
-    const int n_tiles = (nv_block + WG_ROWS - 1) / WG_ROWS;
-    auto load_kv = [&](int it) {
-        unsigned char* k_s = kv_s + 2 * (it % 2) * TILE;
-        const int j0 = it * WG_ROWS;
-        wg_load_tile<HD>(k_s, k, sp.k_start + j0, nv_block - j0, wk, kvh * HD);
-        wg_load_tile<HD>(k_s + TILE, v, sp.k_start + j0, nv_block - j0, wk, kvh * HD);
-        tl::cp_async_commit();
-    };
+    wg_load_rows<HD>(smem, q, blk);
+    const int n_tiles = (blk.nv_block + WG_ROWS - 1) / WG_ROWS;
     if (n_tiles > 0) {
-        load_kv(0);
+        wg_load_kv<HD>(kv_s, blk, k, v, 0);
     } else {
         tl::cp_async_commit();
     }
     float o[HD / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // m in base 2
     zero_acc(o);
     for (int it = 0; it < n_tiles; ++it) {
-        if (it + 1 < n_tiles) load_kv(it + 1);
+        if (it + 1 < n_tiles) wg_load_kv<HD>(kv_s, blk, k, v, it + 1);
         mma_wait_tile(it, n_tiles);
         const unsigned char* k_s = kv_s + 2 * (it % 2) * TILE;
         const unsigned char* v_s = k_s + TILE;
         const int j0 = it * WG_ROWS;  // the tile's first key
-        if (r0 < sp.q_len && j0 < nv_wg) {  // warpgroup-uniform
+        if (r0 < sp.q_len && j0 < blk.nv_warp) {  // warpgroup-uniform
             float s[WG_ROWS / 8][4];
             tl::wgmma_fence();
 #pragma unroll
@@ -796,7 +822,7 @@ __device__ void fwd_wgmma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q
             tl::wgmma_commit();
             tl::wgmma_wait<0>(s);
             // scale and mask as fwd_mma, then the online softmax of the warp's 16 rows
-            const bool full = rows_full && j0 + WG_ROWS - 1 <= r0 + shift;
+            const bool full = r0 + WG_ROWS <= sp.q_len && j0 + WG_ROWS - 1 <= r0 + shift;
 #pragma unroll
             for (int nt = 0; nt < WG_ROWS / 8; ++nt) {
 #pragma unroll
@@ -807,17 +833,7 @@ __device__ void fwd_wgmma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q
                 }
             }
             online_softmax<HD>(s, m, l, o);
-            // O += P·V, 16 keys a product; P's registers stay untouched until the wait
-            uint32_t a[WG_ROWS / 16][4];
-#pragma unroll
-            for (int ks = 0; ks < WG_ROWS / 16; ++ks) mma_a_from_acc(a[ks], s[2 * ks], s[2 * ks + 1]);
-            tl::wgmma_fence();
-#pragma unroll
-            for (int ks = 0; ks < WG_ROWS / 16; ++ks) {
-                tl::Wgmma<HD>::template rs<1>(o, a[ks], wg_desc_mn(v_s, ks), 1);
-            }
-            tl::wgmma_commit();
-            tl::wgmma_wait<0>(o);
+            wg_scores_times_tile<HD>(o, s, v_s);  // O += P·V
         }
         __syncthreads();  // the stage is refilled two tiles on
     }
@@ -845,39 +861,21 @@ __device__ void bwd_dq_wgmma(__nv_bfloat16* dq, const __nv_bfloat16* dout, const
                              const int* spans, const int* tiles, int n_heads, int n_kv_heads, float scale,
                              int ldg) {
     constexpr int TILE = WG_ROWS * HD * 2;  // bytes
-    TL_DYNAMIC_SHARED(unsigned char, raw);
-    unsigned char* smem = raw + (1024 - tl::smem_addr(raw) % 1024) % 1024;
-    const int wg = threadIdx.x / 128, warp = threadIdx.x % 128 / 32;
-    const int g = threadIdx.x % tl::WARP_SIZE / 4, t = threadIdx.x % 4;
-    const Span sp = load_span(spans, tiles[2 * blockIdx.x]);
-    const int i0 = tiles[2 * blockIdx.x + 1];
-    const int h = blockIdx.y, kvh = h / (n_heads / n_kv_heads);
-    const int wq = n_heads * HD, wk = n_kv_heads * HD, shift = sp.k_len - sp.q_len;
-    const int r0 = i0 + WG_ROWS * wg;
-    const int nv_block = min(i0 + 2 * WG_ROWS, sp.q_len) + shift;
-    const int nv_wg = min(r0 + WG_ROWS, sp.q_len) + shift;
-    const bool rows_full = r0 + WG_ROWS <= sp.q_len;
+    unsigned char* smem = tl::dynamic_shared_1024();
+    const int warp = threadIdx.x % 128 / 32, g = threadIdx.x % tl::WARP_SIZE / 4, t = threadIdx.x % 4;
+    const MmaQueryBlock blk = wg_query_block<HD>(spans, tiles, n_heads, n_kv_heads);
+    const Span& sp = blk.sp;
+    const int h = blk.h, shift = blk.shift, r0 = blk.r0;
     const float sl2 = scale * LOG2E;
-    const unsigned char* q_s = smem + wg * TILE;
-    const unsigned char* o_s = smem + (2 + wg) * TILE;
+    const unsigned char* q_s = smem + (threadIdx.x / 128) * TILE;
+    const unsigned char* o_s = q_s + 2 * TILE;
     unsigned char* kv_s = smem + 4 * TILE;  // stage x: K at kv_s + 2x·TILE, V a tile on
 
-#pragma unroll
-    for (int part = 0; part < 2; ++part) {
-        const int row0 = i0 + part * WG_ROWS;
-        wg_load_tile<HD>(smem + part * TILE, q, sp.q_start + row0, sp.q_len - row0, wq, h * HD);
-        wg_load_tile<HD>(smem + (2 + part) * TILE, dout, sp.q_start + row0, sp.q_len - row0, wq, h * HD);
-    }
-    const int n_tiles = (nv_block + WG_ROWS - 1) / WG_ROWS;
-    auto load_kv = [&](int it) {
-        unsigned char* k_s = kv_s + 2 * (it % 2) * TILE;
-        const int j0 = it * WG_ROWS;
-        wg_load_tile<HD>(k_s, k, sp.k_start + j0, nv_block - j0, wk, kvh * HD);
-        wg_load_tile<HD>(k_s + TILE, v, sp.k_start + j0, nv_block - j0, wk, kvh * HD);
-        tl::cp_async_commit();
-    };
+    wg_load_rows<HD>(smem, q, blk);
+    wg_load_rows<HD>(smem + 2 * TILE, dout, blk);
+    const int n_tiles = (blk.nv_block + WG_ROWS - 1) / WG_ROWS;
     if (n_tiles > 0) {
-        load_kv(0);
+        wg_load_kv<HD>(kv_s, blk, k, v, 0);
     } else {
         tl::cp_async_commit();
     }
@@ -892,12 +890,12 @@ __device__ void bwd_dq_wgmma(__nv_bfloat16* dq, const __nv_bfloat16* dout, const
     }
     zero_acc(acc);
     for (int it = 0; it < n_tiles; ++it) {
-        if (it + 1 < n_tiles) load_kv(it + 1);
+        if (it + 1 < n_tiles) wg_load_kv<HD>(kv_s, blk, k, v, it + 1);
         mma_wait_tile(it, n_tiles);
         const unsigned char* k_s = kv_s + 2 * (it % 2) * TILE;
         const unsigned char* v_s = k_s + TILE;
         const int j0 = it * WG_ROWS;
-        if (r0 < sp.q_len && j0 < nv_wg) {  // warpgroup-uniform
+        if (r0 < sp.q_len && j0 < blk.nv_warp) {  // warpgroup-uniform
             float s[WG_ROWS / 8][4], dp[WG_ROWS / 8][4];
             tl::wgmma_fence();
 #pragma unroll
@@ -908,7 +906,7 @@ __device__ void bwd_dq_wgmma(__nv_bfloat16* dq, const __nv_bfloat16* dout, const
             tl::wgmma_commit();
             tl::wgmma_wait<0>(s);
             tl::wgmma_wait<0>(dp);
-            const bool full = rows_full && j0 + WG_ROWS - 1 <= r0 + shift;
+            const bool full = r0 + WG_ROWS <= sp.q_len && j0 + WG_ROWS - 1 <= r0 + shift;
 #pragma unroll
             for (int nt = 0; nt < WG_ROWS / 8; ++nt) {
 #pragma unroll
@@ -919,16 +917,7 @@ __device__ void bwd_dq_wgmma(__nv_bfloat16* dq, const __nv_bfloat16* dout, const
                     s[nt][j] = p * (dp[nt][j] - row_d[x]);  // dS
                 }
             }
-            uint32_t a[WG_ROWS / 16][4];
-#pragma unroll
-            for (int ks = 0; ks < WG_ROWS / 16; ++ks) mma_a_from_acc(a[ks], s[2 * ks], s[2 * ks + 1]);
-            tl::wgmma_fence();
-#pragma unroll
-            for (int ks = 0; ks < WG_ROWS / 16; ++ks) {
-                tl::Wgmma<HD>::template rs<1>(acc, a[ks], wg_desc_mn(k_s, ks), 1);
-            }
-            tl::wgmma_commit();
-            tl::wgmma_wait<0>(acc);
+            wg_scores_times_tile<HD>(acc, s, k_s);  // dQ += dS·K
         }
         __syncthreads();  // the stage is refilled two tiles on
     }
@@ -1053,6 +1042,8 @@ struct MmaKeyBlock {
     int n_tiles;  // pairs
     // The first query of pair `it`'s tile.
     __device__ int row(int it) const { return first_q + it % q_tiles * MMA_TILE; }
+    // Pair `it`'s query head.
+    __device__ int head(int it) const { return kvh * group + it / q_tiles; }
 };
 
 __device__ __forceinline__ MmaKeyBlock mma_key_block(const int* spans, const int* tiles, int n_heads,
@@ -1080,14 +1071,10 @@ struct MmaKeyInputs {
     float* stats_s;
 };
 
-// Starts the copy of pair `it` into stage it % 2 (lse and D with plain loads).
-template <int HD>
-__device__ __forceinline__ void mma_load_pair(const MmaKeyBlock& b, const MmaKeyInputs& in, int it) {
-    constexpr int TILE = MMA_TILE * (HD + 8);
-    const int h = b.kvh * b.group + it / b.q_tiles, i0 = b.row(it), wq = in.n_heads * HD;
-    __nv_bfloat16* q_s = in.qo_s + 2 * (it % 2) * TILE;
-    mma_load_tile<HD>(q_s, in.q, b.sp.q_start + i0, b.sp.q_len - i0, wq, h * HD);
-    mma_load_tile<HD>(q_s + TILE, in.dout, b.sp.q_start + i0, b.sp.q_len - i0, wq, h * HD);
+// Loads pair `it`'s lse·log2 e and D (of its 64 queries) into stage it % 2 of
+// in.stats_s, with plain loads.
+__device__ __forceinline__ void load_pair_stats(const MmaKeyBlock& b, const MmaKeyInputs& in, int it) {
+    const int h = b.head(it), i0 = b.row(it);
     float* st = in.stats_s + 2 * MMA_TILE * (it % 2);
     for (int r = threadIdx.x; r < MMA_TILE; r += blockDim.x) {
         const bool ok = i0 + r < b.sp.q_len;
@@ -1095,6 +1082,17 @@ __device__ __forceinline__ void mma_load_pair(const MmaKeyBlock& b, const MmaKey
         st[r] = ok ? in.lse[at] * LOG2E : 0.0f;
         st[MMA_TILE + r] = ok ? in.D[at] : 0.0f;
     }
+}
+
+// Starts the copy of pair `it` into stage it % 2 (lse and D with plain loads).
+template <int HD>
+__device__ __forceinline__ void mma_load_pair(const MmaKeyBlock& b, const MmaKeyInputs& in, int it) {
+    constexpr int TILE = MMA_TILE * (HD + 8);
+    const int h = b.head(it), i0 = b.row(it), wq = in.n_heads * HD;
+    __nv_bfloat16* q_s = in.qo_s + 2 * (it % 2) * TILE;
+    mma_load_tile<HD>(q_s, in.q, b.sp.q_start + i0, b.sp.q_len - i0, wq, h * HD);
+    mma_load_tile<HD>(q_s + TILE, in.dout, b.sp.q_start + i0, b.sp.q_len - i0, wq, h * HD);
+    load_pair_stats(b, in, it);
 }
 
 // Starts copying K and V rows of the block's KEYS keys into k_s and v_s, then pair 0,
@@ -1141,17 +1139,11 @@ template <int HD>
 __device__ __forceinline__ void wg_load_pair(const MmaKeyBlock& b, const MmaKeyInputs& in, unsigned char* qo_s,
                                              int it) {
     constexpr int TILE = WG_ROWS * HD * 2;
-    const int h = b.kvh * b.group + it / b.q_tiles, i0 = b.row(it), wq = in.n_heads * HD;
+    const int h = b.head(it), i0 = b.row(it), wq = in.n_heads * HD;
     unsigned char* q_s = qo_s + 2 * (it % 2) * TILE;
     wg_load_tile<HD>(q_s, in.q, b.sp.q_start + i0, b.sp.q_len - i0, wq, h * HD);
     wg_load_tile<HD>(q_s + TILE, in.dout, b.sp.q_start + i0, b.sp.q_len - i0, wq, h * HD);
-    float* st = in.stats_s + 2 * WG_ROWS * (it % 2);
-    for (int r = threadIdx.x; r < WG_ROWS; r += blockDim.x) {
-        const bool ok = i0 + r < b.sp.q_len;
-        const size_t at = ((size_t)b.sp.q_start + i0 + r) * in.n_heads + h;
-        st[r] = ok ? in.lse[at] * LOG2E : 0.0f;
-        st[WG_ROWS + r] = ok ? in.D[at] : 0.0f;
-    }
+    load_pair_stats(b, in, it);
 }
 
 template <int HD, int QS>
@@ -1161,8 +1153,7 @@ __device__ void bwd_dkdv_wgmma(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_
                                int n_kv_heads, float scale, int ldg) {
     constexpr int TILE = WG_ROWS * HD * 2;  // bytes
     static_assert(WG_ROWS % QS == 0 && QS % 16 == 0, "sub-steps of whole k-steps");
-    TL_DYNAMIC_SHARED(unsigned char, raw);
-    unsigned char* smem = raw + (1024 - tl::smem_addr(raw) % 1024) % 1024;
+    unsigned char* smem = tl::dynamic_shared_1024();
     unsigned char* qo_s = smem + 4 * TILE;  // stage x: Q at qo_s + 2x·TILE, dO a tile on
     const MmaKeyInputs in{q, dout, k, v, lse, D, n_heads, n_kv_heads, nullptr,
                           reinterpret_cast<float*>(smem + 8 * TILE)};

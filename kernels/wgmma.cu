@@ -58,8 +58,7 @@ struct Layout {
 
 template <int N, int TB>
 __device__ void probe(float* d, const __nv_bfloat16* a, const __nv_bfloat16* b, int k, int mode) {
-    TL_DYNAMIC_SHARED(unsigned char, raw);
-    unsigned char* smem = raw + (1024 - tl::smem_addr(raw) % 1024) % 1024;
+    unsigned char* smem = tl::dynamic_shared_1024();
     const bool reg_a = mode & 1, swizzle = mode & 4;
     const Layout la{64, k, swizzle, false};
     // B: K-major [N][k] (element (n, kk)), or MN-major [k][N] (element (kk, n))

@@ -113,7 +113,13 @@ impl CudaOps {
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
             .context("reading the GPU's compute capability")?;
         let has_wgmma = major == 9;
-        let wgmma = AtomicBool::new(has_wgmma && std::env::var("TUNELOOP_WGMMA").is_ok_and(|v| v == "1"));
+        let asked = std::env::var("TUNELOOP_WGMMA").is_ok_and(|v| v == "1");
+        if asked && !has_wgmma {
+            tracing::warn!(
+                "TUNELOOP_WGMMA=1 ignored: wgmma needs a compute capability 9.x GPU (Hopper), this one is {major}.x"
+            );
+        }
+        let wgmma = AtomicBool::new(asked && has_wgmma);
         Ok(Self { rt, blas: Mutex::new(blas), dtype, arena: Arena::from_env(), wgmma, has_wgmma })
     }
 

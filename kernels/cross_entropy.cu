@@ -68,8 +68,12 @@ __device__ void ce_v(float* row_loss, int* row_flag, T* dlogits, const T* logits
         }
         // online max / sum of exp and argmax, per thread, over its values in increasing
         // index order
+        // (a -inf logit, a masked entry, adds nothing: exp(-inf - -inf) would be a NaN
+        // while the thread has seen nothing larger; a row of them has argmax 0, as the
+        // host's)
+        constexpr int NO_ARG = 0x7fffffff;
         float m = -INFINITY, s = 0.0f;
-        int arg = 0x7fffffff;
+        int arg = NO_ARG;
         for (int j = V * threadIdx.x; j < vocab; j += V * blockDim.x) {
             float v[V];
             tl::load_n(v, x + j);
@@ -79,8 +83,10 @@ __device__ void ce_v(float* row_loss, int* row_flag, T* dlogits, const T* logits
                     s = s * expf(m - v[e]) + 1.0f;
                     m = v[e];
                     arg = j + e;
-                } else {
+                } else if (v[e] != -INFINITY) {
                     s += expf(v[e] - m);
+                } else if (arg == NO_ARG) {
+                    arg = j + e;
                 }
             }
         }

@@ -966,6 +966,41 @@ fn cross_entropy(dtype: DType) {
         poison_pool(&p);
         assert_eq!(p.gpu.argmax_rows(&t).unwrap(), want, "special rows {:?}", t.dtype());
     }
+    // masked vocabulary entries (-inf logits) before and among finite ones, and a row with
+    // one finite logit: the loss, its gradient (0 at the masked entries) and the argmax as
+    // the CPU's
+    let mut masked = p.rand(3 * w, 4.0);
+    if p.bf16() {
+        masked.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32());
+    }
+    for j in 0..w {
+        if j < 500 {
+            masked[j] = f32::NEG_INFINITY;
+        }
+        if j % 2 == 0 {
+            masked[w + j] = f32::NEG_INFINITY;
+        }
+        if j != 777 {
+            masked[2 * w + j] = f32::NEG_INFINITY;
+        }
+    }
+    let targets = [600, 901, 777];
+    let lc = p.cpu.upload(&masked, &[3, w]).unwrap();
+    let (c, c_dlogits) = p.cpu.cross_entropy(&lc, &targets, Some(1.0)).unwrap();
+    assert!(c.loss_sum.is_finite());
+    for lg in [p.act(&masked, &[3, w]), p.gpu.upload(&masked, &[3, w]).unwrap()] {
+        poison_pool(&p);
+        let (g, g_dlogits) = p.gpu.cross_entropy(&lg, &targets, Some(1.0)).unwrap();
+        assert_eq!((g.n_counted, g.n_correct), (c.n_counted, c.n_correct), "masked rows {:?}", lg.dtype());
+        let e = (g.loss_sum - c.loss_sum).abs() / c.loss_sum.abs();
+        assert!(e < TOL, "masked rows {:?}: loss {} vs {}", lg.dtype(), g.loss_sum, c.loss_sum);
+        close(
+            "masked rows' dlogits",
+            &p.down(g_dlogits.as_ref().unwrap()),
+            &c_dlogits.as_ref().unwrap().data,
+            tol,
+        );
+    }
     let (c, g) = (p.cpu.read_loss(&c_sums).unwrap(), p.gpu.read_loss(&g_sums).unwrap());
     assert_eq!((g.n_counted, g.n_correct), (c.n_counted, c.n_correct), "running sums");
     let e = (g.loss_sum - c.loss_sum).abs() / c.loss_sum.abs();

@@ -155,6 +155,7 @@ struct Pool {
     std::vector<void*> stacks;
     std::vector<CpQueue> cp;
     std::vector<WgState> wg;  // per warpgroup of the running block
+    size_t group_waiting;     // its threads waiting at a warpgroup operation
     std::vector<unsigned char> dynamic_shared;
     // run_block's: the stacks no running fiber holds, and the order fibers resume in.
     std::vector<void*> free_stacks;
@@ -648,6 +649,7 @@ std::string run_block(size_t n, Rng& rng, bool shuffle) {
         f.lane = int(i % 32);
         f.warp = int(i / 32);
     }
+    pool.group_waiting = 0;
     pool.wg.resize((n + 127) / 128);
     for (WgState& w : pool.wg) {
         w.products.clear();
@@ -683,9 +685,13 @@ std::string run_block(size_t n, Rng& rng, bool shuffle) {
         const int released = release_warps(fibers, n, error);
         if (released < 0) return error;
         if (released > 0) continue;
-        const int released_groups = release_groups(fibers, n, error);
+        // (kernels without wgmma never pay for the scan)
+        const int released_groups = pool.group_waiting > 0 ? release_groups(fibers, n, error) : 0;
         if (released_groups < 0) return error;
-        if (released_groups > 0) continue;
+        if (released_groups > 0) {
+            pool.group_waiting -= size_t(released_groups);
+            continue;
+        }
         size_t live = 0, at_block = 0;
         for (size_t i = 0; i < n; ++i) {
             if (fibers[i].done) continue;
@@ -823,6 +829,7 @@ void group_op(GroupOp op) {
     Fiber* f = current_fiber;
     f->group_op = op;
     f->wait = Wait::Group;
+    ++pool.group_waiting;
     asm volatile("" ::: "memory");
     yield_to_scheduler();
     asm volatile("" ::: "memory");

@@ -653,10 +653,28 @@ impl CudaOps {
         super::check_attention(&q.shape, &k.shape, &v.shape, s, layout)
     }
 
-    /// Whether attention with heads of `hd` runs on the tensor-core kernels: in the bf16
-    /// mode, at the head widths of the Llama and Qwen2 models.
-    fn attn_on_tensor_cores(&self, hd: usize) -> bool {
-        self.dtype == DType::Bf16 && (hd == 64 || hd == 128)
+    /// The tensor-core kernel of `kernel` at head width `hd`, on wgmma or on mma.sync, with
+    /// its (rows a block, warps a block, dynamic shared memory): in the bf16 mode, at the
+    /// head widths of the Llama and Qwen2 models (64, 128); `None` where the CUDA-core
+    /// kernels run (the f32 mode, other widths).
+    fn attn_tensor_core_kernel(
+        &self,
+        kernel: MmaKernel,
+        hd: usize,
+    ) -> Option<(String, (usize, usize, usize))> {
+        if self.dtype != DType::Bf16 || (hd != 64 && hd != 128) {
+            return None;
+        }
+        let op = match kernel {
+            MmaKernel::Fwd => "fwd",
+            MmaKernel::Dq => "bwd_dq",
+            MmaKernel::Dkdv => "bwd_dkdv",
+        };
+        Some(if self.wgmma.load(Ordering::Relaxed) {
+            (format!("attn_{op}_wgmma_bf16_hd{hd}"), attn_wgmma_block(kernel, hd))
+        } else {
+            (format!("attn_{op}_mma_bf16_hd{hd}"), attn_mma_block(kernel, hd))
+        })
     }
 
     /// (kernel suffix, rows of the streamed tile) for a head width.
@@ -1426,16 +1444,12 @@ impl Ops for CudaOps {
         let out = self.alloc_attn_out(&q.shape, room(tail), layout.covers_rows(nq, false))?;
         let mut lse = self.alloc_as(&[nq, shape.n_heads], DType::F32)?;
         self.fill(&mut lse, f32::NEG_INFINITY)?;
-        let mma = self.attn_on_tensor_cores(hd);
-        let (name, (rows, warps, smem)) = if mma && self.wgmma.load(Ordering::Relaxed) {
-            (format!("attn_fwd_wgmma_bf16_hd{hd}"), attn_wgmma_block(MmaKernel::Fwd, hd))
-        } else if mma {
-            (format!("attn_fwd_mma_bf16_hd{hd}"), attn_mma_block(MmaKernel::Fwd, hd))
-        } else {
-            let (suffix, bc) = Self::attn_variant(hd);
-            let smem = 4 * (ATTN_ROWS * hd + bc * (hd + 1) + bc * hd);
-            (format!("{}_{suffix}", self.kernel("attn_fwd")), (ATTN_ROWS, ATTN_ROWS, smem))
-        };
+        let (name, (rows, warps, smem)) =
+            self.attn_tensor_core_kernel(MmaKernel::Fwd, hd).unwrap_or_else(|| {
+                let (suffix, bc) = Self::attn_variant(hd);
+                let smem = 4 * (ATTN_ROWS * hd + bc * (hd + 1) + bc * hd);
+                (format!("{}_{suffix}", self.kernel("attn_fwd")), (ATTN_ROWS, ATTN_ROWS, smem))
+            });
         let (spans, tiles, n_tiles) = self.attn_tiles(layout, false, rows)?;
         let cfg = attn_cfg(n_tiles, shape.n_heads, (warps, smem));
         self.rt.launch(
@@ -1508,31 +1522,23 @@ impl Ops for CudaOps {
         let dq = self.alloc_attn_out(&q.shape, room(tail), q_written)?;
         let dk = self.alloc_attn_out(&k.shape, room(tail), k_written)?;
         let dv = self.alloc_attn_out(&v.shape, room(tail), k_written)?;
-        let mma = self.attn_on_tensor_cores(hd);
+        let tensor_cores = (
+            self.attn_tensor_core_kernel(MmaKernel::Dq, hd),
+            self.attn_tensor_core_kernel(MmaKernel::Dkdv, hd),
+        );
         let (dq_name, (q_rows, dq_warps, dq_smem), dkdv_name, (k_rows, dkdv_warps, dkdv_smem)) =
-            if mma && self.wgmma.load(Ordering::Relaxed) {
-                (
-                    format!("attn_bwd_dq_wgmma_bf16_hd{hd}"),
-                    attn_wgmma_block(MmaKernel::Dq, hd),
-                    format!("attn_bwd_dkdv_wgmma_bf16_hd{hd}"),
-                    attn_wgmma_block(MmaKernel::Dkdv, hd),
-                )
-            } else if mma {
-                (
-                    format!("attn_bwd_dq_mma_bf16_hd{hd}"),
-                    attn_mma_block(MmaKernel::Dq, hd),
-                    format!("attn_bwd_dkdv_mma_bf16_hd{hd}"),
-                    attn_mma_block(MmaKernel::Dkdv, hd),
-                )
-            } else {
-                let (suffix, bc) = Self::attn_variant(hd);
-                let dq_smem = 4 * (2 * ATTN_ROWS * hd + 2 * bc * (hd + 1));
-                (
-                    format!("{}_{suffix}", self.kernel("attn_bwd_dq")),
-                    (ATTN_ROWS, ATTN_ROWS, dq_smem),
-                    format!("{}_{suffix}", self.kernel("attn_bwd_dkdv")),
-                    (ATTN_ROWS, ATTN_ROWS, dq_smem + 4 * 2 * bc),
-                )
+            match tensor_cores {
+                (Some((dq, dq_block)), Some((dkdv, dkdv_block))) => (dq, dq_block, dkdv, dkdv_block),
+                _ => {
+                    let (suffix, bc) = Self::attn_variant(hd);
+                    let dq_smem = 4 * (2 * ATTN_ROWS * hd + 2 * bc * (hd + 1));
+                    (
+                        format!("{}_{suffix}", self.kernel("attn_bwd_dq")),
+                        (ATTN_ROWS, ATTN_ROWS, dq_smem),
+                        format!("{}_{suffix}", self.kernel("attn_bwd_dkdv")),
+                        (ATTN_ROWS, ATTN_ROWS, dq_smem + 4 * 2 * bc),
+                    )
+                }
             };
         let (spans, q_tiles, n_q_tiles) = self.attn_tiles(layout, false, q_rows)?;
         let (_, k_tiles, n_k_tiles) = self.attn_tiles(layout, true, k_rows)?;

@@ -1084,6 +1084,21 @@ __device__ __forceinline__ void load_pair_stats(const MmaKeyBlock& b, const MmaK
     }
 }
 
+// Pᵀ's element of a key-side kernel: exp2(S·scale·log2 e − lse·log2 e) for query qr of the
+// tile at i0 (lse2_s: the tile's lse·log2 e, 0 past the span) and key kr where the query
+// sees the key, else exp2(−inf) = 0. The mask is computed whole, without a short-circuit,
+// and selects the exponent's offset, so no branch goes around the exp2 or lse's load: with
+// `full || (...)` and `seen ? exp2f(...) : 0`, nvcc 13.0 put two branches around every
+// element's exp2 in all four tensor-core dk/dv kernels (this form also spills nothing in
+// attn_bwd_dkdv_mma_bf16_hd64, at 255 registers, where selecting the exp2's result did).
+// `on` joins the mask the same way (a warp-uniform condition as a select still pays less
+// than the branch nvcc puts around every element for it).
+__device__ __forceinline__ float key_side_p(float s, float sl2, const float* lse2_s, int qr, int kr, int i0,
+                                           const Span& sp, int shift, bool on = true) {
+    const bool seen = on & (i0 + qr < sp.q_len) & (kr < sp.k_len) & (kr <= i0 + qr + shift);
+    return exp2f(fmaf(s, sl2, seen ? -lse2_s[qr] : -INFINITY));
+}
+
 // Starts the copy of pair `it` into stage it % 2 (lse and D with plain loads).
 template <int HD>
 __device__ __forceinline__ void mma_load_pair(const MmaKeyBlock& b, const MmaKeyInputs& in, int it) {
@@ -1180,6 +1195,7 @@ __device__ void bwd_dkdv_wgmma(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_
     float dk_acc[HD / 8][4], dv_acc[HD / 8][4];
     zero_acc(dk_acc);
     zero_acc(dv_acc);
+    uint32_t pa[QS / 16][4], da[QS / 16][4];  // Pᵀ and dSᵀ as A fragments, read until the next wait
 
     for (int it = 0; it < blk.n_tiles; ++it) {
         if (it + 1 < blk.n_tiles) {
@@ -1195,49 +1211,64 @@ __device__ void bwd_dkdv_wgmma(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_
         // warpgroup-uniform: no query of this tile sees the warpgroup's first key, or no key
         const bool active = j0 + c0 < sp.k_len && i0 + WG_ROWS - 1 + shift >= j0 + c0;
         for (int q0 = 0; active && q0 < WG_ROWS && i0 + q0 < sp.q_len; q0 += QS) {
+            // Sᵀ and dPᵀ as two commit groups, so that Pᵀ is computed while dPᵀ's products
+            // run; the wait for Sᵀ also covers the previous sub-step's dV and dK products,
+            // so pa and da are free again after it
             float s[QS / 8][4], dp[QS / 8][4];
             tl::wgmma_fence();
 #pragma unroll
             for (int ks = 0; ks < HD / 16; ++ks) {
                 // rows q0 .. q0 + QS of the Q and dO tiles: 128 bytes a row, whole 8-row atoms
                 tl::Wgmma<QS>::template ss<0>(s, wg_desc_k(k_s, ks), wg_desc_k(q_s + q0 * 128, ks), ks > 0);
+            }
+            tl::wgmma_commit();
+#pragma unroll
+            for (int ks = 0; ks < HD / 16; ++ks) {
                 tl::Wgmma<QS>::template ss<0>(dp, wg_desc_k(v_s, ks), wg_desc_k(o_s + q0 * 128, ks), ks > 0);
             }
             tl::wgmma_commit();
-            tl::wgmma_wait<0>(s);
-            tl::wgmma_wait<0>(dp);
+            tl::wgmma_wait<1>(s);
             const int k0 = j0 + c0 + 16 * warp;  // the warp's first key
-            // every query of these QS is in the span and sees every key of the warp
-            const bool full = i0 + q0 + QS <= sp.q_len && k0 + 16 <= sp.k_len && k0 + 15 <= i0 + q0 + shift;
 #pragma unroll
             for (int nt = 0; nt < QS / 8; ++nt) {
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
                     const int qr = q0 + 8 * nt + 2 * t + j % 2;  // query, in the tile
                     const int kr = k0 + g + 8 * (j / 2);
-                    const bool seen = full || (i0 + qr < sp.q_len && kr < sp.k_len && kr <= i0 + qr + shift);
-                    const float p = seen ? exp2f(s[nt][j] * sl2 - lse2_s[qr]) : 0.0f;
-                    s[nt][j] = p;
-                    dp[nt][j] = p * (dp[nt][j] - d_s[qr]);
+                    s[nt][j] = key_side_p(s[nt][j], sl2, lse2_s, qr, kr, i0, sp, shift);  // Pᵀ
                 }
             }
-            // dV += Pᵀ·dO and dK += dSᵀ·Q, 16 queries a product
-            uint32_t pa[QS / 16][4], da[QS / 16][4];
+            // dV += Pᵀ·dO (16 queries a product), running while dSᵀ is computed
 #pragma unroll
-            for (int kq = 0; kq < QS / 16; ++kq) {
-                mma_a_from_acc(pa[kq], s[2 * kq], s[2 * kq + 1]);
-                mma_a_from_acc(da[kq], dp[2 * kq], dp[2 * kq + 1]);
-            }
+            for (int kq = 0; kq < QS / 16; ++kq) mma_a_from_acc(pa[kq], s[2 * kq], s[2 * kq + 1]);
             tl::wgmma_fence();
 #pragma unroll
             for (int kq = 0; kq < QS / 16; ++kq) {
                 tl::Wgmma<HD>::template rs<1>(dv_acc, pa[kq], wg_desc_mn(o_s, q0 / 16 + kq), 1);
+            }
+            tl::wgmma_commit();
+            tl::wgmma_wait<1>(dp);
+#pragma unroll
+            for (int nt = 0; nt < QS / 8; ++nt) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const int qr = q0 + 8 * nt + 2 * t + j % 2;
+                    dp[nt][j] = s[nt][j] * (dp[nt][j] - d_s[qr]);  // dSᵀ
+                }
+            }
+            // dK += dSᵀ·Q, left running into the next sub-step
+#pragma unroll
+            for (int kq = 0; kq < QS / 16; ++kq) mma_a_from_acc(da[kq], dp[2 * kq], dp[2 * kq + 1]);
+            tl::wgmma_fence();
+#pragma unroll
+            for (int kq = 0; kq < QS / 16; ++kq) {
                 tl::Wgmma<HD>::template rs<1>(dk_acc, da[kq], wg_desc_mn(q_s, q0 / 16 + kq), 1);
             }
             tl::wgmma_commit();
-            tl::wgmma_wait<0>(dv_acc);
-            tl::wgmma_wait<0>(dk_acc);
         }
+        // the last dV and dK products read this stage's Q and dO
+        tl::wgmma_wait<0>(dv_acc);
+        tl::wgmma_wait<0>(dk_acc);
         __syncthreads();  // the stage is refilled two tiles on
     }
     tl::cp_async_wait<0>();  // K and V, when no query tile came
@@ -1308,16 +1339,13 @@ __device__ void bwd_dkdv_mma(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_bf
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi) {
                 const int k0 = j0 + c0 + 16 * mi;  // the m-tile's first key
-                // every query of these QS is in the span and sees every key of the m-tile
-                const bool full = i0 + q0 + QS <= sp.q_len && k0 + 16 <= sp.k_len && k0 + 15 <= i0 + q0 + shift;
 #pragma unroll
                 for (int nt = 0; nt < QS / 8; ++nt) {
 #pragma unroll
                     for (int j = 0; j < 4; ++j) {
                         const int qr = q0 + 8 * nt + 2 * t + j % 2;  // query, in the tile
                         const int kr = k0 + g + 8 * (j / 2);
-                        const bool seen = full || (i0 + qr < sp.q_len && kr < sp.k_len && kr <= i0 + qr + shift);
-                        const float p = seen ? exp2f(s[mi][nt][j] * sl2 - lse2_s[qr]) : 0.0f;
+                        const float p = key_side_p(s[mi][nt][j], sl2, lse2_s, qr, kr, i0, sp, shift);
                         s[mi][nt][j] = p;
                         dp[mi][nt][j] = p * (dp[mi][nt][j] - d_s[qr]);
                     }
@@ -1440,8 +1468,6 @@ __device__ void bwd_dkdv_mma8(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_b
 #pragma unroll
             for (int mi = 0; mi < 2; ++mi) {
                 const int k0 = j0 + kw + 16 * mi;  // the m-tile's first key
-                // every query of the warp's 32 is in the span and sees every key of the m-tile
-                const bool full = i0 + qw + 32 <= sp.q_len && k0 + 16 <= sp.k_len && k0 + 15 <= i0 + qw + shift;
 #pragma unroll
                 for (int nt = 0; nt < 4; ++nt) {
                     float p[4], ds[4];
@@ -1449,9 +1475,7 @@ __device__ void bwd_dkdv_mma8(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_b
                     for (int j = 0; j < 4; ++j) {
                         const int qr = qw + 8 * nt + 2 * t + j % 2;  // query, in the tile
                         const int kr = k0 + g + 8 * (j / 2);
-                        const bool seen =
-                            active && (full || (i0 + qr < sp.q_len && kr < sp.k_len && kr <= i0 + qr + shift));
-                        p[j] = seen ? exp2f(s[mi][nt][j] * sl2 - lse2_s[qr]) : 0.0f;
+                        p[j] = key_side_p(s[mi][nt][j], sl2, lse2_s, qr, kr, i0, sp, shift, active);
                         ds[j] = p[j] * (dp[mi][nt][j] - d_s[qr]);
                     }
 #pragma unroll
@@ -1605,19 +1629,19 @@ extern "C" __global__ void __launch_bounds__(128)
                             int /* hd, always 128 */, float scale, int ldo) {
     tl_attn::fwd_mma<128, 2, 32>(out, lse, q, k, v, spans, tiles, n_heads, n_kv_heads, scale, ldo);
 }
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(256, 2)
     attn_fwd_wgmma_bf16_hd64(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
                              const __nv_bfloat16* v, const int* spans, const int* tiles, int n_heads, int n_kv_heads,
                              int /* hd, always 64 */, float scale, int ldo) {
     tl_attn::fwd_wgmma<64>(out, lse, q, k, v, spans, tiles, n_heads, n_kv_heads, scale, ldo);
 }
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(256, 2)
     attn_fwd_wgmma_bf16_hd128(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
                               const __nv_bfloat16* v, const int* spans, const int* tiles, int n_heads,
                               int n_kv_heads, int /* hd, always 128 */, float scale, int ldo) {
     tl_attn::fwd_wgmma<128>(out, lse, q, k, v, spans, tiles, n_heads, n_kv_heads, scale, ldo);
 }
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(256, 2)
     attn_bwd_dq_wgmma_bf16_hd64(__nv_bfloat16* dq, const __nv_bfloat16* dout, const __nv_bfloat16* q,
                                 const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse, const float* D,
                                 const int* spans, const int* tiles, int n_heads, int n_kv_heads,

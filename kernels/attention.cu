@@ -523,13 +523,17 @@ __device__ __forceinline__ void mma_load_kv(__nv_bfloat16* kv_s, const MmaQueryB
 }
 
 // Waits for tile `it` of `n_tiles` (leaving the next one, already started, in flight)
-// and makes it visible to the block.
+// and makes it visible to the block; with ASYNC_PROXY (the wgmma kernels) also to the
+// async proxy, through which wgmma products read shared memory: each thread fences its
+// landed copies (and any plain stores of the unaligned fallback) before the barrier.
+template <bool ASYNC_PROXY = false>
 __device__ __forceinline__ void mma_wait_tile(int it, int n_tiles) {
     if (it + 1 < n_tiles) {
         tl::cp_async_wait<1>();
     } else {
         tl::cp_async_wait<0>();
     }
+    if constexpr (ASYNC_PROXY) tl::fence_proxy_async();
     __syncthreads();
 }
 
@@ -808,7 +812,7 @@ __device__ void fwd_wgmma(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q
     zero_acc(o);
     for (int it = 0; it < n_tiles; ++it) {
         if (it + 1 < n_tiles) wg_load_kv<HD>(kv_s, blk, k, v, it + 1);
-        mma_wait_tile(it, n_tiles);
+        mma_wait_tile<true>(it, n_tiles);
         const unsigned char* k_s = kv_s + 2 * (it % 2) * TILE;
         const unsigned char* v_s = k_s + TILE;
         const int j0 = it * WG_ROWS;  // the tile's first key
@@ -891,7 +895,7 @@ __device__ void bwd_dq_wgmma(__nv_bfloat16* dq, const __nv_bfloat16* dout, const
     zero_acc(acc);
     for (int it = 0; it < n_tiles; ++it) {
         if (it + 1 < n_tiles) wg_load_kv<HD>(kv_s, blk, k, v, it + 1);
-        mma_wait_tile(it, n_tiles);
+        mma_wait_tile<true>(it, n_tiles);
         const unsigned char* k_s = kv_s + 2 * (it % 2) * TILE;
         const unsigned char* v_s = k_s + TILE;
         const int j0 = it * WG_ROWS;
@@ -1202,7 +1206,7 @@ __device__ void bwd_dkdv_wgmma(__nv_bfloat16* dk, __nv_bfloat16* dv, const __nv_
             wg_load_pair<HD>(blk, in, qo_s, it + 1);
             tl::cp_async_commit();
         }
-        mma_wait_tile(it, blk.n_tiles);
+        mma_wait_tile<true>(it, blk.n_tiles);
         const int i0 = blk.row(it), stage = it % 2;
         const unsigned char* q_s = qo_s + 2 * stage * TILE;
         const unsigned char* o_s = q_s + TILE;

@@ -338,7 +338,10 @@ __device__ __forceinline__ void cp_async_wait() {
 // A warpgroup issues wgmma_fence() before its first product and after it writes an
 // accumulator or A register a product reads, then its products, wgmma_commit() to
 // close them into a group, and wgmma_wait<N>(d) until at most N groups are pending:
-// only then may it read d, or overwrite the shared memory the products read. Every
+// only then may it read d, or overwrite the shared memory the products read. A product
+// reads shared memory through the async proxy: each thread that wrote an operand tile
+// (with stores, or cp.async copies it has waited for) passes fence_proxy_async() before
+// the barrier that hands the tile to the warpgroup (PTX ISA, wgmma.fence). Every
 // thread of the warpgroup takes part in each call. The test suite's CPU emulator
 // (tests/emu) provides its own; it runs a group's products when they are issued or when
 // they are waited for (drawn per block), from the shared memory of that moment.
@@ -426,6 +429,7 @@ TL_WGMMA_SPECIALIZATION(64, 32, 33, 34, 35, 36, 37, 38)
 TL_WGMMA_SPECIALIZATION(128, 64, 65, 66, 67, 68, 69, 70)
 #undef TL_WGMMA_SPECIALIZATION
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int PENDING, int M> __device__ __forceinline__ void wgmma_wait(float (&d)[M][4]) {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(PENDING) : "memory");
@@ -443,6 +447,7 @@ template <int N> struct Wgmma {
     template <int TB> static __device__ void rs(float (&)[N / 8][4], const uint32_t (&)[4], uint64_t, int) { __trap(); }
 };
 __device__ __forceinline__ void wgmma_fence() { __trap(); }
+__device__ __forceinline__ void fence_proxy_async() { __trap(); }
 __device__ __forceinline__ void wgmma_commit() { __trap(); }
 template <int PENDING, int M> __device__ __forceinline__ void wgmma_wait(float (&)[M][4]) { __trap(); }
 #endif
@@ -456,6 +461,7 @@ template <int N> struct Wgmma {
     }
 };
 inline void wgmma_fence() { ::tl_emu::wgmma_fence(); }
+inline void fence_proxy_async() { ::tl_emu::fence_proxy_async(); }
 inline void wgmma_commit() { ::tl_emu::wgmma_commit(); }
 template <int PENDING, int M> inline void wgmma_wait(float (&)[M][4]) { ::tl_emu::wgmma_wait(PENDING); }
 #endif

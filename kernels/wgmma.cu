@@ -75,6 +75,7 @@ __device__ void probe(float* d, const __nv_bfloat16* a, const __nv_bfloat16* b, 
         const uint32_t off = TB ? lb.offset(kk, n) : lb.offset(n, kk);
         *reinterpret_cast<__nv_bfloat16*>(sb + off) = b[i];
     }
+    tl::fence_proxy_async();  // the products read the tiles through the async proxy
     __syncthreads();
 
     const int w = t / 32, g = t % 32 / 4, q = t % 4;

@@ -112,6 +112,9 @@ struct CpCopy {
 struct CpQueue {
     std::vector<CpCopy> copies;
     int groups;
+    // the 16-byte chunks of dynamic shared memory its landed copies wrote since it last
+    // passed fence_proxy_async (Pool::chunk_writes says which it still is the writer of)
+    std::vector<uint32_t> unfenced;
 };
 
 // One wgmma product of a warpgroup, issued and not yet waited for: its operands, each
@@ -157,6 +160,16 @@ struct Pool {
     std::vector<WgState> wg;  // per warpgroup of the running block
     size_t group_waiting;     // its threads waiting at a warpgroup operation
     std::vector<unsigned char> dynamic_shared;
+    // For each 16-byte chunk of dynamic shared memory, what a wgmma product may read of it
+    // (it reads through the async proxy: see tl_emu::fence_proxy_async): 1 + the thread
+    // whose cp.async copy landed there last (0: none since the block started), and the
+    // block barrier phase in which that thread then passed fence_proxy_async (0: not yet).
+    struct ChunkWrite {
+        uint32_t writer, fenced_in;
+    };
+    std::vector<ChunkWrite> chunk_writes;
+    // The block barrier phase: 1 when the block starts, one more each time a barrier opens.
+    uint32_t phase;
     // run_block's: the stacks no running fiber holds, and the order fibers resume in.
     std::vector<void*> free_stacks;
     std::vector<uint32_t> order;
@@ -446,6 +459,21 @@ bool operand_element(uint64_t desc, bool mn_major, int r, int k, float& out, std
         error = buf;
         return false;
     }
+    const size_t chunk = size_t(p - static_cast<const unsigned char*>(current_block->dynamic_shared)) / 16;
+    const Pool::ChunkWrite cw = pool.chunk_writes[chunk];
+    if (cw.writer != 0 && (cw.fenced_in == 0 || cw.fenced_in == pool.phase)) {
+        const Fiber& w = pool.fibers[cw.writer - 1];
+        char buf[384];
+        snprintf(buf, sizeof buf,
+                 "wgmma operand element (%d, %d) at shared address 0x%x was written by the cp.async of thread "
+                 "(%u,%u,%u), %s: a product reads shared memory through the async proxy, which need not see the "
+                 "write until its thread passes fence.proxy.async (tl::fence_proxy_async) and then a barrier",
+                 r, k, addr, w.tid.x, w.tid.y, w.tid.z,
+                 cw.fenced_in == 0 ? "which passed no fence.proxy.async after the copy landed"
+                                   : "which passed fence.proxy.async after the copy landed but no barrier since");
+        error = buf;
+        return false;
+    }
     uint16_t h;
     memcpy(&h, p, 2);
     out = bf16_lo(h);
@@ -643,6 +671,7 @@ std::string run_block(size_t n, Rng& rng, bool shuffle) {
     for (size_t i = 0; i < n; ++i) {
         pool.cp[i].copies.clear();
         pool.cp[i].groups = 0;
+        pool.cp[i].unfenced.clear();
         Fiber& f = fibers[i];
         f = Fiber{};
         f.tid = uint3{unsigned(i % dim.x), unsigned(i / dim.x % dim.y), unsigned(i / (size_t(dim.x) * dim.y))};
@@ -650,6 +679,8 @@ std::string run_block(size_t n, Rng& rng, bool shuffle) {
         f.warp = int(i / 32);
     }
     pool.group_waiting = 0;
+    std::fill(pool.chunk_writes.begin(), pool.chunk_writes.end(), Pool::ChunkWrite{0, 0});
+    pool.phase = 1;
     pool.wg.resize((n + 127) / 128);
     for (WgState& w : pool.wg) {
         w.products.clear();
@@ -715,6 +746,7 @@ std::string run_block(size_t n, Rng& rng, bool shuffle) {
         }
         if (at_block == live) {
             for (size_t i = 0; i < n; ++i) fibers[i].wait = Wait::None;
+            ++pool.phase;
             continue;
         }
         return "deadlock: " + describe(fibers, n) +
@@ -730,6 +762,7 @@ std::string run_grid(const Kernel& kernel, dim3 grid, dim3 block, size_t dynamic
     std::string error;
     if (!pool.reserve(n, error)) return error;
     pool.dynamic_shared.assign(dynamic_shared + 16, 0);
+    pool.chunk_writes.assign(dynamic_shared / 16 + 1, Pool::ChunkWrite{0, 0});
     fiber_error.clear();
     Launch launch{&kernel, params, nullptr};
     BlockState state{};
@@ -787,12 +820,18 @@ namespace {
     for (;;) yield_to_scheduler();
 }
 
+CpQueue& my_cp_queue() { return pool.cp[size_t(current_fiber - pool.fibers.data())]; }
+
+// Lands copy `c` of the calling thread (cp.async targets dynamic shared memory only).
 void land(const CpCopy& c) {
     memcpy(c.dst, c.src, c.src_bytes);
     memset(static_cast<char*>(c.dst) + c.src_bytes, 0, 16 - c.src_bytes);
+    const auto chunk = uint32_t(
+        (static_cast<const unsigned char*>(c.dst) - static_cast<const unsigned char*>(current_block->dynamic_shared)) /
+        16);
+    pool.chunk_writes[chunk] = Pool::ChunkWrite{uint32_t(current_fiber - pool.fibers.data()) + 1, 0};
+    my_cp_queue().unfenced.push_back(chunk);
 }
-
-CpQueue& my_cp_queue() { return pool.cp[size_t(current_fiber - pool.fibers.data())]; }
 
 }  // namespace
 
@@ -870,6 +909,16 @@ void cp_async_commit() {
     for (CpCopy& c : q.copies) {
         if (c.group < 0) c.group = q.groups;
     }
+}
+
+void fence_proxy_async() {
+    CpQueue& q = my_cp_queue();
+    const uint32_t me = uint32_t(current_fiber - pool.fibers.data()) + 1;
+    for (const uint32_t chunk : q.unfenced) {
+        Pool::ChunkWrite& cw = pool.chunk_writes[chunk];
+        if (cw.writer == me && cw.fenced_in == 0) cw.fenced_in = pool.phase;
+    }
+    q.unfenced.clear();
 }
 
 void cp_async_wait(int n) {

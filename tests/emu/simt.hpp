@@ -193,6 +193,14 @@ void check_aligned(const void* p, unsigned bytes);
 void cp_async_commit();
 // cp.async.wait_group n: waits until at most the n most recent groups are pending.
 void cp_async_wait(int n);
+// fence.proxy.async.shared::cta: orders the thread's earlier writes to shared memory
+// before later reads through the async proxy, which is how a wgmma product reads its
+// shared-memory operands (the PTX ISA requires one between writing a matrix and a
+// product that reads it; a barrier alone does not order the two proxies). The emulator
+// tracks the writes of cp.async: a product that reads a 16-byte chunk whose copy landed
+// without its thread passing a fence and then a block barrier since fails the launch.
+// Plain stores are not tracked.
+void fence_proxy_async();
 // The shared address (what __cvta_generic_to_shared gives) of `p`, which must lie in the
 // block's dynamic shared memory.
 uint32_t shared_address(const void* p);

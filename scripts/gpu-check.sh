@@ -19,7 +19,10 @@
 #   - a bf16 LoRA and a bf16 full fine-tune stopped and resumed, whose files must be the
 #     uninterrupted runs' bytes;
 # and prints a table of what passed last. Logs go to $OUT (the device tool brings them
-# back) or to gpu-logs/. The exit status is non-zero when anything failed.
+# back) or to gpu-logs/. The exit status is non-zero when anything failed. With
+# TUNELOOP_DEADLINE (seconds since the epoch; scripts/gpu-all.sh sets it) no step runs
+# past it: each step's time limit shrinks to what is left, and a step that finds none
+# left is skipped ("skipped (out of time)", not a failure).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -50,9 +53,14 @@ fi
 
 declare -a names results
 record() { names+=("$1"); results+=("$2"); }
+source scripts/gpu-deadline.sh
 run_step() { # name, log, command...
     local name=$1 log=$2
     shift 2
+    if out_of_time; then
+        record "$name" "skipped (out of time)"
+        return
+    fi
     echo "=== $name"
     if "$@" >"$logs/$log" 2>&1; then
         record "$name" ok
@@ -69,22 +77,22 @@ run_step() { # name, log, command...
 
 # Every command has a time limit, so that one that hangs (a kernel that never ends, a
 # collective waiting for nobody) costs its own step, not the session's device time.
-tl() { timeout 150 $bundle/tuneloop "$@"; }
+tl() { timeout "$(limit 150)" $bundle/tuneloop "$@"; }
 
 run_step "cuda_ops tests (GPU, ignored ones)" cuda-ops.log \
-    timeout 240 $bundle/cuda_ops --ignored --test-threads=1
-run_step "cuda_ops tests (no-GPU ones)" cuda-ops-plain.log timeout 60 $bundle/cuda_ops --test-threads=1
+    timeout "$(limit 240)" $bundle/cuda_ops --ignored --test-threads=1
+run_step "cuda_ops tests (no-GPU ones)" cuda-ops-plain.log timeout "$(limit 60)" $bundle/cuda_ops --test-threads=1
 
 if [[ ${TUNELOOP_MEMCHECK:-1} == 0 ]]; then
     record "compute-sanitizer memcheck (op tests)" "skipped (TUNELOOP_MEMCHECK=0)"
 elif command -v compute-sanitizer >/dev/null 2>&1 || [[ -x /usr/local/cuda/bin/compute-sanitizer ]]; then
     cs="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
     run_step "compute-sanitizer memcheck (op tests)" memcheck.log \
-        timeout 500 "$cs" --tool memcheck --error-exitcode 1 $bundle/cuda_ops --ignored --test-threads=1 \
+        timeout "$(limit 500)" "$cs" --tool memcheck --error-exitcode 1 $bundle/cuda_ops --ignored --test-threads=1 \
         --skip cuda_f32_matches_hf_goldens --skip cuda_bf16_matches_hf_goldens
     # shared-memory hazards of the tensor-core attention's cp.async/ldmatrix pipeline
     run_step "compute-sanitizer racecheck (attention bf16)" racecheck.log \
-        timeout 180 "$cs" --tool racecheck --racecheck-report hazard --error-exitcode 1 \
+        timeout "$(limit 180)" "$cs" --tool racecheck --racecheck-report hazard --error-exitcode 1 \
         $bundle/cuda_ops --ignored --test-threads=1 --exact attention_matches_the_cpu_bf16
 else
     record "compute-sanitizer memcheck (op tests)" "skipped (not installed)"

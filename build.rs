@@ -89,6 +89,18 @@ fn main() {
         );
     }
 
+    // A serialized wgmma pipeline waits for every product before the next: the overlap the
+    // kernel was written for is gone. The probe (kernels/wgmma.cu) checks layouts, not speed:
+    // its products sit behind a switch on the layout, which ptxas always serializes.
+    for (name, u) in usage.iter().filter(|(name, _)| !name.starts_with("wgmma_probe_")) {
+        if let Some(why) = &u.wgmma_serialized {
+            println!(
+                "cargo::warning=nvcc: kernel {name}'s wgmma products are serialized on {EMULATED_ARCH} (ptxas \
+                 C7520: {why})"
+            );
+        }
+    }
+
     let emu_src = manifest_dir.join("tests").join("emu");
     println!("cargo::rerun-if-changed={}", emu_src.display());
     match build_emulator(&emu_src, &kernels_dir, &sources.cu, &usage, &out_dir.join("emu")) {
@@ -134,6 +146,9 @@ struct Usage {
     shared_bytes: u32,
     /// Bytes of spill stores and loads.
     spill_bytes: u32,
+    /// Why ptxas serialized its wgmma products, if it did (C7520: each waits for the one
+    /// before).
+    wgmma_serialized: Option<String>,
 }
 
 /// Every kernel's [`Usage`] on [`EMULATED_ARCH`] by name, from the log of nvcc's
@@ -151,7 +166,17 @@ fn resource_usage(log: &str) -> BTreeMap<String, Usage> {
     let mut usage = BTreeMap::new();
     // The kernel whose report the lines are, when it is one for EMULATED_ARCH.
     let mut current: Option<String> = None;
+    // C7520 lines name their kernel and come before its report.
+    let mut serialized = Vec::new();
     for line in log.lines() {
+        if line.contains("(C7520)") {
+            // "... are serialized due to REASON in the function 'NAME'"
+            if let Some((head, rest)) = line.split_once(" in the function '") {
+                let why = head.split_once("serialized due to ").map_or(head, |(_, why)| why);
+                serialized.push((rest.split('\'').next().unwrap_or_default().to_string(), why.to_string()));
+            }
+            continue;
+        }
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             let mut quoted = rest.split('\'');
             let name = quoted.next().unwrap_or_default().to_string();
@@ -168,6 +193,11 @@ fn resource_usage(log: &str) -> BTreeMap<String, Usage> {
         } else if let Some(registers) = number_before(line, " registers") {
             u.registers = registers;
             u.shared_bytes = number_before(line, " bytes smem").unwrap_or(0);
+        }
+    }
+    for (name, why) in serialized {
+        if let Some(u) = usage.get_mut(&name) {
+            u.wgmma_serialized = Some(why);
         }
     }
     usage

@@ -102,12 +102,14 @@ struct Rng {
 };
 
 // A thread's cp.async copies not yet landed; `group` is the commit group (-1: not yet
-// committed), counted from 1 per thread.
+// committed), counted from 1 per thread; `chunk` the 16-byte chunk of dynamic shared
+// memory at dst.
 struct CpCopy {
     void* dst;
     const void* src;
     unsigned src_bytes;
     int group;
+    uint32_t chunk;
 };
 struct CpQueue {
     std::vector<CpCopy> copies;
@@ -820,23 +822,24 @@ namespace {
     for (;;) yield_to_scheduler();
 }
 
-CpQueue& my_cp_queue() { return pool.cp[size_t(current_fiber - pool.fibers.data())]; }
+// The calling thread's index in the block.
+uint32_t my_thread() { return uint32_t(current_fiber - pool.fibers.data()); }
+
+CpQueue& my_cp_queue() { return pool.cp[my_thread()]; }
 
 // Lands copy `c` of the calling thread (cp.async targets dynamic shared memory only).
 void land(const CpCopy& c) {
     memcpy(c.dst, c.src, c.src_bytes);
     memset(static_cast<char*>(c.dst) + c.src_bytes, 0, 16 - c.src_bytes);
-    const auto chunk = uint32_t(
-        (static_cast<const unsigned char*>(c.dst) - static_cast<const unsigned char*>(current_block->dynamic_shared)) /
-        16);
-    pool.chunk_writes[chunk] = Pool::ChunkWrite{uint32_t(current_fiber - pool.fibers.data()) + 1, 0};
-    my_cp_queue().unfenced.push_back(chunk);
+    pool.chunk_writes[c.chunk] = Pool::ChunkWrite{my_thread() + 1, 0};
+    my_cp_queue().unfenced.push_back(c.chunk);
 }
 
 }  // namespace
 
 void cp_async_16(void* dst, const void* src, unsigned src_bytes) {
-    if (shared_offset(dst, 16) < 0) {
+    const long offset = shared_offset(dst, 16);
+    if (offset < 0) {
         char buf[128];
         snprintf(buf, sizeof buf, "cp.async to %p, not a 16-byte aligned spot inside the %zu bytes of dynamic shared memory",
                  dst, current_block->dynamic_shared_bytes);
@@ -844,7 +847,7 @@ void cp_async_16(void* dst, const void* src, unsigned src_bytes) {
     }
     if (src_bytes > 16) fail_in_fiber("cp.async of " + std::to_string(src_bytes) + " source bytes into 16");
     if (src_bytes > 0) check_aligned(src, 16);
-    const CpCopy c{dst, src, src_bytes, -1};
+    const CpCopy c{dst, src, src_bytes, -1, uint32_t(offset / 16)};
     if (current_block->cp_async_eager) {
         land(c);
     } else {
@@ -913,7 +916,7 @@ void cp_async_commit() {
 
 void fence_proxy_async() {
     CpQueue& q = my_cp_queue();
-    const uint32_t me = uint32_t(current_fiber - pool.fibers.data()) + 1;
+    const uint32_t me = my_thread() + 1;
     for (const uint32_t chunk : q.unfenced) {
         Pool::ChunkWrite& cw = pool.chunk_writes[chunk];
         if (cw.writer == me && cw.fenced_in == 0) cw.fenced_in = pool.phase;
